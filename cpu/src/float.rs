@@ -1,0 +1,344 @@
+//! Floating-point kernels of the transformer step, one row or one head at a time.
+//!
+//! Numerics follow the float32 reference implementation; the reductions that decide int8 codes
+//! downstream (RMSNorm's sum of squares, softmax's sum) are accumulated in f64 so summation order
+//! cannot move an activation across a rounding boundary.
+
+use crate::{ShapeError, check_len};
+use half::{bf16, f16};
+
+/// `out = x * rsqrt(mean(x²) + eps) * weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), ShapeError> {
+    check_len("rms_norm weight", weight.len(), x.len())?;
+    check_len("rms_norm output", out.len(), x.len())?;
+    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let mean_sq = (sum_sq / x.len().max(1) as f64) as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * inv);
+    }
+    Ok(())
+}
+
+/// The rotary angles' cosines and sines at `position` for a head of `head_dim`:
+/// `inv_freq[i] = 1 / theta^(2i / head_dim)`, angle `position * inv_freq[i]`, `i < head_dim / 2`.
+pub fn rope_cos_sin(
+    theta: f32,
+    head_dim: usize,
+    position: usize,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) -> Result<(), ShapeError> {
+    let half = head_dim / 2;
+    check_len("rope cos", cos.len(), half)?;
+    check_len("rope sin", sin.len(), half)?;
+    for i in 0..half {
+        let inv_freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
+        let angle = position as f32 * inv_freq;
+        cos[i] = angle.cos();
+        sin[i] = angle.sin();
+    }
+    Ok(())
+}
+
+/// Rotate-half RoPE on one head vector in place: pairs `(i, i + d/2)`.
+pub fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) -> Result<(), ShapeError> {
+    let half = cos.len();
+    check_len("rope head", head.len(), 2 * half)?;
+    check_len("rope sin", sin.len(), half)?;
+    let (lo, hi) = head.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+    Ok(())
+}
+
+/// Causal attention of one query head over `n_keys` cached positions of its kv head.
+///
+/// `keys` and `values` hold position `j`'s vector at `j * stride .. j * stride + head_dim`;
+/// `scores` is scratch of at least `n_keys` elements. Writes `softmax(q·kᵀ / √d) · V` to `out`.
+pub fn attend(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    n_keys: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    let d = query.len();
+    check_len("attention output", out.len(), d)?;
+    let needed = if n_keys == 0 {
+        0
+    } else {
+        (n_keys - 1) * stride + d
+    };
+    if keys.len() < needed || values.len() < needed || scores.len() < n_keys || stride < d {
+        return Err(ShapeError(format!(
+            "attention over {n_keys} keys of dim {d} (stride {stride}) needs {needed} cached \
+             values and {n_keys} scores; got {} keys, {} values, {} scores",
+            keys.len(),
+            values.len(),
+            scores.len()
+        )));
+    }
+    let inv_sqrt_d = 1.0 / (d as f32).sqrt();
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores[..n_keys].iter_mut().enumerate() {
+        *s = dot_f32(query, &keys[j * stride..j * stride + d]) * inv_sqrt_d;
+        max = max.max(*s);
+    }
+    let mut sum = 0f64;
+    for s in &mut scores[..n_keys] {
+        *s = (*s - max).exp();
+        sum += f64::from(*s);
+    }
+    let inv_sum = (1.0 / sum) as f32;
+    out.fill(0.0);
+    for (j, &p) in scores[..n_keys].iter().enumerate() {
+        let w = p * inv_sum;
+        for (o, &v) in out.iter_mut().zip(&values[j * stride..j * stride + d]) {
+            *o += w * v;
+        }
+    }
+    Ok(())
+}
+
+/// The gate activation of a gated feed-forward block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateActivation {
+    /// `relu(g)²` (BitNet b1.58 2B-4T).
+    Relu2,
+    /// `g · sigmoid(g)` (Llama-style SwiGLU).
+    Silu,
+}
+
+/// `out[i] = act(gate[i]) * up[i]`.
+pub fn gated(
+    activation: GateActivation,
+    gate: &[f32],
+    up: &[f32],
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    check_len("gated up", up.len(), gate.len())?;
+    check_len("gated output", out.len(), gate.len())?;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let a = match activation {
+            GateActivation::Relu2 => {
+                let r = g.max(0.0);
+                r * r
+            }
+            GateActivation::Silu => g / (1.0 + (-g).exp()),
+        };
+        *o = a * u;
+    }
+    Ok(())
+}
+
+/// A borrowed row-major matrix of full-precision values (embeddings, output heads).
+#[derive(Clone, Copy, Debug)]
+pub enum DenseView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl DenseView<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            DenseView::F32(v) => v.len(),
+            DenseView::F16(v) => v.len(),
+            DenseView::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies row `r` of a matrix with `cols` columns into `out` as f32.
+    pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) -> Result<(), ShapeError> {
+        check_len("dense row output", out.len(), cols)?;
+        if (r + 1) * cols > self.len() {
+            return Err(ShapeError(format!(
+                "row {r} of {cols} columns is outside a matrix of {} values",
+                self.len()
+            )));
+        }
+        let range = r * cols..(r + 1) * cols;
+        match self {
+            DenseView::F32(v) => out.copy_from_slice(&v[range]),
+            DenseView::F16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, h)| *o = h.to_f32()),
+            DenseView::Bf16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, h)| *o = h.to_f32()),
+        }
+        Ok(())
+    }
+
+    /// `x · row r` for a matrix with `x.len()` columns.
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let cols = x.len();
+        let range = r * cols..(r + 1) * cols;
+        match self {
+            DenseView::F32(v) => dot_f32(x, &v[range]),
+            DenseView::F16(v) => dot_with(x, &v[range], |h| h.to_f32()),
+            DenseView::Bf16(v) => dot_with(x, &v[range], |h| {
+                f32::from_bits(u32::from(h.to_bits()) << 16)
+            }),
+        }
+    }
+}
+
+/// Lanes of independent partial sums: enough for the compiler to vectorize the dot products.
+const LANES: usize = 8;
+
+/// f32 dot product with `LANES` partial sums.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(a, b, |v| *v)
+}
+
+fn dot_with<T>(a: &[f32], b: &[T], widen: impl Fn(&T) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = a.len() / LANES * LANES;
+    for (ca, cb) in a[..chunks]
+        .chunks_exact(LANES)
+        .zip(b[..chunks].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] += ca[l] * widen(&cb[l]);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
+        sum += x * widen(y);
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let mut out = [0f32; 4];
+        rms_norm(&[3.0; 4], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out).unwrap();
+        for (o, w) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            assert!((o - w).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let (mut c, mut s) = ([0f32; 4], [0f32; 4]);
+        rope_cos_sin(10000.0, 8, 0, &mut c, &mut s).unwrap();
+        let mut head = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let orig = head;
+        apply_rope(&mut head, &c, &s).unwrap();
+        assert_eq!(head, orig);
+        rope_cos_sin(10000.0, 8, 17, &mut c, &mut s).unwrap();
+        apply_rope(&mut head, &c, &s).unwrap();
+        let n0: f32 = orig.iter().map(|v| v * v).sum();
+        let n1: f32 = head.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-3);
+        // Pair (0, 4) rotates by angle 17 (inv_freq[0] = 1).
+        assert!((head[0] - (1.0 * 17f32.cos() - 5.0 * 17f32.sin())).abs() < 1e-5);
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let mut out = [0f32; 2];
+        let mut scores = [0f32; 1];
+        attend(
+            &[1.0, 0.0],
+            &[0.5, 0.5],
+            &[3.0, -1.0],
+            2,
+            1,
+            &mut scores,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, [3.0, -1.0]);
+    }
+
+    #[test]
+    fn attention_weights_follow_softmax() {
+        // Two keys with scores 0 and ln(3)·√2/√2: weights 1/4 and 3/4.
+        let d = 2.0f32;
+        let k1 = 3f32.ln() * d.sqrt();
+        let mut out = [0f32; 2];
+        let mut scores = [0f32; 2];
+        let keys = [0.0, 0.0, k1, 0.0];
+        let values = [4.0, 0.0, 0.0, 4.0];
+        attend(&[1.0, 0.0], &keys, &values, 2, 2, &mut scores, &mut out).unwrap();
+        assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn gated_activations() {
+        let mut out = [0f32; 3];
+        gated(
+            GateActivation::Relu2,
+            &[-1.0, 2.0, 3.0],
+            &[5.0, 0.5, -1.0],
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, [0.0, 2.0, -9.0]);
+        gated(
+            GateActivation::Silu,
+            &[0.0, 0.0, 0.0],
+            &[1.0, 1.0, 1.0],
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn dense_dot_in_every_dtype() {
+        let x: Vec<f32> = (0..19).map(|i| i as f32 * 0.25).collect();
+        let row: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.125).collect();
+        let want: f32 = x.iter().zip(&row).map(|(a, b)| a * b).sum();
+        let f16s: Vec<f16> = row.iter().map(|&v| f16::from_f32(v)).collect();
+        let bf16s: Vec<bf16> = row.iter().map(|&v| bf16::from_f32(v)).collect();
+        for view in [
+            DenseView::F32(&row),
+            DenseView::F16(&f16s),
+            DenseView::Bf16(&bf16s),
+        ] {
+            assert!((view.dot_row(0, &x) - want).abs() < 1e-4);
+            let mut back = vec![0f32; 19];
+            view.row_to_f32(0, 19, &mut back).unwrap();
+            assert_eq!(back, row);
+            assert!(view.row_to_f32(1, 19, &mut back).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let mut out = [0f32; 2];
+        assert!(rms_norm(&[1.0; 3], &[1.0; 2], 1e-5, &mut out).is_err());
+        assert!(
+            attend(
+                &[1.0, 0.0],
+                &[0.0; 2],
+                &[0.0; 2],
+                2,
+                2,
+                &mut [0.0; 2],
+                &mut out
+            )
+            .is_err()
+        );
+        assert!(gated(GateActivation::Relu2, &[0.0; 2], &[0.0; 3], &mut out).is_err());
+    }
+}

@@ -1,0 +1,37 @@
+//! CPU kernels for ternary (W1.58A8) transformer inference.
+//!
+//! This crate knows nothing of models, files or the runtime: every function takes plain slices and
+//! shapes, checks them, and computes. The runtime's CPU backend splits work across threads and calls
+//! these kernels on disjoint pieces.
+//!
+//! - [`ternary`]: the packed 2-bit weight layout and the scalar reference W1.58A8 matrix product,
+//!   the integer-exact oracle that every other ternary kernel in the project is tested against.
+//! - [`quant`]: per-token absmax int8 activation quantization.
+//! - [`float`]: RMSNorm, RoPE, attention for one head, gated activations, dense dot products.
+
+pub mod float;
+pub mod quant;
+pub mod ternary;
+
+/// A shape or length that does not fit the kernel it was passed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// Returns an error naming `what` unless `actual == expected`.
+pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<(), ShapeError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ShapeError(format!(
+            "{what}: expected {expected} elements, got {actual}"
+        )))
+    }
+}

@@ -1,0 +1,239 @@
+//! The canonical packed ternary layout and the scalar reference W1.58A8 matrix product.
+//!
+//! # Layout
+//! A ternary matrix of `rows` (outputs) × `cols` (inputs) with values in {-1, 0, +1} is stored
+//! row-major as 2-bit codes, `code = value + 1` (0 → -1, 1 → 0, 2 → +1; 3 never occurs).
+//! Each row takes `row_bytes(cols) = ceil(cols / 4)` bytes; element `k` of row `n` sits in byte
+//! `n * row_bytes + k / 4` at bits `2 * (k % 4) .. 2 * (k % 4) + 1` (least significant pair first).
+//! Padding codes past `cols` in a row's last byte are 1 (value 0).
+//!
+//! This layout is independent of any SIMD width: it is what loaders produce and what every backend
+//! repacks from at upload.
+//!
+//! # Reference product
+//! [`gemm_reference`] computes `acc[n][t] = Σ_k value(n, k) · x[t][k]` in i32 for int8 activations
+//! `x`, exactly (no rounding anywhere). It is deliberately plain: each weight row is unpacked once
+//! into int8 and reused for every token, and the dot products are written so the compiler can
+//! vectorize them, but nothing else. Every other ternary kernel must match it bit for bit.
+
+use crate::{ShapeError, check_len};
+
+/// Bytes per packed row of `cols` ternary values.
+pub const fn row_bytes(cols: usize) -> usize {
+    cols.div_ceil(4)
+}
+
+/// A borrowed packed ternary matrix whose length has been checked against its shape.
+#[derive(Clone, Copy, Debug)]
+pub struct TernaryView<'a> {
+    codes: &'a [u8],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> TernaryView<'a> {
+    /// Wraps `codes` as a `rows × cols` packed matrix.
+    pub fn new(codes: &'a [u8], rows: usize, cols: usize) -> Result<Self, ShapeError> {
+        check_len("packed ternary matrix", codes.len(), rows * row_bytes(cols))?;
+        Ok(Self { codes, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn codes(&self) -> &'a [u8] {
+        self.codes
+    }
+
+    /// Rows `start..end` as a matrix of their own.
+    pub fn row_range(&self, start: usize, end: usize) -> Result<Self, ShapeError> {
+        if start > end || end > self.rows {
+            return Err(ShapeError(format!(
+                "row range {start}..{end} outside a matrix of {} rows",
+                self.rows
+            )));
+        }
+        let rb = row_bytes(self.cols);
+        Ok(Self {
+            codes: &self.codes[start * rb..end * rb],
+            rows: end - start,
+            cols: self.cols,
+        })
+    }
+
+    /// The value (-1, 0 or +1) at row `n`, column `k`; codes of 3 read as 0.
+    pub fn get(&self, n: usize, k: usize) -> i8 {
+        let byte = self.codes[n * row_bytes(self.cols) + k / 4];
+        decode_code((byte >> (2 * (k % 4))) & 3)
+    }
+
+    /// Unpacks row `n` into `out` (length `cols`) as int8 values.
+    pub fn unpack_row(&self, n: usize, out: &mut [i8]) {
+        let rb = row_bytes(self.cols);
+        let row = &self.codes[n * rb..(n + 1) * rb];
+        for (k, v) in out.iter_mut().enumerate().take(self.cols) {
+            *v = decode_code((row[k / 4] >> (2 * (k % 4))) & 3);
+        }
+    }
+
+    /// True if some code equals 3, which no valid ternary matrix contains.
+    pub fn has_invalid_code(&self) -> bool {
+        self.codes
+            .iter()
+            .any(|&b| (0..4).any(|i| (b >> (2 * i)) & 3 == 3))
+    }
+}
+
+/// Maps a 2-bit code to its value; the invalid code 3 maps to 0.
+const fn decode_code(code: u8) -> i8 {
+    match code {
+        0 => -1,
+        2 => 1,
+        _ => 0,
+    }
+}
+
+/// Packs int8 values in {-1, 0, +1} (row-major `rows × cols`) into the canonical layout.
+pub fn pack(values: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>, ShapeError> {
+    check_len("ternary values", values.len(), rows * cols)?;
+    let rb = row_bytes(cols);
+    let mut codes = vec![0x55u8; rows * rb]; // 0b01 in every pair: value 0
+    for (n, row) in values.chunks_exact(cols.max(1)).enumerate().take(rows) {
+        for (k, &v) in row.iter().enumerate() {
+            if !(-1..=1).contains(&v) {
+                return Err(ShapeError(format!(
+                    "value {v} at ({n}, {k}) is not ternary"
+                )));
+            }
+            let shift = 2 * (k % 4);
+            let byte = &mut codes[n * rb + k / 4];
+            *byte = (*byte & !(3 << shift)) | (((v + 1) as u8) << shift);
+        }
+    }
+    Ok(codes)
+}
+
+/// Reference product: `acc[n * tokens + t] = Σ_k W[n][k] · x[t * cols + k]` (output row-major by
+/// weight row, so that disjoint row ranges write disjoint, contiguous slices of `acc`).
+pub fn gemm_reference(
+    w: TernaryView<'_>,
+    x: &[i8],
+    tokens: usize,
+    acc: &mut [i32],
+) -> Result<(), ShapeError> {
+    check_len("activation codes", x.len(), tokens * w.cols)?;
+    check_len("accumulators", acc.len(), w.rows * tokens)?;
+    let mut row = vec![0i8; w.cols];
+    for n in 0..w.rows {
+        w.unpack_row(n, &mut row);
+        for t in 0..tokens {
+            acc[n * tokens + t] = dot_i8(&row, &x[t * w.cols..(t + 1) * w.cols]);
+        }
+    }
+    Ok(())
+}
+
+/// Exact int8 dot product with an i32 result (inputs of equal length).
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(&p, &q)| i32::from(p) * i32::from(q))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small deterministic generator so the tests need no dependency.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    #[test]
+    fn pack_then_read_back_every_value() {
+        let mut seed = 7;
+        for (rows, cols) in [(1, 1), (3, 5), (8, 256), (5, 7)] {
+            let values: Vec<i8> = (0..rows * cols)
+                .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
+                .collect();
+            let codes = pack(&values, rows, cols).unwrap();
+            let view = TernaryView::new(&codes, rows, cols).unwrap();
+            assert!(!view.has_invalid_code());
+            let mut row = vec![0i8; cols];
+            for n in 0..rows {
+                view.unpack_row(n, &mut row);
+                assert_eq!(row, values[n * cols..(n + 1) * cols]);
+                for k in 0..cols {
+                    assert_eq!(view.get(n, k), values[n * cols + k]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn code_order_is_least_significant_pair_first() {
+        // Values +1, -1, 0, +1 -> codes 2, 0, 1, 2 -> 0b10_01_00_10.
+        assert_eq!(pack(&[1, -1, 0, 1], 1, 4).unwrap(), vec![0b1001_0010]);
+    }
+
+    #[test]
+    fn reference_matches_a_naive_triple_loop() {
+        let mut seed = 11;
+        for (rows, cols, tokens) in [(4, 8, 1), (7, 13, 3), (16, 64, 17)] {
+            let w: Vec<i8> = (0..rows * cols)
+                .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
+                .collect();
+            let x: Vec<i8> = (0..tokens * cols)
+                .map(|_| (lcg(&mut seed) % 256) as u8 as i8)
+                .collect();
+            let codes = pack(&w, rows, cols).unwrap();
+            let mut acc = vec![0; rows * tokens];
+            gemm_reference(
+                TernaryView::new(&codes, rows, cols).unwrap(),
+                &x,
+                tokens,
+                &mut acc,
+            )
+            .unwrap();
+            for n in 0..rows {
+                for t in 0..tokens {
+                    let mut want = 0i32;
+                    for k in 0..cols {
+                        want += w[n * cols + k] as i32 * x[t * cols + k] as i32;
+                    }
+                    assert_eq!(acc[n * tokens + t], want, "row {n} token {t}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_codes_do_not_overflow() {
+        let cols = 6912;
+        let codes = pack(&vec![-1; cols], 1, cols).unwrap();
+        let x = vec![-128i8; cols];
+        let mut acc = [0];
+        gemm_reference(TernaryView::new(&codes, 1, cols).unwrap(), &x, 1, &mut acc).unwrap();
+        assert_eq!(acc[0], 128 * cols as i32);
+    }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        assert!(TernaryView::new(&[0; 3], 2, 8).is_err());
+        let codes = pack(&[0; 8], 2, 4).unwrap();
+        let view = TernaryView::new(&codes, 2, 4).unwrap();
+        assert!(gemm_reference(view, &[0; 7], 2, &mut [0; 4]).is_err());
+        assert!(gemm_reference(view, &[0; 8], 2, &mut [0; 3]).is_err());
+        assert!(view.row_range(1, 3).is_err());
+        assert!(pack(&[2, 0, 0, 0], 1, 4).is_err());
+    }
+}

@@ -1,0 +1,520 @@
+//! The CPU backend: `tern_cpu` kernels spread over one persistent thread pool.
+//!
+//! Layouts: a linear keeps the canonical packed 2-bit rows of its parts one after another, with one
+//! scale per output row (so fused parts keep their own scales). Activations are `Vec<f32>`. The KV
+//! cache is one f32 array per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
+//!
+//! Parallelism: matrix products split the weight rows into chunks (each chunk writes its own
+//! contiguous slice of a `[weight row][token]` accumulator, transposed afterwards); attention splits
+//! over (row, head); the output head over vocabulary chunks. Threads live as long as the backend.
+
+use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use crate::ternary::{DenseMatrix, TernaryMatrix};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use rayon::prelude::*;
+use tern_cpu::float::{self, GateActivation};
+use tern_cpu::quant::quantize_rows;
+use tern_cpu::ternary::{TernaryView, gemm_reference};
+
+/// Output rows per parallel task: small enough to balance, large enough to amortize a task.
+const ROWS_PER_TASK: usize = 64;
+
+struct CpuLinear {
+    codes: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    row_scales: Vec<f32>,
+}
+
+struct KvCache {
+    spec: KvSpec,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl KvCache {
+    /// Offset of (layer, slot, position) in `keys`/`values`.
+    fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
+        let s = &self.spec;
+        ((layer * s.slots + slot) * s.capacity + position) * s.kv_heads * s.head_dim
+    }
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    linears: Vec<CpuLinear>,
+    vectors: Vec<Vec<f32>>,
+    tables: Vec<DenseMatrix>,
+    /// `None` marks a freed handle.
+    buffers: Vec<Option<Vec<f32>>>,
+    kv: Option<KvCache>,
+}
+
+impl CpuBackend {
+    /// A backend running on `threads` threads (0: one per available core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tern-cpu-{i}"))
+            .build()
+            .context("cannot start the CPU thread pool")?;
+        Ok(Self {
+            pool,
+            threads,
+            linears: Vec::new(),
+            vectors: Vec::new(),
+            tables: Vec::new(),
+            buffers: Vec::new(),
+            kv: None,
+        })
+    }
+
+    fn buffer(&self, a: Activations) -> Result<&Vec<f32>> {
+        self.buffers
+            .get(a.0)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow!("activation buffer {} does not exist", a.0))
+    }
+
+    /// Moves a buffer out so it can be written while others are read; [`Self::put`] returns it.
+    fn take(&mut self, a: Activations, needed: usize, what: &str) -> Result<Vec<f32>> {
+        let buf = self
+            .buffers
+            .get_mut(a.0)
+            .and_then(Option::take)
+            .ok_or_else(|| anyhow!("{what}: activation buffer {} does not exist", a.0))?;
+        if buf.len() < needed {
+            let len = buf.len();
+            self.put(a, buf);
+            bail!("{what}: needs {needed} values, buffer {} holds {len}", a.0);
+        }
+        Ok(buf)
+    }
+
+    fn put(&mut self, a: Activations, buf: Vec<f32>) {
+        self.buffers[a.0] = Some(buf);
+    }
+
+    /// Input slice of `len` values from buffer `a`.
+    fn input(&self, a: Activations, len: usize, what: &str) -> Result<&[f32]> {
+        let buf = self.buffer(a)?;
+        buf.get(..len).ok_or_else(|| {
+            anyhow!(
+                "{what}: needs {len} input values, buffer {} holds {}",
+                a.0,
+                buf.len()
+            )
+        })
+    }
+
+    /// Runs `op(input, output)` with `input` read from `x` and `output` taken from `out`.
+    fn map_buffers(
+        &mut self,
+        x: Activations,
+        in_len: usize,
+        out: Activations,
+        out_len: usize,
+        what: &str,
+        op: impl FnOnce(&Self, &[f32], &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        if in_len == 0 || out_len == 0 {
+            return Ok(()); // an empty batch: nothing to compute (and no zero-sized chunks)
+        }
+        let mut dst = self.take(out, out_len, what)?;
+        let result = (|| {
+            ensure!(
+                x != out,
+                "{what}: input and output must be different buffers"
+            );
+            op(self, self.input(x, in_len, what)?, &mut dst[..out_len])
+        })();
+        self.put(out, dst);
+        result
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("cpu (scalar reference kernels, {} threads)", self.threads)
+    }
+
+    fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
+        let Some(first) = parts.first() else {
+            bail!("upload_linear: no matrices given");
+        };
+        let cols = first.cols;
+        let mut codes = Vec::new();
+        let mut row_scales = Vec::new();
+        for part in parts {
+            ensure!(
+                part.cols == cols,
+                "upload_linear: fused parts have {} and {} inputs",
+                cols,
+                part.cols
+            );
+            codes.extend_from_slice(&part.codes);
+            row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
+        }
+        self.linears.push(CpuLinear {
+            codes,
+            rows: row_scales.len(),
+            cols,
+            row_scales,
+        });
+        Ok(LinearId(self.linears.len() - 1))
+    }
+
+    fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId> {
+        self.vectors.push(values.to_vec());
+        Ok(VectorId(self.vectors.len() - 1))
+    }
+
+    fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId> {
+        ensure!(
+            table.view().len() == table.rows * table.cols,
+            "upload_table: {} values for a {}x{} matrix",
+            table.view().len(),
+            table.rows,
+            table.cols
+        );
+        self.tables.push(table.clone());
+        Ok(TableId(self.tables.len() - 1))
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<Activations> {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len)
+            .map_err(|_| anyhow!("out of host memory allocating {len} activations"))?;
+        buf.resize(len, 0.0);
+        match self.buffers.iter().position(Option::is_none) {
+            Some(i) => {
+                self.buffers[i] = Some(buf);
+                Ok(Activations(i))
+            }
+            None => {
+                self.buffers.push(Some(buf));
+                Ok(Activations(self.buffers.len() - 1))
+            }
+        }
+    }
+
+    fn free(&mut self, buffer: Activations) {
+        if let Some(slot) = self.buffers.get_mut(buffer.0) {
+            *slot = None;
+        }
+    }
+
+    fn write(&mut self, dst: Activations, data: &[f32]) -> Result<()> {
+        let mut buf = self.take(dst, data.len(), "write")?;
+        buf[..data.len()].copy_from_slice(data);
+        self.put(dst, buf);
+        Ok(())
+    }
+
+    fn read(&mut self, src: Activations, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(self.input(src, out.len(), "read")?);
+        Ok(())
+    }
+
+    fn copy(
+        &mut self,
+        src: Activations,
+        src_offset: usize,
+        dst: Activations,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            src != dst,
+            "copy: source and destination must be different buffers"
+        );
+        let mut to = self.take(dst, dst_offset + len, "copy destination")?;
+        let result = self
+            .input(src, src_offset + len, "copy source")
+            .map(|from| to[dst_offset..dst_offset + len].copy_from_slice(&from[src_offset..]));
+        self.put(dst, to);
+        result
+    }
+
+    fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
+        self.kv = None; // release the old cache before allocating the new one
+        let len = spec.bytes(1) / 2;
+        let zeroed = |what: &str| -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len).map_err(|_| {
+                anyhow!(
+                    "out of host memory allocating the KV cache's {what} ({} MiB; lower --ctx)",
+                    (len * 4) >> 20
+                )
+            })?;
+            v.resize(len, 0.0);
+            Ok(v)
+        };
+        self.kv = Some(KvCache {
+            spec: *spec,
+            keys: zeroed("keys")?,
+            values: zeroed("values")?,
+        });
+        Ok(())
+    }
+
+    fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()> {
+        let Some(t) = self.tables.get(table.0) else {
+            bail!("table {} does not exist", table.0);
+        };
+        let (vocab, cols) = (t.rows, t.cols);
+        let mut dst = self.take(out, tokens.len() * cols, "embed")?;
+        let view = self.tables[table.0].view();
+        let result = tokens
+            .iter()
+            .zip(dst.chunks_exact_mut(cols))
+            .try_for_each(|(&id, row)| {
+                ensure!(
+                    (id as usize) < vocab,
+                    "token id {id} is outside the vocabulary of {vocab} tokens"
+                );
+                view.row_to_f32(id as usize, cols, row).map_err(Into::into)
+            });
+        self.put(out, dst);
+        result
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: Activations,
+        weight: VectorId,
+        eps: f32,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let width = self
+            .vectors
+            .get(weight.0)
+            .ok_or_else(|| anyhow!("vector {} does not exist", weight.0))?
+            .len();
+        let n = rows * width;
+        self.map_buffers(x, n, out, n, "rms_norm", |me, src, dst| {
+            let w = &me.vectors[weight.0];
+            me.pool.install(|| {
+                src.par_chunks(width)
+                    .zip(dst.par_chunks_mut(width))
+                    .try_for_each(|(s, d)| float::rms_norm(s, w, eps, d))
+            })?;
+            Ok(())
+        })
+    }
+
+    fn bitlinear(
+        &mut self,
+        x: Activations,
+        linear: LinearId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let lin = self
+            .linears
+            .get(linear.0)
+            .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
+        let (n_out, cols) = (lin.rows, lin.cols);
+        self.map_buffers(
+            x,
+            rows * cols,
+            out,
+            rows * n_out,
+            "bitlinear",
+            |me, src, dst| {
+                let lin = &me.linears[linear.0];
+                let mut codes = vec![0i8; rows * cols];
+                let mut act_scales = vec![0f32; rows];
+                quantize_rows(src, cols, &mut codes, &mut act_scales)?;
+                let w = TernaryView::new(&lin.codes, n_out, cols)?;
+                // acc[n * rows + t]: each task owns a contiguous block of weight rows.
+                let mut acc = vec![0i32; n_out * rows];
+                me.pool.install(|| {
+                    acc.par_chunks_mut(ROWS_PER_TASK * rows)
+                        .enumerate()
+                        .try_for_each(|(chunk, acc)| {
+                            let start = chunk * ROWS_PER_TASK;
+                            let end = start + acc.len() / rows.max(1);
+                            gemm_reference(w.row_range(start, end)?, &codes, rows, acc)
+                        })
+                })?;
+                for (t, (row, s)) in dst.chunks_exact_mut(n_out).zip(&act_scales).enumerate() {
+                    for (n, y) in row.iter_mut().enumerate() {
+                        *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        qkv: Activations,
+        rows: &[RowPosition],
+        out: Activations,
+    ) -> Result<()> {
+        let Some(kv) = self.kv.as_mut() else {
+            bail!("attention: no KV cache allocated");
+        };
+        let spec = kv.spec;
+        ensure!(
+            layer < spec.layers,
+            "attention: layer {layer} of {}",
+            spec.layers
+        );
+        for r in rows {
+            ensure!(
+                r.slot < spec.slots && r.position < spec.capacity,
+                "attention: slot {} position {} outside a cache of {} slots x {} positions",
+                r.slot,
+                r.position,
+                spec.slots,
+                spec.capacity
+            );
+        }
+        let (hd, kv_dim, q_dim) = (
+            spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+            spec.heads * spec.head_dim,
+        );
+        let width = spec.qkv_width();
+        let mut src = self.take(qkv, rows.len() * width, "attention qkv")?;
+        let mut dst = match self.take(out, rows.len() * q_dim, "attention output") {
+            Ok(d) => d,
+            Err(e) => {
+                self.put(qkv, src);
+                return Err(e);
+            }
+        };
+        let kv = self.kv.as_mut().expect("checked above");
+        // RoPE on q and k of every row, then append k and v at the row's position.
+        let (mut cos, mut sin) = (vec![0f32; hd / 2], vec![0f32; hd / 2]);
+        for (row, r) in src.chunks_exact_mut(width).zip(rows) {
+            float::rope_cos_sin(spec.rope_theta, hd, r.position, &mut cos, &mut sin)?;
+            for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
+                float::apply_rope(head, &cos, &sin)?;
+            }
+            let at = kv.offset(layer, r.slot, r.position);
+            kv.keys[at..at + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+            kv.values[at..at + kv_dim].copy_from_slice(&row[q_dim + kv_dim..width]);
+        }
+        let group = spec.heads / spec.kv_heads;
+        let kv = &*kv;
+        let src_ref = &src;
+        let result = self.pool.install(|| {
+            dst[..rows.len() * q_dim]
+                .par_chunks_mut(hd)
+                .enumerate()
+                .try_for_each_init(Vec::new, |scores, (i, o)| {
+                    let (t, h) = (i / spec.heads, i % spec.heads);
+                    let r = rows[t];
+                    let n_keys = r.position + 1;
+                    scores.resize(n_keys, 0.0);
+                    let base = kv.offset(layer, r.slot, 0) + (h / group) * hd;
+                    let end = kv.offset(layer, r.slot, r.position) + kv_dim;
+                    let q = &src_ref[t * width + h * hd..t * width + (h + 1) * hd];
+                    float::attend(
+                        q,
+                        &kv.keys[base..end],
+                        &kv.values[base..end],
+                        kv_dim,
+                        n_keys,
+                        scores,
+                        o,
+                    )
+                })
+        });
+        self.put(qkv, src);
+        self.put(out, dst);
+        result.map_err(Into::into)
+    }
+
+    fn gated(
+        &mut self,
+        gate_up: Activations,
+        activation: GateActivation,
+        rows: usize,
+        width: usize,
+        out: Activations,
+    ) -> Result<()> {
+        self.map_buffers(
+            gate_up,
+            rows * 2 * width,
+            out,
+            rows * width,
+            "gated",
+            |me, src, dst| {
+                me.pool.install(|| {
+                    src.par_chunks(2 * width)
+                        .zip(dst.par_chunks_mut(width))
+                        .try_for_each(|(s, d)| {
+                            let (gate, up) = s.split_at(width);
+                            float::gated(activation, gate, up, d)
+                        })
+                })?;
+                Ok(())
+            },
+        )
+    }
+
+    fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
+        self.map_buffers(x, len, acc, len, "add", |_, src, dst| {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            Ok(())
+        })
+    }
+
+    fn logits(
+        &mut self,
+        x: Activations,
+        table: TableId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let t = self
+            .tables
+            .get(table.0)
+            .ok_or_else(|| anyhow!("table {} does not exist", table.0))?;
+        let (vocab, cols) = (t.rows, t.cols);
+        self.map_buffers(
+            x,
+            rows * cols,
+            out,
+            rows * vocab,
+            "logits",
+            |me, src, dst| {
+                let view = me.tables[table.0].view();
+                // transposed[v * rows + t]: vocabulary chunks write disjoint slices.
+                let mut transposed = vec![0f32; vocab * rows];
+                me.pool.install(|| {
+                    transposed
+                        .par_chunks_mut(ROWS_PER_TASK * rows)
+                        .enumerate()
+                        .for_each(|(chunk, part)| {
+                            for (i, v_out) in part.chunks_exact_mut(rows).enumerate() {
+                                let v = chunk * ROWS_PER_TASK + i;
+                                for (t, o) in v_out.iter_mut().enumerate() {
+                                    *o = view.dot_row(v, &src[t * cols..(t + 1) * cols]);
+                                }
+                            }
+                        })
+                });
+                for (t, row) in dst.chunks_exact_mut(vocab).enumerate() {
+                    for (v, o) in row.iter_mut().enumerate() {
+                        *o = transposed[v * rows + t];
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+}

@@ -1,0 +1,165 @@
+//! The [`Backend`] trait: the operations of a ternary transformer step, as a device runs them.
+//!
+//! # Contract
+//! - **Weights are uploaded once**, in the backend's own layout, and referred to by handles
+//!   ([`LinearId`], [`VectorId`], [`TableId`]). A fused linear ([`Backend::upload_linear`] with
+//!   several parts, e.g. q‖k‖v or gate‖up) concatenates the parts' outputs; every part keeps its own
+//!   scale.
+//! - **Activations stay on the device**: [`Activations`] is a handle to an f32 buffer the backend
+//!   owns; only [`Backend::write`] and [`Backend::read`] cross the host boundary. A buffer holds
+//!   `rows × width` values row-major, one row per token of the batch.
+//! - **A batch** is a list of rows, each a token at a position of a sequence; a sequence lives in
+//!   one slot of the KV cache ([`RowPosition`]). A prefill is many rows of one slot at consecutive
+//!   positions; a batched decode is one row in each of several slots. The same ops serve both.
+//! - **W1.58A8 is one op**: [`Backend::bitlinear`] quantizes each activation row to int8 (absmax,
+//!   `s = 127 / max|x|`), multiplies by the ternary weights with integer accumulation, and writes
+//!   `acc / s * scale`. Integer results must equal the scalar reference in `tern_cpu::ternary`.
+//! - [`Backend::attention`] applies rotate-half RoPE to the rows' q and k, stores k and v in the KV
+//!   cache at each row's slot and position, and attends causally over positions `0..=position` of
+//!   the row's slot (GQA: query head `h` reads kv head `h / (heads / kv_heads)`).
+//! - Ops are issued in order; a backend may queue them (GPU) and only [`Backend::read`] must wait.
+//!   Errors report shape mismatches and device failures; they never panic.
+//!
+//! Backends implement this trait and nothing above it: the model graph and the KV-cache manager
+//! see only `dyn Backend`.
+
+pub mod cpu;
+
+use crate::ternary::{DenseMatrix, TernaryMatrix};
+use anyhow::Result;
+use tern_cpu::float::GateActivation;
+
+/// A device buffer of f32 activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Activations(pub usize);
+
+/// An uploaded ternary linear layer (possibly several fused along the output dimension).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearId(pub usize);
+
+/// An uploaded f32 vector (norm weights).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VectorId(pub usize);
+
+/// An uploaded dense matrix whose rows are gathered (embedding) or dotted (output head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableId(pub usize);
+
+/// Where one row of a batch belongs: its sequence's KV slot and its position in that sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowPosition {
+    pub slot: usize,
+    pub position: usize,
+}
+
+/// The attention geometry and the KV cache to allocate for it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvSpec {
+    pub layers: usize,
+    /// Sequences that can be cached at once.
+    pub slots: usize,
+    /// Positions per slot (the context length).
+    pub capacity: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+}
+
+impl KvSpec {
+    /// Width of one row of the fused q‖k‖v activations.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Bytes of K and V storage at `bytes_per_value`.
+    pub fn bytes(&self, bytes_per_value: usize) -> usize {
+        2 * self.layers
+            * self.slots
+            * self.capacity
+            * self.kv_heads
+            * self.head_dim
+            * bytes_per_value
+    }
+}
+
+/// The operations the model graph runs on a device. See the module documentation for the contract.
+pub trait Backend {
+    /// A one-line description for logs: device, kernel family, threads.
+    fn describe(&self) -> String;
+
+    /// Uploads ternary matrices with equal input width as one linear whose outputs are the parts'
+    /// outputs concatenated.
+    fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId>;
+    fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId>;
+    fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId>;
+
+    /// Allocates an activation buffer of `len` f32 values.
+    fn alloc(&mut self, len: usize) -> Result<Activations>;
+    fn free(&mut self, buffer: Activations);
+    /// Copies `data` into the start of `dst`.
+    fn write(&mut self, dst: Activations, data: &[f32]) -> Result<()>;
+    /// Copies the first `out.len()` values of `src` to the host, waiting for queued work.
+    fn read(&mut self, src: Activations, out: &mut [f32]) -> Result<()>;
+
+    /// Copies `len` values from `src[src_offset..]` to `dst[dst_offset..]` (distinct buffers).
+    fn copy(
+        &mut self,
+        src: Activations,
+        src_offset: usize,
+        dst: Activations,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()>;
+
+    /// Allocates (or replaces) the KV cache and fixes the attention geometry.
+    fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()>;
+
+    /// `out[t] = table[tokens[t]]`.
+    fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()>;
+    /// RMSNorm of `rows` rows whose width is the weight's length.
+    fn rms_norm(
+        &mut self,
+        x: Activations,
+        weight: VectorId,
+        eps: f32,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()>;
+    /// Fused activation quantization and ternary matrix product for `rows` rows.
+    fn bitlinear(
+        &mut self,
+        x: Activations,
+        linear: LinearId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()>;
+    /// RoPE, KV-cache append and causal attention for the rows of `qkv` (see the module doc);
+    /// writes `rows × heads·head_dim` values to `out`.
+    fn attention(
+        &mut self,
+        layer: usize,
+        qkv: Activations,
+        rows: &[RowPosition],
+        out: Activations,
+    ) -> Result<()>;
+    /// `out[t][i] = act(x[t][i]) * x[t][width + i]` for rows of `2·width` (gate‖up).
+    fn gated(
+        &mut self,
+        gate_up: Activations,
+        activation: GateActivation,
+        rows: usize,
+        width: usize,
+        out: Activations,
+    ) -> Result<()>;
+    /// `acc[i] += x[i]` for `i < len`.
+    fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()>;
+    /// `out[t][v] = x[t] · table[v]` for `rows` rows (the output head).
+    fn logits(
+        &mut self,
+        x: Activations,
+        table: TableId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()>;
+}

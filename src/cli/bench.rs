@@ -1,0 +1,109 @@
+//! `tern bench`: llama-bench-style pp/tg table on a loaded model or a random model of a real shape.
+
+use super::{BackendChoice, load_model, select_backend};
+use anyhow::{Result, ensure};
+use clap::{Args, ValueEnum};
+use tern::bench::{BenchPlan, ShapePreset, decode_weight_bytes, markdown, run as run_plan};
+use tern::engine::Engine;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory or Hugging Face repo id (or use --shape).
+    #[arg(short, long, conflicts_with = "shape")]
+    model: Option<String>,
+    /// Random weights in the exact shape of a published model: 2b4t, 700m, 3b, 8b.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Prompt lengths to test (comma-separated; 0 skips).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    prompt: Vec<usize>,
+    /// Generation lengths to test (comma-separated; 0 skips).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    gen_tokens: Vec<usize>,
+    /// Timed repetitions per test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Thread counts to test (comma-separated; 0: one per core).
+    #[arg(short, long, value_delimiter = ',', default_value = "0")]
+    threads: Vec<usize>,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    #[arg(long, value_enum, default_value_t = BenchFormat::Md)]
+    format: BenchFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchFormat {
+    Md,
+    Json,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let (host, name) = match (&args.shape, &args.model) {
+        (Some(shape), _) => {
+            let preset = ShapePreset::parse(shape)?;
+            tracing::info!("building a random-weight model of the {shape} shape");
+            (preset.random_model(7), shape.clone())
+        }
+        (None, Some(model)) => (load_model(model)?.host, model.clone()),
+        (None, None) => anyhow::bail!(
+            "give a model with -m or a shape with --shape ({})",
+            ShapePreset::NAMES
+        ),
+    };
+    let longest = args
+        .prompt
+        .iter()
+        .chain(&args.gen_tokens)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    ensure!(longest > 0, "nothing to measure: every -p and -n is 0");
+    ensure!(
+        longest <= host.config.max_positions,
+        "a test of {longest} tokens exceeds the model's context of {}",
+        host.config.max_positions
+    );
+    let weight_bytes = decode_weight_bytes(&host);
+    let mut rows = Vec::new();
+    for &threads in &args.threads {
+        let backend = select_backend(args.backend, threads)?;
+        let mut engine = Engine::new(&host, backend, longest, 1)?;
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        for &p in &args.prompt {
+            let plan = BenchPlan {
+                prompt_tokens: p,
+                gen_tokens: 0,
+                repetitions: args.repetitions,
+            };
+            rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
+        }
+        for &n in &args.gen_tokens {
+            let plan = BenchPlan {
+                prompt_tokens: 0,
+                gen_tokens: n,
+                repetitions: args.repetitions,
+            };
+            rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
+        }
+    }
+    match args.format {
+        BenchFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        BenchFormat::Md => print!("{}", markdown(&rows)),
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! `tern info`: what a model is and what running it takes.
+
+use super::{TextOrJson, load_model};
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use tern::hub;
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Model directory or Hugging Face repo id.
+    #[arg(short, long, default_value = hub::DEFAULT_MODEL)]
+    model: String,
+    /// Context length the KV-cache figure is given for (0: the model's maximum).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    ctx: usize,
+    #[arg(long, value_enum, default_value_t = TextOrJson::Text)]
+    format: TextOrJson,
+}
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let loaded = load_model(&args.model)?;
+    let (m, t) = (&loaded.host, &loaded.tokenizer);
+    let c = &m.config;
+    let (ternary_params, ternary_bytes) = m.ternary_size();
+    let dense_params =
+        m.embed.rows * m.embed.cols + m.output.as_ref().map_or(0, |o| o.rows * o.cols);
+    let norm_params = m.final_norm.len()
+        + m.layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.len()
+                    + l.ffn_norm.len()
+                    + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
+                    + l.ffn_sub_norm.as_ref().map_or(0, Vec::len)
+            })
+            .sum::<usize>();
+    let dense_bytes = m.embed.bytes() + m.output.as_ref().map_or(0, |o| o.bytes());
+    let ctx = if args.ctx == 0 {
+        c.max_positions
+    } else {
+        args.ctx
+    };
+    // f32 keys and values, as the CPU backend keeps them.
+    let kv_bytes_per_token = 2 * c.layers * c.kv_dim() * 4;
+    let info = json!({
+        "path": loaded.path.display().to_string(),
+        "format": m.format,
+        "architecture": c.architecture,
+        "hidden_size": c.hidden,
+        "intermediate_size": c.intermediate,
+        "layers": c.layers,
+        "heads": c.heads,
+        "kv_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab,
+        "max_positions": c.max_positions,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "activation": format!("{:?}", c.activation).to_lowercase(),
+        "sub_norms": c.sub_norms,
+        "tied_embeddings": c.tied_embeddings,
+        "embedding_dtype": m.embed.dtype_name(),
+        "parameters": {
+            "ternary": ternary_params,
+            "embedding_and_head": dense_params,
+            "norms": norm_params,
+            "total": ternary_params + dense_params + norm_params,
+        },
+        "memory_bytes": {
+            "ternary_packed": ternary_bytes,
+            "embedding_and_head": dense_bytes,
+            "kv_cache_per_token_f32": kv_bytes_per_token,
+            "kv_cache_at_ctx": kv_bytes_per_token * ctx,
+            "ctx": ctx,
+        },
+        "tokenizer": {
+            "vocab_size": t.vocab_size(),
+            "bos_id": t.bos_id(),
+            "eos_ids": t.eos_ids(),
+            "chat_template": t.chat_template().is_some(),
+        },
+    });
+    match args.format {
+        TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+        TextOrJson::Text => print_text(&info),
+    }
+    Ok(())
+}
+
+/// Prints the JSON object as indented `key: value` lines.
+fn print_text(value: &serde_json::Value) {
+    fn walk(v: &serde_json::Value, indent: usize) {
+        if let Some(map) = v.as_object() {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::Object(_) => {
+                        println!("{:indent$}{k}:", "");
+                        walk(v, indent + 2);
+                    }
+                    serde_json::Value::String(s) => println!("{:indent$}{k}: {s}", ""),
+                    other => println!("{:indent$}{k}: {other}", ""),
+                }
+            }
+        }
+    }
+    walk(value, 0);
+}

@@ -1,0 +1,229 @@
+//! Argument definitions, backend selection and model loading shared by the subcommands.
+
+mod bench;
+mod chat;
+mod info;
+mod perplexity;
+mod run;
+mod tokenize;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use tern::backend::Backend;
+use tern::backend::cpu::CpuBackend;
+use tern::engine::Engine;
+use tern::hub;
+use tern::loader::{HostModel, load_hf_dir};
+use tern::sampler::SamplingParams;
+use tern::tokenizer::Tokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Run 1.58-bit (ternary, BitNet b1.58) language models"
+)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace). TERN_LOG overrides, e.g. TERN_LOG=tern=debug.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Complete a prompt (or answer one chat turn with --chat), streaming the text.
+    Run(run::RunArgs),
+    /// Interactive multi-turn chat with the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Perplexity of a text file, in non-overlapping windows of --ctx tokens.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Show the token ids (and pieces) of a text.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Show a model's architecture, shapes, formats and memory needs.
+    Info(info::InfoArgs),
+    /// Measure prompt processing and generation speed (llama-bench style).
+    Bench(bench::BenchArgs),
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "tern=info",
+        1 => "tern=debug",
+        _ => "tern=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// Which device runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA if present, else wgpu, else CPU.
+    Auto,
+    Cuda,
+    Wgpu,
+    Cpu,
+}
+
+/// The model and device options every model-running subcommand takes.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model directory, or a Hugging Face repo id resolved in the local Hugging Face cache
+    /// (downloaded when missing).
+    #[arg(short, long, default_value = hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// CPU threads (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+    /// Context length in tokens (0: the model's maximum).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub ctx: usize,
+}
+
+/// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
+/// it settled where it did.
+pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
+    const NO_CUDA: &str = "the CUDA backend is not part of this version of tern yet";
+    const NO_WGPU: &str = "the wgpu backend is not part of this version of tern yet";
+    let backend: Box<dyn Backend> = match choice {
+        BackendChoice::Cuda => bail!("--backend cuda: {NO_CUDA}; use --backend cpu"),
+        BackendChoice::Wgpu => bail!("--backend wgpu: {NO_WGPU}; use --backend cpu"),
+        BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
+        BackendChoice::Auto => {
+            tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({NO_WGPU})");
+            Box::new(CpuBackend::new(threads)?)
+        }
+    };
+    tracing::info!("backend: {}", backend.describe());
+    Ok(backend)
+}
+
+/// A model loaded from disk: weights, tokenizer and where they came from.
+pub struct LoadedModel {
+    pub host: HostModel,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+/// Resolves `-m` (directory or repo id) and loads weights and tokenizer.
+pub fn load_model(spec: &str) -> Result<LoadedModel> {
+    let path = hub::resolve_model(spec)?;
+    let (host, tokenizer) = load_path(&path)?;
+    Ok(LoadedModel {
+        host,
+        tokenizer,
+        path,
+    })
+}
+
+fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
+    if path.is_file() {
+        bail!(
+            "{}: single-file models (GGUF) are not supported by this version; pass a Hugging Face \
+             model directory",
+            path.display()
+        );
+    }
+    let started = std::time::Instant::now();
+    let host = load_hf_dir(path)?;
+    let tokenizer = Tokenizer::from_dir(path)?;
+    tracing::info!(
+        "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
+        host.config.architecture,
+        host.config.layers,
+        host.config.hidden,
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((host, tokenizer))
+}
+
+/// Loads the model and builds an engine with one sequence slot on the chosen backend.
+pub fn engine_for(args: &ModelArgs) -> Result<(Engine, Tokenizer, HostModel)> {
+    let loaded = load_model(&args.model)?;
+    let backend = select_backend(args.backend, args.threads)?;
+    let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
+    Ok((engine, loaded.tokenizer, loaded.host))
+}
+
+/// Sampling flags, with llama.cpp's defaults.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Temperature (0: greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for tokens among the last --repeat-last-n (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (default: from the clock; printed so a run can be repeated).
+    #[arg(short, long)]
+    pub seed: Option<u64>,
+    /// Greedy decoding (same as --temp 0).
+    #[arg(long)]
+    pub greedy: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        let greedy = self.greedy || self.temperature <= 0.0;
+        let seed = self.seed.unwrap_or_else(|| {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            if !greedy {
+                tracing::info!("seed: {seed}");
+            }
+            seed
+        });
+        SamplingParams {
+            temperature: if greedy { 0.0 } else { self.temperature },
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        }
+    }
+}
+
+/// Output format of commands that print one result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TextOrJson {
+    Text,
+    Json,
+}

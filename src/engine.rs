@@ -1,0 +1,261 @@
+//! An [`Engine`] owns a backend, the model uploaded to it and the KV cache, and runs sequences:
+//! feeding tokens (prefill in batches of at most [`Engine::max_batch`] rows) and generating.
+//!
+//! Context policy: a prompt that does not fit in the context (with room for one new token) is an
+//! error before any work is done; a generation that reaches the end of the context stops there with
+//! [`FinishReason::ContextFull`]. Nothing is truncated silently.
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::kv_cache::{KvCache, SequenceId};
+use crate::loader::HostModel;
+use crate::model::{LogitsFor, Model};
+use crate::sampler::{Sampler, logprob_of, top_logprobs};
+use anyhow::{Result, ensure};
+use std::time::{Duration, Instant};
+
+/// Rows per forward pass when feeding a long prompt.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    model: Model,
+    kv: KvCache,
+    max_batch: usize,
+}
+
+/// One generated token as the engine reports it.
+#[derive(Clone, Debug)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// Natural-log probability of `id` under the model's (unmodified) distribution.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely ids with their log probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence id was sampled (it is reported, not fed back).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The sequence filled the context.
+    ContextFull,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context_full",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    /// Ids that end generation.
+    pub stop_ids: Vec<u32>,
+    /// Alternatives reported per token (0: none).
+    pub top_logprobs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub finish: FinishReason,
+}
+
+impl Engine {
+    /// Uploads `host` to `backend` and allocates a KV cache of `slots` sequences × `ctx` positions
+    /// (`ctx` 0: the model's maximum).
+    pub fn new(
+        host: &HostModel,
+        mut backend: Box<dyn Backend>,
+        ctx: usize,
+        slots: usize,
+    ) -> Result<Self> {
+        let max = host.config.max_positions;
+        let ctx = if ctx == 0 { max } else { ctx };
+        ensure!(
+            ctx <= max,
+            "context length {ctx} exceeds the model's maximum of {max} positions"
+        );
+        let model = Model::upload(host, backend.as_mut())?;
+        let kv = KvCache::new(backend.as_mut(), model.kv_spec(slots, ctx))?;
+        Ok(Self {
+            backend,
+            model,
+            kv,
+            max_batch: DEFAULT_MAX_BATCH,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn backend_description(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Context length per sequence.
+    pub fn context(&self) -> usize {
+        self.kv.capacity()
+    }
+
+    /// Rows per forward pass.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    pub fn set_max_batch(&mut self, rows: usize) {
+        self.max_batch = rows.max(1);
+    }
+
+    pub fn new_sequence(&mut self) -> Result<SequenceId> {
+        self.kv.acquire()
+    }
+
+    pub fn release(&mut self, seq: SequenceId) {
+        self.kv.release(seq);
+    }
+
+    /// Empties the sequence's cache (a new conversation in the same slot).
+    pub fn clear(&mut self, seq: SequenceId) -> Result<()> {
+        self.kv.clear(seq)
+    }
+
+    /// Keeps only the first `len` cached tokens of the sequence (reuse of a shared prefix).
+    pub fn truncate(&mut self, seq: SequenceId, len: usize) -> Result<()> {
+        self.kv.truncate(seq, len)
+    }
+
+    /// Cached tokens of the sequence.
+    pub fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
+        self.kv.len(seq)
+    }
+
+    /// Appends `tokens` to the sequence and returns logits (`[vocab]` for `Last`,
+    /// `[tokens, vocab]` for `All`). Refuses, changing nothing, if the context would overflow.
+    pub fn feed(
+        &mut self,
+        seq: SequenceId,
+        tokens: &[u32],
+        logits_for: LogitsFor,
+    ) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "nothing to feed: empty token list");
+        let start = self.kv.len(seq)?;
+        let rows = self.kv.reserve(seq, tokens.len())?;
+        let result = self.run_batches(tokens, &rows, logits_for);
+        if result.is_err() {
+            self.kv.truncate(seq, start)?;
+        }
+        result
+    }
+
+    fn run_batches(
+        &mut self,
+        tokens: &[u32],
+        rows: &[crate::backend::RowPosition],
+        logits_for: LogitsFor,
+    ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        let chunks = tokens.len().div_ceil(self.max_batch);
+        for (i, (t, r)) in tokens
+            .chunks(self.max_batch)
+            .zip(rows.chunks(self.max_batch))
+            .enumerate()
+        {
+            let want = match logits_for {
+                LogitsFor::All => LogitsFor::All,
+                LogitsFor::Last if i + 1 == chunks => LogitsFor::Last,
+                LogitsFor::Last => {
+                    // Earlier chunks only fill the cache; their logits are not needed.
+                    self.model
+                        .forward(self.backend.as_mut(), t, r, LogitsFor::Last)?;
+                    continue;
+                }
+            };
+            logits.extend(self.model.forward(self.backend.as_mut(), t, r, want)?);
+        }
+        Ok(logits)
+    }
+
+    /// Feeds `prompt` to an empty or continuing sequence, then samples up to `max_tokens` ids,
+    /// calling `on_token` for each (return `false` to stop). Stop ids are reported but not fed.
+    pub fn generate(
+        &mut self,
+        seq: SequenceId,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        sampler: &mut Sampler,
+        mut on_token: impl FnMut(&GeneratedToken) -> Result<bool>,
+    ) -> Result<GenerationStats> {
+        let cached = self.kv.len(seq)?;
+        ensure!(
+            cached + prompt.len() < self.context(),
+            "the prompt has {} tokens{}, which leaves no room to generate in a context of {} \
+             (raise --ctx, up to the model's maximum of {}, or shorten the prompt)",
+            prompt.len(),
+            if cached > 0 {
+                format!(" after {cached} cached")
+            } else {
+                String::new()
+            },
+            self.context(),
+            self.config().max_positions
+        );
+        let started = Instant::now();
+        let mut logits = self.feed(seq, prompt, LogitsFor::Last)?;
+        let prefill_time = started.elapsed();
+        let decode_start = Instant::now();
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut generated = 0;
+        let finish = loop {
+            if generated == options.max_tokens {
+                break FinishReason::Length;
+            }
+            let id = sampler.sample(&logits, &history);
+            let token = GeneratedToken {
+                id,
+                logprob: logprob_of(&logits, id),
+                top: top_logprobs(&logits, options.top_logprobs),
+            };
+            generated += 1;
+            let keep_going = on_token(&token)?;
+            if options.stop_ids.contains(&id) {
+                break FinishReason::Stop;
+            }
+            if !keep_going {
+                break FinishReason::Cancelled;
+            }
+            if generated == options.max_tokens {
+                break FinishReason::Length;
+            }
+            if self.kv.len(seq)? == self.context() {
+                break FinishReason::ContextFull;
+            }
+            history.push(id);
+            logits = self.feed(seq, &[id], LogitsFor::Last)?;
+        };
+        Ok(GenerationStats {
+            prompt_tokens: prompt.len(),
+            generated_tokens: generated,
+            prefill_time,
+            decode_time: decode_start.elapsed(),
+            finish,
+        })
+    }
+}

@@ -1,0 +1,25 @@
+//! tern: an inference runtime for 1.58-bit (ternary, BitNet b1.58) language models.
+//!
+//! Layers, innermost first (dependencies point inward):
+//! - [`config`], [`ternary`], [`loader`], [`hub`]: files on disk to host-side weights in one canonical
+//!   ternary representation. They know nothing of backends.
+//! - [`backend`]: the [`backend::Backend`] trait every device implements, and the CPU backend.
+//! - [`kv_cache`] and [`model`]: the KV-cache manager and the BitNet transformer graph, written only
+//!   against the `Backend` trait.
+//! - [`tokenizer`], [`chat`], [`sampler`]: text in, token ids out, and back.
+//! - [`engine`], [`perplexity`], [`bench`]: generation, evaluation and benchmarking on top of the model.
+//! - The `tern` binary (`src/main.rs`) is the only place that chooses a backend.
+
+pub mod backend;
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod hub;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod perplexity;
+pub mod sampler;
+pub mod ternary;
+pub mod tokenizer;

@@ -1,0 +1,383 @@
+//! Loads a Hugging Face model directory into host memory, in the canonical representation.
+//!
+//! A directory holds `config.json` and either `model.safetensors` or `model.safetensors.index.json`
+//! plus the shards it names; every file is memory-mapped and checked (header, dtype, shape) before a
+//! byte of it is used. Ternary linears come out as [`TernaryMatrix`] (scale multiplies), whatever the
+//! checkpoint's convention:
+//! - packed (`quantization_mode: offline`): `uint8 P[out/4][in]`, packed along the output dimension
+//!   in four contiguous blocks: `W[i*out/4 + j][k] = ((P[j][k] >> 2i) & 3) - 1`, `weight_scale` [1];
+//! - master weights (`online`): ternarized here exactly like the reference `WeightQuant`:
+//!   `m = max(mean|W|, 1e-5)`, `W_t = clamp(round_half_even(W * (1/m)), -1, 1)`, scale `m`.
+//!
+//! Embeddings and the output head stay in their stored dtype; norm weights become f32.
+
+use crate::config::{HfConfig, ModelConfig, WeightFormat};
+use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use anyhow::{Context, Result, bail, ensure};
+use half::{bf16, f16};
+use indicatif::{ProgressBar, ProgressStyle};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tern_cpu::ternary::pack;
+
+/// One transformer block's weights.
+#[derive(Clone, Debug)]
+pub struct HostLayer {
+    pub attn_norm: Vec<f32>,
+    pub q: TernaryMatrix,
+    pub k: TernaryMatrix,
+    pub v: TernaryMatrix,
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub o: TernaryMatrix,
+    pub ffn_norm: Vec<f32>,
+    pub gate: TernaryMatrix,
+    pub up: TernaryMatrix,
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub down: TernaryMatrix,
+}
+
+/// A whole model in host memory, ready for a backend to upload.
+#[derive(Clone, Debug)]
+pub struct HostModel {
+    pub config: ModelConfig,
+    /// Where the weights came from and how they were stored, for `tern info` and logs.
+    pub format: String,
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed: DenseMatrix,
+    /// Output head `[vocab, hidden]`; `None` when tied to the embedding.
+    pub output: Option<DenseMatrix>,
+    pub final_norm: Vec<f32>,
+    pub layers: Vec<HostLayer>,
+}
+
+impl HostModel {
+    /// The matrix the logits are computed with.
+    pub fn head(&self) -> &DenseMatrix {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Ternary weights, in parameters and in packed bytes.
+    pub fn ternary_size(&self) -> (usize, usize) {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .fold((0, 0), |(p, b), m| {
+                (p + m.rows * m.cols, b + m.packed_bytes())
+            })
+    }
+}
+
+/// Loads a model directory in Hugging Face layout.
+pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
+    ensure!(
+        dir.is_dir(),
+        "{} is not a model directory (expected config.json and model.safetensors inside)",
+        dir.display()
+    );
+    let config = HfConfig::from_dir(dir)?;
+    let files = SafetensorsFiles::open(dir)?;
+    let c = &config.model;
+    let progress = load_progress(c.layers as u64);
+    let embed = files.dense("model.embed_tokens.weight", [c.vocab, c.hidden])?;
+    let output = if c.tied_embeddings {
+        None
+    } else {
+        Some(files.dense("lm_head.weight", [c.vocab, c.hidden])?)
+    };
+    let final_norm = files.vector("model.norm.weight", c.hidden)?;
+    let mut layers = Vec::with_capacity(c.layers);
+    for l in 0..c.layers {
+        layers.push(load_layer(&files, &config, l)?);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let format = match config.weight_format {
+        WeightFormat::PackedScaleMultiplies => {
+            "safetensors, packed 2-bit ternary + weight_scale (autobitlinear, offline)"
+        }
+        WeightFormat::MasterWeights => {
+            "safetensors, master weights ternarized at load (absmean, autobitlinear, online)"
+        }
+    };
+    Ok(HostModel {
+        config: config.model,
+        format: format.to_string(),
+        embed,
+        output,
+        final_norm,
+        layers,
+    })
+}
+
+fn load_progress(layers: u64) -> ProgressBar {
+    let bar = ProgressBar::new(layers);
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
+            .expect("static template"),
+    );
+    bar
+}
+
+fn load_layer(files: &SafetensorsFiles, config: &HfConfig, l: usize) -> Result<HostLayer> {
+    let c = &config.model;
+    let p = format!("model.layers.{l}");
+    let linear = |name: &str, rows: usize, cols: usize| {
+        files.ternary(&format!("{p}.{name}"), rows, cols, config.weight_format)
+    };
+    let sub_norm = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
+        if c.sub_norms {
+            Ok(Some(files.vector(&format!("{p}.{name}.weight"), len)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(HostLayer {
+        attn_norm: files.vector(&format!("{p}.input_layernorm.weight"), c.hidden)?,
+        q: linear("self_attn.q_proj", c.q_dim(), c.hidden)?,
+        k: linear("self_attn.k_proj", c.kv_dim(), c.hidden)?,
+        v: linear("self_attn.v_proj", c.kv_dim(), c.hidden)?,
+        attn_sub_norm: sub_norm("self_attn.attn_sub_norm", c.q_dim())?,
+        o: linear("self_attn.o_proj", c.hidden, c.q_dim())?,
+        ffn_norm: files.vector(&format!("{p}.post_attention_layernorm.weight"), c.hidden)?,
+        gate: linear("mlp.gate_proj", c.intermediate, c.hidden)?,
+        up: linear("mlp.up_proj", c.intermediate, c.hidden)?,
+        ffn_sub_norm: sub_norm("mlp.ffn_sub_norm", c.intermediate)?,
+        down: linear("mlp.down_proj", c.hidden, c.intermediate)?,
+    })
+}
+
+/// The memory-mapped safetensors files of a checkpoint and which file holds each tensor.
+struct SafetensorsFiles {
+    maps: Vec<(PathBuf, Mmap)>,
+    /// Tensor name -> index into `maps`.
+    location: BTreeMap<String, usize>,
+}
+
+impl SafetensorsFiles {
+    fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if single.is_file() {
+            vec!["model.safetensors".into()]
+        } else if index.is_file() {
+            shards_of_index(&index)?
+        } else {
+            bail!(
+                "{}: neither model.safetensors nor model.safetensors.index.json found",
+                dir.display()
+            );
+        };
+        let mut maps = Vec::new();
+        let mut location = BTreeMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let path = dir.join(name);
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the map is read-only and private to this loader; a file truncated underneath
+            // a running load is the one case it cannot defend against, as for any mmap reader.
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let tensors = SafeTensors::deserialize(&map).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                    path.display()
+                )
+            })?;
+            for tensor_name in tensors.names() {
+                location.insert(tensor_name.to_string(), i);
+            }
+            maps.push((path, map));
+        }
+        Ok(Self { maps, location })
+    }
+
+    /// The raw tensor: its file, dtype, shape and bytes.
+    fn raw(&self, name: &str) -> Result<(&Path, Dtype, Vec<usize>, &[u8])> {
+        let Some(&i) = self.location.get(name) else {
+            bail!(
+                "tensor `{name}` is missing from {}",
+                self.maps
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let (path, map) = &self.maps[i];
+        let tensors = SafeTensors::deserialize(map).expect("validated in open");
+        let view = tensors.tensor(name).expect("listed in open");
+        Ok((path, view.dtype(), view.shape().to_vec(), view.data()))
+    }
+
+    fn expect_shape(&self, name: &str, want: &[usize]) -> Result<(&Path, Dtype, &[u8])> {
+        let (path, dtype, shape, data) = self.raw(name)?;
+        ensure!(
+            shape == want,
+            "{}: tensor `{name}` has shape {shape:?}, expected {want:?}",
+            path.display()
+        );
+        Ok((path, dtype, data))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (path, dtype, data) = self.expect_shape(name, &[len])?;
+        float_values(data, dtype).with_context(|| format!("{}: tensor `{name}`", path.display()))
+    }
+
+    fn dense(&self, name: &str, [rows, cols]: [usize; 2]) -> Result<DenseMatrix> {
+        let (path, dtype, data) = self.expect_shape(name, &[rows, cols])?;
+        let data = match dtype {
+            Dtype::BF16 => DenseData::Bf16(le_u16(data).map(bf16::from_bits).collect()),
+            Dtype::F16 => DenseData::F16(le_u16(data).map(f16::from_bits).collect()),
+            Dtype::F32 => DenseData::F32(le_f32(data).collect()),
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other:?}, expected BF16, F16 or F32",
+                path.display()
+            ),
+        };
+        Ok(DenseMatrix { rows, cols, data })
+    }
+
+    /// A ternary linear `[rows, cols]`, in whichever format the config names.
+    fn ternary(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<TernaryMatrix> {
+        let name = format!("{prefix}.weight");
+        match format {
+            WeightFormat::PackedScaleMultiplies => {
+                ensure!(
+                    rows.is_multiple_of(4),
+                    "tensor `{name}`: {rows} outputs cannot be packed four to a byte"
+                );
+                let (path, dtype, data) = self.expect_shape(&name, &[rows / 4, cols])?;
+                ensure!(
+                    dtype == Dtype::U8,
+                    "{}: tensor `{name}` has dtype {dtype:?}, expected U8 (packed ternary)",
+                    path.display()
+                );
+                let scale_name = format!("{prefix}.weight_scale");
+                let scale = self.vector(&scale_name, 1)?[0];
+                let values = unpack_output_blocks(data, rows, cols)
+                    .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+                TernaryMatrix::new(&name, rows, cols, pack(&values, rows, cols)?, scale)
+            }
+            WeightFormat::MasterWeights => {
+                let (path, dtype, data) = self.expect_shape(&name, &[rows, cols])?;
+                let master = float_values(data, dtype)
+                    .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+                let (values, scale) = ternarize_absmean(&master);
+                TernaryMatrix::new(&name, rows, cols, pack(&values, rows, cols)?, scale)
+            }
+        }
+    }
+}
+
+fn shards_of_index(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!("{}: no `weight_map` object", index.display());
+    };
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let Some(file) = file.as_str() else {
+            bail!(
+                "{}: weight_map[{tensor}] is not a file name",
+                index.display()
+            );
+        };
+        ensure!(
+            !file.contains('/') && !file.contains('\\') && !file.starts_with('.'),
+            "{}: weight_map[{tensor}] = `{file}` is not a plain file name",
+            index.display()
+        );
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    Ok(shards)
+}
+
+/// Decodes the HF packed layout (see the module doc) to row-major int8 values.
+fn unpack_output_blocks(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>> {
+    let block = rows / 4;
+    let mut values = vec![0i8; rows * cols];
+    for j in 0..block {
+        for k in 0..cols {
+            let byte = packed[j * cols + k];
+            for i in 0..4 {
+                let code = (byte >> (2 * i)) & 3;
+                ensure!(
+                    code != 3,
+                    "packed byte ({j}, {k}) holds the 2-bit code 3, which is not a ternary value"
+                );
+                values[(i * block + j) * cols + k] = code as i8 - 1;
+            }
+        }
+    }
+    Ok(values)
+}
+
+/// Per-tensor absmean ternarization; returns the values and the scale `m` that multiplies them.
+pub fn ternarize_absmean(master: &[f32]) -> (Vec<i8>, f32) {
+    let sum_abs: f64 = master.iter().map(|v| f64::from(v.abs())).sum();
+    let mean = (sum_abs / master.len().max(1) as f64) as f32;
+    let m = mean.max(1e-5);
+    let inv = 1.0 / m;
+    let values = master
+        .iter()
+        .map(|v| (v * inv).round_ties_even().clamp(-1.0, 1.0) as i8)
+        .collect();
+    (values, m)
+}
+
+fn float_values(data: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::BF16 => le_u16(data).map(|b| bf16::from_bits(b).to_f32()).collect(),
+        Dtype::F16 => le_u16(data).map(|b| f16::from_bits(b).to_f32()).collect(),
+        Dtype::F32 => le_f32(data).collect(),
+        other => bail!("dtype {other:?} where BF16, F16 or F32 was expected"),
+    })
+}
+
+fn le_u16(data: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    data.chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+fn le_f32(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpacks_the_documented_example() {
+        // out = 8, in = 1: byte 0b10_01_00_10 gives rows 0, 2, 4, 6 = +1, -1, 0, +1.
+        let values = unpack_output_blocks(&[0b1001_0010, 0b0101_0101], 8, 1).unwrap();
+        assert_eq!(values, vec![1, 0, -1, 0, 0, 0, 1, 0]);
+        assert!(unpack_output_blocks(&[0b11, 0], 8, 1).is_err());
+    }
+
+    #[test]
+    fn absmean_ternarization() {
+        let (values, scale) = ternarize_absmean(&[0.9, -0.2, 0.05, -3.0]);
+        // mean |W| = 1.0375: 0.9 -> 1, -0.2 -> 0, 0.05 -> 0, -3.0 -> -1 (clamped).
+        assert_eq!(values, vec![1, 0, 0, -1]);
+        assert!((scale - 1.0375).abs() < 1e-6);
+        let (zeros, floor) = ternarize_absmean(&[0.0; 4]);
+        assert_eq!((zeros, floor), (vec![0; 4], 1e-5));
+    }
+}

@@ -1,0 +1,234 @@
+//! The BitNet b1.58 transformer, written once against the [`Backend`] trait.
+//!
+//! ```text
+//! h = embed[tokens]
+//! for each layer:
+//!     a = RMSNorm(h; attn_norm)
+//!     q‖k‖v = BitLinear(a; q‖k‖v)                    one activation quantization, three scales
+//!     o = Attention(RoPE(q), RoPE(k), v, KV cache)     causal, GQA
+//!     h += BitLinear(RMSNorm(o; attn_sub_norm); o)     sub-norm only where the config has it
+//!     b = RMSNorm(h; ffn_norm)
+//!     g‖u = BitLinear(b; gate‖up)
+//!     m = act(g) * u                                   ReLU² (2B-4T) or SiLU
+//!     h += BitLinear(RMSNorm(m; ffn_sub_norm); down)
+//! logits = RMSNorm(h; final_norm) · headᵀ             head = embedding when tied
+//! ```
+//!
+//! A call to [`Model::forward`] runs one batch of rows (tokens with their KV slot and position);
+//! prefill, decode and batched decode are all just batches. Scratch activations are allocated on
+//! the backend once and grown only when a larger batch arrives.
+
+use crate::backend::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use crate::config::ModelConfig;
+use crate::loader::HostModel;
+use anyhow::{Result, ensure};
+
+/// Which rows of a batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last row (generation).
+    Last,
+    /// Every row (perplexity, teacher forcing).
+    All,
+}
+
+struct Layer {
+    attn_norm: VectorId,
+    qkv: LinearId,
+    attn_sub_norm: Option<VectorId>,
+    o: LinearId,
+    ffn_norm: VectorId,
+    gate_up: LinearId,
+    ffn_sub_norm: Option<VectorId>,
+    down: LinearId,
+}
+
+/// Per-batch device buffers, each sized for `rows` rows.
+#[derive(Clone, Copy)]
+struct Scratch {
+    rows: usize,
+    residual: Activations,
+    normed: Activations,
+    qkv: Activations,
+    attn: Activations,
+    projected: Activations,
+    gate_up: Activations,
+    ffn: Activations,
+    ffn_normed: Activations,
+    logits: Activations,
+}
+
+impl Scratch {
+    fn buffers(&self) -> [Activations; 9] {
+        [
+            self.residual,
+            self.normed,
+            self.qkv,
+            self.attn,
+            self.projected,
+            self.gate_up,
+            self.ffn,
+            self.ffn_normed,
+            self.logits,
+        ]
+    }
+}
+
+pub struct Model {
+    config: ModelConfig,
+    embed: TableId,
+    head: TableId,
+    final_norm: VectorId,
+    layers: Vec<Layer>,
+    scratch: Option<Scratch>,
+}
+
+impl Model {
+    /// Uploads the weights to `backend` (fusing q‖k‖v and gate‖up).
+    pub fn upload(host: &HostModel, backend: &mut dyn Backend) -> Result<Self> {
+        let c = &host.config;
+        let embed = backend.upload_table(&host.embed)?;
+        let head = match &host.output {
+            Some(output) => backend.upload_table(output)?,
+            None => embed,
+        };
+        let mut layers = Vec::with_capacity(host.layers.len());
+        for l in &host.layers {
+            let sub_norm =
+                |b: &mut dyn Backend, w: &Option<Vec<f32>>| -> Result<Option<VectorId>> {
+                    w.as_ref().map(|w| b.upload_vector(w)).transpose()
+                };
+            layers.push(Layer {
+                attn_norm: backend.upload_vector(&l.attn_norm)?,
+                qkv: backend.upload_linear(&[&l.q, &l.k, &l.v])?,
+                attn_sub_norm: sub_norm(backend, &l.attn_sub_norm)?,
+                o: backend.upload_linear(&[&l.o])?,
+                ffn_norm: backend.upload_vector(&l.ffn_norm)?,
+                gate_up: backend.upload_linear(&[&l.gate, &l.up])?,
+                ffn_sub_norm: sub_norm(backend, &l.ffn_sub_norm)?,
+                down: backend.upload_linear(&[&l.down])?,
+            });
+        }
+        Ok(Self {
+            config: c.clone(),
+            embed,
+            head,
+            final_norm: backend.upload_vector(&host.final_norm)?,
+            layers,
+            scratch: None,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The KV-cache geometry this model needs for `slots` sequences of `capacity` positions.
+    pub fn kv_spec(&self, slots: usize, capacity: usize) -> KvSpec {
+        let c = &self.config;
+        KvSpec {
+            layers: c.layers,
+            slots,
+            capacity,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            rope_theta: c.rope_theta,
+        }
+    }
+
+    /// Runs one batch and returns logits, row-major `[rows with logits, vocab]`.
+    ///
+    /// `rows[i]` says where `tokens[i]` goes; the caller (the KV-cache manager) guarantees the
+    /// positions are valid and that each row's earlier positions are already cached or in the batch.
+    pub fn forward(
+        &mut self,
+        backend: &mut dyn Backend,
+        tokens: &[u32],
+        rows: &[RowPosition],
+        logits_for: LogitsFor,
+    ) -> Result<Vec<f32>> {
+        ensure!(
+            tokens.len() == rows.len(),
+            "forward: {} tokens but {} row positions",
+            tokens.len(),
+            rows.len()
+        );
+        ensure!(!tokens.is_empty(), "forward: empty batch");
+        let n = tokens.len();
+        let s = self.scratch_for(backend, n)?;
+        let c = &self.config;
+        let (eps, hidden) = (c.rms_norm_eps, c.hidden);
+
+        backend.embed(self.embed, tokens, s.residual)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            backend.rms_norm(s.residual, layer.attn_norm, eps, n, s.normed)?;
+            backend.bitlinear(s.normed, layer.qkv, n, s.qkv)?;
+            backend.attention(l, s.qkv, rows, s.attn)?;
+            let attn_out = match layer.attn_sub_norm {
+                Some(w) => {
+                    backend.rms_norm(s.attn, w, eps, n, s.normed)?;
+                    s.normed
+                }
+                None => s.attn,
+            };
+            backend.bitlinear(attn_out, layer.o, n, s.projected)?;
+            backend.add(s.residual, s.projected, n * hidden)?;
+
+            backend.rms_norm(s.residual, layer.ffn_norm, eps, n, s.normed)?;
+            backend.bitlinear(s.normed, layer.gate_up, n, s.gate_up)?;
+            backend.gated(s.gate_up, c.activation, n, c.intermediate, s.ffn)?;
+            let ffn_out = match layer.ffn_sub_norm {
+                Some(w) => {
+                    backend.rms_norm(s.ffn, w, eps, n, s.ffn_normed)?;
+                    s.ffn_normed
+                }
+                None => s.ffn,
+            };
+            backend.bitlinear(ffn_out, layer.down, n, s.projected)?;
+            backend.add(s.residual, s.projected, n * hidden)?;
+        }
+
+        let out_rows = match logits_for {
+            LogitsFor::All => n,
+            LogitsFor::Last => 1,
+        };
+        let final_in = match logits_for {
+            LogitsFor::All => s.residual,
+            LogitsFor::Last => {
+                backend.copy(s.residual, (n - 1) * hidden, s.projected, 0, hidden)?;
+                s.projected
+            }
+        };
+        backend.rms_norm(final_in, self.final_norm, eps, out_rows, s.normed)?;
+        backend.logits(s.normed, self.head, out_rows, s.logits)?;
+        let mut logits = vec![0f32; out_rows * c.vocab];
+        backend.read(s.logits, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Scratch buffers for at least `rows` rows, (re)allocated only when the batch grows.
+    fn scratch_for(&mut self, backend: &mut dyn Backend, rows: usize) -> Result<Scratch> {
+        if self.scratch.as_ref().is_none_or(|s| s.rows < rows) {
+            if let Some(old) = self.scratch.take() {
+                old.buffers().into_iter().for_each(|b| backend.free(b));
+            }
+            let c = &self.config;
+            let wide = c.hidden.max(c.q_dim());
+            let qkv = c.q_dim() + 2 * c.kv_dim();
+            self.scratch = Some(Scratch {
+                rows,
+                residual: backend.alloc(rows * c.hidden)?,
+                normed: backend.alloc(rows * wide)?,
+                qkv: backend.alloc(rows * qkv)?,
+                attn: backend.alloc(rows * c.q_dim())?,
+                projected: backend.alloc(rows * c.hidden)?,
+                gate_up: backend.alloc(rows * 2 * c.intermediate)?,
+                ffn: backend.alloc(rows * c.intermediate)?,
+                ffn_normed: backend.alloc(rows * c.intermediate)?,
+                logits: backend.alloc(rows * c.vocab)?,
+            });
+        }
+        Ok(self.scratch.expect("allocated above"))
+    }
+}

@@ -1,0 +1,507 @@
+//! The `tern` binary end to end on the fixtures: every subcommand, the golden checks that can be seen
+//! from outside (tokens, greedy ids, perplexity), and bad input, which must give a clear error, a
+//! non-zero exit status and never a panic.
+
+mod common;
+
+use common::*;
+use safetensors::tensor::TensorView;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tern(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TERN_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = tern(args);
+    assert!(o.status.success(), "tern {args:?} failed:\n{}", stderr(&o));
+    stdout(&o)
+}
+
+/// Runs `tern args`, expects failure with exit status 1 and an error mentioning every needle.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = tern(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "tern {args:?} should fail with 1:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "tern {args:?} panicked:\n{err}");
+    assert!(err.contains("error:"), "no error line:\n{err}");
+    for n in needles {
+        assert!(
+            err.contains(n),
+            "tern {args:?}: error should mention `{n}`:\n{err}"
+        );
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn jsonl_ids(out: &str) -> Vec<u32> {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("id").and_then(|i| i.as_u64()).map(|i| i as u32))
+        .collect()
+}
+
+#[test]
+fn run_greedy_reproduces_the_golden_prefix_as_text_and_jsonl() {
+    for name in HF_FIXTURES {
+        let g = golden(name);
+        let dir = fixture_dir(name);
+        for case in g["greedy"]["cases"].as_array().unwrap() {
+            let new = ids(&case["new_ids"]);
+            let robust = case["robust_prefix_len"].as_u64().unwrap() as usize;
+            let mut args = vec![
+                "run",
+                "-m",
+                path_str(&dir),
+                "--backend",
+                "cpu",
+                "-n",
+                "16",
+                "--greedy",
+            ];
+            let (mut system, mut user) = (None, String::new());
+            match case.get("prompt_messages").and_then(|m| m.as_array()) {
+                Some(messages) => {
+                    for m in messages {
+                        let content = m["content"].as_str().unwrap().to_string();
+                        match m["role"].as_str().unwrap() {
+                            "system" => system = Some(content),
+                            _ => user = content,
+                        }
+                    }
+                    args.push("--chat");
+                }
+                None => user = case["prompt_text"].as_str().unwrap().to_string(),
+            }
+            if let Some(system) = &system {
+                args.extend(["--system", system]);
+            }
+            args.extend(["-p", &user]);
+            let mut jsonl = args.clone();
+            jsonl.extend(["--format", "jsonl", "--logprobs", "3"]);
+            let out = ok(&jsonl);
+            let got = jsonl_ids(&out);
+            assert_eq!(got[..robust], new[..robust], "{name}");
+            // Text pieces concatenate to the decoded text; each line carries its alternatives.
+            let lines: Vec<serde_json::Value> = out
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let joined: String = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+            assert_eq!(lines[0]["top_logprobs"].as_array().unwrap().len(), 3);
+            assert!(lines[0]["logprob"].as_f64().unwrap() <= 0.0);
+            let text = ok(&args);
+            assert_eq!(
+                text.trim_end_matches('\n'),
+                joined,
+                "{name}: text and jsonl agree"
+            );
+        }
+    }
+}
+
+#[test]
+fn tokenize_matches_the_golden_ids() {
+    let g = golden("tiny-packed");
+    let dir = fixture_dir("tiny-packed");
+    for case in g["tokenization"].as_array().unwrap().iter().take(4) {
+        let text = case["text"].as_str().unwrap();
+        let out = ok(&[
+            "tokenize",
+            "-m",
+            path_str(&dir),
+            "-p",
+            text,
+            "--format",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(ids(&v["ids"]), ids(&case["ids_with_special_tokens"]));
+        let out = ok(&[
+            "tokenize",
+            "-m",
+            path_str(&dir),
+            "-p",
+            text,
+            "--no-special",
+            "--format",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(ids(&v["ids"]), ids(&case["ids_without_special_tokens"]));
+        assert_eq!(v["tokens"], case["tokens_without_special_tokens"]);
+    }
+}
+
+#[test]
+fn perplexity_command_matches_the_golden_value() {
+    let ppl_file = fixture_dir("ppl.txt");
+    for name in HF_FIXTURES {
+        let dir = fixture_dir(name);
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("perplexity.json")).unwrap())
+                .unwrap();
+        let want = golden["results"][1]["ppl"].as_f64().unwrap(); // ctx 128
+        let out = ok(&[
+            "perplexity",
+            "-m",
+            path_str(&dir),
+            "-f",
+            path_str(&ppl_file),
+            "--ctx",
+            "128",
+            "--format",
+            "json",
+            "--backend",
+            "cpu",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let got = v["ppl"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() / want <= 0.005,
+            "{name}: {got} vs {want}"
+        );
+        assert_eq!(v["tokens"], golden["n_tokens"]);
+        assert!(v["mean_nll"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn info_and_bench_report_the_model() {
+    let dir = fixture_dir("tiny-packed");
+    let out = ok(&["info", "-m", path_str(&dir), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layers"], 2);
+    assert_eq!(v["kv_heads"], 2);
+    assert_eq!(
+        v["parameters"]["ternary"],
+        2 * (256 * 256 * 2 + 128 * 256 * 2 + 512 * 256 * 3)
+    );
+    assert_eq!(v["tokenizer"]["eos_ids"], serde_json::json!([1009, 1017]));
+    assert!(ok(&["info", "-m", path_str(&dir)]).contains("architecture: BitNetForCausalLM"));
+
+    let out = ok(&[
+        "bench",
+        "-m",
+        path_str(&dir),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "-t",
+        "1,2",
+        "--backend",
+        "cpu",
+        "--format",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let tests: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| (r["test"].as_str().unwrap(), r["threads"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(tests, [("pp16", 1), ("tg4", 1), ("pp16", 2), ("tg4", 2)]);
+    assert!(rows.iter().all(|r| r["tok_s"].as_f64().unwrap() > 0.0));
+    let md = ok(&[
+        "bench",
+        "-m",
+        path_str(&dir),
+        "-p",
+        "8",
+        "-n",
+        "0",
+        "-r",
+        "1",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(md.contains("| pp8 |"), "{md}");
+}
+
+/// A copy of a fixture directory in a temporary place, to be damaged by a test.
+struct Scratch {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn scratch_copy(name: &str) -> Scratch {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::create_dir(&path).unwrap();
+    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+    }
+    Scratch { _dir: dir, path }
+}
+
+/// Rewrites the copy's model.safetensors through `edit(name, dtype, shape, data)`, which returns the
+/// tensor to write instead (or `None` to drop it).
+fn rewrite_tensors(
+    dir: &Path,
+    edit: impl Fn(
+        &str,
+        safetensors::Dtype,
+        Vec<usize>,
+        Vec<u8>,
+    ) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+) {
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .filter_map(|(n, t)| {
+            edit(n, t.dtype(), t.shape().to_vec(), t.data().to_vec())
+                .map(|(d, s, b)| (n.to_string(), d, s, b))
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = kept
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+}
+
+fn run_on(dir: &Path) -> Vec<String> {
+    [
+        "run",
+        "-m",
+        path_str(dir),
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--backend",
+        "cpu",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn fails_on(dir: &Path, needles: &[&str]) {
+    let args = run_on(dir);
+    fails_with(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        needles,
+    );
+}
+
+#[test]
+fn damaged_weight_files_are_named_in_clear_errors() {
+    let s = scratch_copy("tiny-packed");
+    let file = s.path.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    fails_on(&s.path, &["model.safetensors", "truncated or corrupt"]);
+    std::fs::write(&file, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    fails_on(
+        &s.path,
+        &["model.safetensors", "not a valid safetensors file"],
+    );
+    std::fs::remove_file(&file).unwrap();
+    fails_on(
+        &s.path,
+        &["neither model.safetensors nor model.safetensors.index.json"],
+    );
+
+    let missing = "model.layers.1.mlp.up_proj.weight";
+    std::fs::write(&file, &bytes).unwrap();
+    rewrite_tensors(&s.path, |n, d, s, b| (n != missing).then_some((d, s, b)));
+    fails_on(&s.path, &[missing, "missing"]);
+
+    std::fs::write(&file, &bytes).unwrap();
+    rewrite_tensors(&s.path, |n, d, mut s, mut b| {
+        if n == "model.layers.0.self_attn.q_proj.weight" {
+            s[1] -= 1;
+            b.truncate(s[0] * s[1]);
+        }
+        Some((d, s, b))
+    });
+    fails_on(
+        &s.path,
+        &[
+            "model.layers.0.self_attn.q_proj.weight",
+            "shape [64, 255]",
+            "expected [64, 256]",
+        ],
+    );
+
+    std::fs::write(&file, &bytes).unwrap();
+    rewrite_tensors(&s.path, |n, d, s, b| {
+        if n == "model.layers.0.mlp.down_proj.weight" {
+            Some((safetensors::Dtype::I8, s, b))
+        } else {
+            Some((d, s, b))
+        }
+    });
+    fails_on(
+        &s.path,
+        &["model.layers.0.mlp.down_proj.weight", "I8", "expected U8"],
+    );
+
+    std::fs::write(&file, &bytes).unwrap();
+    rewrite_tensors(&s.path, |n, d, s, mut b| {
+        if n == "model.layers.1.self_attn.k_proj.weight" {
+            b[5] = 0xff; // every pair is the invalid code 3
+        }
+        Some((d, s, b))
+    });
+    fails_on(
+        &s.path,
+        &["model.layers.1.self_attn.k_proj.weight", "code 3"],
+    );
+}
+
+#[test]
+fn bad_configs_and_unsupported_models_are_refused() {
+    let s = scratch_copy("tiny-packed");
+    let config = s.path.join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let cases = [
+        (
+            original.replace("\"bitnet\",\n  \"num", "\"mamba\",\n  \"num"),
+            vec!["model_type", "mamba"],
+        ),
+        (
+            original.replace("\"quant_method\": \"bitnet\"", "\"quant_method\": \"gptq\""),
+            vec!["quant_method"],
+        ),
+        (
+            original.replace("\"relu2\"", "\"gelu\""),
+            vec!["hidden_act", "gelu"],
+        ),
+        (
+            "{\"hidden_size\": ".to_string(),
+            vec!["config.json", "invalid config"],
+        ),
+    ];
+    for (text, needles) in cases {
+        assert_ne!(text, original);
+        std::fs::write(&config, text).unwrap();
+        fails_on(&s.path, &needles);
+    }
+    fails_on(
+        &fixture_dir("tiny-bitlinear"),
+        &["bitlinear", "not supported yet"],
+    );
+    fails_with(
+        &["run", "-m", "/nonexistent/model/dir", "-p", "x"],
+        &["/nonexistent/model/dir"],
+    );
+}
+
+#[test]
+fn prompts_longer_than_the_context_are_refused() {
+    let dir = fixture_dir("tiny-packed");
+    let long = "word ".repeat(40);
+    fails_with(
+        &[
+            "run",
+            "-m",
+            path_str(&dir),
+            "-p",
+            &long,
+            "--ctx",
+            "16",
+            "--backend",
+            "cpu",
+        ],
+        &["context of 16", "--ctx"],
+    );
+    fails_with(
+        &[
+            "run",
+            "-m",
+            path_str(&dir),
+            "-p",
+            "x",
+            "--ctx",
+            "100000",
+            "--backend",
+            "cpu",
+        ],
+        &["exceeds the model's maximum of 512"],
+    );
+    let ppl = fixture_dir("ppl.txt");
+    fails_with(
+        &[
+            "perplexity",
+            "-m",
+            path_str(&dir),
+            "-f",
+            path_str(&ppl),
+            "--ctx",
+            "4096",
+            "--backend",
+            "cpu",
+        ],
+        &["4096", "512"],
+    );
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_obeys_commands() {
+    use std::io::Write;
+    let dir = fixture_dir("tiny-packed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "chat",
+            "-m",
+            path_str(&dir),
+            "--backend",
+            "cpu",
+            "--greedy",
+            "-n",
+            "4",
+            "--system",
+            "Be brief.",
+        ])
+        .env("TERN_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is 2 + 2?\nAnd 3 + 3?\n/help\n/clear\nWhat is 2 + 2?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (text, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("/clear") && err.contains("conversation cleared"),
+        "{err}"
+    );
+    let replies: Vec<&str> = text.lines().collect();
+    assert_eq!(replies.len(), 3, "three replies expected:\n{text}");
+    // Greedy: the same first question after /clear gives the same reply.
+    assert_eq!(replies[0], replies[2]);
+}

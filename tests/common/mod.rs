@@ -1,0 +1,74 @@
+//! Shared helpers for the golden-fixture tests: locating fixtures, reading golden arrays, comparing.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+use tern::backend::cpu::CpuBackend;
+use tern::engine::Engine;
+use tern::loader::{HostModel, load_hf_dir};
+
+/// The Hugging Face-format fixtures every backend must reproduce.
+pub const HF_FIXTURES: [&str; 2] = ["tiny-packed", "tiny-bf16"];
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub fn golden(name: &str) -> serde_json::Value {
+    let path = fixture_dir(name).join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A raw little-endian f32 array from a fixture directory.
+pub fn read_f32(name: &str, file: &str) -> Vec<f32> {
+    std::fs::read(fixture_dir(name).join(file))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn load(name: &str) -> HostModel {
+    load_hf_dir(&fixture_dir(name)).unwrap()
+}
+
+/// An engine on the CPU backend with one sequence slot.
+pub fn cpu_engine(model: &HostModel, ctx: usize) -> Engine {
+    Engine::new(model, Box::new(CpuBackend::new(2).unwrap()), ctx, 1).unwrap()
+}
+
+/// (max |a - b|, mean |a - b|).
+pub fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let mean = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64;
+    (max, mean as f32)
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0
+}
