@@ -153,6 +153,7 @@ impl HubEnv {
 /// Downloads the files `repo` lacks into `cache_dir` and returns the complete snapshot directory.
 type Downloader<'a> = dyn Fn(&RepoSpec, &HubEnv, &Path) -> Result<PathBuf> + 'a;
 
+/// [`resolve_model`] with the environment and the downloader passed in.
 fn resolve_with(spec: &str, env: &HubEnv, download: &Downloader<'_>) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.exists() {

@@ -9,8 +9,9 @@
 //!   logits and history always give the same ids.
 //! - Never panics on bad logits: NaN counts as `-inf`; `+inf` logits share all the probability; if every
 //!   candidate is `-inf` the draw is uniform over them. History ids outside the vocabulary are ignored.
-//! - Work per call is O(V) plus O(m log m) for the m tokens that survive the filters (m <= top_k when
-//!   top-k is on); buffers are reused, so nothing is allocated per token after the first call.
+//! - Work per call is O(V) plus O(m log m), m = the tokens left after top-k and min-p (m <= top_k when
+//!   top-k is on; only with both off and top-p on is it a full sort). Buffers are reused, so nothing
+//!   is allocated per token after the first call.
 //! - Log-probabilities use a max-shifted log-sum-exp in f64.
 
 use rand::{Rng, SeedableRng};
