@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use tern::backend::cpu::CpuBackend;
 use tern::backend::{Activations, Backend, KvSpec, RowPosition};
 use tern::engine::GenerateOptions;
 use tern::loader::{HostLayer, HostModel};
@@ -14,6 +13,16 @@ use tern::model::LogitsFor;
 use tern::perplexity::perplexity;
 use tern::sampler::{Sampler, SamplingParams};
 use tern::ternary::TernaryMatrix;
+
+/// Runs `check(fixture, label, backend)` for every Hugging Face fixture on every backend; `label`
+/// names both in assertion messages.
+fn on_every_backend(mut check: impl FnMut(&str, &str, Box<dyn Backend>)) {
+    for fixture in HF_FIXTURES {
+        for (backend_name, backend) in backends() {
+            check(fixture, &format!("{fixture} on {backend_name}"), backend);
+        }
+    }
+}
 
 fn tolerance(g: &serde_json::Value, key: &str) -> f32 {
     g["tolerance"][key].as_f64().unwrap() as f32
@@ -88,18 +97,18 @@ fn weights_unpack_or_ternarize_to_the_golden_matrices() {
 
 /// Runs single backend ops on recorded module inputs and compares the recorded outputs.
 struct ModuleCheck {
-    backend: CpuBackend,
+    backend: Box<dyn Backend>,
     values: Vec<f32>,
     golden: serde_json::Value,
     strict: f32,
 }
 
 impl ModuleCheck {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, backend: Box<dyn Backend>) -> Self {
         let golden = golden(name);
         let file = golden["modules"]["file"].as_str().unwrap().to_string();
         Self {
-            backend: CpuBackend::new(2).unwrap(),
+            backend,
             values: read_f32(name, &file),
             strict: tolerance(&golden, "strict_atol"),
             golden,
@@ -142,10 +151,10 @@ impl ModuleCheck {
 #[test]
 fn every_module_matches_on_the_recorded_inputs() {
     const T: usize = 7;
-    for name in HF_FIXTURES {
-        let model = load(name);
+    on_every_backend(|fixture, name, backend| {
+        let model = load(fixture);
         let c = model.config.clone();
-        let mut m = ModuleCheck::new(name);
+        let mut m = ModuleCheck::new(fixture, backend);
         let ids = ids(&m.golden["modules"]["input_ids"]);
 
         let table = m.backend.upload_table(&model.embed).unwrap();
@@ -281,7 +290,7 @@ fn every_module_matches_on_the_recorded_inputs() {
         let out = m.backend.alloc(T * c.hidden).unwrap();
         m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
         m.compare(out, "norm.out");
-    }
+    });
 }
 
 fn check_argmax(name: &str, what: &str, logits: &[f32], top: &serde_json::Value, gap: f32) {
@@ -299,10 +308,10 @@ fn check_argmax(name: &str, what: &str, logits: &[f32], top: &serde_json::Value,
 
 #[test]
 fn prefill_logits_match_at_every_position() {
-    for name in HF_FIXTURES {
-        let g = golden(name);
-        let model = load(name);
-        let mut engine = cpu_engine(&model, 0);
+    on_every_backend(|fixture, name, backend| {
+        let g = golden(fixture);
+        let model = load(fixture);
+        let mut engine = engine(&model, backend, 0);
         let vocab = model.config.vocab;
         for case in g["logits"].as_array().unwrap() {
             let seq_name = case["name"].as_str().unwrap();
@@ -311,11 +320,16 @@ fn prefill_logits_match_at_every_position() {
             let logits = engine.feed(seq, &tokens, LogitsFor::All).unwrap();
             engine.release(seq);
             let last = &logits[(tokens.len() - 1) * vocab..];
-            let want_last = read_f32(name, case["last_position_logits"]["file"].as_str().unwrap());
+            let want_last = read_f32(
+                fixture,
+                case["last_position_logits"]["file"].as_str().unwrap(),
+            );
             let (max, mean) = diff(last, &want_last);
             if case["check"] == "strict" {
-                let want_all =
-                    read_f32(name, case["all_position_logits"]["file"].as_str().unwrap());
+                let want_all = read_f32(
+                    fixture,
+                    case["all_position_logits"]["file"].as_str().unwrap(),
+                );
                 let (max_all, _) = diff(&logits, &want_all);
                 assert!(
                     max_all <= tolerance(&g, "strict_atol"),
@@ -347,7 +361,7 @@ fn prefill_logits_match_at_every_position() {
                 );
             }
         }
-    }
+    });
 }
 
 fn greedy_cases(g: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -356,15 +370,15 @@ fn greedy_cases(g: &serde_json::Value) -> Vec<serde_json::Value> {
 
 #[test]
 fn teacher_forced_decode_through_the_kv_cache() {
-    for name in HF_FIXTURES {
-        let g = golden(name);
-        let model = load(name);
-        let mut engine = cpu_engine(&model, 0);
+    on_every_backend(|fixture, name, backend| {
+        let g = golden(fixture);
+        let model = load(fixture);
+        let mut engine = engine(&model, backend, 0);
         let vocab = model.config.vocab;
         for (i, case) in greedy_cases(&g).iter().enumerate() {
             let prompt = ids(&case["prompt_ids"]);
             let new = ids(&case["new_ids"]);
-            let steps = read_f32(name, case["step_logits"]["file"].as_str().unwrap());
+            let steps = read_f32(fixture, case["step_logits"]["file"].as_str().unwrap());
             let robust = case["robust_prefix_len"].as_u64().unwrap() as usize;
             let seq = engine.new_sequence().unwrap();
             let mut logits = engine.feed(seq, &prompt, LogitsFor::Last).unwrap();
@@ -385,15 +399,15 @@ fn teacher_forced_decode_through_the_kv_cache() {
             }
             engine.release(seq);
         }
-    }
+    });
 }
 
 #[test]
 fn free_running_greedy_reproduces_the_robust_prefix() {
-    for name in HF_FIXTURES {
-        let g = golden(name);
-        let model: HostModel = load(name);
-        let mut engine = cpu_engine(&model, 0);
+    on_every_backend(|fixture, name, backend| {
+        let g = golden(fixture);
+        let model: HostModel = load(fixture);
+        let mut engine = engine(&model, backend, 0);
         for case in greedy_cases(&g) {
             let prompt = ids(&case["prompt_ids"]);
             let new = ids(&case["new_ids"]);
@@ -416,7 +430,7 @@ fn free_running_greedy_reproduces_the_robust_prefix() {
             assert_eq!(stats.generated_tokens, new.len());
             assert_eq!(got[..robust], new[..robust], "{name}");
         }
-    }
+    });
 }
 
 #[test]
@@ -431,7 +445,7 @@ fn perplexity_matches_within_half_a_percent() {
         let tokenizer = tern::tokenizer::Tokenizer::from_dir(&fixture_dir(name)).unwrap();
         let ids = tokenizer.encode(&text, true).unwrap();
         assert_eq!(ids.len() as u64, golden_ppl["n_tokens"].as_u64().unwrap());
-        let mut engine = cpu_engine(&model, 0);
+        let mut engine = engine(&model, backends().remove(0).1, 0);
         for r in golden_ppl["results"].as_array().unwrap() {
             let ctx = r["ctx"].as_u64().unwrap() as usize;
             let got = perplexity(&mut engine, &ids, ctx).unwrap();

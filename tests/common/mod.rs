@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::PathBuf;
+use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_hf_dir};
@@ -42,9 +43,18 @@ pub fn load(name: &str) -> HostModel {
     load_hf_dir(&fixture_dir(name)).unwrap()
 }
 
-/// An engine on the CPU backend with one sequence slot.
-pub fn cpu_engine(model: &HostModel, ctx: usize) -> Engine {
-    Engine::new(model, Box::new(CpuBackend::new(2).unwrap()), ctx, 1).unwrap()
+/// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
+/// on this machine is left out with a printed reason, never silently.
+pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
+    vec![(
+        "cpu".to_string(),
+        Box::new(CpuBackend::new(2).unwrap()) as Box<dyn Backend>,
+    )]
+}
+
+/// An engine with one sequence slot on the given backend.
+pub fn engine(model: &HostModel, backend: Box<dyn Backend>, ctx: usize) -> Engine {
+    Engine::new(model, backend, ctx, 1).unwrap()
 }
 
 /// (max |a - b|, mean |a - b|).
