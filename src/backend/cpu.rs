@@ -374,12 +374,17 @@ impl Backend for CpuBackend {
                             mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
                         })
                 })?;
-                let scales = quantized.scales();
-                for (t, (row, s)) in dst.chunks_exact_mut(n_out).zip(scales).enumerate() {
-                    for (n, y) in row.iter_mut().enumerate() {
-                        *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
-                    }
-                }
+                let (scales, acc) = (quantized.scales(), &*acc);
+                me.pool.install(|| {
+                    dst.par_chunks_mut(n_out)
+                        .zip(scales)
+                        .enumerate()
+                        .for_each(|(t, (row, s))| {
+                            for (n, y) in row.iter_mut().enumerate() {
+                                *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
+                            }
+                        })
+                });
                 Ok(())
             },
         );
