@@ -10,10 +10,12 @@
 //!   the SIMD kernels consume).
 //! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
 //!   their own repacked layout.
+//! - [`head`]: an 8-bit copy of the output head with error bounds, for exact top-k re-scoring.
 //! - [`isa`]: runtime detection of the SIMD level, and `TERN_CPU_ISA` to force one.
 //! - [`float`]: RMSNorm, RoPE, attention for one head, gated activations, dense dot products.
 
 pub mod float;
+pub mod head;
 pub mod isa;
 pub mod mad;
 pub mod quant;

@@ -12,11 +12,14 @@
 //! Threads live as long as the backend, and the quantized activations, accumulators and head
 //! outputs are scratch owned by the backend, so a decode step allocates nothing once they have grown.
 
-use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use super::{
+    Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, RowPosition, TableId, VectorId,
+};
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rayon::prelude::*;
 use tern_cpu::float::{self, GateActivation};
+use tern_cpu::head::{Q8Head, top_candidates};
 use tern_cpu::isa::Isa;
 use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
 use tern_cpu::quant::QuantizedRows;
@@ -40,6 +43,11 @@ struct Scratch {
     quantized: QuantizedRows,
     acc: Vec<i32>,
     head: Vec<f32>,
+    /// `LmHead::Q8`: error bounds of one row's approximate logits, and the candidates to re-score.
+    bounds: Vec<f32>,
+    ranked: Vec<f32>,
+    candidates: Vec<usize>,
+    exact: Vec<f32>,
 }
 
 struct KvCache {
@@ -60,6 +68,9 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     isa: Isa,
+    lm_head: LmHead,
+    /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
+    q8_tables: Vec<Option<Q8Head>>,
     scratch: Scratch,
     linears: Vec<CpuLinear>,
     vectors: Vec<Vec<f32>>,
@@ -93,6 +104,8 @@ impl CpuBackend {
             pool,
             threads,
             isa,
+            lm_head: LmHead::Full,
+            q8_tables: Vec::new(),
             scratch: Scratch::default(),
             linears: Vec::new(),
             vectors: Vec::new(),
@@ -166,12 +179,97 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// [`LmHead::Q8`]: approximate logits from the 8-bit copy, then the rows that could be among
+    /// the top [`Q8_EXACT_TOP_K`] re-scored with the full-precision table (see `tern_cpu::head`).
+    fn logits_q8(
+        &mut self,
+        x: Activations,
+        table: TableId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let t = &self.tables[table.0];
+        let (vocab, cols) = (t.rows, t.cols);
+        if self.q8_tables.len() <= table.0 {
+            self.q8_tables.resize_with(table.0 + 1, || None);
+        }
+        if self.q8_tables[table.0].is_none() {
+            let started = std::time::Instant::now();
+            self.q8_tables[table.0] = Some(Q8Head::quantize(t.view(), vocab, cols)?);
+            tracing::debug!(
+                "8-bit output head built in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.map_buffers(
+            x,
+            rows * cols,
+            out,
+            rows * vocab,
+            "logits",
+            |me, src, dst| {
+                let q8 = me.q8_tables[table.0].as_ref().expect("built above");
+                let view = me.tables[table.0].view();
+                scratch.bounds.resize(vocab, 0.0);
+                for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
+                    me.pool.install(|| {
+                        logits
+                            .par_chunks_mut(VOCAB_PER_TASK)
+                            .zip(scratch.bounds.par_chunks_mut(VOCAB_PER_TASK))
+                            .enumerate()
+                            .try_for_each(|(chunk, (approx, bounds))| {
+                                let start = chunk * VOCAB_PER_TASK;
+                                let range = start..start + approx.len();
+                                q8.logits(me.isa, range, xt, approx, bounds)
+                            })
+                    })?;
+                    top_candidates(
+                        logits,
+                        &scratch.bounds,
+                        Q8_EXACT_TOP_K,
+                        &mut scratch.ranked,
+                        &mut scratch.candidates,
+                    );
+                    let exact = &mut scratch.exact;
+                    exact.resize(scratch.candidates.len(), 0.0);
+                    me.pool.install(|| {
+                        scratch
+                            .candidates
+                            .par_iter()
+                            .zip(exact.par_iter_mut())
+                            .try_for_each(|(&v, e)| {
+                                view.dot_rows(me.isa, v..v + 1, xt, cols, std::slice::from_mut(e))
+                            })
+                    })?;
+                    for (&v, &e) in scratch.candidates.iter().zip(exact.iter()) {
+                        logits[v] = e;
+                    }
+                }
+                Ok(())
+            },
+        );
+        self.scratch = scratch;
+        result
+    }
+}
+
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
+        let head = match self.lm_head {
+            LmHead::Full => "",
+            LmHead::Q8 => ", 8-bit head with exact top-k",
+        };
         format!(
-            "cpu ({} multiply-add kernels, {} threads)",
+            "cpu ({} multiply-add kernels{head}, {} threads)",
             self.isa, self.threads
         )
+    }
+
+    fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
+        self.lm_head = head;
+        Ok(())
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
@@ -522,6 +620,9 @@ impl Backend for CpuBackend {
             .get(table.0)
             .ok_or_else(|| anyhow!("table {} does not exist", table.0))?;
         let (vocab, cols) = (t.rows, t.cols);
+        if self.lm_head == LmHead::Q8 {
+            return self.logits_q8(x, table, rows, out);
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(
             x,

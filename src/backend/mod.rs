@@ -83,8 +83,34 @@ impl KvSpec {
     }
 }
 
+/// How the output head is evaluated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LmHead {
+    /// In the stored precision (f16/bf16/f32): every logit exact.
+    #[default]
+    Full,
+    /// An 8-bit copy with error bounds, the candidates for the top [`Q8_EXACT_TOP_K`] re-scored in
+    /// full precision: those logits (so greedy decoding and top-k sampling up to that k) are exact,
+    /// the others approximate (perplexity and deep log-probabilities are then approximate).
+    Q8,
+}
+
+/// How many of the largest logits [`LmHead::Q8`] keeps exact.
+pub const Q8_EXACT_TOP_K: usize = 64;
+
 /// The operations the model graph runs on a device. See the module documentation for the contract.
 pub trait Backend {
+    /// Chooses how [`Backend::logits`] evaluates the output head (default: [`LmHead::Full`]).
+    /// Backends without an 8-bit head refuse [`LmHead::Q8`].
+    fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
+        anyhow::ensure!(
+            head == LmHead::Full,
+            "{}: no 8-bit output head on this backend (use --lm-head f16)",
+            self.describe()
+        );
+        Ok(())
+    }
+
     /// A one-line description for logs: device, kernel family, threads.
     fn describe(&self) -> String;
 

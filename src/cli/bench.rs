@@ -1,6 +1,6 @@
 //! `tern bench`: llama-bench-style pp/tg table on a loaded model or a random model of a real shape.
 
-use super::{BackendChoice, load_model, select_backend};
+use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
 use tern::bench::{
@@ -41,6 +41,9 @@ pub struct BenchArgs {
     threads: Vec<usize>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// Output head: f16 (exact) or q8 (8-bit copy, exact top 64; see `tern run --help`).
+    #[arg(long, value_enum, default_value_t = LmHeadChoice::F16)]
+    lm_head: LmHeadChoice,
     #[arg(long, value_enum, default_value_t = BenchFormat::Md)]
     format: BenchFormat,
 }
@@ -77,11 +80,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "a test of {longest} tokens exceeds the model's context of {}",
         host.config.max_positions
     );
-    let weight_bytes = decode_weight_bytes(&host);
+    let weight_bytes = match args.lm_head {
+        LmHeadChoice::F16 => decode_weight_bytes(&host),
+        // The 8-bit copy (codes + two f32 per row); the few re-scored rows are left out.
+        LmHeadChoice::Q8 => {
+            let head = host.head();
+            (host.ternary_size().1 + head.rows * (head.cols + 8)) as u64
+        }
+    };
     let ternary_params = host.ternary_size().0 as f64;
     let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
-        let backend = select_backend(args.backend, threads)?;
+        let mut backend = select_backend(args.backend, threads)?;
+        backend.set_lm_head(args.lm_head.into())?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -101,6 +101,26 @@ pub struct ModelArgs {
     /// Context length in tokens (0: the model's maximum).
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx: usize,
+    #[arg(long, value_enum, default_value_t = LmHeadChoice::F16)]
+    pub lm_head: LmHeadChoice,
+}
+
+/// Output head: `f16` evaluates it in its stored precision (every logit exact); `q8` reads an 8-bit
+/// copy and re-scores the candidates for the top 64 exactly (exact greedy and top-k ≤ 64 sampling;
+/// other logits, so perplexity and deep log-probabilities, approximate). CPU backend only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LmHeadChoice {
+    F16,
+    Q8,
+}
+
+impl From<LmHeadChoice> for tern::backend::LmHead {
+    fn from(choice: LmHeadChoice) -> Self {
+        match choice {
+            LmHeadChoice::F16 => Self::Full,
+            LmHeadChoice::Q8 => Self::Q8,
+        }
+    }
 }
 
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
@@ -164,7 +184,8 @@ fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
 /// Loads the model and builds an engine with one sequence slot on the chosen backend.
 pub fn engine_for(args: &ModelArgs) -> Result<(Engine, Tokenizer, HostModel)> {
     let loaded = load_model(&args.model)?;
-    let backend = select_backend(args.backend, args.threads)?;
+    let mut backend = select_backend(args.backend, args.threads)?;
+    backend.set_lm_head(args.lm_head.into())?;
     let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
     Ok((engine, loaded.tokenizer, loaded.host))
 }

@@ -1,0 +1,76 @@
+//! The 8-bit output head (`LmHead::Q8`) keeps the largest logits exact: on every fixture and every
+//! CPU kernel level, its top `Q8_EXACT_TOP_K` logits equal the full-precision head's bit for bit
+//! (values and order) at every position of a prompt, so greedy decoding is unchanged.
+
+mod common;
+
+use common::*;
+use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
+use tern::model::LogitsFor;
+
+/// Indices of the `k` largest values, largest first (ties by index).
+fn top(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+#[test]
+fn q8_head_keeps_the_top_logits_exact() {
+    for fixture in HF_FIXTURES {
+        let model = load(fixture);
+        let prompt: Vec<u32> = (0..24)
+            .map(|i| (i * 37 + 5) % model.config.vocab as u32)
+            .collect();
+        let logits = |mut backend: Box<dyn Backend>, head: LmHead| {
+            backend.set_lm_head(head).unwrap();
+            let mut e = engine(&model, backend, 64);
+            let seq = e.new_sequence().unwrap();
+            e.feed(seq, &prompt, LogitsFor::All).unwrap()
+        };
+        let full: Vec<Vec<f32>> = backends()
+            .into_iter()
+            .map(|(_, b)| logits(b, LmHead::Full))
+            .collect();
+        let mut total_checked = 0;
+        for ((name, backend), want) in backends().into_iter().zip(&full) {
+            let got = logits(backend, LmHead::Q8);
+            let vocab = model.config.vocab;
+            for (p, (g, w)) in got
+                .chunks_exact(vocab)
+                .zip(want.chunks_exact(vocab))
+                .enumerate()
+            {
+                let want_top = top(w, Q8_EXACT_TOP_K);
+                assert_eq!(
+                    top(g, Q8_EXACT_TOP_K),
+                    want_top,
+                    "{fixture} on {name}, position {p}"
+                );
+                for &v in &want_top {
+                    assert_eq!(
+                        g[v].to_bits(),
+                        w[v].to_bits(),
+                        "{fixture} on {name}: logit {v}"
+                    );
+                }
+                // The others are approximations, not garbage.
+                let worst = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 0.1,
+                    "{fixture} on {name}: an approximate logit is off by {worst}"
+                );
+                total_checked += 1;
+            }
+        }
+        assert!(
+            total_checked >= 24,
+            "{fixture}: checked {total_checked} positions"
+        );
+    }
+}
