@@ -48,25 +48,38 @@ pub struct PackedTernary {
 }
 
 impl PackedTernary {
-    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0).
+    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0, and
+    /// so do padding pairs past `cols`).
     pub fn from_canonical(w: TernaryView<'_>) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
         let blocks = cols.div_ceil(K_BLOCK);
         let groups = rows.div_ceil(ROW_GROUP);
         let mut data = vec![0u8; groups * blocks * ROW_GROUP * CHUNK];
-        let mut values = vec![0i8; blocks * K_BLOCK];
+        let rb = crate::ternary::row_bytes(cols);
+        // One canonical row padded to whole blocks with value 0 (code 1 in every pair).
+        let mut padded = vec![0x55u8; blocks * CHUNK];
         for g in 0..groups {
             for r in 0..ROW_GROUP {
                 let n = g * ROW_GROUP + r;
-                values.fill(0);
+                padded.fill(0x55);
                 if n < rows {
-                    w.unpack_row(n, &mut values[..cols]);
+                    padded[..rb].copy_from_slice(&w.codes()[n * rb..(n + 1) * rb]);
+                    if cols % 4 != 0 {
+                        let keep = 2 * (cols % 4);
+                        padded[rb - 1] = (padded[rb - 1] & ((1 << keep) - 1)) | (0x55 << keep);
+                    }
+                    for byte in &mut padded[..rb] {
+                        // Code 3 (invalid) reads as 1 (value 0): clear the high bit of such pairs.
+                        *byte ^= (*byte & (*byte >> 1) & 0x55) << 1;
+                    }
                 }
                 for b in 0..blocks {
                     let chunk = &mut data[((g * blocks + b) * ROW_GROUP + r) * CHUNK..][..CHUNK];
+                    let src = &padded[b * CHUNK..(b + 1) * CHUNK];
                     for (j, byte) in chunk.iter_mut().enumerate() {
+                        // Column 64·i + j of the block is pair j % 4 of canonical byte 16·i + j / 4.
                         *byte = (0..4).fold(0u8, |acc, i| {
-                            let code = (values[b * K_BLOCK + 64 * i + j] + 1) as u8;
+                            let code = (src[16 * i + j / 4] >> (2 * (j % 4))) & 3;
                             acc | (code << (2 * i))
                         });
                     }
@@ -484,6 +497,31 @@ mod tests {
             (256, 256, 9),
         ] {
             check(rows, cols, tokens, (rows * cols + tokens) as u64);
+        }
+    }
+
+    #[test]
+    fn invalid_codes_and_padding_pairs_read_as_zero_like_the_reference() {
+        // Raw random bytes: codes of 3 everywhere and garbage in the padding pairs of 301 columns.
+        let (rows, cols, tokens) = (9, 301, 2);
+        let mut seed = 3;
+        let codes: Vec<u8> = (0..rows * crate::ternary::row_bytes(cols))
+            .map(|_| lcg(&mut seed) as u8)
+            .collect();
+        let view = TernaryView::new(&codes, rows, cols).unwrap();
+        assert!(view.has_invalid_code());
+        let (_, x) = case(0, cols, tokens, 4);
+        let q = quantized(&x, tokens, cols);
+        let x_codes: Vec<i8> = (0..tokens)
+            .flat_map(|t| q.row(t)[..cols].to_vec())
+            .collect();
+        let mut want = vec![0i32; rows * tokens];
+        gemm_reference(view, &x_codes, tokens, &mut want).unwrap();
+        let packed = PackedTernary::from_canonical(view);
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let mut got = vec![0i32; rows * tokens];
+            gemm(isa, &packed, 0..rows, &q, &mut got).unwrap();
+            assert_eq!(got, want, "{isa}");
         }
     }
 
