@@ -29,6 +29,9 @@ use tern_cpu::ternary::TernaryView;
 /// rows), large enough to amortize a task. A multiple of the kernels' row group.
 const ROWS_PER_TASK: usize = 16 * ROW_GROUP;
 
+/// Tokens per task when the products are transposed into the output (a cache line of i32).
+const TOKENS_PER_TASK: usize = 16;
+
 /// Output-head rows per parallel task.
 const VOCAB_PER_TASK: usize = 256;
 
@@ -472,14 +475,20 @@ impl Backend for CpuBackend {
                             mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
                         })
                 })?;
+                // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
+                // whole cache lines of `acc` (a weight row's consecutive tokens).
                 let (scales, acc) = (quantized.scales(), &*acc);
                 me.pool.install(|| {
-                    dst.par_chunks_mut(n_out)
-                        .zip(scales)
+                    dst.par_chunks_mut(TOKENS_PER_TASK * n_out)
                         .enumerate()
-                        .for_each(|(t, (row, s))| {
-                            for (n, y) in row.iter_mut().enumerate() {
-                                *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
+                        .for_each(|(chunk, part)| {
+                            let t0 = chunk * TOKENS_PER_TASK;
+                            let count = part.len() / n_out;
+                            for (n, &row_scale) in lin.row_scales.iter().enumerate() {
+                                let from = &acc[n * rows + t0..n * rows + t0 + count];
+                                for (i, (&a, s)) in from.iter().zip(&scales[t0..]).enumerate() {
+                                    part[i * n_out + n] = a as f32 / s * row_scale;
+                                }
                             }
                         })
                 });
