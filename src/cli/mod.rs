@@ -14,7 +14,7 @@ use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::engine::Engine;
 use tern::hub;
-use tern::loader::{HostModel, load_hf_dir};
+use tern::loader::{HostModel, load_model_files};
 use tern::sampler::SamplingParams;
 use tern::tokenizer::Tokenizer;
 
@@ -140,16 +140,8 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
 }
 
 fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
-    if path.is_file() {
-        bail!(
-            "{}: single-file models (GGUF) are not supported by this version; pass a Hugging Face \
-             model directory",
-            path.display()
-        );
-    }
     let started = std::time::Instant::now();
-    let host = load_hf_dir(path)?;
-    let tokenizer = Tokenizer::from_dir(path)?;
+    let (host, tokenizer) = load_model_files(path)?;
     tracing::info!(
         "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
         host.config.architecture,
