@@ -82,11 +82,12 @@ impl HostModel {
 /// Loads weights and tokenizer from `path`: a Hugging Face model directory, or a GGUF file.
 pub fn load_model_files(path: &Path) -> Result<(HostModel, Tokenizer)> {
     if path.is_file() {
-        bail!(
-            "{}: single-file models (GGUF) are not supported by this version; pass a Hugging Face \
-             model directory",
+        ensure!(
+            crate::gguf::is_gguf(path),
+            "{}: not a GGUF file (no GGUF magic) and not a model directory",
             path.display()
         );
+        return crate::gguf::model::load_gguf(path);
     }
     Ok((load_hf_dir(path)?, Tokenizer::from_dir(path)?))
 }

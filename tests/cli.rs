@@ -512,3 +512,32 @@ fn chat_keeps_the_conversation_and_obeys_commands() {
     // Greedy: the same first question after /clear gives the same reply.
     assert_eq!(replies[0], replies[2]);
 }
+
+#[test]
+fn gguf_files_are_detected_and_described() {
+    let file = fixture_dir("gguf/tiny-i2_s.gguf");
+    let out = ok(&["info", "-m", path_str(&file), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let format = v["format"].as_str().unwrap();
+    for needle in ["GGUF v3", "architecture bitnet-b1.58", "I2_S ×14", "F16 ×1"] {
+        assert!(
+            format.contains(needle),
+            "`{format}` should mention `{needle}`"
+        );
+    }
+    assert_eq!(v["activation"], "relu2");
+
+    let s = scratch_copy("tiny-packed");
+    let truncated = s.path.join("truncated.gguf");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    fails_with(
+        &["run", "-m", path_str(&truncated), "-p", "x"],
+        &["truncated.gguf", "past the end"],
+    );
+    let not_gguf = s.path.join("model.safetensors");
+    fails_with(
+        &["run", "-m", path_str(&not_gguf), "-p", "x"],
+        &["model.safetensors", "not a GGUF file"],
+    );
+}

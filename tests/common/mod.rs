@@ -11,7 +11,11 @@ use tern::loader::{HostModel, load_model_files};
 pub const HF_FIXTURES: [&str; 3] = ["tiny-packed", "tiny-bf16", "tiny-bitlinear"];
 
 /// The GGUF fixtures: tiny-packed's weights and tokenizer, so tiny-packed's goldens apply.
-pub const GGUF_FIXTURES: [&str; 0] = [];
+pub const GGUF_FIXTURES: [&str; 3] = [
+    "gguf/tiny-i2_s.gguf",
+    "gguf/tiny-tq2_0.gguf",
+    "gguf/tiny-tq1_0.gguf",
+];
 
 /// Every fixture the golden checks run on.
 pub fn all_fixtures() -> impl Iterator<Item = &'static str> {
