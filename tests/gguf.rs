@@ -5,9 +5,11 @@ mod common;
 
 use common::*;
 use tern::chat::ChatMessage;
-use tern::gguf::GgufFile;
 use tern::gguf::model::tokenizer_from_metadata;
+use tern::gguf::write::{TernaryTarget, model_to_gguf};
+use tern::gguf::{GgmlType, GgufFile};
 use tern::loader::load_model_files;
+use tern::model::LogitsFor;
 use tern::tokenizer::Tokenizer;
 
 fn tokenizer_of(file: &GgufFile) -> (Tokenizer, Vec<String>) {
@@ -153,4 +155,106 @@ fn formats_and_architectures_are_reported() {
             tern_cpu::float::GateActivation::Relu2
         );
     }
+}
+
+/// Converts `model` (a fixture name) to `target` in memory and parses the result.
+fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, GgufFile) {
+    let (host, tokenizer) = load_model_files(&fixture_dir(model)).unwrap();
+    let (writer, _notes) = model_to_gguf(&host, &tokenizer, target, "converted").unwrap();
+    let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    writer.write(out.path()).unwrap();
+    let file = GgufFile::open(out.path()).unwrap();
+    (out, file)
+}
+
+/// The bytes of a tensor that are defined: all of them, except I2_S's tail after the scale.
+fn defined_bytes<'a>(file: &'a GgufFile, t: &tern::gguf::TensorInfo) -> &'a [u8] {
+    let data = file.data(t);
+    match t.ggml_type {
+        GgmlType::I2S => &data[..data.len() - 28],
+        _ => data,
+    }
+}
+
+fn len7_logits(path: &std::path::Path) -> Vec<f32> {
+    let (host, _) = load_model_files(path).unwrap();
+    let g = golden("tiny-packed");
+    let tokens = ids(&g["logits"][1]["input_ids"]);
+    let mut e = engine(&host, backends().remove(0).1, 0);
+    let seq = e.new_sequence().unwrap();
+    e.feed(seq, &tokens, LogitsFor::All).unwrap()
+}
+
+#[test]
+fn converted_files_match_the_reference_files_tensor_for_tensor() {
+    for (target, reference) in [
+        (TernaryTarget::I2S, GGUF_FIXTURES[0]),
+        (TernaryTarget::Tq2_0, GGUF_FIXTURES[1]),
+        (TernaryTarget::Tq1_0, GGUF_FIXTURES[2]),
+    ] {
+        let want = GgufFile::open(&fixture_dir(reference)).unwrap();
+        // From the Hugging Face directory, and from another GGUF format.
+        let other_gguf = GGUF_FIXTURES[(target as usize + 1) % 3];
+        for source in ["tiny-packed", other_gguf] {
+            let (path, got) = convert(source, target);
+            assert_eq!(
+                got.tensors.len(),
+                want.tensors.len(),
+                "{source} → {reference}"
+            );
+            for t in &want.tensors {
+                let mine = got.tensor(&t.name).unwrap();
+                assert_eq!(
+                    (mine.ggml_type, &mine.ne),
+                    (t.ggml_type, &t.ne),
+                    "{}",
+                    t.name
+                );
+                assert_eq!(
+                    defined_bytes(&got, mine),
+                    defined_bytes(&want, t),
+                    "{source} → {reference}: tensor {}",
+                    t.name
+                );
+                if t.ggml_type == GgmlType::I2S {
+                    let data = got.data(mine);
+                    assert!(data[data.len() - 28..].iter().all(|&b| b == 0), "zero tail");
+                }
+            }
+            for (key, value) in &got.metadata {
+                if let Some(reference_value) = want.get(key)
+                    && key != "general.name"
+                {
+                    assert_eq!(value, reference_value, "{source} → {reference}: `{key}`");
+                }
+            }
+            assert_eq!(
+                len7_logits(path.path()),
+                len7_logits(&fixture_dir(reference)),
+                "{source} → {reference}: identical logits"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_llama_bitlinear_model_round_trips_with_permuted_qk() {
+    let (path, file) = convert("tiny-bitlinear", TernaryTarget::I2S);
+    assert_eq!(
+        file.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    let direct = load("tiny-bitlinear");
+    let (round_trip, _) = load_model_files(path.path()).unwrap();
+    assert!(round_trip.output.is_some() && !round_trip.config.sub_norms);
+    for (a, b) in round_trip.layers.iter().zip(&direct.layers) {
+        assert_eq!(a.q, b.q, "Q rows permuted back");
+        assert_eq!(a.k, b.k, "K rows permuted back");
+        assert_eq!(a.down, b.down);
+    }
+    // The stored Q rows are in llama.cpp's interleaved order, not the Hugging Face one.
+    let q = file.tensor("blk.0.attn_q.weight").unwrap();
+    let (stored, _) =
+        tern::gguf::quants::ternary_values(q.ggml_type, file.data(q), 256 * 256).unwrap();
+    assert_ne!(stored, direct.layers[0].q.to_i8());
 }

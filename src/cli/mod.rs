@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod convert;
 mod info;
 mod perplexity;
 mod run;
@@ -46,6 +47,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Write a model as a ternary GGUF file (I2_S, TQ2_0 or TQ1_0).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -56,6 +59,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub mod model;
 pub mod quants;
+pub mod write;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use memmap2::Mmap;

@@ -365,7 +365,12 @@ fn ternary(
 
 /// Inverse of llama.cpp's `permute` (HF rotate-half rows to interleaved pairs): GGUF row
 /// `h*d + 2i + j` is HF row `h*d + j*d/2 + i` for head `h`, `i < d/2`, `j < 2`.
-fn unpermute_rows(values: &[i8], rows: usize, cols: usize, heads: usize) -> Result<Vec<i8>> {
+pub(super) fn unpermute_rows(
+    values: &[i8],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Result<Vec<i8>> {
     ensure!(
         heads > 0 && rows.is_multiple_of(heads) && (rows / heads).is_multiple_of(2),
         "{rows} rows cannot be split into {heads} heads of even size"
