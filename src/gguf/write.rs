@@ -447,7 +447,10 @@ mod tests {
 
     #[test]
     fn permute_and_unpermute_are_inverse() {
-        let values: Vec<i8> = (0..24).map(|i| (i % 3) as i8 - 1).collect();
+        // Row r holds the base-3 digits of r: every row differs.
+        let values: Vec<i8> = (0..24)
+            .map(|i: u32| ((i / 3) / 3u32.pow(i % 3) % 3) as i8 - 1)
+            .collect();
         let permuted = permute_rows(&values, 8, 3, 2);
         assert_ne!(permuted, values);
         let back = super::super::model::unpermute_rows(&permuted, 8, 3, 2).unwrap();
