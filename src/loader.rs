@@ -110,7 +110,8 @@ pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
         Some(files.dense("lm_head.weight", [c.vocab, c.hidden])?)
     };
     let final_norm = files.vector("model.norm.weight", c.hidden)?;
-    let mut layers = Vec::with_capacity(c.layers);
+    // Not `with_capacity`: the count comes from config.json; each layer needs its tensors.
+    let mut layers = Vec::new();
     for l in 0..c.layers {
         layers.push(load_layer(&files, &config, l)?);
         progress.inc(1);

@@ -283,6 +283,16 @@ pub struct TensorInfo {
     pub data: std::ops::Range<usize>,
 }
 
+/// What [`parse`] reads before the tensor data: everything but the data itself.
+#[derive(Debug)]
+pub struct Header {
+    pub version: u32,
+    pub alignment: u64,
+    pub metadata: BTreeMap<String, Value>,
+    /// Each tensor's data range is checked to lie inside the parsed bytes.
+    pub tensors: Vec<TensorInfo>,
+}
+
 /// A parsed, memory-mapped GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -300,15 +310,15 @@ impl GgufFile {
         // running load is the one case it cannot defend against, as for any mmap reader.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        let (version, alignment, metadata, tensors) =
+        let header =
             parse(&map).with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             map,
-            version,
-            alignment,
-            metadata,
-            tensors,
+            version: header.version,
+            alignment: header.alignment,
+            metadata: header.metadata,
+            tensors: header.tensors,
         })
     }
 
@@ -415,9 +425,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-type Parsed = (u32, u64, BTreeMap<String, Value>, Vec<TensorInfo>);
-
-fn parse(bytes: &[u8]) -> Result<Parsed> {
+/// Parses and checks a whole GGUF file held in `bytes`.
+pub fn parse(bytes: &[u8]) -> Result<Header> {
     let mut c = Cursor { bytes, pos: 0 };
     ensure!(
         &c.array::<4>("magic")? == MAGIC,
@@ -514,5 +523,13 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             data: start..start + size as usize,
         });
     }
-    Ok((version, alignment, metadata, tensors))
+    Ok(Header {
+        version,
+        alignment,
+        metadata,
+        tensors,
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -239,7 +239,8 @@ fn host_model(file: &GgufFile, notes: &mut Vec<String>) -> Result<HostModel> {
     } else {
         Some(dense(file, "output.weight", c.vocab, c.hidden)?)
     };
-    let mut layers = Vec::with_capacity(c.layers);
+    // Not `with_capacity(c.layers)`: the count comes from metadata; each layer needs its tensors.
+    let mut layers = Vec::new();
     for l in 0..c.layers {
         let p = format!("blk.{l}");
         let linear = |name: &str, rows: usize, cols: usize, heads: Option<usize>| {
