@@ -6,6 +6,7 @@ use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
+use tern_cpu::isa::Isa;
 
 /// The Hugging Face-format fixtures every backend must reproduce.
 pub const HF_FIXTURES: [&str; 3] = ["tiny-packed", "tiny-bf16", "tiny-bitlinear"];
@@ -67,10 +68,15 @@ pub fn load(name: &str) -> HostModel {
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    vec![(
-        "cpu".to_string(),
-        Box::new(CpuBackend::new(2).unwrap()) as Box<dyn Backend>,
-    )]
+    let mut list = Vec::new();
+    // The CPU backend once per kernel level this CPU has (the default level is one of them).
+    for isa in Isa::ALL {
+        match CpuBackend::with_isa(2, isa) {
+            Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
+            Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
+        }
+    }
+    list
 }
 
 /// An engine with one sequence slot on the given backend.
