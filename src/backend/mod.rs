@@ -24,6 +24,7 @@
 //! see only `dyn Backend`.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::Result;
@@ -162,4 +163,24 @@ pub trait Backend {
         rows: usize,
         out: Activations,
     ) -> Result<()>;
+
+    /// Greedy sampling: for each of `rows` rows of `width` values in `x`, the index of the largest
+    /// (the first one on ties). Waits for queued work. The default reads the rows back; a GPU
+    /// backend overrides it so that only the ids cross to the host.
+    fn argmax(&mut self, x: Activations, rows: usize, width: usize) -> Result<Vec<u32>> {
+        let mut values = vec![0f32; rows * width];
+        self.read(x, &mut values)?;
+        Ok(values
+            .chunks_exact(width.max(1))
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
 }

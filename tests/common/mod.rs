@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::cuda::CudaBackend;
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_hf_dir};
 
@@ -46,10 +47,15 @@ pub fn load(name: &str) -> HostModel {
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    vec![(
+    let mut list = vec![(
         "cpu".to_string(),
         Box::new(CpuBackend::new(2).unwrap()) as Box<dyn Backend>,
-    )]
+    )];
+    match CudaBackend::new(0) {
+        Ok(cuda) => list.push(("cuda".to_string(), Box::new(cuda))),
+        Err(e) => eprintln!("cuda backend skipped: {e:#}"),
+    }
+    list
 }
 
 /// An engine with one sequence slot on the given backend.
