@@ -30,28 +30,42 @@ __device__ __forceinline__ int dot_chunk(uint4 w, const uint4* __restrict__ x, i
     return acc;
 }
 
-// Decode and small batches (at most GEMV_MAX_TOKENS tokens): one warp per output row, the lanes
-// striding over 16-byte weight chunks; each weight chunk is loaded once for every token.
+// Decode and small batches: one warp per output row, the lanes striding over 16-byte weight chunks,
+// four independent chunk loads in flight per lane where the row is long enough; each weight chunk
+// is loaded once for all tokens. Instantiated for one token (decode: few registers, so many warps
+// per SM keep HBM busy) and for up to GEMV_MAX_TOKENS tokens (batched decode).
 #define GEMV_MAX_TOKENS 8
-extern "C" __global__ void __launch_bounds__(256)
-ternary_gemv(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
-             const float* __restrict__ act_scales, const int* __restrict__ act_sums,
-             const float* __restrict__ row_scales, int tokens, float* __restrict__ y) {
+template <int MAX_TOKENS>
+__device__ __forceinline__ void gemv(const uint4* __restrict__ w, int n_rows, int chunks,
+                                     const uint4* __restrict__ x, const float* __restrict__ act_scales,
+                                     const int* __restrict__ act_sums, const float* __restrict__ row_scales,
+                                     int tokens, float* __restrict__ y) {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     const uint4* wr = w + (size_t)row * chunks;
-    int acc[GEMV_MAX_TOKENS];
+    int acc[MAX_TOKENS];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; ++t) acc[t] = 0;
-    for (int c = lane; c < chunks; c += 32) {
+    for (int t = 0; t < MAX_TOKENS; ++t) acc[t] = 0;
+    int c = lane;
+    for (; c + 96 < chunks; c += 128) {
+        uint4 wc[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) wc[u] = __ldg(wr + c + 32 * u);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int t = 0; t < MAX_TOKENS; ++t)
+                if (t < tokens) acc[t] = dot_chunk(wc[u], x + ((size_t)t * chunks + c + 32 * u) * 4, acc[t]);
+    }
+    for (; c < chunks; c += 32) {
         const uint4 wc = __ldg(wr + c);
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; ++t)
+        for (int t = 0; t < MAX_TOKENS; ++t)
             if (t < tokens) acc[t] = dot_chunk(wc, x + ((size_t)t * chunks + c) * 4, acc[t]);
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; ++t) {
+    for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t < tokens) {
             const int sum = warp_sum_int(acc[t]);
             if (lane == 0)
@@ -59,6 +73,17 @@ ternary_gemv(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* _
                     dequantize(sum, act_sums[t], act_scales[t], row_scales[row]);
         }
     }
+}
+
+#define GEMV_ARGS                                                                                \
+    const uint4 *__restrict__ w, int n_rows, int chunks, const uint4 *__restrict__ x,           \
+        const float *__restrict__ act_scales, const int *__restrict__ act_sums,                  \
+        const float *__restrict__ row_scales, int tokens, float *__restrict__ y
+extern "C" __global__ void __launch_bounds__(256) ternary_gemv1(GEMV_ARGS) {
+    gemv<1>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
+}
+extern "C" __global__ void __launch_bounds__(256) ternary_gemv(GEMV_ARGS) {
+    gemv<GEMV_MAX_TOKENS>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
 }
 
 // Prefill: a 64-row × 64-token output tile per block of 256 threads, 64 weights deep per step,

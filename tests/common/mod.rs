@@ -11,9 +11,12 @@ use tern::loader::{HostModel, load_hf_dir};
 /// The Hugging Face-format fixtures every backend must reproduce.
 pub const HF_FIXTURES: [&str; 2] = ["tiny-packed", "tiny-bf16"];
 
+/// `TERN_FIXTURES` overrides the location, for test binaries run outside the source tree
+/// (scripts/gpu-check.sh).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("TERN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(name)
 }
 

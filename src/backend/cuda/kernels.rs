@@ -29,7 +29,7 @@ pub const SOURCES: [Source; 5] = [
     Source {
         file: "ternary.cu",
         code: include_str!("../../../cuda/ternary.cu"),
-        entries: &["ternary_gemv", "ternary_gemm"],
+        entries: &["ternary_gemv1", "ternary_gemv", "ternary_gemm"],
     },
     Source {
         file: "elementwise.cu",
@@ -95,6 +95,7 @@ impl Source {
 /// Every kernel, loaded into one context. Dense-table kernels are indexed by [`DenseDtype`].
 pub struct Kernels {
     pub quantize_rows: CudaFunction,
+    pub ternary_gemv1: CudaFunction,
     pub ternary_gemv: CudaFunction,
     pub ternary_gemm: CudaFunction,
     pub rms_norm: CudaFunction,
@@ -139,6 +140,7 @@ impl Kernels {
         };
         Ok(Self {
             quantize_rows: f(0, "quantize_rows")?,
+            ternary_gemv1: f(1, "ternary_gemv1")?,
             ternary_gemv: f(1, "ternary_gemv")?,
             ternary_gemm: f(1, "ternary_gemm")?,
             rms_norm: f(2, "rms_norm")?,
@@ -166,6 +168,8 @@ mod tests {
     /// does not compile fails the tests on machines without a GPU. NVRTC is loaded dynamically: put
     /// `libnvrtc.so.12` on `LD_LIBRARY_PATH` (the `nvidia-cuda-nvrtc-cu12` wheel has it; `.ci/run`
     /// installs it). Without it the test is skipped with a message, unless `TERN_REQUIRE_NVRTC=1`.
+    /// With `TERN_PTXAS` naming a `ptxas` binary (the `nvidia-cuda-nvcc-cu12` wheel has one), the
+    /// PTX is also assembled for sm_80 and sm_90, which must succeed without register spills.
     #[test]
     fn every_kernel_compiles_with_nvrtc() {
         if !super::super::device::nvrtc_present() {
@@ -193,7 +197,32 @@ mod tests {
                     "{arch} cuda/{} uses local memory",
                     s.file
                 );
+                if let Some(ptxas) = std::env::var_os("TERN_PTXAS") {
+                    assemble(&ptxas, &ptx, &arch.replace("compute_", "sm_"), s.file);
+                }
             }
+        }
+    }
+
+    /// Runs `ptxas -v` on `ptx` for `sm`; fails on an error or a register spill.
+    fn assemble(ptxas: &std::ffi::OsStr, ptx: &str, sm: &str, file: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("kernel.ptx");
+        std::fs::write(&input, ptx).unwrap();
+        let run = std::process::Command::new(ptxas)
+            .args(["-v", "-arch", sm, "-o"])
+            .arg(dir.path().join("kernel.cubin"))
+            .arg(&input)
+            .output()
+            .expect("TERN_PTXAS does not name a runnable ptxas");
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "ptxas {sm} cuda/{file}:\n{log}");
+        eprintln!("ptxas {sm} cuda/{file}:\n{log}");
+        for line in log.lines().filter(|l| l.contains("spill")) {
+            assert!(
+                line.contains("0 bytes spill stores, 0 bytes spill loads"),
+                "{sm} cuda/{file} spills registers: {line}"
+            );
         }
     }
 }

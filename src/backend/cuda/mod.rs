@@ -12,7 +12,8 @@
 //!
 //! # Op by op
 //! `bitlinear` = `quantize_rows` (int8 codes, scale and code sum per token) then `ternary_gemv`
-//! (≤ 8 tokens: decode and batched decode; one warp per output row, 16-byte weight loads) or
+//! (≤ 8 tokens: decode and batched decode, with a one-token instance; one warp per output
+//! row, 16-byte weight loads) or
 //! `ternary_gemm` (more tokens: 64×64 tiles in shared memory, dp4a). Both are integer-exact, and
 //! the dequantization `acc / s * scale` rounds like the CPU backend, so outputs are bit-identical.
 //! `attention` = `rope_append` then split-K `attend_partial` + `attend_combine`.
@@ -193,7 +194,8 @@ impl CudaBackend {
         unsafe { dev.ctx.disable_event_tracking() };
         let cache = device::cache_dir();
         let kernels = Kernels::load(&dev.ctx, &dev.arch, cache.as_deref())?;
-        let stream = dev.ctx.default_stream();
+        // A stream of its own (not the legacy default stream), so a step can be captured in a graph.
+        let stream = dev.ctx.new_stream()?;
         let scratch = Scratch {
             codes: alloc(&stream, 1, "scratch")?,
             act_scales: alloc(&stream, 1, "scratch")?,
@@ -564,7 +566,11 @@ impl Backend for CudaBackend {
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
-            (&self.kernels.ternary_gemv, cfg, "ternary_gemv")
+            if rows == 1 {
+                (&self.kernels.ternary_gemv1, cfg, "ternary_gemv1")
+            } else {
+                (&self.kernels.ternary_gemv, cfg, "ternary_gemv")
+            }
         } else {
             let cfg = LaunchConfig {
                 grid_dim: (n_out.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1),
