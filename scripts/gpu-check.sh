@@ -66,12 +66,12 @@ else
     echo "using $nvrtc"
 fi
 
-# Runs a test binary; PASS only if it passes and did not skip the CUDA backend.
+# Runs test binary $1 (its log and status under the label $2); PASS only if it passes and did not
+# skip the CUDA backend.
 run_tests() {
-    local name=$1
-    shift
+    local bin=$1 name=$2
     section "tests: $name"
-    "$here/tests/$name" --test-threads=1 --nocapture "$@" 2>&1 | tee "$res/$name.log" | grep -vE '^test .* ok$'
+    "$here/tests/$bin" --test-threads=1 --nocapture 2>&1 | tee "$res/$name.log" | grep -vE '^test .* ok$'
     local rc=${PIPESTATUS[0]}
     local passed
     passed=$(grep -oE 'test result: .*' "$res/$name.log" | tail -1)
@@ -83,9 +83,12 @@ run_tests() {
         status "$name" "PASS ($passed)"
     fi
 }
-run_tests unit
-run_tests cuda
-run_tests golden
+run_tests unit unit
+run_tests cuda cuda
+# The golden fixtures decode through the engine: with CUDA graphs (the default) and without, so a
+# graph problem and a kernel problem tell themselves apart.
+run_tests golden golden
+TERN_CUDA_GRAPHS=0 run_tests golden golden-no-graphs
 if grep -q 'wgpu' "$res/golden.log"; then
     status wgpu "$(grep -i 'wgpu' "$res/golden.log" | head -1)"
 else
@@ -97,6 +100,10 @@ section "tern bench --shape 2b4t --backend cuda"
     > "$res/bench.json" 2> "$res/bench.log"
 if [ $? -eq 0 ]; then status bench PASS; else status bench "FAIL: $(tail -1 "$res/bench.log")"; fi
 cat "$res/bench.json"
+TERN_CUDA_GRAPHS=0 "$here/bin/tern" bench --shape 2b4t --backend cuda -p 0 -n 128 -r "$reps" \
+    --format json > "$res/bench-no-graphs.json" 2>> "$res/bench.log" ||
+    status bench-no-graphs "FAIL: $(tail -1 "$res/bench.log")"
+cat "$res/bench-no-graphs.json"
 
 section "PyTorch bf16 baseline (2B-4T weight shapes, CUDA graph, CUDA events)"
 python3 - "$res/torch.json" <<'PY' || status torch "FAIL"
@@ -198,6 +205,8 @@ def line(name, ours, theirs, fmt="{:.0f}"):
     f = lambda v: fmt.format(v) if v else "n/a"
     print(f"| {name} | {f(ours)} | {f(theirs)} | {ratio} |")
 line("decode tok/s (tg128)", tg and tg["tok_s"], torch_.get("decode_tok_s"))
+eager = next(iter(load("bench-no-graphs.json") or []), None)
+line("decode tok/s without CUDA graphs", eager and eager["tok_s"], torch_.get("decode_tok_s"))
 line("decode weight GB/s", tg and tg["gb_s"], torch_.get("decode_gb_s"))
 line("prefill tok/s (pp512)", pp and pp["tok_s"], torch_.get("prefill_tok_s"))
 if tg and copy:

@@ -164,6 +164,20 @@ pub trait Backend {
         out: Activations,
     ) -> Result<()>;
 
+    /// Brackets one model step of `rows` rows that ends with `logits_rows` rows of logits: between
+    /// `begin_step` and `end_step` the model issues the same ops, on the same buffers and with the
+    /// same parameters, for every step of that shape; only host inputs (token ids, row positions)
+    /// change. A backend may record a step once and replay it (CUDA graphs). Defaults: nothing.
+    fn begin_step(&mut self, rows: usize, logits_rows: usize) -> Result<()> {
+        let _ = (rows, logits_rows);
+        Ok(())
+    }
+
+    /// Ends the step begun by [`Backend::begin_step`] (queues it; [`Backend::read`] waits).
+    fn end_step(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Greedy sampling: for each of `rows` rows of `width` values in `x`, the index of the largest
     /// (the first one on ties). Waits for queued work. The default reads the rows back; a GPU
     /// backend overrides it so that only the ids cross to the host.

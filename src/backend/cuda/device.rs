@@ -81,7 +81,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// 64-bit FNV-1a: stable across Rust versions and platforms (unlike `DefaultHasher`).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for part in parts {
         for &b in *part {

@@ -22,10 +22,16 @@
 //! one stream needs none); only `read` waits. Every op checks handles, shapes and buffer lengths on
 //! the host before launching, so a kernel never sees an out-of-range index.
 //!
-//! Not here yet (see README, CUDA section): CUDA-graph capture of a decode step, on-device
-//! sampling wired into the engine, tensor-core (mma) prefill, RMSNorm fused with quantization.
+//! Steps of at most `GEMV_MAX_TOKENS` rows (decode, batched decode) are captured as CUDA graphs
+//! and replayed ([`graph`]); the ops below therefore stage host inputs through
+//! [`Graphs::stage`], skip their launches while a graph is replayed, and fingerprint their
+//! parameters.
+//!
+//! Not here yet (see README, CUDA section): on-device sampling wired into the engine, tensor-core
+//! (mma) prefill, RMSNorm fused with quantization, an f16 KV cache.
 
 pub mod device;
+mod graph;
 pub mod kernels;
 pub mod layout;
 
@@ -36,6 +42,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
     PushKernelArg, ValidAsZeroBits, sys,
 };
+use graph::Graphs;
 use kernels::{DenseDtype, Kernels};
 use std::sync::Arc;
 use tern_cpu::float::{self, GateActivation};
@@ -94,7 +101,7 @@ struct Scratch {
     act_scales: CudaSlice<f32>,
     act_sums: CudaSlice<i32>,
     /// (slot, position) pairs of the current attention batch.
-    rows: CudaSlice<i32>,
+    rows: CudaSlice<u32>,
     tokens: CudaSlice<u32>,
     partial: CudaSlice<f32>,
 }
@@ -110,6 +117,7 @@ pub struct CudaBackend {
     buffers: Vec<Option<CudaSlice<f32>>>,
     kv: Option<KvCache>,
     scratch: Scratch,
+    graphs: Graphs,
 }
 
 /// A driver error with a clear message for running out of device memory.
@@ -150,14 +158,22 @@ fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, data: &[T], what: &str) -> Re
         .map_err(|e| alloc_error(e, stream.context(), bytes, what))
 }
 
-/// Grows `slot` to at least `len` elements (contents are not kept).
+/// Grows `slot` to at least `len` elements (contents are not kept); graphs pointing to the old
+/// allocation are dropped.
 fn grow<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
+    graphs: &mut Graphs,
     slot: &mut CudaSlice<T>,
     len: usize,
     what: &str,
 ) -> Result<()> {
     if slot.len() < len {
+        // Cannot happen: a shape is captured only after an eager step of it sized the scratch.
+        ensure!(
+            !graphs.capturing(),
+            "CUDA: {what} would grow during graph capture"
+        );
+        graphs.invalidate();
         *slot = alloc(stream, len, what)?;
     }
     Ok(())
@@ -204,6 +220,7 @@ impl CudaBackend {
             tokens: alloc(&stream, 1, "scratch")?,
             partial: alloc(&stream, 1, "scratch")?,
         };
+        let graphs = Graphs::new(&stream)?;
         Ok(Self {
             description: format!(
                 "cuda ({}, {}, W2A8 dp4a kernels, f32 KV cache)",
@@ -218,6 +235,7 @@ impl CudaBackend {
             buffers: Vec::new(),
             kv: None,
             scratch,
+            graphs,
         })
     }
 
@@ -357,6 +375,7 @@ impl Backend for CudaBackend {
 
     fn free(&mut self, buffer: Activations) {
         if let Some(slot) = self.buffers.get_mut(buffer.0) {
+            self.graphs.invalidate();
             *slot = None;
         }
     }
@@ -397,7 +416,9 @@ impl Backend for CudaBackend {
         );
         self.buf(src, src_offset + len, "copy source")?;
         self.buf(dst, dst_offset + len, "copy destination")?;
-        if len == 0 {
+        self.graphs
+            .note("copy", &[src.0, src_offset, dst.0, dst_offset, len]);
+        if len == 0 || self.graphs.replaying() {
             return Ok(());
         }
         // Moved out so the source can be borrowed while the destination is written.
@@ -412,6 +433,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
+        self.graphs.invalidate();
         self.kv = None; // release the old cache before allocating the new one
         let hd = spec.head_dim;
         ensure!(
@@ -454,14 +476,19 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
+        self.graphs.note("embed", &[table.0, tokens.len(), out.0]);
         grow(
             &self.stream,
+            &mut self.graphs,
             &mut self.scratch.tokens,
             tokens.len(),
             "token ids",
         )?;
-        self.stream
-            .memcpy_htod(tokens, &mut self.scratch.tokens.slice_mut(..tokens.len()))?;
+        self.graphs
+            .stage(&self.stream, tokens, &mut self.scratch.tokens)?;
+        if self.graphs.replaying() {
+            return Ok(());
+        }
         let t = self.table(table)?;
         let f = self.dense_kernel(&self.kernels.embed, t);
         let out = self.buf(out, 0, "embed")?;
@@ -487,6 +514,10 @@ impl Backend for CudaBackend {
         rows: usize,
         out: Activations,
     ) -> Result<()> {
+        self.graphs.note(
+            "rms_norm",
+            &[x.0, weight.0, eps.to_bits() as usize, rows, out.0],
+        );
         let w = self
             .vectors
             .get(weight.0)
@@ -494,7 +525,7 @@ impl Backend for CudaBackend {
         let width = w.len();
         let n = rows * width;
         let (src, dst) = self.in_out(x, n, out, n, "rms_norm")?;
-        if n == 0 {
+        if n == 0 || self.graphs.replaying() {
             return Ok(());
         }
         let width = to_i32(width, "rms_norm width")?;
@@ -528,15 +559,26 @@ impl Backend for CudaBackend {
         }
         let tokens = to_i32(rows, "bitlinear rows")?;
         to_i32(rows * padded, "bitlinear activation bytes")?;
-        let s = &mut self.scratch;
+        self.graphs.note("bitlinear", &[x.0, linear.0, rows, out.0]);
+        let (s, g) = (&mut self.scratch, &mut self.graphs);
         grow(
             &self.stream,
+            g,
             &mut s.codes,
             rows * padded,
             "activation codes",
         )?;
-        grow(&self.stream, &mut s.act_scales, rows, "activation scales")?;
-        grow(&self.stream, &mut s.act_sums, rows, "activation sums")?;
+        grow(
+            &self.stream,
+            g,
+            &mut s.act_scales,
+            rows,
+            "activation scales",
+        )?;
+        grow(&self.stream, g, &mut s.act_sums, rows, "activation sums")?;
+        if self.graphs.replaying() {
+            return Ok(());
+        }
 
         let lin = &self.linears[linear.0];
         let (src, dst) = self.in_out(x, 0, out, 0, "bitlinear")?;
@@ -633,26 +675,33 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         // Splits over the keys: enough blocks to fill the GPU for decode, one split when the batch
-        // alone has plenty of (row, head) blocks (prefill).
-        let max_keys = rows.iter().map(|r| r.position + 1).max().unwrap_or(1);
+        // alone has plenty of (row, head) blocks (prefill). Sized by the capacity, not the rows'
+        // positions, so a captured decode step stays valid as positions advance; splits past a
+        // row's last key finish at once.
+        let capacity = spec.capacity;
         let wanted = 1024usize.div_ceil(rows.len() * spec.heads);
-        let keys_per_split = max_keys.div_ceil(wanted.clamp(1, max_keys.div_ceil(32)));
-        let splits = max_keys.div_ceil(keys_per_split);
+        let keys_per_split = capacity.div_ceil(wanted.clamp(1, capacity.div_ceil(32)));
+        let splits = capacity.div_ceil(keys_per_split);
         to_i32(rows.len(), "attention rows")?;
-        let meta: Vec<i32> = rows
+        let meta: Vec<u32> = rows
             .iter()
-            .flat_map(|r| [r.slot as i32, r.position as i32])
+            .flat_map(|r| [r.slot as u32, r.position as u32])
             .collect();
-        let s = &mut self.scratch;
-        grow(&self.stream, &mut s.rows, meta.len(), "attention rows")?;
+        self.graphs
+            .note("attention", &[layer, qkv.0, rows.len(), out.0]);
+        let (s, g) = (&mut self.scratch, &mut self.graphs);
+        grow(&self.stream, g, &mut s.rows, meta.len(), "attention rows")?;
         grow(
             &self.stream,
+            g,
             &mut s.partial,
             rows.len() * spec.heads * splits * (hd + 2),
             "attention partial sums",
         )?;
-        self.stream
-            .memcpy_htod(&meta, &mut s.rows.slice_mut(..meta.len()))?;
+        g.stage(&self.stream, &meta, &mut s.rows)?;
+        if self.graphs.replaying() {
+            return Ok(());
+        }
 
         let kv = self.kv.as_ref().expect("checked above");
         let (src, dst) = self.in_out(qkv, 0, out, 0, "attention")?;
@@ -724,9 +773,13 @@ impl Backend for CudaBackend {
         width: usize,
         out: Activations,
     ) -> Result<()> {
+        self.graphs.note(
+            "gated",
+            &[gate_up.0, activation as usize, rows, width, out.0],
+        );
         let n = rows * width;
         let (src, dst) = self.in_out(gate_up, 2 * n, out, n, "gated")?;
-        if n == 0 {
+        if n == 0 || self.graphs.replaying() {
             return Ok(());
         }
         let act: i32 = match activation {
@@ -741,8 +794,9 @@ impl Backend for CudaBackend {
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
+        self.graphs.note("add", &[acc.0, x.0, len]);
         let (src, dst) = self.in_out(x, len, acc, len, "add")?;
-        if len == 0 {
+        if len == 0 || self.graphs.replaying() {
             return Ok(());
         }
         let len_i = to_i32(len, "add length")?;
@@ -759,10 +813,11 @@ impl Backend for CudaBackend {
         rows: usize,
         out: Activations,
     ) -> Result<()> {
+        self.graphs.note("logits", &[x.0, table.0, rows, out.0]);
         let t = self.table(table)?;
         let (vocab, cols) = (t.rows, t.cols);
         let (src, dst) = self.in_out(x, rows * cols, out, rows * vocab, "logits")?;
-        if rows == 0 || vocab == 0 {
+        if rows == 0 || vocab == 0 || self.graphs.replaying() {
             return Ok(());
         }
         let (vocab_i, cols_i, rows_i) = (vocab as i32, cols as i32, to_i32(rows, "logits rows")?);
@@ -777,6 +832,15 @@ impl Backend for CudaBackend {
         };
         // SAFETY: one warp per table row; x holds rows × cols values, out rows × vocab.
         launch(unsafe { b.launch(cfg) }, "logits")
+    }
+
+    fn begin_step(&mut self, rows: usize, logits_rows: usize) -> Result<()> {
+        self.graphs
+            .begin(&self.stream, rows, logits_rows, rows <= GEMV_MAX_TOKENS)
+    }
+
+    fn end_step(&mut self) -> Result<()> {
+        self.graphs.end(&self.stream)
     }
 
     fn argmax(&mut self, x: Activations, rows: usize, width: usize) -> Result<Vec<u32>> {
