@@ -13,34 +13,85 @@
     }
 
 // out[t][v] = x[t] · table[v]: one warp per vocabulary row, LOGITS_TOKENS tokens per pass so each
-// table row is read from memory once per pass (once in total for decode).
+// table row is read from memory once per pass (once in total for decode). When a row is a whole
+// number of 16-byte vectors (cols a multiple of 8 for f16/bf16, 4 for f32), each lane loads 16 bytes
+// at a time, which keeps enough bytes in flight for HBM; otherwise it loads element by element.
 #define LOGITS_TOKENS 4
-#define LOGITS(SUFFIX, T, LOAD)                                                                  \
+__device__ __forceinline__ void widen(const float*, uint4 v, float* out) {
+    out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void widen_halves(u32 word, float* out, bool bf16) {
+    const u16 lo = (u16)(word & 0xffffu), hi = (u16)(word >> 16);
+    out[0] = bf16 ? load_bf16(&lo, 0) : load_f16(&lo, 0);
+    out[1] = bf16 ? load_bf16(&hi, 0) : load_f16(&hi, 0);
+}
+struct F16 {};
+struct Bf16 {};
+__device__ __forceinline__ void widen(const F16*, uint4 v, float* out) {
+    widen_halves(v.x, out, false); widen_halves(v.y, out + 2, false);
+    widen_halves(v.z, out + 4, false); widen_halves(v.w, out + 6, false);
+}
+__device__ __forceinline__ void widen(const Bf16*, uint4 v, float* out) {
+    widen_halves(v.x, out, true); widen_halves(v.y, out + 2, true);
+    widen_halves(v.z, out + 4, true); widen_halves(v.w, out + 6, true);
+}
+
+// TAG: float, F16 or Bf16; ELEM: the stored type; VEC: elements per 16 bytes.
+template <typename TAG, typename ELEM, int VEC, float (*LOAD)(const ELEM*, size_t)>
+__device__ __forceinline__ void logits_rows(const ELEM* __restrict__ table, int vocab, int cols,
+                                            const float* __restrict__ x, int rows,
+                                            float* __restrict__ out) {
+    const int v = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (v >= vocab) return;
+    const size_t base = (size_t)v * cols;
+    const bool vectors = cols % VEC == 0;
+    for (int t0 = 0; t0 < rows; t0 += LOGITS_TOKENS) {
+        float acc[LOGITS_TOKENS] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (vectors) {
+            const uint4* row = (const uint4*)(table + base);
+            for (int c = lane; c < cols / VEC; c += 32) {
+                float w[VEC];
+                widen((const TAG*)0, __ldg(row + c), w);
+#pragma unroll
+                for (int t = 0; t < LOGITS_TOKENS; ++t) {
+                    if (t0 + t >= rows) break;
+                    const float4* xt = (const float4*)(x + (size_t)(t0 + t) * cols + (size_t)c * VEC);
+#pragma unroll
+                    for (int q = 0; q < VEC / 4; ++q) {
+                        const float4 a = xt[q];
+                        acc[t] += w[4 * q] * a.x + w[4 * q + 1] * a.y + w[4 * q + 2] * a.z + w[4 * q + 3] * a.w;
+                    }
+                }
+            }
+        } else {
+            for (int i = lane; i < cols; i += 32) {
+                const float w = LOAD(table, base + i);
+#pragma unroll
+                for (int t = 0; t < LOGITS_TOKENS; ++t)
+                    if (t0 + t < rows) acc[t] += w * x[(size_t)(t0 + t) * cols + i];
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < LOGITS_TOKENS; ++t) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0 && t0 + t < rows) out[(size_t)(t0 + t) * vocab + v] = s;
+        }
+    }
+}
+
+#define LOGITS(SUFFIX, TAG, T, VEC, LOAD)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                            \
     logits_##SUFFIX(const T* __restrict__ table, int vocab, int cols,                            \
                     const float* __restrict__ x, int rows, float* __restrict__ out) {            \
-        const int v = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;                              \
-        const int lane = threadIdx.x & 31;                                                       \
-        if (v >= vocab) return;                                                                  \
-        const size_t base = (size_t)v * cols;                                                    \
-        for (int t0 = 0; t0 < rows; t0 += LOGITS_TOKENS) {                                       \
-            float acc[LOGITS_TOKENS] = {0.0f, 0.0f, 0.0f, 0.0f};                                 \
-            for (int i = lane; i < cols; i += 32) {                                              \
-                const float w = LOAD(table, base + i);                                           \
-                _Pragma("unroll") for (int t = 0; t < LOGITS_TOKENS; ++t) if (t0 + t < rows)     \
-                    acc[t] += w * x[(size_t)(t0 + t) * cols + i];                                \
-            }                                                                                    \
-            _Pragma("unroll") for (int t = 0; t < LOGITS_TOKENS; ++t) {                          \
-                const float s = warp_sum(acc[t]);                                                \
-                if (lane == 0 && t0 + t < rows) out[(size_t)(t0 + t) * vocab + v] = s;           \
-            }                                                                                    \
-        }                                                                                        \
+        logits_rows<TAG, T, VEC, LOAD>(table, vocab, cols, x, rows, out);                        \
     }
 
-#define DENSE_KERNELS(SUFFIX, T, LOAD) EMBED(SUFFIX, T, LOAD) LOGITS(SUFFIX, T, LOAD)
-DENSE_KERNELS(f32, float, load_f32)
-DENSE_KERNELS(f16, u16, load_f16)
-DENSE_KERNELS(bf16, u16, load_bf16)
+#define DENSE_KERNELS(SUFFIX, TAG, T, VEC, LOAD) EMBED(SUFFIX, T, LOAD) LOGITS(SUFFIX, TAG, T, VEC, LOAD)
+DENSE_KERNELS(f32, float, float, 4, load_f32)
+DENSE_KERNELS(f16, F16, u16, 8, load_f16)
+DENSE_KERNELS(bf16, Bf16, u16, 8, load_bf16)
 
 // Greedy sampling on the device: ids[t] = the first index of the largest of row t's `vocab`
 // logits (the CPU sampler's tie rule), so only one u32 per row crosses to the host.
