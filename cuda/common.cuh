@@ -56,6 +56,12 @@ BLOCK_REDUCE(block_max, float, warp_max, fmaxf, 0.0f)
 BLOCK_REDUCE(block_sum_int, int, warp_sum_int, add_int, 0)
 BLOCK_REDUCE(block_sum_f64, double, warp_sum_f64, add_f64, 0.0)
 
+// A ternary product's exact integer result to f32: (acc / activation scale) * weight scale, with
+// the CPU backend's two roundings (so outputs are bit-identical to it).
+__device__ __forceinline__ float dequantize(int acc, float act_scale, float row_scale) {
+    return __fmul_rn(__fdiv_rn((float)acc, act_scale), row_scale);
+}
+
 // Dense-table element types (the DenseDtype discriminants on the Rust side).
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float load_f16(const u16* p, size_t i) {

@@ -8,13 +8,9 @@
 // (from quantize_rows), which is exact: Σ (code - 1)·x = Σ code·x - Σ x.
 //
 // Activations: `padded` int8 codes per token (zero padded), with a per-token scale s and sum.
-// Output: y[t][n] = (acc / s[t]) * row_scale[n] in f32, the CPU backend's two roundings.
+// Output: y[t][n] = (acc / s[t]) * row_scale[n] in f32 (`dequantize` in common.cuh).
 
 #define LANE_MASK 0x03030303u
-
-__device__ __forceinline__ float dequantize(int acc, int act_sum, float act_scale, float row_scale) {
-    return __fmul_rn(__fdiv_rn((float)(acc - act_sum), act_scale), row_scale);
-}
 
 // Σ over one 64-weight chunk: four weight words against sixteen activation words.
 __device__ __forceinline__ int dot_chunk(uint4 w, const uint4* __restrict__ x, int acc) {
@@ -70,7 +66,7 @@ __device__ __forceinline__ void gemv(const uint4* __restrict__ w, int n_rows, in
             const int sum = warp_sum_int(acc[t]);
             if (lane == 0)
                 y[(size_t)t * n_rows + row] =
-                    dequantize(sum, act_sums[t], act_scales[t], row_scales[row]);
+                    dequantize(sum - act_sums[t], act_scales[t], row_scales[row]);
         }
     }
 }
@@ -149,7 +145,7 @@ ternary_gemm(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* _
         for (int j = 0; j < 4; ++j) {
             const int t = tok0 + tx + 16 * j;
             if (t < tokens)
-                y[(size_t)t * n_rows + r] = dequantize(acc[i][j], act_sums[t], act_scales[t], row_scales[r]);
+                y[(size_t)t * n_rows + r] = dequantize(acc[i][j] - act_sums[t], act_scales[t], row_scales[r]);
         }
     }
 }

@@ -85,6 +85,8 @@ run_tests() {
 }
 run_tests unit unit
 run_tests cuda cuda
+# The dp4a GEMM (GPUs before compute capability 8.0) on this GPU too.
+TERN_CUDA_MMA=0 run_tests cuda cuda-dp4a-gemm
 # The golden fixtures decode through the engine: with CUDA graphs (the default) and without, so a
 # graph problem and a kernel problem tell themselves apart.
 run_tests golden golden

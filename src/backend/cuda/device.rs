@@ -33,6 +33,8 @@ pub struct Device {
     pub name: String,
     /// `compute_XY` for compute capability X.Y.
     pub arch: String,
+    /// Compute capability 8.0 or newer: int8 tensor cores through `mma.sync`.
+    pub has_int8_mma: bool,
 }
 
 /// Opens device `ordinal`, or says why CUDA cannot be used on this machine.
@@ -64,6 +66,7 @@ pub fn open(ordinal: usize) -> Result<Device> {
     Ok(Device {
         name: ctx.name()?,
         arch: format!("compute_{major}{minor}"),
+        has_int8_mma: major >= 8,
         ctx,
     })
 }

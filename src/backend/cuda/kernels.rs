@@ -20,7 +20,10 @@ pub struct Source {
     pub entries: &'static [&'static str],
 }
 
-pub const SOURCES: [Source; 5] = [
+/// The source that needs compute capability 8.0 (int8 `mma.sync`).
+const MMA_SOURCE: &str = "ternary_mma.cu";
+
+pub const SOURCES: [Source; 6] = [
     Source {
         file: "quant.cu",
         code: include_str!("../../../cuda/quant.cu"),
@@ -30,6 +33,11 @@ pub const SOURCES: [Source; 5] = [
         file: "ternary.cu",
         code: include_str!("../../../cuda/ternary.cu"),
         entries: &["ternary_gemv1", "ternary_gemv", "ternary_gemm"],
+    },
+    Source {
+        file: MMA_SOURCE,
+        code: include_str!("../../../cuda/ternary_mma.cu"),
+        entries: &["ternary_gemm_mma"],
     },
     Source {
         file: "elementwise.cu",
@@ -98,6 +106,8 @@ pub struct Kernels {
     pub ternary_gemv1: CudaFunction,
     pub ternary_gemv: CudaFunction,
     pub ternary_gemm: CudaFunction,
+    /// The tensor-core GEMM; `None` below compute capability 8.0 (or with `TERN_CUDA_MMA=0`).
+    pub ternary_gemm_mma: Option<CudaFunction>,
     pub rms_norm: CudaFunction,
     pub gated: CudaFunction,
     pub add: CudaFunction,
@@ -118,44 +128,50 @@ pub enum DenseDtype {
 }
 
 impl Kernels {
-    /// Compiles (or reads from `cache`) every source for `arch` and loads it into `ctx`.
-    pub fn load(ctx: &Arc<CudaContext>, arch: &str, cache: Option<&Path>) -> Result<Self> {
-        let modules: Vec<Arc<CudaModule>> = SOURCES
-            .iter()
-            .map(|s| {
-                let ptx = super::device::cached_ptx(s, arch, cache)?;
-                ctx.load_module(Ptx::from_src(ptx)).with_context(|| {
-                    format!(
-                        "the CUDA driver rejected the PTX of cuda/{} (an NVRTC newer than the \
-                         driver? use the libnvrtc of the driver's CUDA version)",
-                        s.file
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
-        let f = |file: usize, name: &str| -> Result<CudaFunction> {
-            modules[file]
+    /// Compiles (or reads from `cache`) every source for `arch` and loads it into `ctx`;
+    /// `ternary_mma.cu` only when `mma` (the device has int8 `mma.sync`, compute capability 8.0+).
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+        cache: Option<&Path>,
+        mma: bool,
+    ) -> Result<Self> {
+        let mut modules: Vec<(&Source, Arc<CudaModule>)> = Vec::new();
+        for s in SOURCES.iter().filter(|s| mma || s.file != MMA_SOURCE) {
+            let ptx = super::device::cached_ptx(s, arch, cache)?;
+            let module = ctx.load_module(Ptx::from_src(ptx)).with_context(|| {
+                format!(
+                    "the CUDA driver rejected the PTX of cuda/{} (an NVRTC newer than the driver? \
+                     use the libnvrtc of the driver's CUDA version)",
+                    s.file
+                )
+            })?;
+            modules.push((s, module));
+        }
+        let f = |name: &str| -> Result<CudaFunction> {
+            let (_, module) = modules
+                .iter()
+                .find(|(s, _)| s.entries.contains(&name))
+                .ok_or_else(|| anyhow!("no loaded kernel source defines {name}"))?;
+            module
                 .load_function(name)
-                .with_context(|| format!("kernel {name} missing from cuda/{}", SOURCES[file].file))
+                .with_context(|| format!("cannot load CUDA kernel {name}"))
         };
         Ok(Self {
-            quantize_rows: f(0, "quantize_rows")?,
-            ternary_gemv1: f(1, "ternary_gemv1")?,
-            ternary_gemv: f(1, "ternary_gemv")?,
-            ternary_gemm: f(1, "ternary_gemm")?,
-            rms_norm: f(2, "rms_norm")?,
-            gated: f(2, "gated")?,
-            add: f(2, "add")?,
-            embed: [f(3, "embed_f32")?, f(3, "embed_f16")?, f(3, "embed_bf16")?],
-            logits: [
-                f(3, "logits_f32")?,
-                f(3, "logits_f16")?,
-                f(3, "logits_bf16")?,
-            ],
-            argmax_rows: f(3, "argmax_rows")?,
-            rope_append: f(4, "rope_append")?,
-            attend_partial: f(4, "attend_partial")?,
-            attend_combine: f(4, "attend_combine")?,
+            quantize_rows: f("quantize_rows")?,
+            ternary_gemv1: f("ternary_gemv1")?,
+            ternary_gemv: f("ternary_gemv")?,
+            ternary_gemm: f("ternary_gemm")?,
+            ternary_gemm_mma: mma.then(|| f("ternary_gemm_mma")).transpose()?,
+            rms_norm: f("rms_norm")?,
+            gated: f("gated")?,
+            add: f("add")?,
+            embed: [f("embed_f32")?, f("embed_f16")?, f("embed_bf16")?],
+            logits: [f("logits_f32")?, f("logits_f16")?, f("logits_bf16")?],
+            argmax_rows: f("argmax_rows")?,
+            rope_append: f("rope_append")?,
+            attend_partial: f("attend_partial")?,
+            attend_combine: f("attend_combine")?,
         })
     }
 }

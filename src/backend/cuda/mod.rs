@@ -11,10 +11,11 @@
 //!   `[capacity][head_dim]` computed on the host by the CPU's own function.
 //!
 //! # Op by op
-//! `bitlinear` = `quantize_rows` (int8 codes, scale and code sum per token) then `ternary_gemv`
-//! (≤ 8 tokens: decode and batched decode, with a one-token instance; one warp per output
-//! row, 16-byte weight loads) or
-//! `ternary_gemm` (more tokens: 64×64 tiles in shared memory, dp4a). Both are integer-exact, and
+//! `bitlinear` = `quantize_rows` (int8 codes, scale and code sum per token), then for at most 8
+//! tokens (decode, batched decode) `ternary_gemv` (one warp per output row, 16-byte weight loads,
+//! a one-token instance), and for more tokens a GEMM that reuses each staged weight across its
+//! tile's tokens: `ternary_gemm_mma` on int8 tensor cores (compute capability 8.0+: 128×64 tiles,
+//! `mma.sync` m16n8k32 s8), else `ternary_gemm` (64×64 tiles, dp4a). All are integer-exact, and
 //! the dequantization `acc / s * scale` rounds like the CPU backend, so outputs are bit-identical.
 //! `attention` = `rope_append` then split-K `attend_partial` + `attend_combine`.
 //!
@@ -209,7 +210,9 @@ impl CudaBackend {
         // (which order work across streams) are not needed; nothing else uses this context.
         unsafe { dev.ctx.disable_event_tracking() };
         let cache = device::cache_dir();
-        let kernels = Kernels::load(&dev.ctx, &dev.arch, cache.as_deref())?;
+        // TERN_CUDA_MMA=0 keeps the dp4a GEMM on tensor-core GPUs too (to test or compare it).
+        let mma = dev.has_int8_mma && std::env::var("TERN_CUDA_MMA").map_or(true, |v| v != "0");
+        let kernels = Kernels::load(&dev.ctx, &dev.arch, cache.as_deref(), mma)?;
         // A stream of its own (not the legacy default stream), so a step can be captured in a graph.
         let stream = dev.ctx.new_stream()?;
         let scratch = Scratch {
@@ -223,9 +226,10 @@ impl CudaBackend {
         let graphs = Graphs::new(&stream)?;
         Ok(Self {
             description: format!(
-                "cuda ({}, {}, W2A8 dp4a kernels, f32 KV cache)",
+                "cuda ({}, {}, W2A8 dp4a{} kernels, f32 KV cache)",
                 dev.name,
-                dev.arch.replace("compute_", "sm_")
+                dev.arch.replace("compute_", "sm_"),
+                if mma { " + mma.sync s8" } else { "" }
             ),
             stream,
             kernels,
@@ -601,6 +605,24 @@ impl Backend for CudaBackend {
         launch(unsafe { b.launch(cfg) }, "quantize_rows")?;
 
         let (n_rows, chunks) = (n_out as i32, (padded / layout::CHUNK) as i32);
+        if let (true, Some(mma)) = (rows > GEMV_MAX_TOKENS, &self.kernels.ternary_gemm_mma) {
+            let cfg = LaunchConfig {
+                grid_dim: (n_out.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(mma);
+            b.arg(&lin.words)
+                .arg(&n_rows)
+                .arg(&chunks)
+                .arg(&s.codes)
+                .arg(&s.act_scales)
+                .arg(&lin.row_scales)
+                .arg(&tokens)
+                .arg(dst);
+            // SAFETY: as for the kernels below; the tile guards rows ≥ n_rows and tokens ≥ rows.
+            return launch(unsafe { b.launch(cfg) }, "ternary_gemm_mma");
+        }
         let (f, cfg, name) = if rows <= GEMV_MAX_TOKENS {
             let blocks = (n_out * 32).div_ceil(BLOCK as usize) as u32;
             let cfg = LaunchConfig {
