@@ -47,10 +47,11 @@ python3 -c 'import torch; print("torch", torch.__version__, "built for CUDA", to
 
 section "NVRTC"
 # tern loads libnvrtc dynamically by the names libnvrtc.so and libnvrtc.so.12 (cudarc's candidates).
-# Prefer the toolkit's (it matches the driver), then PyTorch's wheel; link whatever is found as
+# Take TERN_NVRTC_DIR, then LD_LIBRARY_PATH, then the toolkit's (it matches the driver), then
+# PyTorch's wheel; link whatever is found as
 # $res/lib/libnvrtc.so so another major version is found too.
 nvrtc=""
-for dir in ${TERN_NVRTC_DIR:-} /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+for dir in ${TERN_NVRTC_DIR:-} ${LD_LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     $(ls -d /usr/local/cuda-*/lib64 2>/dev/null | sort -rV) \
     $(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(list(nvidia.cuda_nvrtc.__path__)[0], "lib"))' 2>/dev/null) \
     $(ldconfig -p 2>/dev/null | grep -o '/.*libnvrtc\.so[.0-9]*$' | xargs -r -n1 dirname | sort -u); do
@@ -77,8 +78,8 @@ run_tests() {
     passed=$(grep -oE 'test result: .*' "$res/$name.log" | tail -1)
     if [ "$rc" -ne 0 ]; then
         status "$name" "FAIL ($passed)"
-    elif grep -qiE 'cuda backend skipped|^skipped:' "$res/$name.log"; then
-        status "$name" "SKIPPED CUDA: $(grep -iE 'skipped' "$res/$name.log" | head -1)"
+    elif grep -qi 'skipped: ' "$res/$name.log"; then
+        status "$name" "SKIPPED CUDA: $(grep -ioE 'skipped: .*' "$res/$name.log" | head -1)"
     else
         status "$name" "PASS ($passed)"
     fi
@@ -177,7 +178,11 @@ python3 - "$res" <<'PY'
 import csv, json, os, sys
 from collections import defaultdict
 res = sys.argv[1]
-load = lambda f: json.load(open(os.path.join(res, f))) if os.path.exists(os.path.join(res, f)) else None
+def load(name):
+    try:
+        return json.load(open(os.path.join(res, name)))
+    except (OSError, ValueError):
+        return None
 bench, torch_ = load("bench.json") or [], load("torch.json") or {}
 copy = torch_.get("copy_gb_s")
 kernels = defaultdict(lambda: [0, 0.0, 0.0])  # launches, seconds, bytes
