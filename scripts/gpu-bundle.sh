@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and packages everything scripts/gpu-check.sh needs, for a GPU machine without Rust or
-# network: stripped x86-64 release binaries (tern, the golden and CUDA test binaries, the library's
-# unit tests with the NVRTC compile check), the fixtures, and gpu-check.sh itself.
+# network: stripped x86-64 release binaries (tern; the golden, GGUF and CUDA test binaries; the
+# library's unit tests with the NVRTC compile check), the fixtures, and gpu-check.sh itself.
 #
 #   scripts/gpu-bundle.sh [OUT_DIR]        (default: target/gpu-bundle; must stay under 64 MiB)
 #
@@ -15,7 +15,7 @@ mkdir -p "$out/bin" "$out/tests"
 
 cargo build --release --bin tern
 # Test binaries: cargo prints each one's path as JSON; keep the library unit tests (tern-*),
-# golden and cuda.
+# golden, gguf and cuda (the test binaries that run on CUDA).
 cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
@@ -24,7 +24,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
-        if (kind == "lib" and name == "tern") or name in ("golden", "cuda"):
+        if (kind == "lib" and name == "tern") or name in ("golden", "gguf", "cuda"):
             print(("unit" if kind == "lib" else name) + " " + m["executable"])
 ' | while read -r name path; do
     cp "$path" "$out/tests/$name"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU check of tern's CUDA backend, on a machine with an NVIDIA GPU, its driver, Python and
 # PyTorch, but no Rust and no network. Run it inside the bundle that scripts/gpu-bundle.sh builds
-# (bin/tern, tests/{unit,cuda,golden}, fixtures/, this script):
+# (bin/tern, tests/{unit,cuda,golden,gguf}, fixtures/, this script):
 #
 #   ./gpu-check.sh [BENCH_REPETITIONS]        (default 5; results also under ./gpu-check-results/)
 #
-# Steps: machine facts (glibc, driver, GPU) → find NVRTC → kernel compile test (NVRTC) → CUDA op tests
-# (bit-exact ternary products, attention, argmax) → golden fixtures on every backend the binary has
-# (CPU, CUDA, and wgpu when built in) → `tern bench --shape 2b4t --backend cuda` → a PyTorch bf16
-# baseline of the same weight shapes → per-kernel bandwidth with Nsight Compute if `ncu` exists →
-# a summary table, printed last.
+# Steps: machine facts (glibc, driver, GPU) → find NVRTC → kernel compile test (NVRTC) → CUDA op
+# tests (bit-exact ternary products, attention, argmax) → golden fixtures (Hugging Face and GGUF) on
+# every backend the binaries have (CPU, CUDA, and wgpu when built in) → `tern bench --shape 2b4t
+# --backend cuda` → a PyTorch bf16 baseline of the same weight shapes → per-kernel bandwidth with
+# Nsight Compute if `ncu` exists → a summary table, printed last.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 res="$here/gpu-check-results"
@@ -92,6 +92,7 @@ TERN_CUDA_MMA=0 run_tests cuda cuda-dp4a-gemm
 # graph problem and a kernel problem tell themselves apart.
 run_tests golden golden
 TERN_CUDA_GRAPHS=0 run_tests golden golden-no-graphs
+run_tests gguf gguf
 if grep -q 'wgpu' "$res/golden.log"; then
     status wgpu "$(grep -i 'wgpu' "$res/golden.log" | head -1)"
 else
