@@ -8,11 +8,12 @@ mod perplexity;
 mod run;
 mod tokenize;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::cuda::CudaBackend;
 use tern::engine::Engine;
 use tern::hub;
 use tern::loader::{HostModel, load_model_files};
@@ -110,16 +111,20 @@ pub struct ModelArgs {
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
 /// it settled where it did.
 pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
-    const NO_CUDA: &str = "the CUDA backend is not part of this version of tern yet";
     const NO_WGPU: &str = "the wgpu backend is not part of this version of tern yet";
     let backend: Box<dyn Backend> = match choice {
-        BackendChoice::Cuda => bail!("--backend cuda: {NO_CUDA}; use --backend cpu"),
+        BackendChoice::Cuda => Box::new(
+            CudaBackend::new(0).context("--backend cuda: CUDA is not usable on this machine")?,
+        ),
         BackendChoice::Wgpu => bail!("--backend wgpu: {NO_WGPU}; use --backend cpu"),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => {
-            tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({NO_WGPU})");
-            Box::new(CpuBackend::new(threads)?)
-        }
+        BackendChoice::Auto => match CudaBackend::new(0) {
+            Ok(cuda) => Box::new(cuda),
+            Err(e) => {
+                tracing::info!("backend auto: CUDA skipped ({e:#}); wgpu skipped ({NO_WGPU})");
+                Box::new(CpuBackend::new(threads)?)
+            }
+        },
     };
     tracing::info!("backend: {}", backend.describe());
     Ok(backend)
