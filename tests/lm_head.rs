@@ -29,13 +29,19 @@ fn q8_head_keeps_the_top_logits_exact() {
             let seq = e.new_sequence().unwrap();
             e.feed(seq, &prompt, LogitsFor::All).unwrap()
         };
-        let full: Vec<Vec<f32>> = backends()
-            .into_iter()
-            .map(|(_, b)| logits(b, LmHead::Full))
-            .collect();
         let mut total_checked = 0;
-        for ((name, backend), want) in backends().into_iter().zip(&full) {
+        for (name, mut backend) in backends() {
+            // Backends without an 8-bit head refuse it (the trait's default); skip them, saying so.
+            if let Err(e) = backend.set_lm_head(LmHead::Q8) {
+                eprintln!("{fixture} on {name}: skipped ({e:#})");
+                continue;
+            }
             let got = logits(backend, LmHead::Q8);
+            let want = &backends()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| logits(b, LmHead::Full))
+                .expect("the same backends on every call");
             let vocab = model.config.vocab;
             for (p, (g, w)) in got
                 .chunks_exact(vocab)

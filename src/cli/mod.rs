@@ -2,19 +2,21 @@
 
 mod bench;
 mod chat;
+mod convert;
 mod info;
 mod perplexity;
 mod run;
 mod tokenize;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::cuda::CudaBackend;
 use tern::engine::Engine;
 use tern::hub;
-use tern::loader::{HostModel, load_hf_dir};
+use tern::loader::{HostModel, load_model_files};
 use tern::sampler::SamplingParams;
 use tern::tokenizer::Tokenizer;
 
@@ -46,6 +48,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Write a model as a ternary GGUF file (I2_S, TQ2_0 or TQ1_0).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -56,6 +60,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 
@@ -126,16 +131,20 @@ impl From<LmHeadChoice> for tern::backend::LmHead {
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
 /// it settled where it did.
 pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
-    const NO_CUDA: &str = "the CUDA backend is not part of this version of tern yet";
     const NO_WGPU: &str = "the wgpu backend is not part of this version of tern yet";
     let backend: Box<dyn Backend> = match choice {
-        BackendChoice::Cuda => bail!("--backend cuda: {NO_CUDA}; use --backend cpu"),
+        BackendChoice::Cuda => Box::new(
+            CudaBackend::new(0).context("--backend cuda: CUDA is not usable on this machine")?,
+        ),
         BackendChoice::Wgpu => bail!("--backend wgpu: {NO_WGPU}; use --backend cpu"),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => {
-            tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({NO_WGPU})");
-            Box::new(CpuBackend::new(threads)?)
-        }
+        BackendChoice::Auto => match CudaBackend::new(0) {
+            Ok(cuda) => Box::new(cuda),
+            Err(e) => {
+                tracing::info!("backend auto: CUDA skipped ({e:#}); wgpu skipped ({NO_WGPU})");
+                Box::new(CpuBackend::new(threads)?)
+            }
+        },
     };
     tracing::info!("backend: {}", backend.describe());
     Ok(backend)
@@ -160,16 +169,8 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
 }
 
 fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
-    if path.is_file() {
-        bail!(
-            "{}: single-file models (GGUF) are not supported by this version; pass a Hugging Face \
-             model directory",
-            path.display()
-        );
-    }
     let started = std::time::Instant::now();
-    let host = load_hf_dir(path)?;
-    let tokenizer = Tokenizer::from_dir(path)?;
+    let (host, tokenizer) = load_model_files(path)?;
     tracing::info!(
         "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
         host.config.architecture,
