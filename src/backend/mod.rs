@@ -24,6 +24,7 @@
 //! see only `dyn Backend`.
 
 pub mod cpu;
+pub mod wgpu;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::Result;

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::hub;
 use tern::loader::{HostModel, load_hf_dir};
@@ -107,18 +108,35 @@ pub struct ModelArgs {
 /// it settled where it did.
 pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
     const NO_CUDA: &str = "the CUDA backend is not part of this version of tern yet";
-    const NO_WGPU: &str = "the wgpu backend is not part of this version of tern yet";
     let backend: Box<dyn Backend> = match choice {
         BackendChoice::Cuda => bail!("--backend cuda: {NO_CUDA}; use --backend cpu"),
-        BackendChoice::Wgpu => bail!("--backend wgpu: {NO_WGPU}; use --backend cpu"),
+        BackendChoice::Wgpu => Box::new(
+            WgpuBackend::new(&WgpuOptions::from_env()).map_err(|e| e.context("--backend wgpu"))?,
+        ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => {
-            tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({NO_WGPU})");
-            Box::new(CpuBackend::new(threads)?)
-        }
+        BackendChoice::Auto => match auto_wgpu() {
+            Ok(gpu) => {
+                tracing::info!("backend auto: CUDA skipped ({NO_CUDA})");
+                Box::new(gpu)
+            }
+            Err(reason) => {
+                tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({reason:#})");
+                Box::new(CpuBackend::new(threads)?)
+            }
+        },
     };
     tracing::info!("backend: {}", backend.describe());
     Ok(backend)
+}
+
+/// The wgpu backend for `auto`: a software adapter (e.g. lavapipe) counts as absent, since the
+/// CPU backend is faster than a GPU emulated on the same cores.
+fn auto_wgpu() -> Result<WgpuBackend> {
+    let gpu = WgpuBackend::new(&WgpuOptions::from_env())?;
+    if gpu.is_software() {
+        bail!("only a software adapter: {}", gpu.describe());
+    }
+    Ok(gpu)
 }
 
 /// A model loaded from disk: weights, tokenizer and where they came from.

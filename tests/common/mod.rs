@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_hf_dir};
 
@@ -46,10 +47,46 @@ pub fn load(name: &str) -> HostModel {
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    vec![(
+    let mut all = vec![(
         "cpu".to_string(),
         Box::new(CpuBackend::new(2).unwrap()) as Box<dyn Backend>,
-    )]
+    )];
+    all.extend(
+        wgpu_backends()
+            .into_iter()
+            .map(|(name, b)| (name, Box::new(b) as Box<dyn Backend>)),
+    );
+    all
+}
+
+/// The wgpu backend with every optional feature the adapter has (`wgpu`), and with none of them
+/// and tables split into small pieces (`wgpu-no-f16-no-subgroups`). Without an adapter this is
+/// empty with a printed reason, unless `TERN_REQUIRE_WGPU=1` (CI), where it is a failure.
+pub fn wgpu_backends() -> Vec<(String, WgpuBackend)> {
+    let base = WgpuOptions::from_env();
+    let variants = [
+        ("wgpu", base.clone()),
+        (
+            "wgpu-no-f16-no-subgroups",
+            WgpuOptions {
+                no_f16: true,
+                no_subgroups: true,
+                table_piece_bytes: Some(64 * 1024),
+                ..base
+            },
+        ),
+    ];
+    let mut found = Vec::new();
+    for (name, options) in variants {
+        match WgpuBackend::new(&options) {
+            Ok(b) => found.push((name.to_string(), b)),
+            Err(e) if std::env::var("TERN_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+                panic!("TERN_REQUIRE_WGPU=1 but the {name} backend cannot start: {e:#}")
+            }
+            Err(e) => eprintln!("skipping the {name} backend: {e:#}"),
+        }
+    }
+    found
 }
 
 /// An engine with one sequence slot on the given backend.
