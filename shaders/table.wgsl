@@ -29,14 +29,11 @@ fn embed(
 }
 
 // ---- logits: params [rows, cols, row_start, row_end, vocab] ----------------------------------
-// Workgroup (table row v of the piece, tile z of TILE tokens): out[t][row_start + v] = x[t]·table[v].
-// Each table value loaded serves the whole tile.
+// One invocation per (table row v of the piece, token t): out[t][row_start + v] = x[t] · table[v],
+// a serial dot product. No barriers: on software GPUs a workgroup barrier costs more than the dot
+// product of a small model's row.
 @group(0) @binding(3) var<storage, read> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> logits_out: array<f32>;
-
-const TILE: u32 = 8u;
-
-var<workgroup> partial: array<array<f32, WG>, TILE>;
 
 @compute @workgroup_size(64)
 fn logits(
@@ -46,33 +43,16 @@ fn logits(
 ) {
     let rows = p[0];
     let cols = p[1];
-    let v = wid.x + wid.y * nwg.x;
-    let t0 = wid.z * TILE;
-    var acc: array<f32, TILE>;
-    if v < p[3] - p[2] {
-        for (var k = lid; k < cols; k += WG) {
-            let w = table_at(v * cols + k);
-            for (var t = 0u; t < TILE; t++) {
-                if t0 + t < rows {
-                    acc[t] += x[(t0 + t) * cols + k] * w;
-                }
-            }
-        }
+    let pieces_rows = p[3] - p[2];
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    if i >= pieces_rows * rows {
+        return;
     }
-    for (var t = 0u; t < TILE; t++) {
-        partial[t][lid] = acc[t];
+    let v = i % pieces_rows;
+    let t = i / pieces_rows;
+    var acc = 0.0;
+    for (var k = 0u; k < cols; k++) {
+        acc += x[t * cols + k] * table_at(v * cols + k);
     }
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if lid < stride {
-            for (var t = 0u; t < TILE; t++) {
-                partial[t][lid] += partial[t][lid + stride];
-            }
-        }
-        workgroupBarrier();
-    }
-    let t = t0 + lid;
-    if lid < TILE && v < p[3] - p[2] && t < rows {
-        logits_out[t * p[4] + p[2] + v] = partial[lid][0];
-    }
+    logits_out[t * p[4] + p[2] + v] = acc;
 }

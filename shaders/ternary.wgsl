@@ -108,7 +108,13 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     }
 }
 
-// ---- matmul: params [tokens, n_out, w_words]; workgroup (row n, token tile z) -----------------
+// ---- the product: params [tokens, n_out, w_words] --------------------------------------------
+// Two kernels share `accumulate` (one weight word against a tile of up to TILE tokens: each word
+// loaded serves the whole tile) and `store`:
+// - gemv (decode, tokens <= TILE): workgroup per weight row n, invocations split the row's words,
+//   then `tile_sum` reduces across the workgroup;
+// - gemm (prefill): one invocation per (row n, tile of TILE tokens), walking the whole row; no
+//   barriers, so many more rows are in flight.
 @group(0) @binding(4) var<storage, read> w: array<u32>;
 @group(0) @binding(5) var<storage, read> row_scale: array<f32>;
 @group(0) @binding(6) var<storage, read> qx: array<u32>;
@@ -117,44 +123,71 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
 
 var<workgroup> sums: array<atomic<i32>, TILE>;
 
+fn accumulate(n: u32, j: u32, t0: u32, acc: ptr<function, array<i32, TILE>>) {
+    let tokens = p[0];
+    let w_words = p[2];
+    let word = w[n * w_words + j];
+    for (var g = 0u; g < 4u; g++) {
+        let lanes = (word >> (2u * g)) & 0x03030303u;
+        for (var t = 0u; t < TILE; t++) {
+            if t0 + t < tokens {
+                (*acc)[t] += dot4I8Packed(lanes, qx[(t0 + t) * 4u * w_words + 4u * j + g]);
+            }
+        }
+    }
+}
+
+// Writes acc / s · scale for row n and token t, where acc = Σ code·x and Σ value·x = acc − Σ x.
+fn store(n: u32, t: u32, code_dot: i32) {
+    let q = quant[t];
+    out[t * p[1] + n] = div_rn(f32(code_dot - q.code_sum), q.scale) * row_scale[n];
+}
+
 @compute @workgroup_size(64)
-fn matmul(
+fn gemv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let tokens = p[0];
-    let n_out = p[1];
-    let w_words = p[2];
-    let x_words = 4u * w_words;
     let n = wid.x + wid.y * nwg.x;
-    let t0 = wid.z * TILE;
+    let valid = n < p[1];
     if lid < TILE {
         atomicStore(&sums[lid], 0);
     }
     workgroupBarrier();
     var acc: array<i32, TILE>;
-    if n < n_out {
-        for (var j = lid; j < w_words; j += WG) {
-            let word = w[n * w_words + j];
-            for (var g = 0u; g < 4u; g++) {
-                let lanes = (word >> (2u * g)) & 0x03030303u;
-                for (var t = 0u; t < TILE; t++) {
-                    if t0 + t < tokens {
-                        acc[t] += dot4I8Packed(lanes, qx[(t0 + t) * x_words + 4u * j + g]);
-                    }
-                }
-            }
+    if valid {
+        for (var j = lid; j < p[2]; j += WG) {
+            accumulate(n, j, 0u, &acc);
         }
     }
     for (var t = 0u; t < TILE; t++) {
         tile_sum(t, acc[t]);
     }
     workgroupBarrier();
-    let t = t0 + lid;
-    if lid < TILE && n < n_out && t < tokens {
-        let q = quant[t];
-        let total = atomicLoad(&sums[lid]) - q.code_sum;
-        out[t * n_out + n] = div_rn(f32(total), q.scale) * row_scale[n];
+    if valid && lid < p[0] {
+        store(n, lid, atomicLoad(&sums[lid]));
+    }
+}
+
+@compute @workgroup_size(64)
+fn gemm(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n_out = p[1];
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
+    let n = i % n_out;
+    let t0 = (i / n_out) * TILE;
+    if t0 >= p[0] {
+        return;
+    }
+    var acc: array<i32, TILE>;
+    for (var j = 0u; j < p[2]; j++) {
+        accumulate(n, j, t0, &acc);
+    }
+    for (var t = 0u; t < TILE && t0 + t < p[0]; t++) {
+        store(n, t0 + t, acc[t]);
     }
 }

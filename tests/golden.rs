@@ -445,9 +445,12 @@ fn perplexity_matches_within_half_a_percent() {
         let tokenizer = tern::tokenizer::Tokenizer::from_dir(&fixture_dir(name)).unwrap();
         let ids = tokenizer.encode(&text, true).unwrap();
         assert_eq!(ids.len() as u64, golden_ppl["n_tokens"].as_u64().unwrap());
-        for (backend_name, backend) in backends() {
+        for (i, (backend_name, backend)) in backends().into_iter().enumerate() {
             let mut engine = engine(&model, backend, 0);
-            for r in golden_ppl["results"].as_array().unwrap() {
+            // Every context on the first backend (the CPU); the smallest on the others, whose
+            // all-row logits path each context exercises alike (a software GPU is slow).
+            let results = golden_ppl["results"].as_array().unwrap();
+            for r in &results[..if i == 0 { results.len() } else { 1 }] {
                 let ctx = r["ctx"].as_u64().unwrap() as usize;
                 let got = perplexity(&mut engine, &ids, ctx).unwrap();
                 let want = r["ppl"].as_f64().unwrap();

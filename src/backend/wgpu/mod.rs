@@ -546,13 +546,14 @@ impl Backend for WgpuBackend {
             1,
         )?;
         let params = [rows as u32, n_out as u32, w_words as u32];
-        self.dispatch(
-            Kernel::Matmul,
-            &params,
-            &[weights, scales, codes, row_quant, dst],
-            n_out,
-            rows.div_ceil(TOKEN_TILE as usize),
-        )
+        let buffers = [weights, scales, codes, row_quant, dst];
+        if rows <= TOKEN_TILE {
+            self.dispatch(Kernel::Gemv, &params, &buffers, n_out, 1)
+        } else {
+            let invocations = n_out * rows.div_ceil(TOKEN_TILE);
+            let groups = invocations.div_ceil(WORKGROUP as usize);
+            self.dispatch(Kernel::Gemm, &params, &buffers, groups, 1)
+        }
     }
 
     fn attention(
@@ -692,8 +693,8 @@ impl Backend for WgpuBackend {
                 Kernel::Logits(ty),
                 &params,
                 &[buffer, src.clone(), dst.clone()],
-                row_end - row_start,
-                rows.div_ceil(TOKEN_TILE as usize),
+                ((row_end - row_start) * rows).div_ceil(WORKGROUP as usize),
+                1,
             )?;
         }
         Ok(())

@@ -25,9 +25,8 @@ const TABLE_BF16: &str = include_str!("../../../shaders/table_bf16.wgsl");
 
 /// Invocations per workgroup in every kernel (`WG` in the shaders).
 pub const WORKGROUP: u32 = 64;
-/// Tokens per workgroup of the ternary matmul and the output head (`TILE` in ternary.wgsl and
-/// table.wgsl).
-pub const TOKEN_TILE: u32 = 8;
+/// Tokens per accumulator tile of the ternary product (`TILE` in ternary.wgsl).
+pub const TOKEN_TILE: usize = 8;
 /// Largest head dimension attention supports (`MAX_HEAD_DIM` in attention.wgsl).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Words of the attention parameter header before the (slot, position) pairs (`ROWS_AT`).
@@ -46,7 +45,10 @@ pub enum TableType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Quantize,
-    Matmul,
+    /// The ternary product for at most `TOKEN_TILE` tokens (decode).
+    Gemv,
+    /// The ternary product for more tokens (prefill).
+    Gemm,
     RmsNorm,
     RopeAppend,
     Attend,
@@ -67,7 +69,8 @@ impl Kernel {
     fn entry_point(self) -> &'static str {
         match self {
             Kernel::Quantize => "quantize",
-            Kernel::Matmul => "matmul",
+            Kernel::Gemv => "gemv",
+            Kernel::Gemm => "gemm",
             Kernel::RmsNorm => "rms_norm",
             Kernel::RopeAppend => "rope_append",
             Kernel::Attend => "attend",
@@ -82,7 +85,9 @@ impl Kernel {
     fn bindings(self) -> &'static [(u32, Access)] {
         match self {
             Kernel::Quantize => &[(1, Read), (2, Write), (3, Write)],
-            Kernel::Matmul => &[(4, Read), (5, Read), (6, Read), (7, Read), (8, Write)],
+            Kernel::Gemv | Kernel::Gemm => {
+                &[(4, Read), (5, Read), (6, Read), (7, Read), (8, Write)]
+            }
             Kernel::RmsNorm => &[(1, Read), (2, Read), (3, Write)],
             Kernel::RopeAppend => &[(1, Write), (2, Read), (3, Write), (4, Write)],
             Kernel::Attend => &[(5, Read), (6, Read), (7, Read), (8, Write)],
@@ -102,8 +107,10 @@ impl Kernel {
             TableType::Bf16 => TABLE_BF16,
         };
         let (prelude, body) = match self {
-            Kernel::Quantize | Kernel::Matmul if gpu.subgroups => (REDUCE_SUBGROUP, TERNARY),
-            Kernel::Quantize | Kernel::Matmul => (REDUCE_WORKGROUP, TERNARY),
+            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm if gpu.subgroups => {
+                (REDUCE_SUBGROUP, TERNARY)
+            }
+            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm => (REDUCE_WORKGROUP, TERNARY),
             Kernel::RmsNorm => ("", NORM),
             Kernel::RopeAppend | Kernel::Attend => ("", ATTENTION),
             Kernel::Gated | Kernel::Add => ("", ELEMENTWISE),
