@@ -10,7 +10,7 @@
 // - `quant[t]`: the row's scale s = 127 / max(absmax, 1e-5) and the sum of its codes.
 // With codes c = value + 1: Σ value·x = Σ c·x − Σ x, so one subtraction per row and token.
 //
-// The matmul kernel expects a `tile_sum(slot, v)` (see reduce_*.wgsl) that adds every invocation's
+// The gemv kernel expects a `tile_sum(slot, v)` (see reduce_*.wgsl) that adds every invocation's
 // `v` into `sums[slot]`; integer sums are exact in any order.
 
 struct RowQuant {
