@@ -242,6 +242,14 @@ fn attention_prefill_then_decode_in_two_slots_matches_the_cpu() {
 #[test]
 fn bad_handles_and_shapes_are_errors() {
     for (name, mut gpu) in common::wgpu_backends() {
+        assert!(
+            gpu.alloc(1 << 40).is_err(),
+            "{name}: larger than any binding"
+        );
+        assert!(
+            gpu.alloc(usize::MAX).is_err(),
+            "{name}: byte size overflows"
+        );
         let small = gpu.alloc(4).unwrap();
         let other = gpu.alloc(4).unwrap();
         let v = gpu.upload_vector(&[1.0; 8]).unwrap();

@@ -129,7 +129,18 @@ impl ParamArena {
     }
 }
 
-/// Activation buffers by handle, with freed buffers kept for reuse by size class (powers of two).
+/// Byte size classes of pooled buffers: powers of two up to 1 MiB, then whole MiB (so a large
+/// buffer wastes at most 1 MiB).
+fn size_class(bytes: u64) -> Option<u64> {
+    const MIB: u64 = 1 << 20;
+    if bytes <= MIB {
+        Some(bytes.next_power_of_two())
+    } else {
+        bytes.checked_next_multiple_of(MIB)
+    }
+}
+
+/// Activation buffers by handle, with freed buffers kept for reuse by size class.
 #[derive(Default)]
 pub struct ActivationPool {
     /// `(buffer, values)` per handle; `None` marks a freed handle.
@@ -140,7 +151,16 @@ pub struct ActivationPool {
 impl ActivationPool {
     /// A buffer for `len` f32 values; reused buffers are reported so the caller can zero them.
     pub fn alloc(&mut self, gpu: &Gpu, len: usize) -> Result<(usize, GBuf, bool)> {
-        let class = ((len.max(1) * 4) as u64).next_power_of_two();
+        let Some(class) = (len.max(1) as u64)
+            .checked_mul(4)
+            .and_then(size_class)
+            .filter(|&bytes| bytes <= gpu.max_binding)
+        else {
+            bail!(
+                "{len} activations exceed this GPU's largest storage binding ({} MiB)",
+                gpu.max_binding >> 20
+            );
+        };
         let (buf, reused) = match self.free.iter().position(|b| b.size() == class) {
             Some(i) => (self.free.swap_remove(i), true),
             None => (GBuf::new(gpu, "activations", class, STORAGE)?, false),

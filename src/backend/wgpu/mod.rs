@@ -2,7 +2,7 @@
 //! Metal or DX12 GPU.
 //!
 //! # Layouts
-//! - Activations: one f32 storage buffer per handle, pooled by power-of-two size
+//! - Activations: one f32 storage buffer per handle, pooled by size class
 //!   ([`buffers::ActivationPool`]); row-major `rows × width` as the trait says.
 //! - Linears: 16 ternary codes per u32 (see [`buffers`]) plus one f32 scale per output row.
 //! - Tables: checkpoint dtype, split by rows under the storage binding limit.
