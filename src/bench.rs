@@ -207,6 +207,46 @@ pub struct BenchRow {
     pub bytes_per_token: Option<u64>,
     /// `bytes_per_token × tok_s`: the weight bandwidth a decode achieved; tg rows only.
     pub gb_s: Option<f64>,
+    /// `gb_s` as a fraction of the read bandwidth measured on this machine with as many threads
+    /// ([`read_bandwidth`]); tg rows only.
+    pub bandwidth_fraction: Option<f64>,
+    /// `2 × ternary parameters × tok_s / 1e9`: the int8 multiply-adds of the ternary linears.
+    pub int8_gops: Option<f64>,
+}
+
+/// Read bandwidth of this machine in GB/s with `threads` threads: the best of 3 passes summing a
+/// 512 MiB buffer (far larger than any cache), split evenly between the threads.
+pub fn read_bandwidth(threads: usize) -> f64 {
+    let threads = threads.max(1);
+    let buffer: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let chunk = buffer.len().div_ceil(threads);
+    let pass = || {
+        let start = Instant::now();
+        let total = std::thread::scope(|scope| {
+            let handles: Vec<_> = buffer
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        // Independent lanes so the sum vectorizes and loads overlap.
+                        let mut lanes = [0u64; 8];
+                        for c in part.chunks_exact(8) {
+                            for (l, v) in lanes.iter_mut().zip(c) {
+                                *l = l.wrapping_add(*v);
+                            }
+                        }
+                        lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        (buffer.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    (0..3).map(|_| pass()).fold(0.0, f64::max)
 }
 
 /// Which tests to run.
@@ -269,6 +309,8 @@ pub fn run(
             tok_s_std: std,
             bytes_per_token: decode.then_some(weight_bytes),
             gb_s: decode.then(|| weight_bytes as f64 * mean / 1e9),
+            bandwidth_fraction: None,
+            int8_gops: None,
         });
     }
     Ok(rows)
@@ -288,15 +330,19 @@ fn mean_std(samples: &[f64]) -> (f64, f64) {
 /// The rows as a Markdown table.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| model | backend | threads | test | t/s | weight MB/token | GB/s |\n|---|---|---:|---|---:|---:|---:|\n",
+        "| model | backend | threads | test | t/s | weight MB/token | GB/s | of read BW | int8 GOPS |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let mb = r
             .bytes_per_token
             .map_or(String::new(), |b| format!("{:.0}", b as f64 / 1e6));
         let gbs = r.gb_s.map_or(String::new(), |g| format!("{g:.2}"));
+        let frac = r
+            .bandwidth_fraction
+            .map_or(String::new(), |f| format!("{:.0} %", f * 100.0));
+        let gops = r.int8_gops.map_or(String::new(), |g| format!("{g:.1}"));
         out += &format!(
-            "| {} | {} | {} | {} | {:.2} ± {:.2} | {mb} | {gbs} |\n",
+            "| {} | {} | {} | {} | {:.2} ± {:.2} | {mb} | {gbs} | {frac} | {gops} |\n",
             r.model, r.backend, r.threads, r.test, r.tok_s, r.tok_s_std
         );
     }

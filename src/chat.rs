@@ -41,6 +41,7 @@ impl ChatMessage {
 /// A compiled chat template together with the special-token strings it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -70,9 +71,15 @@ impl ChatTemplate {
             .map_err(|e| anyhow::anyhow!("chat template does not compile: {e:#}"))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
         })
+    }
+
+    /// The Jinja source the template was compiled from.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages` to the prompt text. With `add_generation_prompt` the template appends the

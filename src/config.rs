@@ -93,15 +93,69 @@ pub enum WeightFormat {
     /// uint8 2-bit codes packed along the output dimension, `weight_scale` multiplies
     /// (`linear_class: autobitlinear`, `quantization_mode: offline`).
     PackedScaleMultiplies,
+    /// The same packed codes, but `weight_scale` stores `1 / absmean` and **divides**
+    /// (`linear_class: bitlinear`, transformers' default: Llama3-8B-1.58, Falcon3-*-1.58bit).
+    /// The loader stores its reciprocal, so the canonical scale still multiplies.
+    PackedScaleDivides,
     /// Full-precision master weights, ternarized at load by per-tensor absmean
-    /// (`quantization_mode: online`).
+    /// (`quantization_mode: online`, and 1bitLLM's fp16 latent weights).
     MasterWeights,
+}
+
+impl WeightFormat {
+    /// One line for `tern info` and logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            WeightFormat::PackedScaleMultiplies => {
+                "packed 2-bit ternary + weight_scale that multiplies (autobitlinear, offline)"
+            }
+            WeightFormat::PackedScaleDivides => {
+                "packed 2-bit ternary + weight_scale that divides (bitlinear, offline; stored as its reciprocal)"
+            }
+            WeightFormat::MasterWeights => "master weights ternarized at load (per-tensor absmean)",
+        }
+    }
+}
+
+/// Which published family a Hugging Face checkpoint belongs to: decides tensor names and the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfFamily {
+    /// `model_type: bitnet` (BitNetForCausalLM, 2B-4T): sub-norms `attn_sub_norm`/`ffn_sub_norm`.
+    BitNet,
+    /// `model_type: llama` with `quantization_config.quant_method: bitnet` (Llama3-8B-1.58,
+    /// Falcon3-*-1.58bit): a plain Llama block, no sub-norms.
+    LlamaBitLinear,
+    /// 1bitLLM bitnet_b1_58 (`architectures: [BitnetForCausalLM]`, `model_type: llama`, no
+    /// `quantization_config`): fp16 latent weights, sub-norms `inner_attn_ln`/`ffn_layernorm`.
+    OneBitLlm,
+}
+
+impl HfFamily {
+    /// Tensor names of the sub-norms before `o_proj` and `down_proj`, under `model.layers.N.`.
+    pub fn sub_norm_names(self) -> Option<[&'static str; 2]> {
+        match self {
+            HfFamily::BitNet => Some(["self_attn.attn_sub_norm", "mlp.ffn_sub_norm"]),
+            HfFamily::OneBitLlm => Some(["self_attn.inner_attn_ln", "mlp.ffn_layernorm"]),
+            HfFamily::LlamaBitLinear => None,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            HfFamily::BitNet => "BitNet b1.58 (model_type bitnet)",
+            HfFamily::LlamaBitLinear => {
+                "Llama with BitLinear projections (model_type llama, quant_method bitnet)"
+            }
+            HfFamily::OneBitLlm => "1bitLLM bitnet_b1_58 (BitnetForCausalLM, model_type llama)",
+        }
+    }
 }
 
 /// A parsed Hugging Face `config.json`.
 #[derive(Clone, Debug)]
 pub struct HfConfig {
     pub model: ModelConfig,
+    pub family: HfFamily,
     pub weight_format: WeightFormat,
 }
 
@@ -123,6 +177,9 @@ struct RawConfig {
     vocab_size: usize,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// 1bitLLM's own quantization keys (no `quantization_config` there).
+    weight_bits: Option<f64>,
+    input_bits: Option<f64>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
     quantization_config: Option<RawQuantization>,
@@ -133,6 +190,7 @@ struct RawQuantization {
     quant_method: Option<String>,
     linear_class: Option<String>,
     quantization_mode: Option<String>,
+    use_rms_norm: Option<bool>,
 }
 
 /// A token id field that is an integer in some configs and a list in others.
@@ -166,7 +224,11 @@ impl HfConfig {
         let raw: RawConfig =
             serde_json::from_str(text).with_context(|| format!("{source}: invalid config"))?;
         let model_type = raw.model_type.as_deref().unwrap_or("");
-        let weight_format = weight_format(&raw, source)?;
+        let family = family(&raw, source)?;
+        let weight_format = match family {
+            HfFamily::OneBitLlm => WeightFormat::MasterWeights,
+            HfFamily::BitNet | HfFamily::LlamaBitLinear => weight_format(&raw, family, source)?,
+        };
         let activation = match raw.hidden_act.as_deref() {
             Some("relu2") => GateActivation::Relu2,
             Some("silu") | Some("swish") => GateActivation::Silu,
@@ -175,13 +237,7 @@ impl HfConfig {
             ),
             None => bail!("{source}: `hidden_act` is missing"),
         };
-        let sub_norms = match model_type {
-            "bitnet" => true,
-            other => bail!(
-                "{source}: model_type `{other}` is not supported (this version runs `bitnet`, \
-                 architectures BitNetForCausalLM)"
-            ),
-        };
+        let sub_norms = family.sub_norm_names().is_some();
         if let Some(scaling) = &raw.rope_scaling
             && !scaling.is_null()
         {
@@ -210,7 +266,10 @@ impl HfConfig {
             rms_norm_eps: raw.rms_norm_eps,
             activation,
             sub_norms,
-            tied_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+            // transformers' defaults: BitNetConfig ties, LlamaConfig does not.
+            tied_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(family == HfFamily::BitNet),
             bos_token_id: raw
                 .bos_token_id
                 .as_ref()
@@ -224,12 +283,45 @@ impl HfConfig {
         model.validate(source)?;
         Ok(Self {
             model,
+            family,
             weight_format,
         })
     }
 }
 
-fn weight_format(raw: &RawConfig, source: &str) -> Result<WeightFormat> {
+/// The family, from `model_type`, `architectures` and the quantization keys; never from tensor names.
+fn family(raw: &RawConfig, source: &str) -> Result<HfFamily> {
+    let onebit_arch = raw.architectures.iter().any(|a| a == "BitnetForCausalLM");
+    match raw.model_type.as_deref() {
+        Some("bitnet") => Ok(HfFamily::BitNet),
+        Some("llama") if raw.quantization_config.is_some() => Ok(HfFamily::LlamaBitLinear),
+        Some("llama") if onebit_arch => {
+            for (key, value, want) in [
+                ("weight_bits", raw.weight_bits, 1.0),
+                ("input_bits", raw.input_bits, 8.0),
+            ] {
+                ensure!(
+                    value.is_none_or(|v| v == want),
+                    "{source}: `{key}` is {}, expected {want} (1bitLLM bitnet_b1_58: ternary \
+                     weights, 8-bit activations)",
+                    value.unwrap_or_default()
+                );
+            }
+            Ok(HfFamily::OneBitLlm)
+        }
+        Some("llama") => bail!(
+            "{source}: model_type `llama` without a `quantization_config` (quant_method `bitnet`) \
+             or the 1bitLLM architecture `BitnetForCausalLM` is not a ternary checkpoint"
+        ),
+        other => bail!(
+            "{source}: model_type `{}` is not supported (this version runs `bitnet`, and `llama` \
+             with BitNet quantization)",
+            other.unwrap_or("")
+        ),
+    }
+}
+
+fn weight_format(raw: &RawConfig, family: HfFamily, source: &str) -> Result<WeightFormat> {
     let Some(q) = &raw.quantization_config else {
         bail!(
             "{source}: no `quantization_config`: not a ternary checkpoint this version can run \
@@ -245,19 +337,29 @@ fn weight_format(raw: &RawConfig, source: &str) -> Result<WeightFormat> {
     // transformers' BitNetQuantConfig defaults: linear_class `bitlinear`, quantization_mode `offline`.
     let linear_class = q.linear_class.as_deref().unwrap_or("bitlinear");
     let mode = q.quantization_mode.as_deref().unwrap_or("offline");
-    match (linear_class, mode) {
-        ("autobitlinear", "offline") => Ok(WeightFormat::PackedScaleMultiplies),
-        ("autobitlinear", "online") => Ok(WeightFormat::MasterWeights),
-        ("bitlinear", _) => bail!(
-            "{source}: quantization_config.linear_class `bitlinear` (Llama3-8B-1.58 / \
-             Falcon3-1.58bit style, weight_scale divides) is recognised but not supported yet; \
-             refusing to run it with the autobitlinear formula"
-        ),
+    let format = match (linear_class, mode) {
+        ("autobitlinear", "offline") => WeightFormat::PackedScaleMultiplies,
+        ("autobitlinear", "online") => WeightFormat::MasterWeights,
+        ("bitlinear", "offline") => WeightFormat::PackedScaleDivides,
         (class, mode) => bail!(
             "{source}: quantization_config linear_class `{class}` with quantization_mode `{mode}` \
-             is not supported (expected autobitlinear, offline or online)"
+             is not supported (expected autobitlinear with offline or online, or bitlinear with \
+             offline)"
         ),
-    }
+    };
+    // transformers' BitLinear can put an RMSNorm inside every projection; no published checkpoint
+    // uses it, and running without it would be silently wrong.
+    ensure!(
+        !q.use_rms_norm.unwrap_or(false),
+        "{source}: quantization_config.use_rms_norm `true` (an RMSNorm inside every BitLinear) \
+         is not supported"
+    );
+    ensure!(
+        family == HfFamily::BitNet || format == WeightFormat::PackedScaleDivides,
+        "{source}: model_type `llama` with linear_class `{linear_class}` is not a known checkpoint \
+         layout (expected linear_class `bitlinear`)"
+    );
+    Ok(format)
 }
 
 #[cfg(test)]
@@ -271,6 +373,39 @@ mod tests {
         "bos_token_id":1008,"eos_token_id":1009,"some_unknown_key":[1,2],
         "quantization_config":{"quant_method":"bitnet","linear_class":"autobitlinear",
         "quantization_mode":"offline"}}"#;
+
+    /// The keys of 1bitLLM/bitnet_b1_58-large's config.json, at fixture size.
+    const ONEBIT: &str = r#"{"architectures":["BitnetForCausalLM"],"model_type":"llama",
+        "hidden_size":256,"intermediate_size":512,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":4,"hidden_act":"silu","rms_norm_eps":1e-05,"rope_theta":10000.0,
+        "max_position_embeddings":512,"vocab_size":1024,"bos_token_id":1,"eos_token_id":2,
+        "weight_bits":1,"input_bits":8,"rope_scaling":null,"torch_dtype":"float16"}"#;
+
+    /// tiny-bitlinear's config.json keys (Llama3-8B-1.58 / Falcon3-1.58bit style).
+    const BITLINEAR: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama",
+        "hidden_size":256,"intermediate_size":768,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":1,"head_dim":64,"hidden_act":"silu","rms_norm_eps":1e-06,
+        "rope_theta":1000042.0,"max_position_embeddings":512,"vocab_size":1024,
+        "tie_word_embeddings":false,"rope_scaling":null,"quantization_config":{"quant_method":"bitnet"}}"#;
+
+    #[test]
+    fn families_are_detected_from_the_config() {
+        let c = HfConfig::parse(BITLINEAR, "config.json").unwrap();
+        assert_eq!(c.family, HfFamily::LlamaBitLinear);
+        assert_eq!(c.weight_format, WeightFormat::PackedScaleDivides);
+        assert_eq!(c.model.activation, GateActivation::Silu);
+        assert!(!c.model.sub_norms && !c.model.tied_embeddings);
+        assert_eq!((c.model.kv_heads, c.model.head_dim), (1, 64));
+
+        let c = HfConfig::parse(ONEBIT, "config.json").unwrap();
+        assert_eq!(c.family, HfFamily::OneBitLlm);
+        assert_eq!(c.weight_format, WeightFormat::MasterWeights);
+        assert!(c.model.sub_norms && !c.model.tied_embeddings);
+        assert_eq!(
+            c.family.sub_norm_names(),
+            Some(["self_attn.inner_attn_ln", "mlp.ffn_layernorm"])
+        );
+    }
 
     fn with(key_value: &str) -> String {
         TINY.replacen('{', &format!("{{{key_value},"), 1)
@@ -297,7 +432,29 @@ mod tests {
     #[test]
     fn refusals_name_the_key() {
         let cases = [
-            (TINY.replace("autobitlinear", "bitlinear"), "bitlinear"),
+            (
+                TINY.replace("autobitlinear", "sparselinear"),
+                "linear_class",
+            ),
+            (
+                TINY.replace(
+                    "\"quantization_mode\":\"offline\"",
+                    "\"quantization_mode\":\"online\",\"use_rms_norm\":true",
+                ),
+                "use_rms_norm",
+            ),
+            (
+                TINY.replace("\"model_type\":\"bitnet\"", "\"model_type\":\"llama\""),
+                "linear_class",
+            ),
+            (
+                ONEBIT.replace("\"weight_bits\":1", "\"weight_bits\":2"),
+                "weight_bits",
+            ),
+            (
+                ONEBIT.replace("BitnetForCausalLM", "LlamaForCausalLM"),
+                "not a ternary checkpoint",
+            ),
             (
                 TINY.replace("\"model_type\":\"bitnet\"", "\"model_type\":\"mamba\""),
                 "model_type",

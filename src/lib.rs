@@ -1,7 +1,7 @@
 //! tern: an inference runtime for 1.58-bit (ternary, BitNet b1.58) language models.
 //!
 //! Layers, innermost first (dependencies point inward):
-//! - [`config`], [`ternary`], [`loader`], [`hub`]: files on disk to host-side weights in one canonical
+//! - [`config`], [`ternary`], [`loader`], [`gguf`], [`hub`]: files on disk to host-side weights in one canonical
 //!   ternary representation. They know nothing of backends.
 //! - [`backend`]: the [`backend::Backend`] trait every device implements, and the CPU backend.
 //! - [`kv_cache`] and [`model`]: the KV-cache manager and the BitNet transformer graph, written only
@@ -15,6 +15,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod gguf;
 pub mod hub;
 pub mod kv_cache;
 pub mod loader;

@@ -5,14 +5,23 @@
 //! byte of it is used. Ternary linears come out as [`TernaryMatrix`] (scale multiplies), whatever the
 //! checkpoint's convention:
 //! - packed (`quantization_mode: offline`): `uint8 P[out/4][in]`, packed along the output dimension
-//!   in four contiguous blocks: `W[i*out/4 + j][k] = ((P[j][k] >> 2i) & 3) - 1`, `weight_scale` [1];
-//! - master weights (`online`): ternarized here exactly like the reference `WeightQuant`:
-//!   `m = max(mean|W|, 1e-5)`, `W_t = clamp(round_half_even(W * (1/m)), -1, 1)`, scale `m`.
+//!   in four contiguous blocks: `W[i*out/4 + j][k] = ((P[j][k] >> 2i) & 3) - 1`, `weight_scale` [1]
+//!   (BF16 or F32). With `linear_class: autobitlinear` the scale multiplies and is kept as is; with
+//!   `linear_class: bitlinear` it stores `1/absmean` and divides (`y = acc / (s_x * weight_scale)`),
+//!   so the canonical scale is its reciprocal `1 / weight_scale` (computed in f32; this changes the
+//!   product by at most an ulp against dividing);
+//! - master weights (`online`, and 1bitLLM's fp16 latent weights): ternarized here exactly like the
+//!   reference `WeightQuant`: `m = max(mean|W|, 1e-5)`,
+//!   `W_t = clamp(round_half_even(W * (1/m)), -1, 1)`, scale `m`.
+//!
+//! Sub-norm tensor names depend on the family ([`crate::config::HfFamily`]): `attn_sub_norm` /
+//! `ffn_sub_norm` (BitNet 2B-4T), `inner_attn_ln` / `ffn_layernorm` (1bitLLM), none (Llama BitLinear).
 //!
 //! Embeddings and the output head stay in their stored dtype; norm weights become f32.
 
 use crate::config::{HfConfig, ModelConfig, WeightFormat};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,6 +79,19 @@ impl HostModel {
     }
 }
 
+/// Loads weights and tokenizer from `path`: a Hugging Face model directory, or a GGUF file.
+pub fn load_model_files(path: &Path) -> Result<(HostModel, Tokenizer)> {
+    if path.is_file() {
+        ensure!(
+            crate::gguf::is_gguf(path),
+            "{}: not a GGUF file (no GGUF magic) and not a model directory",
+            path.display()
+        );
+        return crate::gguf::model::load_gguf(path);
+    }
+    Ok((load_hf_dir(path)?, Tokenizer::from_dir(path)?))
+}
+
 /// Loads a model directory in Hugging Face layout.
 pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
     ensure!(
@@ -88,23 +110,21 @@ pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
         Some(files.dense("lm_head.weight", [c.vocab, c.hidden])?)
     };
     let final_norm = files.vector("model.norm.weight", c.hidden)?;
-    let mut layers = Vec::with_capacity(c.layers);
+    // Not `with_capacity`: the count comes from config.json; each layer needs its tensors.
+    let mut layers = Vec::new();
     for l in 0..c.layers {
         layers.push(load_layer(&files, &config, l)?);
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let format = match config.weight_format {
-        WeightFormat::PackedScaleMultiplies => {
-            "safetensors, packed 2-bit ternary + weight_scale (autobitlinear, offline)"
-        }
-        WeightFormat::MasterWeights => {
-            "safetensors, master weights ternarized at load (absmean, autobitlinear, online)"
-        }
-    };
+    let format = format!(
+        "safetensors, {}: {}",
+        config.family.describe(),
+        config.weight_format.describe()
+    );
     Ok(HostModel {
         config: config.model,
-        format: format.to_string(),
+        format,
         embed,
         output,
         final_norm,
@@ -127,24 +147,23 @@ fn load_layer(files: &SafetensorsFiles, config: &HfConfig, l: usize) -> Result<H
     let linear = |name: &str, rows: usize, cols: usize| {
         files.ternary(&format!("{p}.{name}"), rows, cols, config.weight_format)
     };
-    let sub_norm = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
-        if c.sub_norms {
-            Ok(Some(files.vector(&format!("{p}.{name}.weight"), len)?))
-        } else {
-            Ok(None)
-        }
+    let sub_norms = config.family.sub_norm_names();
+    let sub_norm = |which: usize, len: usize| -> Result<Option<Vec<f32>>> {
+        sub_norms
+            .map(|names| files.vector(&format!("{p}.{}.weight", names[which]), len))
+            .transpose()
     };
     Ok(HostLayer {
         attn_norm: files.vector(&format!("{p}.input_layernorm.weight"), c.hidden)?,
         q: linear("self_attn.q_proj", c.q_dim(), c.hidden)?,
         k: linear("self_attn.k_proj", c.kv_dim(), c.hidden)?,
         v: linear("self_attn.v_proj", c.kv_dim(), c.hidden)?,
-        attn_sub_norm: sub_norm("self_attn.attn_sub_norm", c.q_dim())?,
+        attn_sub_norm: sub_norm(0, c.q_dim())?,
         o: linear("self_attn.o_proj", c.hidden, c.q_dim())?,
         ffn_norm: files.vector(&format!("{p}.post_attention_layernorm.weight"), c.hidden)?,
         gate: linear("mlp.gate_proj", c.intermediate, c.hidden)?,
         up: linear("mlp.up_proj", c.intermediate, c.hidden)?,
-        ffn_sub_norm: sub_norm("mlp.ffn_sub_norm", c.intermediate)?,
+        ffn_sub_norm: sub_norm(1, c.intermediate)?,
         down: linear("mlp.down_proj", c.hidden, c.intermediate)?,
     })
 }
@@ -251,7 +270,7 @@ impl SafetensorsFiles {
     ) -> Result<TernaryMatrix> {
         let name = format!("{prefix}.weight");
         match format {
-            WeightFormat::PackedScaleMultiplies => {
+            WeightFormat::PackedScaleMultiplies | WeightFormat::PackedScaleDivides => {
                 ensure!(
                     rows.is_multiple_of(4),
                     "tensor `{name}`: {rows} outputs cannot be packed four to a byte"
@@ -263,7 +282,16 @@ impl SafetensorsFiles {
                     path.display()
                 );
                 let scale_name = format!("{prefix}.weight_scale");
-                let scale = self.vector(&scale_name, 1)?[0];
+                let stored = self.vector(&scale_name, 1)?[0];
+                let scale = if format == WeightFormat::PackedScaleDivides {
+                    ensure!(
+                        stored.is_finite() && stored != 0.0,
+                        "tensor `{scale_name}`: {stored} cannot divide (linear_class bitlinear)"
+                    );
+                    1.0 / stored
+                } else {
+                    stored
+                };
                 let values = unpack_output_blocks(data, rows, cols)
                     .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
                 TernaryMatrix::new(&name, rows, cols, pack(&values, rows, cols)?, scale)

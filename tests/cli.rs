@@ -64,7 +64,7 @@ fn jsonl_ids(out: &str) -> Vec<u32> {
 
 #[test]
 fn run_greedy_reproduces_the_golden_prefix_as_text_and_jsonl() {
-    for name in HF_FIXTURES {
+    for name in all_fixtures() {
         let g = golden(name);
         let dir = fixture_dir(name);
         for case in g["greedy"]["cases"].as_array().unwrap() {
@@ -157,11 +157,12 @@ fn tokenize_matches_the_golden_ids() {
 #[test]
 fn perplexity_command_matches_the_golden_value() {
     let ppl_file = fixture_dir("ppl.txt");
-    for name in HF_FIXTURES {
+    for name in all_fixtures() {
         let dir = fixture_dir(name);
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("perplexity.json")).unwrap())
-                .unwrap();
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(golden_dir(name).join("perplexity.json")).unwrap(),
+        )
+        .unwrap();
         let want = golden["results"][1]["ppl"].as_f64().unwrap(); // ctx 128
         let out = ok(&[
             "perplexity",
@@ -405,10 +406,16 @@ fn bad_configs_and_unsupported_models_are_refused() {
         std::fs::write(&config, text).unwrap();
         fails_on(&s.path, &needles);
     }
-    fails_on(
-        &fixture_dir("tiny-bitlinear"),
-        &["bitlinear", "not supported yet"],
+    let bitlinear = scratch_copy("tiny-bitlinear");
+    let config = bitlinear.path.join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let unknown_class = original.replace(
+        "\"quant_method\": \"bitnet\"",
+        "\"quant_method\": \"bitnet\", \"linear_class\": \"ternarylinear\"",
     );
+    assert_ne!(unknown_class, original);
+    std::fs::write(&config, unknown_class).unwrap();
+    fails_on(&bitlinear.path, &["linear_class", "ternarylinear"]);
     fails_with(
         &["run", "-m", "/nonexistent/model/dir", "-p", "x"],
         &["/nonexistent/model/dir"],
@@ -504,6 +511,35 @@ fn chat_keeps_the_conversation_and_obeys_commands() {
     assert_eq!(replies.len(), 3, "three replies expected:\n{text}");
     // Greedy: the same first question after /clear gives the same reply.
     assert_eq!(replies[0], replies[2]);
+}
+
+#[test]
+fn gguf_files_are_detected_and_described() {
+    let file = fixture_dir("gguf/tiny-i2_s.gguf");
+    let out = ok(&["info", "-m", path_str(&file), "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let format = v["format"].as_str().unwrap();
+    for needle in ["GGUF v3", "architecture bitnet-b1.58", "I2_S ×14", "F16 ×1"] {
+        assert!(
+            format.contains(needle),
+            "`{format}` should mention `{needle}`"
+        );
+    }
+    assert_eq!(v["activation"], "relu2");
+
+    let s = scratch_copy("tiny-packed");
+    let truncated = s.path.join("truncated.gguf");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
+    fails_with(
+        &["run", "-m", path_str(&truncated), "-p", "x"],
+        &["truncated.gguf", "past the end"],
+    );
+    let not_gguf = s.path.join("model.safetensors");
+    fails_with(
+        &["run", "-m", path_str(&not_gguf), "-p", "x"],
+        &["model.safetensors", "not a GGUF file"],
+    );
 }
 
 #[test]

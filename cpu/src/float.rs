@@ -3,9 +3,16 @@
 //! Numerics follow the float32 reference implementation; the reductions that decide int8 codes
 //! downstream (RMSNorm's sum of squares, softmax's sum) are accumulated in f64 so summation order
 //! cannot move an activation across a rounding boundary.
+//!
+//! The output head ([`DenseView::dot_rows`], the largest weight of a small model) runs at an
+//! [`Isa`]: one generic body over independent lanes, compiled once per `#[target_feature]` level so
+//! the compiler vectorizes the widening (bf16 and f16 are widened exactly with integer operations)
+//! and the multiply-adds. Levels differ from each other only in float summation order.
 
+use crate::isa::Isa;
 use crate::{ShapeError, check_len};
 use half::{bf16, f16};
+use std::ops::Range;
 
 /// `out = x * rsqrt(mean(x²) + eps) * weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), ShapeError> {
@@ -196,14 +203,120 @@ impl DenseView<'_> {
     }
 }
 
-/// Lanes of independent partial sums: enough for the compiler to vectorize the dot products.
-const LANES: usize = 8;
+impl DenseView<'_> {
+    /// `out[i · tokens + t] = x[t] · row (rows.start + i)` for a matrix of `cols` columns, with `x`
+    /// holding `tokens` rows of `cols` values (output row-major by matrix row, so disjoint row
+    /// ranges write disjoint slices).
+    pub fn dot_rows(
+        &self,
+        isa: Isa,
+        rows: Range<usize>,
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) -> Result<(), ShapeError> {
+        isa.check()?;
+        let tokens = x.len().checked_div(cols).unwrap_or(0);
+        check_len("dense dot activations", x.len(), tokens * cols)?;
+        check_len("dense dot output", out.len(), rows.len() * tokens)?;
+        if rows.start > rows.end || rows.end * cols > self.len() {
+            return Err(ShapeError(format!(
+                "rows {rows:?} of {cols} columns are outside a matrix of {} values",
+                self.len()
+            )));
+        }
+        let range = rows.start * cols..rows.end * cols;
+        match self {
+            DenseView::F32(v) => dot_rows_at(isa, &v[range], x, cols, out),
+            DenseView::F16(v) => dot_rows_at(isa, &v[range], x, cols, out),
+            DenseView::Bf16(v) => dot_rows_at(isa, &v[range], x, cols, out),
+        }
+        Ok(())
+    }
+}
+
+/// An element type the output head is stored in.
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl Widen for f16 {
+    /// Exact and branch-free (so it vectorizes): the magnitude's bits moved into f32 position and
+    /// multiplied by 2^112 rebias normals and subnormals alike; infinities and NaNs keep an
+    /// all-ones exponent.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        let h = u32::from(self.to_bits());
+        let magnitude = (h & 0x7fff) << 13;
+        let finite = f32::from_bits(magnitude) * f32::from_bits(0x7780_0000);
+        let value = if magnitude >= 0x7c00 << 13 {
+            magnitude | 0x7f80_0000
+        } else {
+            finite.to_bits()
+        };
+        f32::from_bits(value | ((h & 0x8000) << 16))
+    }
+}
+
+fn dot_rows_at<T: Widen>(isa: Isa, rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `dot_rows` checked that the CPU supports `isa`.
+        Isa::Avx512 => unsafe { dot_rows_avx512(rows, x, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { dot_rows_avx2(rows, x, cols, out) },
+        _ => dot_rows_lanes(rows, x, cols, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn dot_rows_avx512<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
+    dot_rows_lanes(rows, x, cols, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_rows_avx2<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
+    dot_rows_lanes(rows, x, cols, out)
+}
+
+/// Each matrix row is read once and dotted with every token while it is in L1.
+#[inline(always)]
+fn dot_rows_lanes<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
+    let tokens = out.len() / (rows.len() / cols.max(1)).max(1);
+    for (row, o) in rows.chunks_exact(cols).zip(out.chunks_exact_mut(tokens)) {
+        for (xt, o) in x.chunks_exact(cols).zip(o) {
+            *o = dot_with(xt, row, |v| v.widen());
+        }
+    }
+}
+
+/// Lanes of independent partial sums: enough for the compiler to vectorize the dot products
+/// (two AVX-512 vectors).
+const LANES: usize = 32;
 
 /// f32 dot product with `LANES` partial sums.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     dot_with(a, b, |v| *v)
 }
 
+#[inline(always)]
 fn dot_with<T>(a: &[f32], b: &[T], widen: impl Fn(&T) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = a.len() / LANES * LANES;
@@ -320,6 +433,50 @@ mod tests {
             view.row_to_f32(0, 19, &mut back).unwrap();
             assert_eq!(back, row);
             assert!(view.row_to_f32(1, 19, &mut back).is_err());
+        }
+    }
+
+    #[test]
+    fn f16_widening_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let h = f16::from_bits(bits);
+            let (got, want) = (h.widen(), h.to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_rows_agree_with_dot_row_at_every_isa() {
+        let (rows, cols, tokens) = (37, 2560 + 19, 3);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
+            .collect();
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 1009.0)
+            .collect();
+        let f16s: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let bf16s: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for view in [
+            DenseView::F32(&w),
+            DenseView::F16(&f16s),
+            DenseView::Bf16(&bf16s),
+        ] {
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let mut out = vec![0f32; (rows - 5) * tokens];
+                view.dot_rows(isa, 5..rows, &x, cols, &mut out).unwrap();
+                for r in 5..rows {
+                    for t in 0..tokens {
+                        let want = view.dot_row(r, &x[t * cols..(t + 1) * cols]);
+                        let got = out[(r - 5) * tokens + t];
+                        assert!((got - want).abs() < 1e-3, "{isa} row {r}: {got} vs {want}");
+                    }
+                }
+                assert!(view.dot_rows(isa, 0..rows + 1, &x, cols, &mut out).is_err());
+                assert!(view.dot_rows(isa, 0..2, &x, cols, &mut out).is_err());
+            }
         }
     }
 

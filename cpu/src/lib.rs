@@ -6,10 +6,16 @@
 //!
 //! - [`ternary`]: the packed 2-bit weight layout and the scalar reference W1.58A8 matrix product,
 //!   the integer-exact oracle that every other ternary kernel in the project is tested against.
-//! - [`quant`]: per-token absmax int8 activation quantization.
+//! - [`quant`]: per-token absmax int8 activation quantization (reference, and the vectorized rows
+//!   the SIMD kernels consume).
+//! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
+//!   their own repacked layout.
+//! - [`isa`]: runtime detection of the SIMD level, and `TERN_CPU_ISA` to force one.
 //! - [`float`]: RMSNorm, RoPE, attention for one head, gated activations, dense dot products.
 
 pub mod float;
+pub mod isa;
+pub mod mad;
 pub mod quant;
 pub mod ternary;
 

@@ -4,7 +4,15 @@
 //! `s = 127 / max(max_k |x_k|, 1e-5)`, `q_k = clamp(round_half_even(x_k * s), -128, 127)`, all in f32.
 //! The matrix product then yields `y = acc / s * weight_scale`. Computing `x * s` exactly like this
 //! (one f32 multiply, ties to even) reproduces the reference implementation's codes bit for bit.
+//!
+//! [`quantize_row`] is the reference. [`QuantizedRows`] is what the SIMD kernels consume: the same
+//! codes (bit for bit, at every [`Isa`]), each row zero-padded to a multiple of
+//! [`K_BLOCK`](crate::mad::K_BLOCK) columns, plus each row's scale and the sum of its codes (the
+//! unsigned-weight kernels subtract it). The per-ISA versions are one generic body compiled once per
+//! `#[target_feature]` level, written with independent lanes so the compiler vectorizes it; the
+//! maximum is order-independent and each code depends on its own input only, so they are exact.
 
+use crate::isa::Isa;
 use crate::{ShapeError, check_len};
 
 /// Smallest absmax the scale is computed from, so an all-zero row gives zero codes, not NaN.
@@ -41,9 +49,172 @@ pub fn quantize_rows(
     Ok(())
 }
 
+/// Quantized activation rows, laid out for the kernels in [`crate::mad`]; reused across calls so a
+/// decode step allocates nothing once the buffers have grown.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedRows {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    rows: usize,
+    cols: usize,
+    padded_cols: usize,
+}
+
+impl QuantizedRows {
+    /// Quantizes `rows` rows of `cols` values from `x` with the `isa` kernels.
+    pub fn quantize(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), ShapeError> {
+        check_len("activations to quantize", x.len(), rows * cols)?;
+        isa.check()?;
+        let padded = cols.div_ceil(crate::mad::K_BLOCK) * crate::mad::K_BLOCK;
+        self.codes.clear();
+        self.codes.resize(rows * padded, 0);
+        self.scales.resize(rows, 0.0);
+        self.sums.resize(rows, 0);
+        (self.rows, self.cols, self.padded_cols) = (rows, cols, padded);
+        for (t, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
+            let codes = &mut self.codes[t * padded..t * padded + cols];
+            (self.scales[t], self.sums[t]) = quantize_row_sum(isa, row, codes);
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row length in `codes`: `cols` rounded up to a multiple of `K_BLOCK`, the rest zeros.
+    pub fn padded_cols(&self) -> usize {
+        self.padded_cols
+    }
+
+    /// Row `t`'s codes, `padded_cols` long.
+    pub fn row(&self, t: usize) -> &[i8] {
+        &self.codes[t * self.padded_cols..(t + 1) * self.padded_cols]
+    }
+
+    /// The scales `s` (codes = `x * s`).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales[..self.rows]
+    }
+
+    /// Each row's sum of codes.
+    pub fn sums(&self) -> &[i32] {
+        &self.sums[..self.rows]
+    }
+}
+
+/// Lanes of the per-ISA loops: a multiple of every vector width in f32.
+const LANES: usize = 16;
+
+/// `quantize_row` at `isa` (which the caller has checked), returning `(scale, Σ codes)`.
+fn quantize_row_sum(isa: Isa, x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked that the CPU supports `isa`.
+        Isa::Avx512 => unsafe { quantize_avx512(x, codes) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { quantize_avx2(x, codes) },
+        _ => quantize_lanes(x, codes),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn quantize_avx512(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    quantize_lanes(x, codes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_avx2(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    quantize_lanes(x, codes)
+}
+
+/// The vectorizable body: absmax over independent lanes, then one code per input.
+#[inline(always)]
+fn quantize_lanes(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    let mut lane_max = [0f32; LANES];
+    let whole = x.len() / LANES * LANES;
+    for chunk in x[..whole].chunks_exact(LANES) {
+        for (m, v) in lane_max.iter_mut().zip(chunk) {
+            *m = m.max(v.abs());
+        }
+    }
+    let absmax = x[whole..]
+        .iter()
+        .chain(&lane_max)
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = 127.0 / absmax.max(ABSMAX_FLOOR);
+    let mut lane_sum = [0i32; LANES];
+    for (xs, qs) in x[..whole]
+        .chunks_exact(LANES)
+        .zip(codes[..whole].chunks_exact_mut(LANES))
+    {
+        for ((q, v), s) in qs.iter_mut().zip(xs).zip(&mut lane_sum) {
+            *q = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+            *s += i32::from(*q);
+        }
+    }
+    let mut sum: i32 = lane_sum.iter().sum();
+    for (q, v) in codes[whole..].iter_mut().zip(&x[whole..]) {
+        *q = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+        sum += i32::from(*q);
+    }
+    (scale, sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_isa_quantizes_bit_identically_to_the_reference() {
+        let mut seed = 5u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for cols in [1, 15, 16, 17, 255, 256, 2560, 6913] {
+            let mut x: Vec<f32> = (0..3 * cols).map(|_| next() * 7.0).collect();
+            // Exact ties, zeros, a NaN and an infinity in the mix.
+            x[0] = 0.0;
+            if cols > 4 {
+                x[1] = f32::NAN;
+                x[2] = -0.5;
+                x[cols + 3] = f32::INFINITY;
+            }
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let mut q = QuantizedRows::default();
+                q.quantize(isa, &x, 3, cols).unwrap();
+                assert_eq!(q.padded_cols() % crate::mad::K_BLOCK, 0);
+                for t in 0..3 {
+                    let mut want = vec![0i8; cols];
+                    let s = quantize_row(&x[t * cols..(t + 1) * cols], &mut want).unwrap();
+                    assert_eq!(q.scales()[t].to_bits(), s.to_bits(), "{isa} cols {cols}");
+                    assert_eq!(&q.row(t)[..cols], &want[..], "{isa} cols {cols} row {t}");
+                    assert!(q.row(t)[cols..].iter().all(|&c| c == 0));
+                    let sum: i32 = want.iter().map(|&c| i32::from(c)).sum();
+                    assert_eq!(q.sums()[t], sum, "{isa} cols {cols}");
+                }
+            }
+        }
+        let mut q = QuantizedRows::default();
+        assert!(q.quantize(Isa::Scalar, &[0.0; 5], 2, 3).is_err());
+    }
 
     #[test]
     fn absmax_maps_to_127_and_ties_round_to_even() {

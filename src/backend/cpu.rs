@@ -1,29 +1,45 @@
 //! The CPU backend: `tern_cpu` kernels spread over one persistent thread pool.
 //!
-//! Layouts: a linear keeps the canonical packed 2-bit rows of its parts one after another, with one
-//! scale per output row (so fused parts keep their own scales). Activations are `Vec<f32>`. The KV
-//! cache is one f32 array per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
+//! Kernels run at one [`Isa`] level, chosen at construction ([`Isa::selected`]: the widest this CPU
+//! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload into the multiply-add kernels'
+//! layout ([`PackedTernary`]: the fused parts' rows one after another) with one scale per output row
+//! (so fused parts keep their own scales). Activations are `Vec<f32>`. The KV cache is one f32 array
+//! per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
 //!
-//! Parallelism: matrix products split the weight rows into chunks (each chunk writes its own
-//! contiguous slice of a `[weight row][token]` accumulator, transposed afterwards); attention splits
-//! over (row, head); the output head over vocabulary chunks. Threads live as long as the backend.
+//! Parallelism: matrix products split the weight rows into chunks on row-group boundaries (each
+//! chunk writes its own contiguous slice of a `[weight row][token]` accumulator, transposed and
+//! scaled afterwards); attention splits over (row, head); the output head over vocabulary chunks.
+//! Threads live as long as the backend, and the quantized activations, accumulators and head
+//! outputs are scratch owned by the backend, so a decode step allocates nothing once they have grown.
 
 use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rayon::prelude::*;
 use tern_cpu::float::{self, GateActivation};
-use tern_cpu::quant::quantize_rows;
-use tern_cpu::ternary::{TernaryView, gemm_reference};
+use tern_cpu::isa::Isa;
+use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
+use tern_cpu::quant::QuantizedRows;
+use tern_cpu::ternary::TernaryView;
 
-/// Output rows per parallel task: small enough to balance, large enough to amortize a task.
-const ROWS_PER_TASK: usize = 64;
+/// Output rows per parallel task: small enough to balance two threads on the smallest linear (640
+/// rows), large enough to amortize a task. A multiple of the kernels' row group.
+const ROWS_PER_TASK: usize = 16 * ROW_GROUP;
+
+/// Output-head rows per parallel task.
+const VOCAB_PER_TASK: usize = 256;
 
 struct CpuLinear {
-    codes: Vec<u8>,
-    rows: usize,
-    cols: usize,
+    packed: PackedTernary,
     row_scales: Vec<f32>,
+}
+
+/// Per-op buffers kept between calls.
+#[derive(Default)]
+struct Scratch {
+    quantized: QuantizedRows,
+    acc: Vec<i32>,
+    head: Vec<f32>,
 }
 
 struct KvCache {
@@ -43,6 +59,8 @@ impl KvCache {
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    isa: Isa,
+    scratch: Scratch,
     linears: Vec<CpuLinear>,
     vectors: Vec<Vec<f32>>,
     tables: Vec<DenseMatrix>,
@@ -52,8 +70,15 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend running on `threads` threads (0: one per available core).
+    /// A backend running on `threads` threads (0: one per available core) at the default ISA
+    /// level ([`Isa::selected`]: `TERN_CPU_ISA`, else the widest this CPU supports).
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_isa(threads, Isa::selected()?)
+    }
+
+    /// A backend whose kernels run at `isa` (an error if this CPU does not support it).
+    pub fn with_isa(threads: usize, isa: Isa) -> Result<Self> {
+        isa.check()?;
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -67,6 +92,8 @@ impl CpuBackend {
         Ok(Self {
             pool,
             threads,
+            isa,
+            scratch: Scratch::default(),
             linears: Vec::new(),
             vectors: Vec::new(),
             tables: Vec::new(),
@@ -141,7 +168,10 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
-        format!("cpu (scalar reference kernels, {} threads)", self.threads)
+        format!(
+            "cpu ({} multiply-add kernels, {} threads)",
+            self.isa, self.threads
+        )
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
@@ -161,10 +191,9 @@ impl Backend for CpuBackend {
             codes.extend_from_slice(&part.codes);
             row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
         }
+        let canonical = TernaryView::new(&codes, row_scales.len(), cols)?;
         self.linears.push(CpuLinear {
-            codes,
-            rows: row_scales.len(),
-            cols,
+            packed: PackedTernary::from_canonical(canonical),
             row_scales,
         });
         Ok(LinearId(self.linears.len() - 1))
@@ -321,8 +350,9 @@ impl Backend for CpuBackend {
             .linears
             .get(linear.0)
             .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
-        let (n_out, cols) = (lin.rows, lin.cols);
-        self.map_buffers(
+        let (n_out, cols) = (lin.packed.rows(), lin.packed.cols());
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.map_buffers(
             x,
             rows * cols,
             out,
@@ -330,29 +360,36 @@ impl Backend for CpuBackend {
             "bitlinear",
             |me, src, dst| {
                 let lin = &me.linears[linear.0];
-                let mut codes = vec![0i8; rows * cols];
-                let mut act_scales = vec![0f32; rows];
-                quantize_rows(src, cols, &mut codes, &mut act_scales)?;
-                let w = TernaryView::new(&lin.codes, n_out, cols)?;
+                let Scratch { quantized, acc, .. } = &mut scratch;
+                quantized.quantize(me.isa, src, rows, cols)?;
                 // acc[n * rows + t]: each task owns a contiguous block of weight rows.
-                let mut acc = vec![0i32; n_out * rows];
+                acc.resize(n_out * rows, 0);
+                let quantized = &*quantized;
                 me.pool.install(|| {
                     acc.par_chunks_mut(ROWS_PER_TASK * rows)
                         .enumerate()
                         .try_for_each(|(chunk, acc)| {
                             let start = chunk * ROWS_PER_TASK;
-                            let end = start + acc.len() / rows.max(1);
-                            gemm_reference(w.row_range(start, end)?, &codes, rows, acc)
+                            let end = start + acc.len() / rows;
+                            mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
                         })
                 })?;
-                for (t, (row, s)) in dst.chunks_exact_mut(n_out).zip(&act_scales).enumerate() {
-                    for (n, y) in row.iter_mut().enumerate() {
-                        *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
-                    }
-                }
+                let (scales, acc) = (quantized.scales(), &*acc);
+                me.pool.install(|| {
+                    dst.par_chunks_mut(n_out)
+                        .zip(scales)
+                        .enumerate()
+                        .for_each(|(t, (row, s))| {
+                            for (n, y) in row.iter_mut().enumerate() {
+                                *y = acc[n * rows + t] as f32 / s * lin.row_scales[n];
+                            }
+                        })
+                });
                 Ok(())
             },
-        )
+        );
+        self.scratch = scratch;
+        result
     }
 
     fn attention(
@@ -485,7 +522,8 @@ impl Backend for CpuBackend {
             .get(table.0)
             .ok_or_else(|| anyhow!("table {} does not exist", table.0))?;
         let (vocab, cols) = (t.rows, t.cols);
-        self.map_buffers(
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.map_buffers(
             x,
             rows * cols,
             out,
@@ -493,28 +531,35 @@ impl Backend for CpuBackend {
             "logits",
             |me, src, dst| {
                 let view = me.tables[table.0].view();
-                // transposed[v * rows + t]: vocabulary chunks write disjoint slices.
-                let mut transposed = vec![0f32; vocab * rows];
+                // by_vocab[v * rows + t]: vocabulary chunks write disjoint slices. With one row
+                // that is already the output's layout.
+                let by_vocab = if rows == 1 {
+                    &mut dst[..]
+                } else {
+                    scratch.head.resize(vocab * rows, 0.0);
+                    &mut scratch.head[..]
+                };
                 me.pool.install(|| {
-                    transposed
-                        .par_chunks_mut(ROWS_PER_TASK * rows)
+                    by_vocab
+                        .par_chunks_mut(VOCAB_PER_TASK * rows)
                         .enumerate()
-                        .for_each(|(chunk, part)| {
-                            for (i, v_out) in part.chunks_exact_mut(rows).enumerate() {
-                                let v = chunk * ROWS_PER_TASK + i;
-                                for (t, o) in v_out.iter_mut().enumerate() {
-                                    *o = view.dot_row(v, &src[t * cols..(t + 1) * cols]);
-                                }
-                            }
+                        .try_for_each(|(chunk, part)| {
+                            let start = chunk * VOCAB_PER_TASK;
+                            let range = start..start + part.len() / rows;
+                            view.dot_rows(me.isa, range, src, cols, part)
                         })
-                });
-                for (t, row) in dst.chunks_exact_mut(vocab).enumerate() {
-                    for (v, o) in row.iter_mut().enumerate() {
-                        *o = transposed[v * rows + t];
+                })?;
+                if rows > 1 {
+                    for (t, row) in dst.chunks_exact_mut(vocab).enumerate() {
+                        for (v, o) in row.iter_mut().enumerate() {
+                            *o = scratch.head[v * rows + t];
+                        }
                     }
                 }
                 Ok(())
             },
-        )
+        );
+        self.scratch = scratch;
+        result
     }
 }

@@ -3,7 +3,10 @@
 use super::{BackendChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
-use tern::bench::{BenchPlan, ShapePreset, decode_weight_bytes, markdown, run as run_plan};
+use tern::bench::{
+    BenchPlan, BenchRow, ShapePreset, decode_weight_bytes, markdown, read_bandwidth,
+    run as run_plan,
+};
 use tern::engine::Engine;
 
 #[derive(Args)]
@@ -75,7 +78,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         host.config.max_positions
     );
     let weight_bytes = decode_weight_bytes(&host);
-    let mut rows = Vec::new();
+    let ternary_params = host.ternary_size().0 as f64;
+    let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
         let backend = select_backend(args.backend, threads)?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
@@ -99,6 +103,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 repetitions: args.repetitions,
             };
             rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
+        }
+        drop(engine); // free the model's memory before the bandwidth probe
+        let bandwidth = read_bandwidth(threads);
+        tracing::info!("measured read bandwidth with {threads} threads: {bandwidth:.1} GB/s");
+        for row in rows.iter_mut().filter(|r| r.threads == threads) {
+            row.int8_gops = Some(2.0 * ternary_params * row.tok_s / 1e9);
+            row.bandwidth_fraction = row.gb_s.map(|g| g / bandwidth);
         }
     }
     match args.format {

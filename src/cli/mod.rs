@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod convert;
 mod info;
 mod perplexity;
 mod run;
@@ -15,7 +16,7 @@ use tern::backend::cpu::CpuBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::hub;
-use tern::loader::{HostModel, load_hf_dir};
+use tern::loader::{HostModel, load_model_files};
 use tern::sampler::SamplingParams;
 use tern::tokenizer::Tokenizer;
 
@@ -47,6 +48,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Measure prompt processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Write a model as a ternary GGUF file (I2_S, TQ2_0 or TQ1_0).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -57,6 +60,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 
@@ -158,16 +162,8 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
 }
 
 fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
-    if path.is_file() {
-        bail!(
-            "{}: single-file models (GGUF) are not supported by this version; pass a Hugging Face \
-             model directory",
-            path.display()
-        );
-    }
     let started = std::time::Instant::now();
-    let host = load_hf_dir(path)?;
-    let tokenizer = Tokenizer::from_dir(path)?;
+    let (host, tokenizer) = load_model_files(path)?;
     tracing::info!(
         "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
         host.config.architecture,

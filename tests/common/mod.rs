@@ -6,10 +6,32 @@ use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
-use tern::loader::{HostModel, load_hf_dir};
+use tern::loader::{HostModel, load_model_files};
+use tern_cpu::isa::Isa;
 
 /// The Hugging Face-format fixtures every backend must reproduce.
-pub const HF_FIXTURES: [&str; 2] = ["tiny-packed", "tiny-bf16"];
+pub const HF_FIXTURES: [&str; 3] = ["tiny-packed", "tiny-bf16", "tiny-bitlinear"];
+
+/// The GGUF fixtures: tiny-packed's weights and tokenizer, so tiny-packed's goldens apply.
+pub const GGUF_FIXTURES: [&str; 3] = [
+    "gguf/tiny-i2_s.gguf",
+    "gguf/tiny-tq2_0.gguf",
+    "gguf/tiny-tq1_0.gguf",
+];
+
+/// Every fixture the golden checks run on.
+pub fn all_fixtures() -> impl Iterator<Item = &'static str> {
+    HF_FIXTURES.into_iter().chain(GGUF_FIXTURES)
+}
+
+/// The fixture directory whose goldens `name` must reproduce.
+pub fn golden_dir(name: &str) -> PathBuf {
+    fixture_dir(if name.ends_with(".gguf") {
+        "tiny-packed"
+    } else {
+        name
+    })
+}
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -18,13 +40,13 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 pub fn golden(name: &str) -> serde_json::Value {
-    let path = fixture_dir(name).join("golden.json");
+    let path = golden_dir(name).join("golden.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
 /// A raw little-endian f32 array from a fixture directory.
 pub fn read_f32(name: &str, file: &str) -> Vec<f32> {
-    std::fs::read(fixture_dir(name).join(file))
+    std::fs::read(golden_dir(name).join(file))
         .unwrap()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -41,22 +63,26 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
 }
 
 pub fn load(name: &str) -> HostModel {
-    load_hf_dir(&fixture_dir(name)).unwrap()
+    load_model_files(&fixture_dir(name)).unwrap().0
 }
 
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
-    let mut all = vec![(
-        "cpu".to_string(),
-        Box::new(CpuBackend::new(2).unwrap()) as Box<dyn Backend>,
-    )];
-    all.extend(
+    let mut list = Vec::new();
+    // The CPU backend once per kernel level this CPU has (the default level is one of them).
+    for isa in Isa::ALL {
+        match CpuBackend::with_isa(2, isa) {
+            Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
+            Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
+        }
+    }
+    list.extend(
         wgpu_backends()
             .into_iter()
             .map(|(name, b)| (name, Box::new(b) as Box<dyn Backend>)),
     );
-    all
+    list
 }
 
 /// The wgpu backend with every optional feature the adapter has (`wgpu`), and with none of them

@@ -1,0 +1,123 @@
+//! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
+//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) at every supported ISA level, plus the
+//! scalar reference and the output head. Prints the median time of several runs, the weight
+//! bandwidth it implies (GB/s of packed weights read) and int8 GOPS (2 · rows · cols · tokens).
+//!
+//! `cargo bench -p tern-cpu --bench kernels` (`-- gemv` or `-- gemm` or `-- head` to filter).
+
+use half::bf16;
+use std::hint::black_box;
+use std::time::Instant;
+use tern_cpu::float::DenseView;
+use tern_cpu::isa::Isa;
+use tern_cpu::mad::{PackedTernary, gemm};
+use tern_cpu::quant::QuantizedRows;
+use tern_cpu::ternary::{TernaryView, gemm_reference, row_bytes};
+
+/// (rows, cols, what): the distinct linear shapes of 2B-4T.
+const SHAPES: [(usize, usize, &str); 4] = [
+    (2560, 2560, "q / o"),
+    (640, 2560, "k / v"),
+    (6912, 2560, "gate / up"),
+    (2560, 6912, "down"),
+];
+
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+/// Median seconds of `runs` calls after one warm-up.
+fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
+    println!("| kernel | isa | shape | tokens | median ms | weight GB/s | int8 GOPS |");
+    println!("|---|---|---|---:|---:|---:|---:|");
+    let mut seed = 1u64;
+    for (rows, cols, what) in SHAPES {
+        let codes: Vec<u8> = (0..rows * row_bytes(cols))
+            .map(|_| {
+                let mut b = 0u8;
+                for i in 0..4 {
+                    b |= ((lcg(&mut seed) % 3) as u8) << (2 * i);
+                }
+                b
+            })
+            .collect();
+        let view = TernaryView::new(&codes, rows, cols).unwrap();
+        let packed = PackedTernary::from_canonical(view);
+        for (kernel, tokens) in [("gemv", 1), ("gemm", 128)] {
+            if !wanted(kernel) {
+                continue;
+            }
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let mut acc = vec![0i32; rows * tokens];
+            let runs = if tokens == 1 { 51 } else { 5 };
+            let report = |isa: &str, secs: f64| {
+                let gbs = (rows * row_bytes(cols)) as f64 / secs / 1e9;
+                let gops = 2.0 * (rows * cols * tokens) as f64 / secs / 1e9;
+                println!(
+                    "| {kernel} | {isa} | {rows}x{cols} ({what}) | {tokens} | {:.3} | {gbs:.1} | {gops:.1} |",
+                    secs * 1e3
+                );
+            };
+            let mut q = QuantizedRows::default();
+            for &isa in &isas {
+                let secs = median_secs(runs, || {
+                    q.quantize(isa, black_box(&x), tokens, cols).unwrap();
+                    gemm(isa, &packed, 0..rows, &q, &mut acc).unwrap();
+                    black_box(&acc);
+                });
+                report(isa.name(), secs);
+            }
+            let x_codes: Vec<i8> = (0..tokens)
+                .flat_map(|t| q.row(t)[..cols].to_vec())
+                .collect();
+            let secs = median_secs(runs.min(5), || {
+                gemm_reference(view, black_box(&x_codes), tokens, &mut acc).unwrap();
+                black_box(&acc);
+            });
+            report("reference", secs);
+        }
+    }
+    if wanted("head") {
+        let (vocab, cols) = (128256, 2560);
+        let table: Vec<bf16> = (0..vocab * cols)
+            .map(|i| bf16::from_f32((i % 251) as f32 / 251.0 - 0.5))
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 17.0).collect();
+        let mut out = vec![0f32; vocab];
+        for &isa in &isas {
+            let secs = median_secs(5, || {
+                DenseView::Bf16(&table)
+                    .dot_rows(isa, 0..vocab, black_box(&x), cols, &mut out)
+                    .unwrap();
+                black_box(&out);
+            });
+            println!(
+                "| head bf16 | {isa} | {vocab}x{cols} | 1 | {:.3} | {:.1} | {:.1} (f32 FLOP) |",
+                secs * 1e3,
+                (vocab * cols * 2) as f64 / secs / 1e9,
+                2.0 * (vocab * cols) as f64 / secs / 1e9
+            );
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Which SIMD instruction set the kernels use, detected once at runtime.
+//!
+//! Levels, from plain to widest:
+//! - [`Isa::Scalar`]: portable Rust, everywhere (the compiler may still vectorize it for the
+//!   build's baseline target).
+//! - [`Isa::Avx2`] (x86-64): AVX2 + FMA + F16C; ternary products with `vpmaddubsw` + `vpmaddwd`.
+//! - [`Isa::Avx512`] (x86-64): AVX-512 F + BW + VNNI (+ F16C); ternary products with `vpdpbusd` on
+//!   64 bytes per instruction.
+//! - [`Isa::Neon`] (aarch64): Advanced SIMD; ternary products with widening multiply-adds.
+//!
+//! [`Isa::best`] is the widest level this CPU supports. [`Isa::selected`] is what a backend uses by
+//! default: `best`, unless the environment variable `TERN_CPU_ISA` (`scalar`, `avx2`, `avx512`,
+//! `neon`) forces a level, which is an error when the CPU lacks it. Every kernel entry point checks
+//! [`Isa::is_supported`] before calling a `#[target_feature]` function, so forcing a level can never
+//! execute an instruction the CPU does not have.
+
+use crate::ShapeError;
+use std::sync::OnceLock;
+
+/// A SIMD level the kernels can run at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+    Neon,
+}
+
+/// Environment variable that forces a level.
+pub const ISA_ENV: &str = "TERN_CPU_ISA";
+
+impl Isa {
+    /// Every level, plainest first.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, ShapeError> {
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.name() == name.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                ShapeError(format!(
+                    "unknown CPU ISA level `{name}` (expected scalar, avx2, avx512 or neon)"
+                ))
+            })
+    }
+
+    /// Whether this CPU can run kernels of this level (detected once, then cached).
+    pub fn is_supported(self) -> bool {
+        static DETECTED: OnceLock<[bool; 4]> = OnceLock::new();
+        let detected = DETECTED.get_or_init(|| Isa::ALL.map(detect));
+        detected[self as usize]
+    }
+
+    /// The widest supported level.
+    pub fn best() -> Self {
+        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+            .into_iter()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// `TERN_CPU_ISA` if set (an error if unknown or unsupported here), else [`Isa::best`].
+    pub fn selected() -> Result<Self, ShapeError> {
+        match std::env::var(ISA_ENV) {
+            Ok(name) if !name.trim().is_empty() => {
+                let isa = Isa::parse(&name)?;
+                isa.check()?;
+                Ok(isa)
+            }
+            _ => Ok(Isa::best()),
+        }
+    }
+
+    /// An error naming the level unless this CPU supports it.
+    pub fn check(self) -> Result<(), ShapeError> {
+        if self.is_supported() {
+            Ok(())
+        } else {
+            Err(ShapeError(format!(
+                "this CPU does not support the `{}` kernels (supported: {})",
+                self.name(),
+                Isa::ALL
+                    .into_iter()
+                    .filter(|i| i.is_supported())
+                    .map(Isa::name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect(isa: Isa) -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
+        Isa::Avx512 => {
+            has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("fma") && has!("f16c")
+        }
+        Isa::Neon => false,
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn detect(isa: Isa) -> bool {
+    match isa {
+        Isa::Scalar => true,
+        Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+        Isa::Avx2 | Isa::Avx512 => false,
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn detect(isa: Isa) -> bool {
+    isa == Isa::Scalar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_scalar_is_always_there() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
+        }
+        assert_eq!(Isa::parse(" AVX512 ").unwrap(), Isa::Avx512);
+        assert!(Isa::parse("sse9").is_err());
+        assert!(Isa::Scalar.is_supported());
+        assert!(Isa::best().is_supported());
+    }
+
+    #[test]
+    fn unsupported_level_is_an_error_naming_it() {
+        for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
+            let e = isa.check().unwrap_err();
+            assert!(e.0.contains(isa.name()), "{e}");
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Multiply-add ternary kernels (W1.58A8): unsigned 2-bit weight codes × int8 activations, minus
+//! the activation sum, with int32 accumulation, at every [`Isa`] level.
+//!
+//! # The arithmetic
+//! With `code = value + 1 ∈ {0, 1, 2}`, `Σ_k value_k·x_k = Σ_k code_k·x_k − Σ_k x_k`. The codes are
+//! non-negative, so they feed the unsigned operand of `vpdpbusd` (AVX-512 VNNI) and `vpmaddubsw`
+//! (AVX2) directly; `Σ_k x_k` comes with the quantized row ([`QuantizedRows::sums`]). Every
+//! intermediate is bounded: a `vpmaddubsw` lane is at most `2·2·128 = 512`, and the AVX2 kernel adds
+//! at most 8 of them in i16 (4096 < 32767) before widening. The result is exact, so it equals
+//! [`gemm_reference`](crate::ternary::gemm_reference) bit for bit.
+//!
+//! # Layout ([`PackedTernary`], repacked at upload from the canonical layout)
+//! Columns are padded with value 0 to a multiple of [`K_BLOCK`] = 256 and rows to a multiple of
+//! [`ROW_GROUP`] = 4. Groups of 4 rows are stored one after another; inside a group, for each block
+//! of 256 columns, the 4 rows' 64-byte chunks follow each other:
+//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64`.
+//! Inside a chunk, byte `j` (0..64) holds at bits `2i..2i+1` (i = 0..4) the code of column
+//! `block · 256 + 64·i + j`. So one shift by `2i` and one mask by 3 turn any run of bytes into the
+//! codes of consecutive columns, matching a contiguous load of activations, for any vector width
+//! (64 bytes on AVX-512, 32 on AVX2, 16 on NEON). A kernel streams one contiguous buffer.
+//!
+//! # Blocking
+//! [`gemm`] is one loop: for each group of 4 rows, for each tile of up to `TOKENS` activation rows,
+//! an ISA's micro-kernel walks the group's blocks once, unpacks each weight chunk once and
+//! multiplies it with every token of the tile (batched prefill reuses each unpacked block), keeping
+//! the 4 × T accumulators in registers.
+
+use crate::isa::Isa;
+use crate::quant::QuantizedRows;
+use crate::ternary::TernaryView;
+use crate::{ShapeError, check_len};
+use std::ops::Range;
+
+/// Columns per weight block.
+pub const K_BLOCK: usize = 256;
+/// Rows stored together (the micro-kernels' row tile).
+pub const ROW_GROUP: usize = 4;
+/// Bytes of one row's block.
+const CHUNK: usize = K_BLOCK / 4;
+
+/// A ternary matrix in the kernels' layout (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct PackedTernary {
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+}
+
+impl PackedTernary {
+    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0).
+    pub fn from_canonical(w: TernaryView<'_>) -> Self {
+        let (rows, cols) = (w.rows(), w.cols());
+        let blocks = cols.div_ceil(K_BLOCK);
+        let groups = rows.div_ceil(ROW_GROUP);
+        let mut data = vec![0u8; groups * blocks * ROW_GROUP * CHUNK];
+        let mut values = vec![0i8; blocks * K_BLOCK];
+        for g in 0..groups {
+            for r in 0..ROW_GROUP {
+                let n = g * ROW_GROUP + r;
+                values.fill(0);
+                if n < rows {
+                    w.unpack_row(n, &mut values[..cols]);
+                }
+                for b in 0..blocks {
+                    let chunk = &mut data[((g * blocks + b) * ROW_GROUP + r) * CHUNK..][..CHUNK];
+                    for (j, byte) in chunk.iter_mut().enumerate() {
+                        *byte = (0..4).fold(0u8, |acc, i| {
+                            let code = (values[b * K_BLOCK + 64 * i + j] + 1) as u8;
+                            acc | (code << (2 * i))
+                        });
+                    }
+                }
+            }
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            blocks,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of packed weights (with padding).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks * ROW_GROUP * CHUNK;
+        &self.data[g * len..(g + 1) * len]
+    }
+}
+
+/// `acc[(n - rows.start) · tokens + t] = Σ_k W[n][k] · x[t][k]` for `n` in `rows`, exactly.
+///
+/// `rows.start` must be a multiple of [`ROW_GROUP`] (so threads split on group boundaries); the
+/// output is row-major by weight row, so disjoint row ranges write disjoint slices.
+pub fn gemm(
+    isa: Isa,
+    w: &PackedTernary,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    acc: &mut [i32],
+) -> Result<(), ShapeError> {
+    isa.check()?;
+    if x.cols() != w.cols {
+        return Err(ShapeError(format!(
+            "ternary gemm: activations have {} columns, the weights {}",
+            x.cols(),
+            w.cols
+        )));
+    }
+    if rows.start > rows.end || rows.end > w.rows || !rows.start.is_multiple_of(ROW_GROUP) {
+        return Err(ShapeError(format!(
+            "ternary gemm: row range {rows:?} must lie in 0..{} and start at a multiple of \
+             {ROW_GROUP}",
+            w.rows
+        )));
+    }
+    check_len(
+        "ternary gemm accumulators",
+        acc.len(),
+        rows.len() * x.rows(),
+    )?;
+    match isa {
+        Isa::Scalar => run::<Scalar>(w, rows, x, acc),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => run::<x86::Avx2>(w, rows, x, acc),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => run::<x86::Avx512>(w, rows, x, acc),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => run::<arm::Neon>(w, rows, x, acc),
+        #[allow(unreachable_patterns)] // every level is reachable on some target
+        _ => unreachable!("isa.check() passed for a level of another architecture"),
+    }
+    Ok(())
+}
+
+/// A micro-kernel: one group of 4 rows times up to `TOKENS` activation rows.
+trait MicroKernel {
+    /// Most activation rows per tile (bounded by the registers the accumulators need).
+    const TOKENS: usize;
+
+    /// Returns `Σ_k code[r][k] · x[t][k]` for the group's rows `r` and the tile's tokens `t`.
+    ///
+    /// # Safety
+    /// The CPU supports the kernel's ISA; `group` is one group of `blocks` blocks
+    /// (`blocks · 256` bytes) and every `x[t]` holds `blocks · 256` codes.
+    unsafe fn tile<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP];
+}
+
+/// The blocking loop shared by every ISA (see the module documentation).
+fn run<K: MicroKernel>(w: &PackedTernary, rows: Range<usize>, x: &QuantizedRows, acc: &mut [i32]) {
+    let tokens = x.rows();
+    let first_group = rows.start / ROW_GROUP;
+    for g in first_group..rows.end.div_ceil(ROW_GROUP) {
+        let group = w.group(g);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(K::TOKENS);
+            macro_rules! tile {
+                ($t:literal) => {{
+                    let xs: [&[i8]; $t] = std::array::from_fn(|i| x.row(t0 + i));
+                    // SAFETY: `gemm` checked the ISA; the group and the padded rows both span
+                    // `blocks` blocks by construction.
+                    let out = unsafe { K::tile::<$t>(group, w.blocks, xs) };
+                    for (r, row) in out.iter().enumerate() {
+                        let n_row = g * ROW_GROUP + r;
+                        if n_row < rows.end {
+                            let base = (n_row - rows.start) * tokens + t0;
+                            for (t, &v) in row.iter().enumerate() {
+                                acc[base + t] = v - x.sums()[t0 + t];
+                            }
+                        }
+                    }
+                }};
+            }
+            match n {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 => tile!(3),
+                _ => tile!(4),
+            }
+            t0 += n;
+        }
+    }
+}
+
+/// Portable kernel: the same arithmetic on plain integers.
+struct Scalar;
+
+impl MicroKernel for Scalar {
+    const TOKENS: usize = 4;
+
+    unsafe fn tile<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mut out = [[0i32; T]; ROW_GROUP];
+        for b in 0..blocks {
+            for (r, out_r) in out.iter_mut().enumerate() {
+                let chunk = &group[(b * ROW_GROUP + r) * CHUNK..][..CHUNK];
+                for (o, xt) in out_r.iter_mut().zip(&x) {
+                    let xb = &xt[b * K_BLOCK..(b + 1) * K_BLOCK];
+                    for i in 0..4 {
+                        for (j, &byte) in chunk.iter().enumerate() {
+                            let code = i32::from((byte >> (2 * i)) & 3);
+                            *o += code * i32::from(xb[64 * i + j]);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{CHUNK, K_BLOCK, MicroKernel, ROW_GROUP};
+    use std::arch::x86_64::*;
+
+    /// AVX-512 VNNI: `vpdpbusd` on 64 codes × 64 activations per instruction; 4 rows × 4 tokens
+    /// = 16 zmm accumulators, plus 4 weight chunks and 4 activation vectors.
+    pub struct Avx512;
+
+    impl MicroKernel for Avx512 {
+        const TOKENS: usize = 4;
+
+        unsafe fn tile<const T: usize>(
+            group: &[u8],
+            blocks: usize,
+            x: [&[i8]; T],
+        ) -> [[i32; T]; ROW_GROUP] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_avx512::<T>(group, blocks, x) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_avx512<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mask = _mm512_set1_epi8(3);
+        let mut acc = [[_mm512_setzero_si512(); T]; ROW_GROUP];
+        for b in 0..blocks {
+            // SAFETY: the group holds `blocks` blocks of 4 chunks of 64 bytes (trait contract).
+            let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
+                _mm512_loadu_si512(group.as_ptr().add((b * ROW_GROUP + r) * CHUNK).cast())
+            });
+            for i in 0..4 {
+                // SAFETY: every x[t] holds `blocks · 256` codes (trait contract).
+                let xv: [__m512i; T] = std::array::from_fn(|t| unsafe {
+                    _mm512_loadu_si512(x[t].as_ptr().add(b * K_BLOCK + 64 * i).cast())
+                });
+                for r in 0..ROW_GROUP {
+                    let codes = _mm512_and_si512(w[r], mask);
+                    for t in 0..T {
+                        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], codes, xv[t]);
+                    }
+                    w[r] = _mm512_srli_epi16::<2>(w[r]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_epi32(v)))
+    }
+
+    /// AVX2: `vpmaddubsw` (pairs of u8 × i8 into i16), 8 of them summed in i16 per block, then
+    /// `vpmaddwd` by ones into i32; 4 rows × 2 tokens of ymm accumulators.
+    pub struct Avx2;
+
+    impl MicroKernel for Avx2 {
+        const TOKENS: usize = 2;
+
+        unsafe fn tile<const T: usize>(
+            group: &[u8],
+            blocks: usize,
+            x: [&[i8]; T],
+        ) -> [[i32; T]; ROW_GROUP] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_avx2::<T>(group, blocks, x) }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_avx2<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); T]; ROW_GROUP];
+        for b in 0..blocks {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let mut partial = [_mm256_setzero_si256(); T];
+                for half in 0..2 {
+                    let at = (b * ROW_GROUP + r) * CHUNK + 32 * half;
+                    // SAFETY: inside the group (trait contract).
+                    let mut w = unsafe { _mm256_loadu_si256(group.as_ptr().add(at).cast()) };
+                    for i in 0..4 {
+                        let codes = _mm256_and_si256(w, mask);
+                        for (p, xt) in partial.iter_mut().zip(&x) {
+                            let at = b * K_BLOCK + 64 * i + 32 * half;
+                            // SAFETY: inside the padded activation row (trait contract).
+                            let xv = unsafe { _mm256_loadu_si256(xt.as_ptr().add(at).cast()) };
+                            *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(codes, xv));
+                        }
+                        w = _mm256_srli_epi16::<2>(w);
+                    }
+                }
+                for (a, p) in acc_r.iter_mut().zip(partial) {
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| hsum_avx2(v)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum_avx2(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{CHUNK, K_BLOCK, MicroKernel, ROW_GROUP};
+    use std::arch::aarch64::*;
+
+    /// NEON: widening `smull`/`smlal` of 16 codes × 16 activations into i16 (two products per
+    /// lane, at most 512), pairwise-added into i32 with `sadalp`; 4 rows × 2 tokens.
+    pub struct Neon;
+
+    impl MicroKernel for Neon {
+        const TOKENS: usize = 2;
+
+        unsafe fn tile<const T: usize>(
+            group: &[u8],
+            blocks: usize,
+            x: [&[i8]; T],
+        ) -> [[i32; T]; ROW_GROUP] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_neon::<T>(group, blocks, x) }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    unsafe fn tile_neon<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mask = vdupq_n_u8(3);
+        let mut acc = [[vdupq_n_s32(0); T]; ROW_GROUP];
+        for b in 0..blocks {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                for quarter in 0..4 {
+                    let at = (b * ROW_GROUP + r) * CHUNK + 16 * quarter;
+                    // SAFETY: inside the group (trait contract).
+                    let mut w = unsafe { vld1q_u8(group.as_ptr().add(at)) };
+                    for i in 0..4 {
+                        let codes = vreinterpretq_s8_u8(vandq_u8(w, mask));
+                        for (a, xt) in acc_r.iter_mut().zip(&x) {
+                            let at = b * K_BLOCK + 64 * i + 16 * quarter;
+                            // SAFETY: inside the padded activation row (trait contract).
+                            let xv = unsafe { vld1q_s8(xt.as_ptr().add(at)) };
+                            let p = vmull_s8(vget_low_s8(codes), vget_low_s8(xv));
+                            let p = vmlal_high_s8(p, codes, xv);
+                            *a = vpadalq_s16(*a, p);
+                        }
+                        w = vshrq_n_u8::<2>(w);
+                    }
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| vaddvq_s32(v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ternary::{gemm_reference, pack};
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Random ternary weights and int8 activations (with the extremes -128 and 127 mixed in).
+    fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Vec<u8>, Vec<i8>) {
+        let mut s = seed;
+        let w: Vec<i8> = (0..rows * cols)
+            .map(|_| (lcg(&mut s) % 3) as i8 - 1)
+            .collect();
+        let x: Vec<i8> = (0..tokens * cols)
+            .map(|_| match lcg(&mut s) % 16 {
+                0 => -128,
+                1 => 127,
+                _ => (lcg(&mut s) % 256) as u8 as i8,
+            })
+            .collect();
+        (pack(&w, rows, cols).unwrap(), x)
+    }
+
+    /// `x` quantized (quantization never yields -128; the codes span -127..=127).
+    fn quantized(x: &[i8], tokens: usize, cols: usize) -> QuantizedRows {
+        let f: Vec<f32> = x.iter().map(|&v| f32::from(v)).collect();
+        let mut q = QuantizedRows::default();
+        q.quantize(Isa::Scalar, &f, tokens, cols).unwrap();
+        q
+    }
+
+    fn check(rows: usize, cols: usize, tokens: usize, seed: u64) {
+        let (codes, _) = case(rows, cols, tokens, seed);
+        let view = TernaryView::new(&codes, rows, cols).unwrap();
+        let packed = PackedTernary::from_canonical(view);
+        let (_, x) = case(0, cols, tokens, seed + 1);
+        let q = quantized(&x, tokens, cols);
+        let x_codes: Vec<i8> = (0..tokens)
+            .flat_map(|t| q.row(t)[..cols].to_vec())
+            .collect();
+        let mut want = vec![0i32; rows * tokens];
+        gemm_reference(view, &x_codes, tokens, &mut want).unwrap();
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let mut got = vec![0i32; rows * tokens];
+            gemm(isa, &packed, 0..rows, &q, &mut got).unwrap();
+            assert!(got == want, "{isa}: {rows}x{cols}, {tokens} tokens");
+            // The same product split at group boundaries, as threads split it.
+            let mid = (rows / 2) / ROW_GROUP * ROW_GROUP;
+            let mut halves = vec![0i32; rows * tokens];
+            let (lo, hi) = halves.split_at_mut(mid * tokens);
+            gemm(isa, &packed, 0..mid, &q, lo).unwrap();
+            gemm(isa, &packed, mid..rows, &q, hi).unwrap();
+            assert!(halves == want, "{isa}: split {rows}x{cols}");
+        }
+    }
+
+    #[test]
+    fn every_isa_is_integer_exact_on_the_real_shapes() {
+        for (i, (rows, cols)) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
+            .into_iter()
+            .enumerate()
+        {
+            for tokens in [1, 3] {
+                check(rows, cols, tokens, 100 + i as u64);
+            }
+        }
+        check(640, 2560, 17, 7);
+    }
+
+    #[test]
+    fn every_isa_is_integer_exact_on_awkward_shapes() {
+        for (rows, cols, tokens) in [
+            (4, 256, 1),
+            (1, 1, 1),
+            (3, 5, 2),
+            (7, 300, 3),
+            (13, 512, 17),
+            (64, 768, 5),
+            (5, 1000, 4),
+            (256, 256, 9),
+        ] {
+            check(rows, cols, tokens, (rows * cols + tokens) as u64);
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        // All weights -1 (code 0) against -128, and all +1 (code 2) against -128: the i16 partial
+        // sums of the AVX2 kernel see their largest magnitudes.
+        let cols = 6912;
+        for value in [-1i8, 1] {
+            let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
+            let packed = PackedTernary::from_canonical(TernaryView::new(&codes, 4, cols).unwrap());
+            let mut x = vec![-128f32; cols];
+            x[0] = -128.0;
+            let mut q = QuantizedRows::default();
+            // absmax 128 → scale 127/128: every code is round(-127) = -127.
+            q.quantize(Isa::Scalar, &x, 1, cols).unwrap();
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let mut acc = [0i32; 4];
+                gemm(isa, &packed, 0..4, &q, &mut acc).unwrap();
+                assert_eq!(acc, [-127 * cols as i32 * i32::from(value); 4], "{isa}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let codes = pack(&[0; 8 * 256], 8, 256).unwrap();
+        let packed = PackedTernary::from_canonical(TernaryView::new(&codes, 8, 256).unwrap());
+        let mut q = QuantizedRows::default();
+        q.quantize(Isa::Scalar, &[1.0; 256], 1, 256).unwrap();
+        let mut acc = [0i32; 8];
+        assert!(gemm(Isa::Scalar, &packed, 2..8, &q, &mut acc[..6]).is_err());
+        assert!(gemm(Isa::Scalar, &packed, 0..9, &q, &mut acc).is_err());
+        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc[..7]).is_err());
+        q.quantize(Isa::Scalar, &[1.0; 128], 1, 128).unwrap();
+        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_err());
+        for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
+            assert!(gemm(isa, &packed, 0..8, &q, &mut acc).is_err());
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! GGUF specifics beyond the golden model checks (which run on the GGUF fixtures in golden.rs): the
+//! tokenizer built from metadata, what is inferred, and what is refused.
+
+mod common;
+
+use common::*;
+use tern::chat::ChatMessage;
+use tern::gguf::model::tokenizer_from_metadata;
+use tern::gguf::write::{TernaryTarget, model_to_gguf};
+use tern::gguf::{GgmlType, GgufFile};
+use tern::loader::load_model_files;
+use tern::model::LogitsFor;
+use tern::tokenizer::Tokenizer;
+
+fn tokenizer_of(file: &GgufFile) -> (Tokenizer, Vec<String>) {
+    let mut notes = Vec::new();
+    let t = tokenizer_from_metadata(file, &mut notes).unwrap();
+    (t, notes)
+}
+
+fn check_golden_tokenization(name: &str, tok: &Tokenizer) {
+    let g = golden("tiny-packed");
+    let cases = g["tokenization"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for (i, case) in cases.iter().enumerate() {
+        let text = case["text"].as_str().unwrap();
+        let with = ids(&case["ids_with_special_tokens"]);
+        let without = ids(&case["ids_without_special_tokens"]);
+        assert_eq!(tok.encode(text, true).unwrap(), with, "{name} case {i}");
+        assert_eq!(tok.encode(text, false).unwrap(), without, "{name} case {i}");
+        let pieces: Vec<serde_json::Value> = without
+            .iter()
+            .map(|&id| tok.id_to_piece(id).unwrap().into())
+            .collect();
+        assert_eq!(
+            pieces,
+            case["tokens_without_special_tokens"].as_array().unwrap()[..],
+            "{name} case {i}"
+        );
+        assert_eq!(
+            tok.decode(&without, false).unwrap(),
+            case["decoded_without_special_tokens"].as_str().unwrap(),
+            "{name} case {i}"
+        );
+        assert_eq!(
+            tok.decode(&with, true).unwrap(),
+            case["decoded_with_special_tokens_skipped"]
+                .as_str()
+                .unwrap(),
+            "{name} case {i}"
+        );
+    }
+    let chat = &cases[4];
+    let messages: Vec<ChatMessage> = serde_json::from_value(chat["chat_messages"].clone()).unwrap();
+    let rendered = tok
+        .chat_template()
+        .expect("tokenizer.chat_template")
+        .render(&messages, chat["add_generation_prompt"].as_bool().unwrap())
+        .unwrap();
+    assert_eq!(rendered, chat["text"].as_str().unwrap(), "{name}");
+
+    let text = std::fs::read_to_string(fixture_dir("ppl.txt")).unwrap();
+    assert_eq!(
+        tok.encode(&text, true).unwrap().len(),
+        1427,
+        "{name}: ppl.txt"
+    );
+    assert_eq!(tok.bos_id(), Some(1008));
+    let mut eos = tok.eos_ids().to_vec();
+    eos.sort_unstable();
+    assert_eq!(eos, [1009, 1017], "{name}: <|end_of_text|> and <|eot_id|>");
+}
+
+#[test]
+fn tokenizer_from_metadata_reproduces_the_golden_cases() {
+    for name in GGUF_FIXTURES {
+        let file = GgufFile::open(&fixture_dir(name)).unwrap();
+        let (tok, notes) = tokenizer_of(&file);
+        assert!(notes.is_empty(), "{name}: {notes:?}");
+        check_golden_tokenization(name, &tok);
+    }
+}
+
+#[test]
+fn a_missing_pre_tokenizer_uses_llama3_and_says_so() {
+    let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[0])).unwrap();
+    file.metadata.remove("tokenizer.ggml.pre");
+    let (tok, notes) = tokenizer_of(&file);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("tokenizer.ggml.pre"), "{notes:?}");
+    check_golden_tokenization("without tokenizer.ggml.pre", &tok);
+}
+
+#[test]
+fn unsupported_tokenizers_are_refused_by_name() {
+    let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
+    file.metadata.insert(
+        "tokenizer.ggml.pre".into(),
+        tern::gguf::Value::String("qwen2".into()),
+    );
+    let err = format!(
+        "{:#}",
+        tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
+    );
+    assert!(err.contains("qwen2"), "{err}");
+    file.metadata.insert(
+        "tokenizer.ggml.model".into(),
+        tern::gguf::Value::String("llama".into()),
+    );
+    let err = format!(
+        "{:#}",
+        tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
+    );
+    assert!(err.contains("tokenizer.ggml.model"), "{err}");
+}
+
+#[test]
+fn a_tokenizer_json_beside_the_file_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("model.gguf");
+    std::fs::copy(fixture_dir(GGUF_FIXTURES[2]), &gguf).unwrap();
+    let (host, _) = load_model_files(&gguf).unwrap();
+    assert!(!host.format.contains("inferred"), "{}", host.format);
+    std::fs::copy(
+        fixture_dir("tiny-packed/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let (host, tok) = load_model_files(&gguf).unwrap();
+    assert!(host.format.contains("tokenizer.json"), "{}", host.format);
+    assert!(
+        tok.chat_template().is_none(),
+        "the template came from the directory"
+    );
+}
+
+#[test]
+fn formats_and_architectures_are_reported() {
+    for (name, arch, ternary) in [
+        (GGUF_FIXTURES[0], "bitnet-b1.58", "I2_S ×14"),
+        (GGUF_FIXTURES[1], "bitnet", "TQ2_0 ×14"),
+        (GGUF_FIXTURES[2], "bitnet", "TQ1_0 ×14"),
+    ] {
+        let host = load(name);
+        assert!(
+            host.format.contains(&format!("architecture {arch},")),
+            "{}",
+            host.format
+        );
+        assert!(host.format.contains(ternary), "{}", host.format);
+        assert!(host.format.contains("F16 ×1"), "{}", host.format);
+        assert!(host.output.is_none(), "tied head");
+        assert_eq!(
+            host.config.activation,
+            tern_cpu::float::GateActivation::Relu2
+        );
+    }
+}
+
+/// Converts `model` (a fixture name) to `target` in memory and parses the result.
+fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, GgufFile) {
+    let (host, tokenizer) = load_model_files(&fixture_dir(model)).unwrap();
+    let (writer, _notes) = model_to_gguf(&host, &tokenizer, target, "converted").unwrap();
+    let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    writer.write(out.path()).unwrap();
+    let file = GgufFile::open(out.path()).unwrap();
+    (out, file)
+}
+
+/// The bytes of a tensor that are defined: all of them, except I2_S's tail after the scale.
+fn defined_bytes<'a>(file: &'a GgufFile, t: &tern::gguf::TensorInfo) -> &'a [u8] {
+    let data = file.data(t);
+    match t.ggml_type {
+        GgmlType::I2S => &data[..data.len() - 28],
+        _ => data,
+    }
+}
+
+fn len7_logits(path: &std::path::Path) -> Vec<f32> {
+    let (host, _) = load_model_files(path).unwrap();
+    let g = golden("tiny-packed");
+    let tokens = ids(&g["logits"][1]["input_ids"]);
+    let mut e = engine(&host, backends().remove(0).1, 0);
+    let seq = e.new_sequence().unwrap();
+    e.feed(seq, &tokens, LogitsFor::All).unwrap()
+}
+
+#[test]
+fn converted_files_match_the_reference_files_tensor_for_tensor() {
+    for (target, reference) in [
+        (TernaryTarget::I2S, GGUF_FIXTURES[0]),
+        (TernaryTarget::Tq2_0, GGUF_FIXTURES[1]),
+        (TernaryTarget::Tq1_0, GGUF_FIXTURES[2]),
+    ] {
+        let want = GgufFile::open(&fixture_dir(reference)).unwrap();
+        // From the Hugging Face directory, and from another GGUF format.
+        let other_gguf = GGUF_FIXTURES[(target as usize + 1) % 3];
+        for source in ["tiny-packed", other_gguf] {
+            let (path, got) = convert(source, target);
+            assert_eq!(
+                got.tensors.len(),
+                want.tensors.len(),
+                "{source} → {reference}"
+            );
+            for t in &want.tensors {
+                let mine = got.tensor(&t.name).unwrap();
+                assert_eq!(
+                    (mine.ggml_type, &mine.ne),
+                    (t.ggml_type, &t.ne),
+                    "{}",
+                    t.name
+                );
+                assert_eq!(
+                    defined_bytes(&got, mine),
+                    defined_bytes(&want, t),
+                    "{source} → {reference}: tensor {}",
+                    t.name
+                );
+                if t.ggml_type == GgmlType::I2S {
+                    let data = got.data(mine);
+                    assert!(data[data.len() - 28..].iter().all(|&b| b == 0), "zero tail");
+                }
+            }
+            for (key, value) in &got.metadata {
+                if let Some(reference_value) = want.get(key)
+                    && key != "general.name"
+                {
+                    assert_eq!(value, reference_value, "{source} → {reference}: `{key}`");
+                }
+            }
+            assert_eq!(
+                len7_logits(path.path()),
+                len7_logits(&fixture_dir(reference)),
+                "{source} → {reference}: identical logits"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_llama_bitlinear_model_round_trips_with_permuted_qk() {
+    let (path, file) = convert("tiny-bitlinear", TernaryTarget::I2S);
+    assert_eq!(
+        file.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    let direct = load("tiny-bitlinear");
+    let (round_trip, _) = load_model_files(path.path()).unwrap();
+    assert!(round_trip.output.is_some() && !round_trip.config.sub_norms);
+    for (a, b) in round_trip.layers.iter().zip(&direct.layers) {
+        assert_eq!(a.q, b.q, "Q rows permuted back");
+        assert_eq!(a.k, b.k, "K rows permuted back");
+        assert_eq!(a.down, b.down);
+    }
+    // The stored Q rows are in llama.cpp's interleaved order, not the Hugging Face one.
+    let q = file.tensor("blk.0.attn_q.weight").unwrap();
+    let (stored, _) =
+        tern::gguf::quants::ternary_values(q.ggml_type, file.data(q), 256 * 256).unwrap();
+    assert_ne!(stored, direct.layers[0].q.to_i8());
+}
