@@ -159,7 +159,12 @@ impl Model {
         let s = self.scratch_for(backend, n)?;
         let c = &self.config;
         let (eps, hidden) = (c.rms_norm_eps, c.hidden);
+        let out_rows = match logits_for {
+            LogitsFor::All => n,
+            LogitsFor::Last => 1,
+        };
 
+        backend.begin_step(n, out_rows)?;
         backend.embed(self.embed, tokens, s.residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
             backend.rms_norm(s.residual, layer.attn_norm, eps, n, s.normed)?;
@@ -189,10 +194,6 @@ impl Model {
             backend.add(s.residual, s.projected, n * hidden)?;
         }
 
-        let out_rows = match logits_for {
-            LogitsFor::All => n,
-            LogitsFor::Last => 1,
-        };
         let final_in = match logits_for {
             LogitsFor::All => s.residual,
             LogitsFor::Last => {
@@ -202,6 +203,7 @@ impl Model {
         };
         backend.rms_norm(final_in, self.final_norm, eps, out_rows, s.normed)?;
         backend.logits(s.normed, self.head, out_rows, s.logits)?;
+        backend.end_step()?;
         let mut logits = vec![0f32; out_rows * c.vocab];
         backend.read(s.logits, &mut logits)?;
         Ok(logits)

@@ -258,3 +258,67 @@ fn a_llama_bitlinear_model_round_trips_with_permuted_qk() {
         tern::gguf::quants::ternary_values(q.ggml_type, file.data(q), 256 * 256).unwrap();
     assert_ne!(stored, direct.layers[0].q.to_i8());
 }
+
+/// A copy of a GGUF fixture with every occurrence of `from` replaced by `to` (same length).
+fn patched(name: &str, from: &str, to: &str) -> tempfile::NamedTempFile {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(fixture_dir(name)).unwrap();
+    let mut found = false;
+    for at in 0..bytes.len() - from.len() {
+        if &bytes[at..at + from.len()] == from.as_bytes() {
+            bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+            found = true;
+        }
+    }
+    assert!(found, "{from} not in {name}");
+    let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    std::fs::write(out.path(), bytes).unwrap();
+    out
+}
+
+fn load_error(file: &tempfile::NamedTempFile) -> String {
+    format!("{:#}", load_model_files(file.path()).unwrap_err())
+}
+
+#[test]
+fn missing_tensors_and_unknown_architectures_are_named() {
+    let f = patched(
+        GGUF_FIXTURES[0],
+        "blk.1.ffn_down.weight",
+        "blk.1.ffn_dowX.weight",
+    );
+    let err = load_error(&f);
+    assert!(
+        err.contains("tensor `blk.1.ffn_down.weight` is missing"),
+        "{err}"
+    );
+    let f = patched(
+        GGUF_FIXTURES[1],
+        "general.architecture\x08\0\0\0\x06\0\0\0\0\0\0\0bitnet",
+        "general.architecture\x08\0\0\0\x06\0\0\0\0\0\0\0mamba2",
+    );
+    let err = load_error(&f);
+    assert!(
+        err.contains("architecture `mamba2` is not supported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bitnet_file_without_its_activation_key_says_what_was_inferred() {
+    let f = patched(
+        GGUF_FIXTURES[1],
+        "bitnet.hidden_activation",
+        "bitnet.hidden_activatioX",
+    );
+    let (host, _) = load_model_files(f.path()).unwrap();
+    assert_eq!(
+        host.config.activation,
+        tern_cpu::float::GateActivation::Relu2
+    );
+    assert!(
+        host.format.contains("inferred: FFN activation ReLU²"),
+        "{}",
+        host.format
+    );
+}

@@ -24,6 +24,7 @@
 //! see only `dyn Backend`.
 
 pub mod cpu;
+pub mod cuda;
 pub mod wgpu;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};
@@ -163,4 +164,38 @@ pub trait Backend {
         rows: usize,
         out: Activations,
     ) -> Result<()>;
+
+    /// Brackets one model step of `rows` rows that ends with `logits_rows` rows of logits: between
+    /// `begin_step` and `end_step` the model issues the same ops, on the same buffers and with the
+    /// same parameters, for every step of that shape; only host inputs (token ids, row positions)
+    /// change. A backend may record a step once and replay it (CUDA graphs). Defaults: nothing.
+    fn begin_step(&mut self, rows: usize, logits_rows: usize) -> Result<()> {
+        let _ = (rows, logits_rows);
+        Ok(())
+    }
+
+    /// Ends the step begun by [`Backend::begin_step`] (queues it; [`Backend::read`] waits).
+    fn end_step(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Greedy sampling: for each of `rows` rows of `width` values in `x`, the index of the largest
+    /// (the first one on ties). Waits for queued work. The default reads the rows back; a GPU
+    /// backend overrides it so that only the ids cross to the host.
+    fn argmax(&mut self, x: Activations, rows: usize, width: usize) -> Result<Vec<u32>> {
+        let mut values = vec![0f32; rows * width];
+        self.read(x, &mut values)?;
+        Ok(values
+            .chunks_exact(width.max(1))
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
 }

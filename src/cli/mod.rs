@@ -8,11 +8,12 @@ mod perplexity;
 mod run;
 mod tokenize;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::hub;
@@ -111,22 +112,28 @@ pub struct ModelArgs {
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
 /// it settled where it did.
 pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
-    const NO_CUDA: &str = "the CUDA backend is not part of this version of tern yet";
     let backend: Box<dyn Backend> = match choice {
-        BackendChoice::Cuda => bail!("--backend cuda: {NO_CUDA}; use --backend cpu"),
+        BackendChoice::Cuda => Box::new(
+            CudaBackend::new(0).context("--backend cuda: CUDA is not usable on this machine")?,
+        ),
         BackendChoice::Wgpu => Box::new(
             WgpuBackend::new(&WgpuOptions::from_env()).map_err(|e| e.context("--backend wgpu"))?,
         ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => match auto_wgpu() {
-            Ok(gpu) => {
-                tracing::info!("backend auto: CUDA skipped ({NO_CUDA})");
-                Box::new(gpu)
-            }
-            Err(reason) => {
-                tracing::info!("backend auto: CUDA skipped ({NO_CUDA}); wgpu skipped ({reason:#})");
-                Box::new(CpuBackend::new(threads)?)
-            }
+        BackendChoice::Auto => match CudaBackend::new(0) {
+            Ok(cuda) => Box::new(cuda),
+            Err(cuda) => match auto_wgpu() {
+                Ok(gpu) => {
+                    tracing::info!("backend auto: CUDA skipped ({cuda:#})");
+                    Box::new(gpu)
+                }
+                Err(wgpu) => {
+                    tracing::info!(
+                        "backend auto: CUDA skipped ({cuda:#}); wgpu skipped ({wgpu:#})"
+                    );
+                    Box::new(CpuBackend::new(threads)?)
+                }
+            },
         },
     };
     tracing::info!("backend: {}", backend.describe());

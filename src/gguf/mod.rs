@@ -259,7 +259,9 @@ impl GgmlType {
             // Codes, then the 32-byte tail whose first 4 bytes are the f32 scale.
             return Ok(count / 4 + quants::I2S_TAIL as u64);
         }
-        Ok(count / block * bytes)
+        (count / block)
+            .checked_mul(bytes)
+            .ok_or_else(|| anyhow!("byte size of {ne:?} overflows"))
     }
 }
 

@@ -93,6 +93,9 @@ fn lying_offsets_and_counts_are_refused() {
     b[ne_at..ne_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     b[ne_at + 8..ne_at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     assert!(error(&b).contains("overflows"), "{}", error(&b));
+    // An element count that fits but a byte size that does not (found by the fuzzer).
+    let f32_ne = GgmlType::F32.tensor_bytes(&[1 << 62, 2]);
+    assert!(format!("{:#}", f32_ne.unwrap_err()).contains("overflows"));
 }
 
 #[test]

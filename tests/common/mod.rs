@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
+use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
@@ -33,9 +34,12 @@ pub fn golden_dir(name: &str) -> PathBuf {
     })
 }
 
+/// `TERN_FIXTURES` overrides the location, for test binaries run outside the source tree
+/// (scripts/gpu-check.sh).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("TERN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(name)
 }
 
@@ -76,6 +80,10 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
             Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
             Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
         }
+    }
+    match CudaBackend::new(0) {
+        Ok(cuda) => list.push(("cuda".to_string(), Box::new(cuda))),
+        Err(e) => eprintln!("cuda backend skipped: {e:#}"),
     }
     list.extend(
         wgpu_backends()

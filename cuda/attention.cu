@@ -1,0 +1,143 @@
+// Attention over the device KV cache: RoPE + cache append, then split-K (flash-decoding) attention.
+//
+// KV cache: f32, one array per K and V, [layer][slot][position][kv_head · head_dim] (the CPU
+// backend's layout). Row metadata `rows` holds (slot, position) pairs, one per row of the batch.
+// RoPE angles come from a host-computed table [capacity][head_dim / 2] of cos then sin
+// (tern_cpu::float::rope_cos_sin), so the rotated values match the CPU bit for bit.
+//
+// Attention of row r (position p) reads keys 0..=p of its slot. The keys are cut into splits of
+// `keys_per_split`; block (split, head, row) keeps an online softmax per warp, merges its warps and
+// writes (max, sum, acc[head_dim]) to `partial`; attend_combine merges the splits. This serves
+// decode (few rows, many splits) and prefill (many rows, causal by each row's position) alike.
+// head_dim ≤ ATT_MAX_DIM; GQA: query head h reads kv head h / (heads / kv_heads).
+
+#define ATT_MAX_DIM 256
+#define ATT_PER_LANE (ATT_MAX_DIM / 32)
+#define ATT_WARPS 4
+
+struct Geometry {
+    int heads, kv_heads, head_dim, slots, capacity, layer;
+};
+
+__device__ __forceinline__ size_t cache_offset(const Geometry& g, int slot, int position) {
+    return (((size_t)g.layer * g.slots + slot) * g.capacity + position) * (size_t)g.kv_heads * g.head_dim;
+}
+
+// Grid (rows, heads + kv_heads), block head_dim / 2 threads: rotates pair (i, i + head_dim/2) of
+// each q and k head in place; kv heads also store k (rotated) and v in the cache.
+extern "C" __global__ void rope_append(float* __restrict__ qkv, const int2* __restrict__ rows,
+                                       const float* __restrict__ rope, Geometry g,
+                                       float* __restrict__ k_cache, float* __restrict__ v_cache) {
+    const int half = g.head_dim / 2, i = threadIdx.x, h = blockIdx.y;
+    const int2 rp = rows[blockIdx.x];
+    const int q_dim = g.heads * g.head_dim, kv_dim = g.kv_heads * g.head_dim;
+    float* row = qkv + (size_t)blockIdx.x * (q_dim + 2 * kv_dim);
+    float* head = row + (size_t)h * g.head_dim;
+    const float c = rope[(size_t)rp.y * g.head_dim + i];
+    const float s = rope[(size_t)rp.y * g.head_dim + half + i];
+    const float a = head[i], b = head[half + i];
+    const float lo = a * c - b * s, hi = b * c + a * s;
+    head[i] = lo;
+    head[half + i] = hi;
+    if (h >= g.heads) {
+        const int kvh = h - g.heads;
+        const size_t at = cache_offset(g, rp.x, rp.y) + (size_t)kvh * g.head_dim;
+        const float* v = row + q_dim + kv_dim + (size_t)kvh * g.head_dim;
+        k_cache[at + i] = lo;
+        k_cache[at + half + i] = hi;
+        v_cache[at + i] = v[i];
+        v_cache[at + half + i] = v[half + i];
+    }
+}
+
+// Grid (splits, heads, rows), block ATT_WARPS warps; partial holds head_dim + 2 floats per
+// (row, head, split).
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attend_partial(const float* __restrict__ qkv, const int2* __restrict__ rows, Geometry g,
+               const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+               int keys_per_split, float* __restrict__ partial) {
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
+    __shared__ float sm_acc[ATT_WARPS][ATT_MAX_DIM];
+    const int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int2 rp = rows[r];
+    const int d = g.head_dim, kv_dim = g.kv_heads * d;
+    const int width = (g.heads + 2 * g.kv_heads) * d;
+    const int kvh = h / (g.heads / g.kv_heads);
+    const float* q = qkv + (size_t)r * width + (size_t)h * d;
+    const float inv_sqrt_d = 1.0f / sqrtf((float)d);
+
+    float qr[ATT_PER_LANE], acc[ATT_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < ATT_PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        qr[e] = i < d ? q[i] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const int begin = split * keys_per_split;
+    const int end = min(rp.y + 1, begin + keys_per_split);
+    const size_t base = cache_offset(g, rp.x, 0) + (size_t)kvh * d;
+    for (int j = begin + warp; j < end; j += ATT_WARPS) {
+        const float* k = k_cache + base + (size_t)j * kv_dim;
+        const float* v = v_cache + base + (size_t)j * kv_dim;
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < ATT_PER_LANE; ++e) {
+            const int i = lane + 32 * e;
+            if (i < d) dot += qr[e] * k[i];
+        }
+        const float score = warp_sum(dot) * inv_sqrt_d;
+        const float m_new = fmaxf(m, score);
+        const float correction = expf(m - m_new);  // 0 on the first key (m = -inf)
+        const float p = expf(score - m_new);
+        l = l * correction + p;
+#pragma unroll
+        for (int e = 0; e < ATT_PER_LANE; ++e) {
+            const int i = lane + 32 * e;
+            if (i < d) acc[e] = acc[e] * correction + p * v[i];
+        }
+        m = m_new;
+    }
+    if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < ATT_PER_LANE; ++e) {
+        const int i = lane + 32 * e;
+        if (i < d) sm_acc[warp][i] = acc[e];
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; ++w) mx = fmaxf(mx, sm_m[w]);
+    float* out = partial + (((size_t)r * g.heads + h) * gridDim.x + split) * (d + 2);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w)
+            if (sm_m[w] != -INFINITY) a += sm_acc[w][i] * expf(sm_m[w] - mx);
+        out[2 + i] = a;
+    }
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w)
+            if (sm_m[w] != -INFINITY) sum += sm_l[w] * expf(sm_m[w] - mx);
+        out[0] = mx;
+        out[1] = sum;
+    }
+}
+
+// Grid (heads, rows), block head_dim threads: merges the splits of one (row, head) into out.
+extern "C" __global__ void attend_combine(const float* __restrict__ partial, int splits, int heads,
+                                          int head_dim, float* __restrict__ out) {
+    const int h = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
+    const float* p = partial + ((size_t)r * heads + h) * splits * (head_dim + 2);
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, p[(size_t)s * (head_dim + 2)]);
+    float sum = 0.0f, acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* ps = p + (size_t)s * (head_dim + 2);
+        if (ps[0] == -INFINITY) continue;  // a split past this row's last key
+        const float w = expf(ps[0] - mx);
+        sum += ps[1] * w;
+        acc += ps[2 + i] * w;
+    }
+    out[((size_t)r * heads + h) * head_dim + i] = acc / sum;
+}

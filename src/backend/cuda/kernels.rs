@@ -1,0 +1,244 @@
+//! The kernel sources (`cuda/*.cu`), their NVRTC compilation, and the loaded functions.
+//!
+//! Every `.cu` file is compiled with `cuda/common.cuh` prepended (no include paths, no toolkit
+//! headers), for the device's own virtual architecture (`compute_XY`), with `--fmad=false` and
+//! IEEE division and square root so float results follow the CPU reference operation by operation.
+//! Compiled PTX is cached on disk by source hash and architecture (see [`super::device`]).
+
+use anyhow::{Context, Result, anyhow};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+use std::path::Path;
+use std::sync::Arc;
+
+const PRELUDE: &str = include_str!("../../../cuda/common.cuh");
+
+/// One kernel file and the entry points it defines.
+pub struct Source {
+    pub file: &'static str,
+    pub code: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+/// The source that needs compute capability 8.0 (int8 `mma.sync`).
+const MMA_SOURCE: &str = "ternary_mma.cu";
+
+pub const SOURCES: [Source; 6] = [
+    Source {
+        file: "quant.cu",
+        code: include_str!("../../../cuda/quant.cu"),
+        entries: &["quantize_rows"],
+    },
+    Source {
+        file: "ternary.cu",
+        code: include_str!("../../../cuda/ternary.cu"),
+        entries: &["ternary_gemv1", "ternary_gemv", "ternary_gemm"],
+    },
+    Source {
+        file: MMA_SOURCE,
+        code: include_str!("../../../cuda/ternary_mma.cu"),
+        entries: &["ternary_gemm_mma"],
+    },
+    Source {
+        file: "elementwise.cu",
+        code: include_str!("../../../cuda/elementwise.cu"),
+        entries: &["rms_norm", "gated", "add"],
+    },
+    Source {
+        file: "dense.cu",
+        code: include_str!("../../../cuda/dense.cu"),
+        entries: &[
+            "embed_f32",
+            "embed_f16",
+            "embed_bf16",
+            "logits_f32",
+            "logits_f16",
+            "logits_bf16",
+            "argmax_rows",
+        ],
+    },
+    Source {
+        file: "attention.cu",
+        code: include_str!("../../../cuda/attention.cu"),
+        entries: &["rope_append", "attend_partial", "attend_combine"],
+    },
+];
+
+impl Source {
+    /// The full text NVRTC compiles.
+    pub fn text(&self) -> String {
+        format!("{PRELUDE}\n#line 1 \"{}\"\n{}", self.file, self.code)
+    }
+
+    /// NVRTC options for `arch` (e.g. `compute_90`).
+    pub fn options(arch: &str) -> Vec<String> {
+        vec![
+            format!("--gpu-architecture={arch}"),
+            "--fmad=false".into(),
+            "--prec-div=true".into(),
+            "--prec-sqrt=true".into(),
+            "--std=c++17".into(),
+        ]
+    }
+
+    /// Compiles to PTX text; the error carries NVRTC's log.
+    pub fn compile(&self, arch: &str) -> Result<String> {
+        let opts = CompileOptions {
+            options: Self::options(arch),
+            name: Some(self.file.to_string()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(self.text(), opts).map_err(|e| match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => anyhow!(
+                "NVRTC could not compile cuda/{} for {arch}:\n{}",
+                self.file,
+                log.to_string_lossy()
+            ),
+            other => anyhow!("NVRTC failed on cuda/{} for {arch}: {other:?}", self.file),
+        })?;
+        Ok(ptx.to_src())
+    }
+}
+
+/// Every kernel, loaded into one context. Dense-table kernels are indexed by [`DenseDtype`].
+pub struct Kernels {
+    pub quantize_rows: CudaFunction,
+    pub ternary_gemv1: CudaFunction,
+    pub ternary_gemv: CudaFunction,
+    pub ternary_gemm: CudaFunction,
+    /// The tensor-core GEMM; `None` below compute capability 8.0 (or with `TERN_CUDA_MMA=0`).
+    pub ternary_gemm_mma: Option<CudaFunction>,
+    pub rms_norm: CudaFunction,
+    pub gated: CudaFunction,
+    pub add: CudaFunction,
+    pub embed: [CudaFunction; 3],
+    pub logits: [CudaFunction; 3],
+    pub argmax_rows: CudaFunction,
+    pub rope_append: CudaFunction,
+    pub attend_partial: CudaFunction,
+    pub attend_combine: CudaFunction,
+}
+
+/// Element type of a dense table on the device; the index into [`Kernels::embed`] and `logits`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseDtype {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+}
+
+impl Kernels {
+    /// Compiles (or reads from `cache`) every source for `arch` and loads it into `ctx`;
+    /// `ternary_mma.cu` only when `mma` (the device has int8 `mma.sync`, compute capability 8.0+).
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+        cache: Option<&Path>,
+        mma: bool,
+    ) -> Result<Self> {
+        let mut modules: Vec<(&Source, Arc<CudaModule>)> = Vec::new();
+        for s in SOURCES.iter().filter(|s| mma || s.file != MMA_SOURCE) {
+            let ptx = super::device::cached_ptx(s, arch, cache)?;
+            let module = ctx.load_module(Ptx::from_src(ptx)).with_context(|| {
+                format!(
+                    "the CUDA driver rejected the PTX of cuda/{} (an NVRTC newer than the driver? \
+                     use the libnvrtc of the driver's CUDA version)",
+                    s.file
+                )
+            })?;
+            modules.push((s, module));
+        }
+        let f = |name: &str| -> Result<CudaFunction> {
+            let (_, module) = modules
+                .iter()
+                .find(|(s, _)| s.entries.contains(&name))
+                .ok_or_else(|| anyhow!("no loaded kernel source defines {name}"))?;
+            module
+                .load_function(name)
+                .with_context(|| format!("cannot load CUDA kernel {name}"))
+        };
+        Ok(Self {
+            quantize_rows: f("quantize_rows")?,
+            ternary_gemv1: f("ternary_gemv1")?,
+            ternary_gemv: f("ternary_gemv")?,
+            ternary_gemm: f("ternary_gemm")?,
+            ternary_gemm_mma: mma.then(|| f("ternary_gemm_mma")).transpose()?,
+            rms_norm: f("rms_norm")?,
+            gated: f("gated")?,
+            add: f("add")?,
+            embed: [f("embed_f32")?, f("embed_f16")?, f("embed_bf16")?],
+            logits: [f("logits_f32")?, f("logits_f16")?, f("logits_bf16")?],
+            argmax_rows: f("argmax_rows")?,
+            rope_append: f("rope_append")?,
+            attend_partial: f("attend_partial")?,
+            attend_combine: f("attend_combine")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles every kernel for Ampere and Hopper with the real NVRTC library, so a kernel that
+    /// does not compile fails the tests on machines without a GPU. NVRTC is loaded dynamically: put
+    /// `libnvrtc.so.12` on `LD_LIBRARY_PATH` (the `nvidia-cuda-nvrtc-cu12` wheel has it; `.ci/run`
+    /// installs it). Without it the test is skipped with a message, unless `TERN_REQUIRE_NVRTC=1`.
+    /// With `TERN_PTXAS` naming a `ptxas` binary (the `nvidia-cuda-nvcc-cu12` wheel has one), the
+    /// PTX is also assembled for sm_80 and sm_90, which must succeed without register spills.
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        if !super::super::device::nvrtc_present() {
+            let msg = "NVRTC (libnvrtc.so) not found on LD_LIBRARY_PATH";
+            assert!(
+                std::env::var_os("TERN_REQUIRE_NVRTC").is_none(),
+                "{msg}, and TERN_REQUIRE_NVRTC is set"
+            );
+            eprintln!("skipped: {msg}");
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            for s in &SOURCES {
+                let ptx = s.compile(arch).unwrap_or_else(|e| panic!("{e:#}"));
+                for entry in s.entries {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}(")),
+                        "{arch} cuda/{}: no entry point {entry}",
+                        s.file
+                    );
+                }
+                // Local memory (spilled or dynamically indexed register arrays) is a slow path.
+                assert!(
+                    !ptx.contains(".local"),
+                    "{arch} cuda/{} uses local memory",
+                    s.file
+                );
+                if let Some(ptxas) = std::env::var_os("TERN_PTXAS") {
+                    assemble(&ptxas, &ptx, &arch.replace("compute_", "sm_"), s.file);
+                }
+            }
+        }
+    }
+
+    /// Runs `ptxas -v` on `ptx` for `sm`; fails on an error or a register spill.
+    fn assemble(ptxas: &std::ffi::OsStr, ptx: &str, sm: &str, file: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("kernel.ptx");
+        std::fs::write(&input, ptx).unwrap();
+        let run = std::process::Command::new(ptxas)
+            .args(["-v", "-arch", sm, "-o"])
+            .arg(dir.path().join("kernel.cubin"))
+            .arg(&input)
+            .output()
+            .expect("TERN_PTXAS does not name a runnable ptxas");
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "ptxas {sm} cuda/{file}:\n{log}");
+        eprintln!("ptxas {sm} cuda/{file}:\n{log}");
+        for line in log.lines().filter(|l| l.contains("spill")) {
+            assert!(
+                line.contains("0 bytes spill stores, 0 bytes spill loads"),
+                "{sm} cuda/{file} spills registers: {line}"
+            );
+        }
+    }
+}
