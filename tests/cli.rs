@@ -541,3 +541,70 @@ fn gguf_files_are_detected_and_described() {
         &["model.safetensors", "not a GGUF file"],
     );
 }
+
+#[test]
+fn wgpu_backend_runs_benches_and_explains_a_missing_adapter() {
+    // tiny-bf16's text case has the longest robust greedy prefix (7 tokens).
+    let dir = fixture_dir("tiny-bf16");
+    let o = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["run", "-m", path_str(&dir), "--backend", "wgpu", "-p", "hi"])
+        .env("TERN_WGPU_ADAPTER", "no such adapter")
+        .env("TERN_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--backend wgpu") && err.contains("adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+    if wgpu_backends().is_empty() {
+        return; // no adapter here: the reason was printed
+    }
+    let g = golden("tiny-bf16");
+    let case = &g["greedy"]["cases"][1];
+    let prompt = case["prompt_text"].as_str().unwrap();
+    let robust = case["robust_prefix_len"].as_u64().unwrap() as usize;
+    let run = |backend| {
+        let args = [
+            "run",
+            "-m",
+            path_str(&dir),
+            "--backend",
+            backend,
+            "-n",
+            "8",
+            "--greedy",
+            "-p",
+            prompt,
+            "--format",
+            "jsonl",
+        ];
+        jsonl_ids(&ok(&args))
+    };
+    let (gpu, cpu) = (run("wgpu"), run("cpu"));
+    assert_eq!(gpu[..robust], cpu[..robust]);
+    assert_eq!(gpu[..robust], ids(&case["new_ids"])[..robust]);
+
+    let out = ok(&[
+        "bench",
+        "-m",
+        path_str(&dir),
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--backend",
+        "wgpu",
+        "--format",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r["backend"].as_str().unwrap().starts_with("wgpu"), "{r}");
+        assert!(r["tok_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}

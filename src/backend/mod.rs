@@ -25,6 +25,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod wgpu;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::Result;

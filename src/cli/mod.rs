@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
+use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::hub;
 use tern::loader::{HostModel, load_model_files};
@@ -131,23 +132,42 @@ impl From<LmHeadChoice> for tern::backend::LmHead {
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
 /// it settled where it did.
 pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
-    const NO_WGPU: &str = "the wgpu backend is not part of this version of tern yet";
     let backend: Box<dyn Backend> = match choice {
         BackendChoice::Cuda => Box::new(
             CudaBackend::new(0).context("--backend cuda: CUDA is not usable on this machine")?,
         ),
-        BackendChoice::Wgpu => bail!("--backend wgpu: {NO_WGPU}; use --backend cpu"),
+        BackendChoice::Wgpu => Box::new(
+            WgpuBackend::new(&WgpuOptions::from_env()).map_err(|e| e.context("--backend wgpu"))?,
+        ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
         BackendChoice::Auto => match CudaBackend::new(0) {
             Ok(cuda) => Box::new(cuda),
-            Err(e) => {
-                tracing::info!("backend auto: CUDA skipped ({e:#}); wgpu skipped ({NO_WGPU})");
-                Box::new(CpuBackend::new(threads)?)
-            }
+            Err(cuda) => match auto_wgpu() {
+                Ok(gpu) => {
+                    tracing::info!("backend auto: CUDA skipped ({cuda:#})");
+                    Box::new(gpu)
+                }
+                Err(wgpu) => {
+                    tracing::info!(
+                        "backend auto: CUDA skipped ({cuda:#}); wgpu skipped ({wgpu:#})"
+                    );
+                    Box::new(CpuBackend::new(threads)?)
+                }
+            },
         },
     };
     tracing::info!("backend: {}", backend.describe());
     Ok(backend)
+}
+
+/// The wgpu backend for `auto`: a software adapter (e.g. lavapipe) counts as absent, since the
+/// CPU backend is faster than a GPU emulated on the same cores.
+fn auto_wgpu() -> Result<WgpuBackend> {
+    let gpu = WgpuBackend::new(&WgpuOptions::from_env())?;
+    if gpu.is_software() {
+        bail!("only a software adapter: {}", gpu.describe());
+    }
+    Ok(gpu)
 }
 
 /// A model loaded from disk: weights, tokenizer and where they came from.

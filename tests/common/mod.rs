@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
+use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
 use tern_cpu::isa::Isa;
@@ -84,7 +85,42 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
         Ok(cuda) => list.push(("cuda".to_string(), Box::new(cuda))),
         Err(e) => eprintln!("cuda backend skipped: {e:#}"),
     }
+    list.extend(
+        wgpu_backends()
+            .into_iter()
+            .map(|(name, b)| (name, Box::new(b) as Box<dyn Backend>)),
+    );
     list
+}
+
+/// The wgpu backend with every optional feature the adapter has (`wgpu`), and with none of them
+/// and tables split into small pieces (`wgpu-no-f16-no-subgroups`). Without an adapter this is
+/// empty with a printed reason, unless `TERN_REQUIRE_WGPU=1` (CI), where it is a failure.
+pub fn wgpu_backends() -> Vec<(String, WgpuBackend)> {
+    let base = WgpuOptions::from_env();
+    let variants = [
+        ("wgpu", base.clone()),
+        (
+            "wgpu-no-f16-no-subgroups",
+            WgpuOptions {
+                no_f16: true,
+                no_subgroups: true,
+                table_piece_bytes: Some(64 * 1024),
+                ..base
+            },
+        ),
+    ];
+    let mut found = Vec::new();
+    for (name, options) in variants {
+        match WgpuBackend::new(&options) {
+            Ok(b) => found.push((name.to_string(), b)),
+            Err(e) if std::env::var("TERN_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+                panic!("TERN_REQUIRE_WGPU=1 but the {name} backend cannot start: {e:#}")
+            }
+            Err(e) => eprintln!("skipping the {name} backend: {e:#}"),
+        }
+    }
+    found
 }
 
 /// An engine with one sequence slot on the given backend.

@@ -1,0 +1,170 @@
+// RoPE + KV-cache append, then causal GQA attention over the cache.
+//
+// params [rows, heads, kv_heads, head_dim, capacity, 1/sqrt(head_dim) (f32 bits), -, -,
+//         then (slot, position) per row].
+// qkv rows are q‖k‖v (heads + 2·kv_heads heads of head_dim). One layer's cache is two buffers
+// `[slot][position][kv_heads · head_dim]` f32. `rope[position · head_dim/2 + i]` holds the
+// (cos, sin) of pair (i, i + head_dim/2), computed on the host with the CPU's f32 formula.
+
+const WG: u32 = 64u;
+const MAX_HEAD_DIM: u32 = 256u; // four output dims per invocation
+const ROWS_AT: u32 = 8u;
+
+@group(0) @binding(0) var<storage, read> p: array<u32>;
+
+// ---- rope_append: one workgroup per row -----------------------------------------------------
+// Rotates q in place in qkv, writes rotated k and plain v to the row's cache position.
+@group(0) @binding(1) var<storage, read_write> qkv_rw: array<f32>;
+@group(0) @binding(2) var<storage, read> rope: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read_write> k_cache_rw: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v_cache_rw: array<f32>;
+
+@compute @workgroup_size(64)
+fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x;
+    let heads = p[1];
+    let kv_heads = p[2];
+    let hd = p[3];
+    let half = hd / 2u;
+    let slot = p[ROWS_AT + 2u * row];
+    let pos = p[ROWS_AT + 2u * row + 1u];
+    let q_dim = heads * hd;
+    let kv_dim = kv_heads * hd;
+    let base = row * (q_dim + 2u * kv_dim);
+    let cache_at = (slot * p[4] + pos) * kv_dim;
+    for (var idx = lid; idx < (heads + kv_heads) * half; idx += WG) {
+        let h = idx / half;
+        let i = idx % half;
+        let a = qkv_rw[base + h * hd + i];
+        let b = qkv_rw[base + h * hd + i + half];
+        let cs = rope[pos * half + i];
+        let lo = a * cs.x - b * cs.y;
+        let hi = b * cs.x + a * cs.y;
+        if h < heads {
+            qkv_rw[base + h * hd + i] = lo;
+            qkv_rw[base + h * hd + i + half] = hi;
+        } else {
+            let at = cache_at + (h - heads) * hd + i;
+            k_cache_rw[at] = lo;
+            k_cache_rw[at + half] = hi;
+        }
+    }
+    for (var i = lid; i < kv_dim; i += WG) {
+        v_cache_rw[cache_at + i] = qkv_rw[base + q_dim + kv_dim + i];
+    }
+}
+
+// ---- attend: one workgroup per (row, query head) -------------------------------------------
+// Keys are visited in chunks of WG (one key per invocation) with an online softmax: a running
+// max m and sum l, rescaling the output accumulators when the max grows.
+@group(0) @binding(5) var<storage, read> qkv: array<f32>;
+@group(0) @binding(6) var<storage, read> k_cache: array<f32>;
+@group(0) @binding(7) var<storage, read> v_cache: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+
+var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
+var<workgroup> probs: array<f32, WG>;
+var<workgroup> red: array<f32, WG>;
+
+fn reduce_max(lid: u32) -> f32 {
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if lid < stride {
+            red[lid] = max(red[lid], red[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(lid: u32) -> f32 {
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if lid < stride {
+            red[lid] += red[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn attend(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let heads = p[1];
+    let kv_heads = p[2];
+    let hd = p[3];
+    let inv_sqrt_d = bitcast<f32>(p[5]);
+    let item = wid.x + wid.y * nwg.x;
+    let valid = item < p[0] * heads;
+    let row = select(0u, item / heads, valid);
+    let h = item % heads;
+    let slot = p[ROWS_AT + 2u * row];
+    let n_keys = select(0u, p[ROWS_AT + 2u * row + 1u] + 1u, valid);
+    let kv_dim = kv_heads * hd;
+    let kv_off = (h / (heads / kv_heads)) * hd;
+    let slot_at = slot * p[4] * kv_dim;
+    let q_at = row * (heads + 2u * kv_heads) * hd + h * hd;
+
+    for (var d = lid; d < hd; d += WG) {
+        q_sh[d] = qkv[q_at + d];
+    }
+    workgroupBarrier();
+
+    var m = -3.0e38;
+    var l = 0.0;
+    var o = vec4<f32>(0.0);
+    let chunks = (n_keys + WG - 1u) / WG;
+    for (var c = 0u; c < chunks; c++) {
+        let j = c * WG + lid;
+        var s = -3.0e38;
+        if j < n_keys {
+            let k_at = slot_at + j * kv_dim + kv_off;
+            var dot = 0.0;
+            for (var d = 0u; d < hd; d++) {
+                dot += q_sh[d] * k_cache[k_at + d];
+            }
+            s = dot * inv_sqrt_d;
+        }
+        red[lid] = s;
+        workgroupBarrier();
+        let new_m = max(m, reduce_max(lid));
+        let corr = exp(m - new_m);
+        var pj = 0.0;
+        if j < n_keys {
+            pj = exp(s - new_m);
+        }
+        probs[lid] = pj;
+        red[lid] = pj;
+        workgroupBarrier();
+        l = l * corr + reduce_sum(lid);
+        o *= corr;
+        let in_chunk = min(WG, n_keys - c * WG);
+        for (var jj = 0u; jj < in_chunk; jj++) {
+            let v_at = slot_at + (c * WG + jj) * kv_dim + kv_off;
+            let pv = probs[jj];
+            for (var r = 0u; r < 4u; r++) {
+                let d = lid + r * WG;
+                if d < hd {
+                    o[r] += pv * v_cache[v_at + d];
+                }
+            }
+        }
+        m = new_m;
+        workgroupBarrier();
+    }
+    if valid {
+        let out_at = row * heads * hd + h * hd;
+        for (var r = 0u; r < 4u; r++) {
+            let d = lid + r * WG;
+            if d < hd {
+                out[out_at + d] = o[r] / l;
+            }
+        }
+    }
+}

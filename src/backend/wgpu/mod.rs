@@ -1,0 +1,702 @@
+//! The wgpu backend: every op as a portable WGSL compute shader (shaders/*.wgsl), on any Vulkan,
+//! Metal or DX12 GPU.
+//!
+//! # Layouts
+//! - Activations: one f32 storage buffer per handle, pooled by size class
+//!   ([`buffers::ActivationPool`]); row-major `rows × width` as the trait says.
+//! - Linears: 16 ternary codes per u32 (see [`buffers`]) plus one f32 scale per output row.
+//! - Tables: checkpoint dtype, split by rows under the storage binding limit.
+//! - KV cache: per layer, one K and one V buffer `[slot][position][kv_heads · head_dim]` f32, plus
+//!   a RoPE table of (cos, sin) per (position, pair) computed once on the host.
+//!
+//! # Execution
+//! Ops record compute passes into one pending command encoder; their parameters go into the
+//! parameter arena. Nothing reaches the GPU until [`Backend::read`] (or [`Backend::write`], which
+//! must not overtake earlier ops) submits the encoder, so a forward pass is one submission and
+//! one wait. Pipelines and bind groups are created once and reused.
+//!
+//! # Numerics
+//! The W1.58A8 product is bit-identical to the CPU reference: the activation scale, the codes
+//! (f32 multiply, round half to even) and the integer sums are exact, and the two divisions are
+//! correctly rounded in the shader. Norm, attention and the head sum in f32 in a different order
+//! than the CPU and agree within float tolerance.
+
+mod buffers;
+mod device;
+mod pipelines;
+
+pub use device::{WgpuOptions, adapters};
+
+use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use anyhow::{Result, anyhow, bail, ensure};
+use buffers::{ActivationPool, GBuf, ParamArena, WINDOW};
+use device::Gpu;
+use pipelines::{
+    ATTENTION_ROWS_AT, EMBED_TOKENS_AT, Kernel, MAX_HEAD_DIM, Pipelines, TOKEN_TILE, TableType,
+    WORKGROUP,
+};
+use tern_cpu::float::GateActivation;
+
+struct Linear {
+    weights: GBuf,
+    scales: GBuf,
+    rows: usize,
+    cols: usize,
+}
+
+struct TablePiece {
+    row_start: usize,
+    row_end: usize,
+    buffer: GBuf,
+}
+
+struct Table {
+    rows: usize,
+    cols: usize,
+    ty: TableType,
+    pieces: Vec<TablePiece>,
+}
+
+struct Kv {
+    spec: KvSpec,
+    rope: GBuf,
+    keys: Vec<GBuf>,
+    values: Vec<GBuf>,
+}
+
+/// Quantized activations for the largest batch seen so far.
+struct QuantScratch {
+    codes: GBuf,
+    rows: GBuf,
+    words: usize,
+    row_capacity: usize,
+}
+
+pub struct WgpuBackend {
+    gpu: Gpu,
+    pipelines: Pipelines,
+    arena: ParamArena,
+    encoder: Option<wgpu::CommandEncoder>,
+    activations: ActivationPool,
+    linears: Vec<Linear>,
+    vectors: Vec<(GBuf, usize)>,
+    tables: Vec<Table>,
+    kv: Option<Kv>,
+    quant: Option<QuantScratch>,
+    readback: Option<wgpu::Buffer>,
+}
+
+impl WgpuBackend {
+    pub fn new(options: &WgpuOptions) -> Result<Self> {
+        let gpu = Gpu::open(options)?;
+        let arena = ParamArena::new(&gpu)?;
+        Ok(Self {
+            gpu,
+            pipelines: Pipelines::default(),
+            arena,
+            encoder: None,
+            activations: ActivationPool::default(),
+            linears: Vec::new(),
+            vectors: Vec::new(),
+            tables: Vec::new(),
+            kv: None,
+            quant: None,
+            readback: None,
+        })
+    }
+
+    /// True on a software rasterizer (e.g. lavapipe), which is slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        self.gpu.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.encoder.get_or_insert_with(|| {
+            self.gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("tern"),
+                })
+        })
+    }
+
+    /// Submits the pending work (without waiting) and reports device errors so far.
+    fn flush(&mut self) -> Result<()> {
+        if let Some(encoder) = self.encoder.take() {
+            self.arena.upload(&self.gpu);
+            self.gpu.queue.submit([encoder.finish()]);
+        }
+        self.gpu.check()
+    }
+
+    /// Records one dispatch of `groups` workgroups (spread over x and y beyond the per-dimension
+    /// limit; kernels guard their index) times `z`.
+    fn dispatch(
+        &mut self,
+        kernel: Kernel,
+        params: &[u32],
+        buffers: &[GBuf],
+        groups: usize,
+        z: usize,
+    ) -> Result<()> {
+        debug_assert_eq!(buffers.len(), Pipelines::arity(kernel));
+        if groups == 0 || z == 0 {
+            return Ok(());
+        }
+        let max = self.gpu.limits.max_compute_workgroups_per_dimension as usize;
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        ensure!(
+            y <= max && z <= max,
+            "{kernel:?}: {groups} x {z} workgroups exceed this GPU's dispatch limit"
+        );
+        let offset = match self.arena.push(params)? {
+            Some(offset) => offset,
+            None => {
+                self.flush()?;
+                self.arena
+                    .push(params)?
+                    .ok_or_else(|| anyhow!("kernel parameters do not fit an empty arena"))?
+            }
+        };
+        let refs: Vec<&GBuf> = buffers.iter().collect();
+        let (pipeline, group) =
+            self.pipelines
+                .prepare(&self.gpu, kernel, &self.arena.buffer, WINDOW, &refs)?;
+        let mut pass = self
+            .encoder()
+            .begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[offset]);
+        pass.dispatch_workgroups(x as u32, y as u32, z as u32);
+        Ok(())
+    }
+
+    fn act(&self, a: Activations, needed: usize, what: &str) -> Result<GBuf> {
+        self.activations.get(a.0, needed, what).cloned()
+    }
+
+    fn table(&self, t: TableId) -> Result<&Table> {
+        self.tables
+            .get(t.0)
+            .ok_or_else(|| anyhow!("table {} does not exist", t.0))
+    }
+
+    /// Quantization scratch for `rows` rows of `words` code words each.
+    fn quant_scratch(&mut self, rows: usize, words: usize) -> Result<(GBuf, GBuf)> {
+        let fits = self
+            .quant
+            .as_ref()
+            .is_some_and(|q| q.words >= rows * words && q.row_capacity >= rows);
+        if !fits {
+            let words = (rows * words).max(self.quant.as_ref().map_or(0, |q| q.words));
+            let row_capacity = rows.max(self.quant.as_ref().map_or(0, |q| q.row_capacity));
+            self.quant = Some(QuantScratch {
+                codes: GBuf::new(
+                    &self.gpu,
+                    "quantized activations",
+                    words as u64 * 4,
+                    buffers::STORAGE,
+                )?,
+                rows: GBuf::new(
+                    &self.gpu,
+                    "activation scales",
+                    row_capacity as u64 * 8,
+                    buffers::STORAGE,
+                )?,
+                words,
+                row_capacity,
+            });
+        }
+        let q = self.quant.as_ref().expect("allocated above");
+        Ok((q.codes.clone(), q.rows.clone()))
+    }
+
+    /// Checks that `rows` workgroups fit one dispatch dimension (kernels indexed by `wid.x` only).
+    fn check_rows(&self, rows: usize, what: &str) -> Result<()> {
+        let max = self.gpu.limits.max_compute_workgroups_per_dimension as usize;
+        ensure!(
+            rows <= max,
+            "{what}: a batch of {rows} rows exceeds {max} (use smaller batches)"
+        );
+        Ok(())
+    }
+}
+
+/// The rotary table: (cos, sin) of angle `position · θ^(-2i/d)` for every position and pair `i`,
+/// in f32 exactly as the CPU reference computes it.
+fn rope_table(spec: &KvSpec) -> Vec<f32> {
+    let half = spec.head_dim / 2;
+    let mut table = Vec::with_capacity(spec.capacity * half * 2);
+    for position in 0..spec.capacity {
+        for i in 0..half {
+            let inv_freq = 1.0 / spec.rope_theta.powf((2 * i) as f32 / spec.head_dim as f32);
+            let angle = position as f32 * inv_freq;
+            table.extend([angle.cos(), angle.sin()]);
+        }
+    }
+    table
+}
+
+impl Backend for WgpuBackend {
+    fn describe(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "wgpu ({}, {:?} {:?}; shader-f16 {}, subgroups {})",
+            self.gpu.info.name,
+            self.gpu.info.backend,
+            self.gpu.info.device_type,
+            on(self.gpu.f16),
+            on(self.gpu.subgroups)
+        )
+    }
+
+    fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
+        let Some(first) = parts.first() else {
+            bail!("upload_linear: no matrices given");
+        };
+        let cols = first.cols;
+        for part in parts {
+            ensure!(
+                part.cols == cols,
+                "upload_linear: fused parts have {} and {} inputs",
+                cols,
+                part.cols
+            );
+        }
+        let (words, scales) = buffers::pack_ternary(parts);
+        let bytes = words.len() as u64 * 4;
+        ensure!(
+            bytes <= self.gpu.max_binding,
+            "upload_linear: {bytes} bytes of packed weights exceed the GPU's storage binding \
+             limit of {} bytes",
+            self.gpu.max_binding
+        );
+        self.linears.push(Linear {
+            weights: GBuf::with_data(&self.gpu, "ternary weights", bytemuck::cast_slice(&words))?,
+            scales: GBuf::with_data(&self.gpu, "weight scales", bytemuck::cast_slice(&scales))?,
+            rows: scales.len(),
+            cols,
+        });
+        Ok(LinearId(self.linears.len() - 1))
+    }
+
+    fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId> {
+        let buf = GBuf::with_data(&self.gpu, "vector", bytemuck::cast_slice(values))?;
+        self.vectors.push((buf, values.len()));
+        Ok(VectorId(self.vectors.len() - 1))
+    }
+
+    fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId> {
+        let (bytes, ty, per): (&[u8], _, _) = match &table.data {
+            DenseData::F32(v) => (bytemuck::cast_slice(v), TableType::F32, 4),
+            DenseData::F16(v) => (bytemuck::cast_slice(v), TableType::F16, 2),
+            DenseData::Bf16(v) => (bytemuck::cast_slice(v), TableType::Bf16, 2),
+        };
+        let (rows, cols) = (table.rows, table.cols);
+        ensure!(
+            bytes.len() == rows * cols * per,
+            "upload_table: {} values for a {rows}x{cols} matrix",
+            bytes.len() / per
+        );
+        let rows_per_piece = buffers::table_rows_per_piece(cols, per, self.gpu.table_piece)?;
+        let mut pieces = Vec::new();
+        for row_start in (0..rows).step_by(rows_per_piece.max(1)) {
+            let row_end = (row_start + rows_per_piece).min(rows);
+            let data = &bytes[row_start * cols * per..row_end * cols * per];
+            pieces.push(TablePiece {
+                row_start,
+                row_end,
+                buffer: GBuf::with_data(&self.gpu, "table", data)?,
+            });
+        }
+        self.tables.push(Table {
+            rows,
+            cols,
+            ty,
+            pieces,
+        });
+        Ok(TableId(self.tables.len() - 1))
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<Activations> {
+        let (handle, buf, reused) = self.activations.alloc(&self.gpu, len)?;
+        if reused {
+            self.encoder().clear_buffer(&buf.buffer, 0, None);
+        }
+        Ok(Activations(handle))
+    }
+
+    fn free(&mut self, buffer: Activations) {
+        self.activations.free(buffer.0);
+    }
+
+    fn write(&mut self, dst: Activations, data: &[f32]) -> Result<()> {
+        let buf = self.act(dst, data.len(), "write")?;
+        self.flush()?; // queued writes run before the next submission: keep earlier ops first
+        self.gpu
+            .queue
+            .write_buffer(&buf.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    fn read(&mut self, src: Activations, out: &mut [f32]) -> Result<()> {
+        let buf = self.act(src, out.len(), "read")?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let bytes = (out.len() * 4) as u64;
+        if self.readback.as_ref().is_none_or(|r| r.size() < bytes) {
+            let size = bytes.next_power_of_two();
+            self.readback = Some(self.gpu.scoped("the readback buffer", |d| {
+                d.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })?);
+        }
+        let staging = self.readback.clone().expect("created above");
+        self.encoder()
+            .copy_buffer_to_buffer(&buf.buffer, 0, &staging, 0, bytes);
+        self.flush()?;
+        let slice = staging.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.gpu
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU failed: {e}"))?;
+        self.gpu.check()?;
+        rx.recv()
+            .map_err(|_| anyhow!("the GPU never answered the readback"))?
+            .map_err(|e| anyhow!("cannot map the readback buffer: {e}"))?;
+        {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| anyhow!("cannot read the readback buffer: {e}"))?;
+            // Byte-wise: the mapping need not be aligned for a cast to f32.
+            for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        staging.unmap();
+        Ok(())
+    }
+
+    fn copy(
+        &mut self,
+        src: Activations,
+        src_offset: usize,
+        dst: Activations,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        ensure!(
+            src != dst,
+            "copy: source and destination must be different buffers"
+        );
+        let from = self.act(src, src_offset + len, "copy source")?;
+        let to = self.act(dst, dst_offset + len, "copy destination")?;
+        if len > 0 {
+            self.encoder().copy_buffer_to_buffer(
+                &from.buffer,
+                src_offset as u64 * 4,
+                &to.buffer,
+                dst_offset as u64 * 4,
+                len as u64 * 4,
+            );
+        }
+        Ok(())
+    }
+
+    fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
+        self.kv = None; // release the old cache before allocating the new one
+        self.pipelines.clear_bind_groups();
+        ensure!(
+            spec.kv_heads > 0 && spec.heads.is_multiple_of(spec.kv_heads),
+            "alloc_kv: {} query heads cannot share {} kv heads",
+            spec.heads,
+            spec.kv_heads
+        );
+        ensure!(
+            spec.head_dim.is_multiple_of(2) && spec.head_dim <= MAX_HEAD_DIM,
+            "alloc_kv: head dimension {} is not an even number up to {MAX_HEAD_DIM}",
+            spec.head_dim
+        );
+        let layer_bytes = spec.bytes(4) as u64 / 2 / spec.layers.max(1) as u64;
+        ensure!(
+            layer_bytes <= self.gpu.max_binding,
+            "the KV cache needs {} MiB per layer for K (and for V); this GPU binds at most {} \
+             MiB (lower --ctx)",
+            layer_bytes >> 20,
+            self.gpu.max_binding >> 20
+        );
+        let cache = |what: &str| -> Result<Vec<GBuf>> {
+            (0..spec.layers)
+                .map(|_| GBuf::new(&self.gpu, what, layer_bytes, buffers::STORAGE))
+                .collect()
+        };
+        let (keys, values) = (cache("KV cache keys")?, cache("KV cache values")?);
+        let rope = GBuf::with_data(
+            &self.gpu,
+            "RoPE table",
+            bytemuck::cast_slice(&rope_table(spec)),
+        )?;
+        self.kv = Some(Kv {
+            spec: *spec,
+            rope,
+            keys,
+            values,
+        });
+        Ok(())
+    }
+
+    fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()> {
+        let t = self.table(table)?;
+        let (vocab, cols, ty) = (t.rows, t.cols, t.ty);
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the vocabulary of {vocab} tokens");
+        }
+        let pieces: Vec<_> = t
+            .pieces
+            .iter()
+            .map(|p| (p.row_start, p.row_end, p.buffer.clone()))
+            .collect();
+        let dst = self.act(out, tokens.len() * cols, "embed")?;
+        for (row_start, row_end, buffer) in pieces {
+            let mut params = vec![
+                tokens.len() as u32,
+                cols as u32,
+                row_start as u32,
+                row_end as u32,
+            ];
+            debug_assert_eq!(params.len(), EMBED_TOKENS_AT);
+            params.extend_from_slice(tokens);
+            let groups = (tokens.len() * cols).div_ceil(WORKGROUP as usize);
+            self.dispatch(
+                Kernel::Embed(ty),
+                &params,
+                &[buffer, dst.clone()],
+                groups,
+                1,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: Activations,
+        weight: VectorId,
+        eps: f32,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let (w, width) = self
+            .vectors
+            .get(weight.0)
+            .cloned()
+            .ok_or_else(|| anyhow!("vector {} does not exist", weight.0))?;
+        ensure!(
+            x != out,
+            "rms_norm: input and output must be different buffers"
+        );
+        let src = self.act(x, rows * width, "rms_norm")?;
+        let dst = self.act(out, rows * width, "rms_norm")?;
+        let params = [rows as u32, width as u32, eps.to_bits()];
+        self.dispatch(Kernel::RmsNorm, &params, &[src, w, dst], rows, 1)
+    }
+
+    fn bitlinear(
+        &mut self,
+        x: Activations,
+        linear: LinearId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let lin = self
+            .linears
+            .get(linear.0)
+            .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
+        let (weights, scales, n_out, cols) =
+            (lin.weights.clone(), lin.scales.clone(), lin.rows, lin.cols);
+        ensure!(
+            x != out,
+            "bitlinear: input and output must be different buffers"
+        );
+        let src = self.act(x, rows * cols, "bitlinear")?;
+        let dst = self.act(out, rows * n_out, "bitlinear")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.check_rows(rows, "bitlinear")?;
+        let w_words = buffers::ternary_row_words(cols);
+        let (codes, row_quant) = self.quant_scratch(rows, 4 * w_words)?;
+        let params = [rows as u32, cols as u32, 4 * w_words as u32];
+        self.dispatch(
+            Kernel::Quantize,
+            &params,
+            &[src, codes.clone(), row_quant.clone()],
+            rows,
+            1,
+        )?;
+        let params = [rows as u32, n_out as u32, w_words as u32];
+        let buffers = [weights, scales, codes, row_quant, dst];
+        if rows <= TOKEN_TILE {
+            self.dispatch(Kernel::Gemv, &params, &buffers, n_out, 1)
+        } else {
+            let invocations = n_out * rows.div_ceil(TOKEN_TILE);
+            let groups = invocations.div_ceil(WORKGROUP as usize);
+            self.dispatch(Kernel::Gemm, &params, &buffers, groups, 1)
+        }
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        qkv: Activations,
+        rows: &[RowPosition],
+        out: Activations,
+    ) -> Result<()> {
+        let Some(kv) = self.kv.as_ref() else {
+            bail!("attention: no KV cache allocated");
+        };
+        let spec = kv.spec;
+        ensure!(
+            layer < spec.layers,
+            "attention: layer {layer} of {}",
+            spec.layers
+        );
+        for r in rows {
+            ensure!(
+                r.slot < spec.slots && r.position < spec.capacity,
+                "attention: slot {} position {} outside a cache of {} slots x {} positions",
+                r.slot,
+                r.position,
+                spec.slots,
+                spec.capacity
+            );
+        }
+        let (rope, keys, values) = (
+            kv.rope.clone(),
+            kv.keys[layer].clone(),
+            kv.values[layer].clone(),
+        );
+        ensure!(
+            qkv != out,
+            "attention: qkv and output must be different buffers"
+        );
+        let q_dim = spec.heads * spec.head_dim;
+        let src = self.act(qkv, rows.len() * spec.qkv_width(), "attention qkv")?;
+        let dst = self.act(out, rows.len() * q_dim, "attention output")?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.check_rows(rows.len(), "attention")?;
+        let inv_sqrt_d = 1.0 / (spec.head_dim as f32).sqrt();
+        let mut params = vec![
+            rows.len() as u32,
+            spec.heads as u32,
+            spec.kv_heads as u32,
+            spec.head_dim as u32,
+            spec.capacity as u32,
+            inv_sqrt_d.to_bits(),
+            0,
+            0,
+        ];
+        debug_assert_eq!(params.len(), ATTENTION_ROWS_AT);
+        params.extend(rows.iter().flat_map(|r| [r.slot as u32, r.position as u32]));
+        self.dispatch(
+            Kernel::RopeAppend,
+            &params,
+            &[src.clone(), rope, keys.clone(), values.clone()],
+            rows.len(),
+            1,
+        )?;
+        self.dispatch(
+            Kernel::Attend,
+            &params,
+            &[src, keys, values, dst],
+            rows.len() * spec.heads,
+            1,
+        )
+    }
+
+    fn gated(
+        &mut self,
+        gate_up: Activations,
+        activation: GateActivation,
+        rows: usize,
+        width: usize,
+        out: Activations,
+    ) -> Result<()> {
+        ensure!(
+            gate_up != out,
+            "gated: input and output must be different buffers"
+        );
+        let src = self.act(gate_up, rows * 2 * width, "gated")?;
+        let dst = self.act(out, rows * width, "gated")?;
+        let act = match activation {
+            GateActivation::Relu2 => 0,
+            GateActivation::Silu => 1,
+        };
+        let params = [rows as u32, width as u32, act];
+        let groups = (rows * width).div_ceil(WORKGROUP as usize);
+        self.dispatch(Kernel::Gated, &params, &[src, dst], groups, 1)
+    }
+
+    fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
+        ensure!(acc != x, "add: input and output must be different buffers");
+        let dst = self.act(acc, len, "add")?;
+        let src = self.act(x, len, "add")?;
+        let groups = len.div_ceil(WORKGROUP as usize);
+        self.dispatch(Kernel::Add, &[len as u32], &[dst, src], groups, 1)
+    }
+
+    fn logits(
+        &mut self,
+        x: Activations,
+        table: TableId,
+        rows: usize,
+        out: Activations,
+    ) -> Result<()> {
+        let t = self.table(table)?;
+        let (vocab, cols, ty) = (t.rows, t.cols, t.ty);
+        let pieces: Vec<_> = t
+            .pieces
+            .iter()
+            .map(|p| (p.row_start, p.row_end, p.buffer.clone()))
+            .collect();
+        ensure!(
+            x != out,
+            "logits: input and output must be different buffers"
+        );
+        let src = self.act(x, rows * cols, "logits")?;
+        let dst = self.act(out, rows * vocab, "logits")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        for (row_start, row_end, buffer) in pieces {
+            let params = [
+                rows as u32,
+                cols as u32,
+                row_start as u32,
+                row_end as u32,
+                vocab as u32,
+            ];
+            self.dispatch(
+                Kernel::Logits(ty),
+                &params,
+                &[buffer, src.clone(), dst.clone()],
+                ((row_end - row_start) * rows).div_ceil(WORKGROUP as usize),
+                1,
+            )?;
+        }
+        Ok(())
+    }
+}
