@@ -69,6 +69,27 @@ pub struct KvSpec {
 }
 
 impl KvSpec {
+    /// Checks that `layer` and every row's slot and position lie inside this cache: what every
+    /// backend's `attention` verifies before touching device memory.
+    pub fn check_rows(&self, layer: usize, rows: &[RowPosition]) -> Result<()> {
+        anyhow::ensure!(
+            layer < self.layers,
+            "attention: layer {layer} of {}",
+            self.layers
+        );
+        for r in rows {
+            anyhow::ensure!(
+                r.slot < self.slots && r.position < self.capacity,
+                "attention: slot {} position {} outside a cache of {} slots x {} positions",
+                r.slot,
+                r.position,
+                self.slots,
+                self.capacity
+            );
+        }
+        Ok(())
+    }
+
     /// Width of one row of the fused q‖k‖v activations.
     pub fn qkv_width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim

@@ -567,21 +567,7 @@ impl Backend for WgpuBackend {
             bail!("attention: no KV cache allocated");
         };
         let spec = kv.spec;
-        ensure!(
-            layer < spec.layers,
-            "attention: layer {layer} of {}",
-            spec.layers
-        );
-        for r in rows {
-            ensure!(
-                r.slot < spec.slots && r.position < spec.capacity,
-                "attention: slot {} position {} outside a cache of {} slots x {} positions",
-                r.slot,
-                r.position,
-                spec.slots,
-                spec.capacity
-            );
-        }
+        spec.check_rows(layer, rows)?;
         let (rope, keys, values) = (
             kv.rope.clone(),
             kv.keys[layer].clone(),
