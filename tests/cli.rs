@@ -558,6 +558,35 @@ fn wgpu_backend_runs_benches_and_explains_a_missing_adapter() {
         err.contains("--backend wgpu") && err.contains("adapter") && !err.contains("panicked"),
         "{err}"
     );
+    // `--device` chooses the adapter (or the CUDA device number) the same way.
+    fails_with(
+        &[
+            "run",
+            "-m",
+            path_str(&dir),
+            "--backend",
+            "wgpu",
+            "--device",
+            "no such adapter",
+            "-p",
+            "hi",
+        ],
+        &["--backend wgpu", "no such adapter"],
+    );
+    fails_with(
+        &[
+            "run",
+            "-m",
+            path_str(&dir),
+            "--backend",
+            "cuda",
+            "--device",
+            "gpu-one",
+            "-p",
+            "hi",
+        ],
+        &["--backend cuda", "`gpu-one` is not a CUDA device number"],
+    );
     if wgpu_backends().is_empty() {
         return; // no adapter here: the reason was printed
     }

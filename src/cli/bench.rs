@@ -41,6 +41,9 @@ pub struct BenchArgs {
     threads: Vec<usize>,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// GPU to use: a CUDA device number, or a wgpu adapter's index or part of its name.
+    #[arg(long)]
+    device: Option<String>,
     /// Output head: f16 (exact) or q8 (8-bit copy, exact top 64; see `tern run --help`).
     #[arg(long, value_enum, default_value_t = LmHeadChoice::F16)]
     lm_head: LmHeadChoice,
@@ -91,7 +94,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let ternary_params = host.ternary_size().0 as f64;
     let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
-        let mut backend = select_backend(args.backend, threads)?;
+        let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         backend.set_lm_head(args.lm_head.into())?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
         let threads = if threads == 0 {

@@ -101,6 +101,10 @@ pub struct ModelArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// GPU to use: a CUDA device number, or a wgpu adapter's index or part of its name
+    /// (default: CUDA device 0; for wgpu a discrete GPU first, or TERN_WGPU_ADAPTER).
+    #[arg(long)]
+    pub device: Option<String>,
     /// CPU threads (0: one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
@@ -131,18 +135,23 @@ impl From<LmHeadChoice> for tern::backend::LmHead {
 
 /// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
 /// it settled where it did.
-pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn Backend>> {
+pub fn select_backend(
+    choice: BackendChoice,
+    threads: usize,
+    device: Option<&str>,
+) -> Result<Box<dyn Backend>> {
+    let cuda = || cuda_ordinal(device).and_then(CudaBackend::new);
     let backend: Box<dyn Backend> = match choice {
-        BackendChoice::Cuda => Box::new(
-            CudaBackend::new(0).context("--backend cuda: CUDA is not usable on this machine")?,
-        ),
+        BackendChoice::Cuda => {
+            Box::new(cuda().context("--backend cuda: CUDA is not usable on this machine")?)
+        }
         BackendChoice::Wgpu => Box::new(
-            WgpuBackend::new(&WgpuOptions::from_env()).map_err(|e| e.context("--backend wgpu"))?,
+            WgpuBackend::new(&wgpu_options(device)).map_err(|e| e.context("--backend wgpu"))?,
         ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => match CudaBackend::new(0) {
+        BackendChoice::Auto => match cuda() {
             Ok(cuda) => Box::new(cuda),
-            Err(cuda) => match auto_wgpu() {
+            Err(cuda) => match auto_wgpu(device) {
                 Ok(gpu) => {
                     tracing::info!("backend auto: CUDA skipped ({cuda:#})");
                     Box::new(gpu)
@@ -160,10 +169,27 @@ pub fn select_backend(choice: BackendChoice, threads: usize) -> Result<Box<dyn B
     Ok(backend)
 }
 
+/// The CUDA device number `--device` names (0 when not given).
+fn cuda_ordinal(device: Option<&str>) -> Result<usize> {
+    device.map_or(Ok(0), |d| {
+        d.parse()
+            .map_err(|_| anyhow::anyhow!("--device `{d}` is not a CUDA device number"))
+    })
+}
+
+/// wgpu options from the environment, with `--device` choosing the adapter.
+fn wgpu_options(device: Option<&str>) -> WgpuOptions {
+    let mut options = WgpuOptions::from_env();
+    if let Some(d) = device {
+        options.adapter = Some(d.to_string());
+    }
+    options
+}
+
 /// The wgpu backend for `auto`: a software adapter (e.g. lavapipe) counts as absent, since the
 /// CPU backend is faster than a GPU emulated on the same cores.
-fn auto_wgpu() -> Result<WgpuBackend> {
-    let gpu = WgpuBackend::new(&WgpuOptions::from_env())?;
+fn auto_wgpu(device: Option<&str>) -> Result<WgpuBackend> {
+    let gpu = WgpuBackend::new(&wgpu_options(device))?;
     if gpu.is_software() {
         bail!("only a software adapter: {}", gpu.describe());
     }
@@ -205,7 +231,7 @@ fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
 /// Loads the model and builds an engine with one sequence slot on the chosen backend.
 pub fn engine_for(args: &ModelArgs) -> Result<(Engine, Tokenizer, HostModel)> {
     let loaded = load_model(&args.model)?;
-    let mut backend = select_backend(args.backend, args.threads)?;
+    let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
     backend.set_lm_head(args.lm_head.into())?;
     let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
     Ok((engine, loaded.tokenizer, loaded.host))

@@ -32,7 +32,11 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         n => n,
     };
     let ids = loaded.tokenizer.encode(&text, true)?;
-    let mut backend = select_backend(args.model.backend, args.model.threads)?;
+    let mut backend = select_backend(
+        args.model.backend,
+        args.model.threads,
+        args.model.device.as_deref(),
+    )?;
     backend.set_lm_head(args.model.lm_head.into())?;
     let mut engine = Engine::new(&loaded.host, backend, window, 1)?;
     let bar = ProgressBar::new((ids.len() / window) as u64);
