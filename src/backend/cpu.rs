@@ -14,6 +14,7 @@
 
 use super::{
     Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, RowPosition, TableId, VectorId,
+    insert_in_free_slot,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -51,6 +52,15 @@ struct Scratch {
     ranked: Vec<f32>,
     candidates: Vec<usize>,
     exact: Vec<f32>,
+    /// RoPE cosines and sines of one position.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+thread_local! {
+    /// One attention score row per pool thread, reused across calls (the threads live as long as
+    /// the backend), so attention allocates nothing once the rows have grown to the context.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct KvCache {
@@ -322,16 +332,7 @@ impl Backend for CpuBackend {
         buf.try_reserve_exact(len)
             .map_err(|_| anyhow!("out of host memory allocating {len} activations"))?;
         buf.resize(len, 0.0);
-        match self.buffers.iter().position(Option::is_none) {
-            Some(i) => {
-                self.buffers[i] = Some(buf);
-                Ok(Activations(i))
-            }
-            None => {
-                self.buffers.push(Some(buf));
-                Ok(Activations(self.buffers.len() - 1))
-            }
-        }
+        Ok(Activations(insert_in_free_slot(&mut self.buffers, buf)))
     }
 
     fn free(&mut self, buffer: Activations) {
@@ -527,11 +528,13 @@ impl Backend for CpuBackend {
         };
         let kv = self.kv.as_mut().expect("checked above");
         // RoPE on q and k of every row, then append k and v at the row's position.
-        let (mut cos, mut sin) = (vec![0f32; hd / 2], vec![0f32; hd / 2]);
+        let (cos, sin) = (&mut self.scratch.rope_cos, &mut self.scratch.rope_sin);
+        cos.resize(hd / 2, 0.0);
+        sin.resize(hd / 2, 0.0);
         for (row, r) in src.chunks_exact_mut(width).zip(rows) {
-            float::rope_cos_sin(spec.rope_theta, hd, r.position, &mut cos, &mut sin)?;
+            float::rope_cos_sin(spec.rope_theta, hd, r.position, cos, sin)?;
             for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
-                float::apply_rope(head, &cos, &sin)?;
+                float::apply_rope(head, cos, sin)?;
             }
             let at = kv.offset(layer, r.slot, r.position);
             kv.keys[at..at + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
@@ -544,23 +547,25 @@ impl Backend for CpuBackend {
             dst[..rows.len() * q_dim]
                 .par_chunks_mut(hd)
                 .enumerate()
-                .try_for_each_init(Vec::new, |scores, (i, o)| {
+                .try_for_each(|(i, o)| {
                     let (t, h) = (i / spec.heads, i % spec.heads);
                     let r = rows[t];
                     let n_keys = r.position + 1;
-                    scores.resize(n_keys, 0.0);
                     let base = kv.offset(layer, r.slot, 0) + (h / group) * hd;
                     let end = kv.offset(layer, r.slot, r.position) + kv_dim;
                     let q = &src_ref[t * width + h * hd..t * width + (h + 1) * hd];
-                    float::attend(
-                        q,
-                        &kv.keys[base..end],
-                        &kv.values[base..end],
-                        kv_dim,
-                        n_keys,
-                        scores,
-                        o,
-                    )
+                    SCORES.with_borrow_mut(|scores| {
+                        scores.resize(n_keys.max(scores.len()), 0.0);
+                        float::attend(
+                            q,
+                            &kv.keys[base..end],
+                            &kv.values[base..end],
+                            kv_dim,
+                            n_keys,
+                            scores,
+                            o,
+                        )
+                    })
                 })
         });
         self.put(qkv, src);

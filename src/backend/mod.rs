@@ -121,6 +121,21 @@ pub enum LmHead {
 /// How many of the largest logits [`LmHead::Q8`] keeps exact.
 pub const Q8_EXACT_TOP_K: usize = 64;
 
+/// Stores `item` in the first freed slot of a handle table (or a new one) and returns its index:
+/// how every backend turns buffers into [`Activations`] handles that stay small as buffers come and go.
+pub fn insert_in_free_slot<T>(slots: &mut Vec<Option<T>>, item: T) -> usize {
+    match slots.iter().position(Option::is_none) {
+        Some(i) => {
+            slots[i] = Some(item);
+            i
+        }
+        None => {
+            slots.push(Some(item));
+            slots.len() - 1
+        }
+    }
+}
+
 /// The operations the model graph runs on a device. See the module documentation for the contract.
 pub trait Backend {
     /// Chooses how [`Backend::logits`] evaluates the output head (default: [`LmHead::Full`]).

@@ -36,7 +36,9 @@ mod graph;
 pub mod kernels;
 pub mod layout;
 
-use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use super::{
+    Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId, insert_in_free_slot,
+};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::{
@@ -365,16 +367,7 @@ impl Backend for CudaBackend {
 
     fn alloc(&mut self, len: usize) -> Result<Activations> {
         let buf = alloc(&self.stream, len, "activations")?;
-        match self.buffers.iter().position(Option::is_none) {
-            Some(i) => {
-                self.buffers[i] = Some(buf);
-                Ok(Activations(i))
-            }
-            None => {
-                self.buffers.push(Some(buf));
-                Ok(Activations(self.buffers.len() - 1))
-            }
-        }
+        Ok(Activations(insert_in_free_slot(&mut self.buffers, buf)))
     }
 
     fn free(&mut self, buffer: Activations) {

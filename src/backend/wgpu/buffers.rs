@@ -21,6 +21,7 @@
 //! the arena for the next submission is safe.
 
 use super::device::Gpu;
+use crate::backend::insert_in_free_slot;
 use crate::ternary::TernaryMatrix;
 use anyhow::{Result, bail};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,17 +166,7 @@ impl ActivationPool {
             Some(i) => (self.free.swap_remove(i), true),
             None => (GBuf::new(gpu, "activations", class, STORAGE)?, false),
         };
-        let entry = Some((buf.clone(), len));
-        let handle = match self.live.iter().position(Option::is_none) {
-            Some(i) => {
-                self.live[i] = entry;
-                i
-            }
-            None => {
-                self.live.push(entry);
-                self.live.len() - 1
-            }
-        };
+        let handle = insert_in_free_slot(&mut self.live, (buf.clone(), len));
         Ok((handle, buf, reused))
     }
 
