@@ -1,8 +1,8 @@
 //! CPU kernels for ternary (W1.58A8) transformer inference.
 //!
 //! This crate knows nothing of models, files or the runtime: every function takes plain slices and
-//! shapes, checks them, and computes. The runtime's CPU backend splits work across threads and calls
-//! these kernels on disjoint pieces.
+//! shapes, checks them, and computes. The runtime's CPU backend splits work across threads (with
+//! [`pool`]) and calls these kernels on disjoint pieces.
 //!
 //! - [`ternary`]: the packed 2-bit weight layout and the scalar reference W1.58A8 matrix product,
 //!   the integer-exact oracle that every other ternary kernel in the project is tested against.
@@ -10,6 +10,8 @@
 //!   the SIMD kernels consume).
 //! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
 //!   their own repacked layout.
+//! - [`pool`]: the persistent thread pool the runtime spreads kernels over (workers spin between
+//!   the short jobs of a decode step instead of parking).
 //! - [`head`]: an 8-bit copy of the output head with error bounds, for exact top-k re-scoring.
 //! - [`isa`]: runtime detection of the SIMD level, and `TERN_CPU_ISA` to force one.
 //! - [`float`]: RMSNorm, RoPE, attention for one head, gated activations, dense dot products.
@@ -18,6 +20,7 @@ pub mod float;
 pub mod head;
 pub mod isa;
 pub mod mad;
+pub mod pool;
 pub mod quant;
 pub mod ternary;
 

@@ -18,11 +18,11 @@ use super::{
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use rayon::prelude::*;
 use tern_cpu::float::{self, GateActivation};
 use tern_cpu::head::{Q8Head, top_candidates};
 use tern_cpu::isa::Isa;
 use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
+use tern_cpu::pool::ThreadPool;
 use tern_cpu::quant::QuantizedRows;
 use tern_cpu::ternary::TernaryView;
 
@@ -35,6 +35,9 @@ const TOKENS_PER_TASK: usize = 16;
 
 /// Output-head rows per parallel task.
 const VOCAB_PER_TASK: usize = 256;
+
+/// Re-scored output-head candidates per parallel task (one full-precision row each).
+const CANDIDATES_PER_TASK: usize = 16;
 
 struct CpuLinear {
     packed: PackedTernary,
@@ -78,7 +81,7 @@ impl KvCache {
 }
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    pool: ThreadPool,
     threads: usize,
     isa: Isa,
     lm_head: LmHead,
@@ -108,11 +111,7 @@ impl CpuBackend {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("tern-cpu-{i}"))
-            .build()
-            .context("cannot start the CPU thread pool")?;
+        let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
             pool,
             threads,
@@ -227,17 +226,17 @@ impl CpuBackend {
                 let view = me.tables[table.0].view();
                 scratch.bounds.resize(vocab, 0.0);
                 for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
-                    me.pool.install(|| {
+                    me.pool.try_for_each(
                         logits
-                            .par_chunks_mut(VOCAB_PER_TASK)
-                            .zip(scratch.bounds.par_chunks_mut(VOCAB_PER_TASK))
-                            .enumerate()
-                            .try_for_each(|(chunk, (approx, bounds))| {
-                                let start = chunk * VOCAB_PER_TASK;
-                                let range = start..start + approx.len();
-                                q8.logits(me.isa, range, xt, approx, bounds)
-                            })
-                    })?;
+                            .chunks_mut(VOCAB_PER_TASK)
+                            .zip(scratch.bounds.chunks_mut(VOCAB_PER_TASK))
+                            .enumerate(),
+                        |(chunk, (approx, bounds))| {
+                            let start = chunk * VOCAB_PER_TASK;
+                            let range = start..start + approx.len();
+                            q8.logits(me.isa, range, xt, approx, bounds)
+                        },
+                    )?;
                     top_candidates(
                         logits,
                         &scratch.bounds,
@@ -247,15 +246,17 @@ impl CpuBackend {
                     );
                     let exact = &mut scratch.exact;
                     exact.resize(scratch.candidates.len(), 0.0);
-                    me.pool.install(|| {
+                    me.pool.try_for_each(
                         scratch
                             .candidates
-                            .par_iter()
-                            .zip(exact.par_iter_mut())
-                            .try_for_each(|(&v, e)| {
+                            .chunks(CANDIDATES_PER_TASK)
+                            .zip(exact.chunks_mut(CANDIDATES_PER_TASK)),
+                        |(candidates, exact)| {
+                            candidates.iter().zip(exact).try_for_each(|(&v, e)| {
                                 view.dot_rows(me.isa, v..v + 1, xt, cols, std::slice::from_mut(e))
                             })
-                    })?;
+                        },
+                    )?;
                     for (&v, &e) in scratch.candidates.iter().zip(exact.iter()) {
                         logits[v] = e;
                     }
@@ -432,11 +433,10 @@ impl Backend for CpuBackend {
         let n = rows * width;
         self.map_buffers(x, n, out, n, "rms_norm", |me, src, dst| {
             let w = &me.vectors[weight.0];
-            me.pool.install(|| {
-                src.par_chunks(width)
-                    .zip(dst.par_chunks_mut(width))
-                    .try_for_each(|(s, d)| float::rms_norm(s, w, eps, d))
-            })?;
+            me.pool
+                .try_for_each(src.chunks(width).zip(dst.chunks_mut(width)), |(s, d)| {
+                    float::rms_norm(s, w, eps, d)
+                })?;
             Ok(())
         })
     }
@@ -467,32 +467,30 @@ impl Backend for CpuBackend {
                 // acc[n * rows + t]: each task owns a contiguous block of weight rows.
                 acc.resize(n_out * rows, 0);
                 let quantized = &*quantized;
-                me.pool.install(|| {
-                    acc.par_chunks_mut(ROWS_PER_TASK * rows)
-                        .enumerate()
-                        .try_for_each(|(chunk, acc)| {
-                            let start = chunk * ROWS_PER_TASK;
-                            let end = start + acc.len() / rows;
-                            mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
-                        })
-                })?;
+                me.pool.try_for_each(
+                    acc.chunks_mut(ROWS_PER_TASK * rows).enumerate(),
+                    |(chunk, acc)| {
+                        let start = chunk * ROWS_PER_TASK;
+                        let end = start + acc.len() / rows;
+                        mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
+                    },
+                )?;
                 // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
                 // whole cache lines of `acc` (a weight row's consecutive tokens).
                 let (scales, acc) = (quantized.scales(), &*acc);
-                me.pool.install(|| {
-                    dst.par_chunks_mut(TOKENS_PER_TASK * n_out)
-                        .enumerate()
-                        .for_each(|(chunk, part)| {
-                            let t0 = chunk * TOKENS_PER_TASK;
-                            let count = part.len() / n_out;
-                            for (n, &row_scale) in lin.row_scales.iter().enumerate() {
-                                let from = &acc[n * rows + t0..n * rows + t0 + count];
-                                for (i, (&a, s)) in from.iter().zip(&scales[t0..]).enumerate() {
-                                    part[i * n_out + n] = a as f32 / s * row_scale;
-                                }
+                me.pool.for_each(
+                    dst.chunks_mut(TOKENS_PER_TASK * n_out).enumerate(),
+                    |(chunk, part)| {
+                        let t0 = chunk * TOKENS_PER_TASK;
+                        let count = part.len() / n_out;
+                        for (n, &row_scale) in lin.row_scales.iter().enumerate() {
+                            let from = &acc[n * rows + t0..n * rows + t0 + count];
+                            for (i, (&a, s)) in from.iter().zip(&scales[t0..]).enumerate() {
+                                part[i * n_out + n] = a as f32 / s * row_scale;
                             }
-                        })
-                });
+                        }
+                    },
+                );
                 Ok(())
             },
         );
@@ -543,31 +541,29 @@ impl Backend for CpuBackend {
         let group = spec.heads / spec.kv_heads;
         let kv = &*kv;
         let src_ref = &src;
-        let result = self.pool.install(|| {
-            dst[..rows.len() * q_dim]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .try_for_each(|(i, o)| {
-                    let (t, h) = (i / spec.heads, i % spec.heads);
-                    let r = rows[t];
-                    let n_keys = r.position + 1;
-                    let base = kv.offset(layer, r.slot, 0) + (h / group) * hd;
-                    let end = kv.offset(layer, r.slot, r.position) + kv_dim;
-                    let q = &src_ref[t * width + h * hd..t * width + (h + 1) * hd];
-                    SCORES.with_borrow_mut(|scores| {
-                        scores.resize(n_keys.max(scores.len()), 0.0);
-                        float::attend(
-                            q,
-                            &kv.keys[base..end],
-                            &kv.values[base..end],
-                            kv_dim,
-                            n_keys,
-                            scores,
-                            o,
-                        )
-                    })
+        let result = self.pool.try_for_each(
+            dst[..rows.len() * q_dim].chunks_mut(hd).enumerate(),
+            |(i, o)| {
+                let (t, h) = (i / spec.heads, i % spec.heads);
+                let r = rows[t];
+                let n_keys = r.position + 1;
+                let base = kv.offset(layer, r.slot, 0) + (h / group) * hd;
+                let end = kv.offset(layer, r.slot, r.position) + kv_dim;
+                let q = &src_ref[t * width + h * hd..t * width + (h + 1) * hd];
+                SCORES.with_borrow_mut(|scores| {
+                    scores.resize(n_keys.max(scores.len()), 0.0);
+                    float::attend(
+                        q,
+                        &kv.keys[base..end],
+                        &kv.values[base..end],
+                        kv_dim,
+                        n_keys,
+                        scores,
+                        o,
+                    )
                 })
-        });
+            },
+        );
         self.put(qkv, src);
         self.put(out, dst);
         result.map_err(Into::into)
@@ -588,14 +584,13 @@ impl Backend for CpuBackend {
             rows * width,
             "gated",
             |me, src, dst| {
-                me.pool.install(|| {
-                    src.par_chunks(2 * width)
-                        .zip(dst.par_chunks_mut(width))
-                        .try_for_each(|(s, d)| {
-                            let (gate, up) = s.split_at(width);
-                            float::gated(activation, gate, up, d)
-                        })
-                })?;
+                me.pool.try_for_each(
+                    src.chunks(2 * width).zip(dst.chunks_mut(width)),
+                    |(s, d)| {
+                        let (gate, up) = s.split_at(width);
+                        float::gated(activation, gate, up, d)
+                    },
+                )?;
                 Ok(())
             },
         )
@@ -640,16 +635,14 @@ impl Backend for CpuBackend {
                     scratch.head.resize(vocab * rows, 0.0);
                     &mut scratch.head[..]
                 };
-                me.pool.install(|| {
-                    by_vocab
-                        .par_chunks_mut(VOCAB_PER_TASK * rows)
-                        .enumerate()
-                        .try_for_each(|(chunk, part)| {
-                            let start = chunk * VOCAB_PER_TASK;
-                            let range = start..start + part.len() / rows;
-                            view.dot_rows(me.isa, range, src, cols, part)
-                        })
-                })?;
+                me.pool.try_for_each(
+                    by_vocab.chunks_mut(VOCAB_PER_TASK * rows).enumerate(),
+                    |(chunk, part)| {
+                        let start = chunk * VOCAB_PER_TASK;
+                        let range = start..start + part.len() / rows;
+                        view.dot_rows(me.isa, range, src, cols, part)
+                    },
+                )?;
                 if rows > 1 {
                     for (t, row) in dst.chunks_exact_mut(vocab).enumerate() {
                         for (v, o) in row.iter_mut().enumerate() {
