@@ -38,6 +38,16 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Whether sampling reads nothing but the `k` largest logits and their order: greedy, or top-k
+    /// with `top_k ≤ k` (top-p, min-p and temperature then only see those), and no repetition
+    /// penalty (which could lift a smaller logit into the top).
+    pub fn reads_only_top(&self, k: usize) -> bool {
+        let no_penalty = self.repeat_penalty == 1.0 || self.repeat_last_n == 0;
+        no_penalty && (self.temperature <= 0.0 || (1..=k).contains(&self.top_k))
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -321,6 +331,61 @@ mod tests {
 
     fn logits_for_probs(probs: &[f64]) -> Vec<f32> {
         probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    /// What `reads_only_top` promises: changing logits below the k-th largest (keeping them below
+    /// it) changes no draw. And where it says no, such a change can matter.
+    #[test]
+    fn reads_only_top_means_lower_logits_do_not_matter() {
+        let k = 8;
+        let logits: Vec<f32> = (0..200).map(|i| ((i * 37) % 101) as f32 * 0.05).collect();
+        let mut sorted = logits.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        // Every logit below the k-th raised to just under it: the mass outside the top k grows.
+        let raised: Vec<f32> = logits
+            .iter()
+            .map(|&l| if l < kth { kth - 1e-3 } else { l })
+            .collect();
+        let history: Vec<u32> = (0..200).collect();
+        let draws = |params: SamplingParams, logits: &[f32]| -> Vec<u32> {
+            let mut s = Sampler::new(params);
+            (0..300).map(|_| s.sample(logits, &history)).collect()
+        };
+        let defaults = SamplingParams::default();
+        let top_k = SamplingParams {
+            top_k: k,
+            ..defaults
+        };
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            ..defaults
+        };
+        for params in [top_k, greedy] {
+            assert!(params.reads_only_top(k));
+            assert_eq!(draws(params, &logits), draws(params, &raised));
+        }
+        let no_top_k = SamplingParams {
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..defaults
+        };
+        let penalized = SamplingParams {
+            repeat_penalty: 5.0,
+            ..top_k
+        };
+        assert!(!no_top_k.reads_only_top(k) && !penalized.reads_only_top(k));
+        assert!(
+            !SamplingParams {
+                top_k: k + 1,
+                ..defaults
+            }
+            .reads_only_top(k)
+        );
+        assert_ne!(draws(no_top_k, &logits), draws(no_top_k, &raised));
+        assert_ne!(draws(penalized, &logits), draws(penalized, &raised));
     }
 
     #[test]

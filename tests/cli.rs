@@ -10,10 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn tern(args: &[&str]) -> Output {
+    tern_logging(args, "warn")
+}
+
+/// `tern args` with the log level `level` on stderr.
+fn tern_logging(args: &[&str], level: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
-        .env("TERN_LOG", "warn")
+        .env("TERN_LOG", level)
         .output()
         .unwrap()
 }
@@ -117,6 +122,11 @@ fn run_greedy_reproduces_the_golden_prefix_as_text_and_jsonl() {
                 joined,
                 "{name}: text and jsonl agree"
             );
+            // `--lm-head auto` took the 8-bit head for the greedy text (same tokens as the full
+            // head, checked above) but not for log-probabilities, which need every logit.
+            let head_log = "output head: 8-bit copy";
+            assert!(stderr(&tern_logging(&args, "info")).contains(head_log));
+            assert!(!stderr(&tern_logging(&jsonl, "info")).contains(head_log));
         }
     }
 }

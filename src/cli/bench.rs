@@ -3,6 +3,7 @@
 use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
+use tern::backend::LmHead;
 use tern::bench::{
     BenchPlan, BenchRow, ShapePreset, decode_weight_bytes, markdown, read_bandwidth,
     run as run_plan,
@@ -44,8 +45,9 @@ pub struct BenchArgs {
     /// GPU to use: a CUDA device number, or a wgpu adapter's index or part of its name.
     #[arg(long)]
     device: Option<String>,
-    /// Output head: f16 (exact) or q8 (8-bit copy, exact top 64; see `tern run --help`).
-    #[arg(long, value_enum, default_value_t = LmHeadChoice::F16)]
+    /// Output head: auto, f16 or q8 (see `tern run --help`); generation here is greedy, so `auto`
+    /// takes the 8-bit copy where the backend has one.
+    #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     lm_head: LmHeadChoice,
     #[arg(long, value_enum, default_value_t = BenchFormat::Md)]
     format: BenchFormat,
@@ -83,19 +85,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "a test of {longest} tokens exceeds the model's context of {}",
         host.config.max_positions
     );
-    let weight_bytes = match args.lm_head {
-        LmHeadChoice::F16 => decode_weight_bytes(&host),
-        // The 8-bit copy (codes + two f32 per row); the few re-scored rows are left out.
-        LmHeadChoice::Q8 => {
-            let head = host.head();
-            (host.ternary_size().1 + head.rows * (head.cols + 8)) as u64
-        }
-    };
     let ternary_params = host.ternary_size().0 as f64;
     let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
-        backend.set_lm_head(args.lm_head.into())?;
+        // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
+        let weight_bytes = match args.lm_head.apply(backend.as_mut(), true)? {
+            LmHead::Full => decode_weight_bytes(&host),
+            // The 8-bit copy (codes + two f32 per row); the few re-scored rows are left out.
+            LmHead::Q8 => {
+                let head = host.head();
+                (host.ternary_size().1 + head.rows * (head.cols + 8)) as u64
+            }
+        };
         let mut engine = Engine::new(&host, backend, longest, 1)?;
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -6,6 +6,7 @@ use super::{ModelArgs, SamplingArgs, engine_for};
 use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
+use tern::backend::Q8_EXACT_TOP_K;
 use tern::chat::ChatMessage;
 use tern::engine::GenerateOptions;
 use tern::sampler::Sampler;
@@ -28,7 +29,8 @@ const HELP: &str =
     "commands: /help this text, /clear start a new conversation, /exit quit (also Ctrl-D)";
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let (mut engine, tokenizer, _) = engine_for(&args.model)?;
+    let top_k_suffices = args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
+    let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
     let mut sampler = Sampler::new(args.sampling.params());
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {

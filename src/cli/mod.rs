@@ -11,10 +11,10 @@ mod tokenize;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
-use tern::backend::Backend;
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
+use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
 use tern::engine::Engine;
 use tern::hub;
 use tern::loader::{HostModel, load_model_files};
@@ -111,25 +111,40 @@ pub struct ModelArgs {
     /// Context length in tokens (0: the model's maximum).
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx: usize,
-    #[arg(long, value_enum, default_value_t = LmHeadChoice::F16)]
+    #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     pub lm_head: LmHeadChoice,
 }
 
-/// Output head: `f16` evaluates it in its stored precision (every logit exact); `q8` reads an 8-bit
-/// copy and re-scores the candidates for the top 64 exactly (exact greedy and top-k ≤ 64 sampling;
-/// other logits, so perplexity and deep log-probabilities, approximate). CPU backend only.
+/// Output head. `f16`: the stored precision, every logit exact. `q8`: an 8-bit copy whose candidates
+/// for the top 64 are re-scored exactly (exact greedy and top-k ≤ 64 sampling; the other logits,
+/// so perplexity and log-probabilities, approximate). `auto` (default): `q8` where it changes no
+/// output (greedy or top-k ≤ 64 sampling without repetition penalty, no log-probabilities, on a
+/// backend that has it), `f16` otherwise. The 8-bit copy is CPU only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LmHeadChoice {
+    Auto,
     F16,
     Q8,
 }
 
-impl From<LmHeadChoice> for tern::backend::LmHead {
-    fn from(choice: LmHeadChoice) -> Self {
-        match choice {
-            LmHeadChoice::F16 => Self::Full,
-            LmHeadChoice::Q8 => Self::Q8,
-        }
+impl LmHeadChoice {
+    /// Sets the output head on `backend` and returns it. `top_k_suffices`: the caller reads
+    /// nothing but the [`Q8_EXACT_TOP_K`] largest logits, so `auto` may take the 8-bit head.
+    pub fn apply(self, backend: &mut dyn Backend, top_k_suffices: bool) -> Result<LmHead> {
+        let head = match self {
+            Self::F16 => LmHead::Full,
+            Self::Q8 => LmHead::Q8,
+            Self::Auto if top_k_suffices && backend.set_lm_head(LmHead::Q8).is_ok() => {
+                tracing::info!(
+                    "output head: 8-bit copy, top {Q8_EXACT_TOP_K} re-scored exactly \
+                     (the same tokens as the full head for this sampling)"
+                );
+                return Ok(LmHead::Q8);
+            }
+            Self::Auto => LmHead::Full,
+        };
+        backend.set_lm_head(head)?;
+        Ok(head)
     }
 }
 
@@ -229,10 +244,14 @@ fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
 }
 
 /// Loads the model and builds an engine with one sequence slot on the chosen backend.
-pub fn engine_for(args: &ModelArgs) -> Result<(Engine, Tokenizer, HostModel)> {
+/// `top_k_suffices`: see [`LmHeadChoice::apply`].
+pub fn engine_for(
+    args: &ModelArgs,
+    top_k_suffices: bool,
+) -> Result<(Engine, Tokenizer, HostModel)> {
     let loaded = load_model(&args.model)?;
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
-    backend.set_lm_head(args.lm_head.into())?;
+    args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
     let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
     Ok((engine, loaded.tokenizer, loaded.host))
 }

@@ -37,7 +37,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         args.model.threads,
         args.model.device.as_deref(),
     )?;
-    backend.set_lm_head(args.model.lm_head.into())?;
+    args.model.lm_head.apply(backend.as_mut(), false)?;
     let mut engine = Engine::new(&loaded.host, backend, window, 1)?;
     let bar = ProgressBar::new((ids.len() / window) as u64);
     bar.set_style(ProgressStyle::with_template(

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::io::Write;
+use tern::backend::Q8_EXACT_TOP_K;
 use tern::chat::ChatMessage;
 use tern::engine::{Engine, GenerateOptions, GenerationStats};
 use tern::kv_cache::SequenceId;
@@ -44,7 +45,9 @@ enum RunFormat {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let (mut engine, tokenizer, _) = engine_for(&args.model)?;
+    let top_k_suffices =
+        args.logprobs == 0 && args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
+    let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
