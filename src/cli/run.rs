@@ -45,8 +45,9 @@ enum RunFormat {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // JSON lines carry each token's log-probability, which needs every logit.
     let top_k_suffices =
-        args.logprobs == 0 && args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
+        args.format == RunFormat::Text && args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
     let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
