@@ -18,7 +18,7 @@ use std::ops::Range;
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), ShapeError> {
     check_len("rms_norm weight", weight.len(), x.len())?;
     check_len("rms_norm output", out.len(), x.len())?;
-    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let sum_sq = sum_f64(x.iter().map(|&v| f64::from(v) * f64::from(v)));
     let mean_sq = (sum_sq / x.len().max(1) as f64) as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -62,55 +62,270 @@ pub fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) -> Result<(), Shap
     Ok(())
 }
 
-/// Causal attention of one query head over `n_keys` cached positions of its kv head.
+/// Where one kv head's queries, keys, values and outputs sit for [`attend`].
 ///
-/// `keys` and `values` hold position `j`'s vector at `j * stride .. j * stride + head_dim`;
-/// `scores` is scratch of at least `n_keys` elements. Writes `softmax(q·kᵀ / √d) · V` to `out`.
-pub fn attend(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    n_keys: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
-    let d = query.len();
-    check_len("attention output", out.len(), d)?;
-    let needed = if n_keys == 0 {
-        0
-    } else {
-        (n_keys - 1) * stride + d
-    };
-    if keys.len() < needed || values.len() < needed || scores.len() < n_keys || stride < d {
-        return Err(ShapeError(format!(
-            "attention over {n_keys} keys of dim {d} (stride {stride}) needs {needed} cached \
-             values and {n_keys} scores; got {} keys, {} values, {} scores",
-            keys.len(),
-            values.len(),
-            scores.len()
-        )));
+/// `rows` consecutive positions of one sequence; the first sees `first_keys` cached positions
+/// (itself included), each next one a position more. Row `r` has `group` query heads (the heads
+/// sharing this kv head), head `h` at `queries[r · query_stride + h · head_dim ..][..head_dim]`,
+/// its output at the same place in `out` with `out_stride`. Cached position `j`'s key and value
+/// sit at `j · kv_stride ..][..head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadGroup {
+    pub head_dim: usize,
+    pub group: usize,
+    pub rows: usize,
+    pub first_keys: usize,
+    pub query_stride: usize,
+    pub out_stride: usize,
+    pub kv_stride: usize,
+}
+
+impl HeadGroup {
+    /// Cached positions the last row sees.
+    fn max_keys(&self) -> usize {
+        self.first_keys + self.rows - 1
     }
-    let inv_sqrt_d = 1.0 / (d as f32).sqrt();
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores[..n_keys].iter_mut().enumerate() {
-        *s = dot_f32(query, &keys[j * stride..j * stride + d]) * inv_sqrt_d;
-        max = max.max(*s);
-    }
-    let mut sum = 0f64;
-    for s in &mut scores[..n_keys] {
-        *s = (*s - max).exp();
-        sum += f64::from(*s);
-    }
-    let inv_sum = (1.0 / sum) as f32;
-    out.fill(0.0);
-    for (j, &p) in scores[..n_keys].iter().enumerate() {
-        let w = p * inv_sum;
-        for (o, &v) in out.iter_mut().zip(&values[j * stride..j * stride + d]) {
-            *o += w * v;
+
+    fn check(
+        &self,
+        queries: usize,
+        keys: usize,
+        values: usize,
+        out: usize,
+    ) -> Result<(), ShapeError> {
+        let (d, heads) = (self.head_dim, self.group * self.head_dim);
+        let span = |stride: usize, n: usize, width: usize| (n - 1) * stride + width;
+        let fits = d > 0
+            && self.group > 0
+            && self.rows > 0
+            && self.first_keys > 0
+            && self.query_stride >= heads
+            && self.out_stride >= heads
+            && self.kv_stride >= d
+            && queries >= span(self.query_stride, self.rows, heads)
+            && out >= span(self.out_stride, self.rows, heads)
+            && keys >= span(self.kv_stride, self.max_keys(), d)
+            && values >= span(self.kv_stride, self.max_keys(), d);
+        if fits {
+            Ok(())
+        } else {
+            Err(ShapeError(format!(
+                "attention {self:?} does not fit {queries} query, {keys} key, {values} value and \
+                 {out} output values"
+            )))
         }
     }
-    Ok(())
+}
+
+/// Causal attention `softmax(q·kᵀ / √d) · V` of every query of `geometry` over its cached
+/// positions, at `isa`. Each key and value is read once for all the block's queries (`group ×
+/// rows` of them), which keeps a long prefill out of the cache bandwidth limit. `scratch` is
+/// grown as needed.
+///
+/// The queries are processed in lanes of [`QUERY_LANES`]: a score is a plain sequential f32 sum
+/// over the head dimension in every lane, so results do not depend on the level, the block, or a
+/// query's lane.
+pub fn attend(
+    isa: Isa,
+    geometry: &HeadGroup,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    geometry.check(queries.len(), keys.len(), values.len(), out.len())?;
+    let lanes = (geometry.rows * geometry.group).div_ceil(QUERY_LANES) * QUERY_LANES;
+    let needed = lanes * (geometry.head_dim + geometry.max_keys());
+    if scratch.len() < needed {
+        scratch.resize(needed, 0.0);
+    }
+    let (transposed, scores) = scratch[..needed].split_at_mut(lanes * geometry.head_dim);
+    isa.vectorized(
+        #[inline(always)]
+        || {
+            let transposed = transposed.as_chunks_mut::<QUERY_LANES>().0;
+            let scores = scores.as_chunks_mut::<QUERY_LANES>().0;
+            attend_lanes(geometry, queries, keys, values, transposed, scores, out)
+        },
+    )
+}
+
+/// Queries processed side by side in [`attend`] (one AVX2 vector, half an AVX-512 one).
+pub const QUERY_LANES: usize = 8;
+
+/// [`attend`] after its checks. Query `q = r · group + h` is lane `q % QUERY_LANES` of lane group
+/// `q / QUERY_LANES`; `transposed[lg · d + i]` holds dimension `i` of lane group `lg`'s queries,
+/// `scores[j · lane_groups + lg]` their scores (then weights) for cached position `j`.
+#[inline(always)]
+fn attend_lanes(
+    g: &HeadGroup,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    transposed: &mut [[f32; QUERY_LANES]],
+    scores: &mut [[f32; QUERY_LANES]],
+    out: &mut [f32],
+) {
+    let (d, n_queries) = (g.head_dim, g.rows * g.group);
+    let lane_groups = n_queries.div_ceil(QUERY_LANES);
+    let inv_sqrt_d = 1.0 / (d as f32).sqrt();
+    let query_at = |q: usize| (q / g.group) * g.query_stride + (q % g.group) * d;
+    let out_at = |q: usize| (q / g.group) * g.out_stride + (q % g.group) * d;
+    // Keys visible to each lane (0 for padding lanes).
+    let visible = |lg: usize| -> [usize; QUERY_LANES] {
+        std::array::from_fn(|l| {
+            let q = lg * QUERY_LANES + l;
+            if q < n_queries {
+                g.first_keys + q / g.group
+            } else {
+                0
+            }
+        })
+    };
+    for (lg, dims) in transposed.chunks_exact_mut(d).enumerate() {
+        for l in 0..QUERY_LANES {
+            let q = lg * QUERY_LANES + l;
+            for (i, dim) in dims.iter_mut().enumerate() {
+                dim[l] = if q < n_queries {
+                    queries[query_at(q) + i]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    // Key-major: each key is loaded once and dotted with every lane of queries; KEYS_AT_ONCE keys
+    // at a time give independent sums (each still sequential over the dimensions).
+    for (j0, rows) in scores.chunks_mut(KEYS_AT_ONCE * lane_groups).enumerate() {
+        let n = rows.len() / lane_groups;
+        let key = |k: usize| &keys[(j0 * KEYS_AT_ONCE + k.min(n - 1)) * g.kv_stride..][..d];
+        let batch: [&[f32]; KEYS_AT_ONCE] = std::array::from_fn(key);
+        for (lg, dims) in transposed.chunks_exact(d).enumerate() {
+            let mut acc = [[0f32; QUERY_LANES]; KEYS_AT_ONCE];
+            for (i, dim) in dims.iter().enumerate() {
+                for (acc, key) in acc.iter_mut().zip(&batch) {
+                    let k = key[i];
+                    for l in 0..QUERY_LANES {
+                        acc[l] += k * dim[l];
+                    }
+                }
+            }
+            for (k, acc) in acc.iter().enumerate().take(n) {
+                for l in 0..QUERY_LANES {
+                    rows[k * lane_groups + lg][l] = acc[l] * inv_sqrt_d;
+                }
+            }
+        }
+    }
+    // Softmax per lane over its visible keys; invisible ones get weight exactly 0.
+    for lg in 0..lane_groups {
+        let visible = visible(lg);
+        let mut max = [f32::NEG_INFINITY; QUERY_LANES];
+        let mut sum = [0f64; QUERY_LANES];
+        for (j, row) in scores.chunks_exact(lane_groups).enumerate() {
+            for l in 0..QUERY_LANES {
+                if j < visible[l] {
+                    max[l] = max[l].max(row[lg][l]);
+                }
+            }
+        }
+        for (j, row) in scores.chunks_exact_mut(lane_groups).enumerate() {
+            for l in 0..QUERY_LANES {
+                let p = if j < visible[l] {
+                    exp(row[lg][l] - max[l])
+                } else {
+                    0.0
+                };
+                row[lg][l] = p;
+                sum[l] += f64::from(p);
+            }
+        }
+        let inv_sum: [f32; QUERY_LANES] = std::array::from_fn(|l| {
+            if sum[l] > 0.0 {
+                (1.0 / sum[l]) as f32
+            } else {
+                0.0
+            }
+        });
+        for row in scores.chunks_exact_mut(lane_groups) {
+            for l in 0..QUERY_LANES {
+                row[lg][l] *= inv_sum[l];
+            }
+        }
+    }
+    for q in 0..n_queries {
+        out[out_at(q)..][..d].fill(0.0);
+    }
+    // Every weight of a position a query does not see is exactly 0, and every value up to the
+    // block's last position is written, so KEYS_AT_ONCE values are added per pass over an output
+    // (in position order, as one at a time would).
+    for (j0, rows) in scores.chunks(KEYS_AT_ONCE * lane_groups).enumerate() {
+        let n = rows.len() / lane_groups;
+        let value = |k: usize| &values[(j0 * KEYS_AT_ONCE + k.min(n - 1)) * g.kv_stride..][..d];
+        let batch: [&[f32]; KEYS_AT_ONCE] = std::array::from_fn(value);
+        for q in 0..n_queries {
+            let w: [f32; KEYS_AT_ONCE] = std::array::from_fn(|k| {
+                if k < n {
+                    rows[k * lane_groups + q / QUERY_LANES][q % QUERY_LANES]
+                } else {
+                    0.0
+                }
+            });
+            for (i, o) in out[out_at(q)..][..d].iter_mut().enumerate() {
+                let mut sum = *o;
+                for (w, value) in w.iter().zip(&batch) {
+                    sum += w * value[i];
+                }
+                *o = sum;
+            }
+        }
+    }
+}
+
+/// Cached positions [`attend`] handles per pass (independent sums in flight).
+const KEYS_AT_ONCE: usize = 4;
+
+/// `e^x` in f32 without branches or calls, so loops over it vectorize: `x = n·ln 2 + r` with
+/// `|r| ≤ ln 2 / 2` (ln 2 split in two parts so `n·ln 2` is exact), a degree-7 Taylor polynomial
+/// for `e^r` (truncation error below 2⁻²⁴ relative there), and `2^n` built in the exponent bits.
+/// Within 2 ulp of the exact value; inputs are clamped to [-87, 88], where the result stays a
+/// normal float (softmax only feeds it values ≤ 0, whose tails below e⁻⁸⁷ do not matter).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 rounded to 16 significant bits
+    const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Horner form of Σ rᵏ/k!, k = 0..7.
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Lanes of independent partial results: enough for the compiler to vectorize reductions (two
+/// AVX-512 vectors of f32).
+const LANES: usize = 32;
+
+/// The f64 sum of `values` over independent lanes (a fixed order, vectorizable).
+#[inline(always)]
+fn sum_f64(values: impl Iterator<Item = f64>) -> f64 {
+    let mut acc = [0f64; 8];
+    for (i, v) in values.enumerate() {
+        acc[i % 8] += v;
+    }
+    acc.iter().sum()
 }
 
 /// The gate activation of a gated feed-forward block.
@@ -201,7 +416,7 @@ impl DenseView<'_> {
         let cols = x.len();
         let range = r * cols..(r + 1) * cols;
         match self {
-            DenseView::F32(v) => dot_f32(x, &v[range]),
+            DenseView::F32(v) => dot_with(x, &v[range], |&w| w),
             DenseView::F16(v) => dot_with(x, &v[range], |h| h.to_f32()),
             DenseView::Bf16(v) => dot_with(x, &v[range], |h| {
                 f32::from_bits(u32::from(h.to_bits()) << 16)
@@ -289,27 +504,11 @@ impl Widen for f16 {
 }
 
 fn dot_rows_at<T: Widen>(isa: Isa, rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `dot_rows` checked that the CPU supports `isa`.
-        Isa::Avx512 => unsafe { dot_rows_avx512(rows, x, cols, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { dot_rows_avx2(rows, x, cols, out) },
-        _ => dot_rows_lanes(rows, x, cols, out),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn dot_rows_avx512<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
-    dot_rows_lanes(rows, x, cols, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows_avx2<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
-    dot_rows_lanes(rows, x, cols, out)
+    // `dot_rows` checked the level, so this cannot fail.
+    let _ = isa.vectorized(
+        #[inline(always)]
+        || dot_rows_lanes(rows, x, cols, out),
+    );
 }
 
 /// Each matrix row is read once and dotted with every token while it is in L1.
@@ -323,29 +522,25 @@ fn dot_rows_lanes<T: Widen>(rows: &[T], x: &[f32], cols: usize, out: &mut [f32])
     }
 }
 
-/// Lanes of independent partial sums: enough for the compiler to vectorize the dot products
-/// (two AVX-512 vectors).
-const LANES: usize = 32;
-
-/// f32 dot product with `LANES` partial sums.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    dot_with(a, b, |v| *v)
-}
-
 #[inline(always)]
 fn dot_with<T>(a: &[f32], b: &[T], widen: impl Fn(&T) -> f32) -> f32 {
+    let (a_lanes, a_tail) = a.as_chunks::<LANES>();
+    let (b_lanes, b_tail) = b[..a.len()].as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
-    let chunks = a.len() / LANES * LANES;
-    for (ca, cb) in a[..chunks]
-        .chunks_exact(LANES)
-        .zip(b[..chunks].chunks_exact(LANES))
-    {
+    for (ca, cb) in a_lanes.iter().zip(b_lanes) {
         for l in 0..LANES {
             acc[l] += ca[l] * widen(&cb[l]);
         }
     }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
+    // Pairwise halving: vector adds instead of a chain of LANES dependent scalar adds (this
+    // dominates a 128-wide attention dot product).
+    for width in [16, 8, 4, 2, 1] {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    let mut sum = acc[0];
+    for (x, y) in a_tail.iter().zip(b_tail) {
         sum += x * widen(y);
     }
     sum
@@ -381,21 +576,40 @@ mod tests {
         assert!((head[0] - (1.0 * 17f32.cos() - 5.0 * 17f32.sin())).abs() < 1e-5);
     }
 
+    fn supported() -> impl Iterator<Item = Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_supported())
+    }
+
+    /// One query head over `n_keys` positions stored `stride` apart.
+    fn single(d: usize, n_keys: usize, stride: usize) -> HeadGroup {
+        HeadGroup {
+            head_dim: d,
+            group: 1,
+            rows: 1,
+            first_keys: n_keys,
+            query_stride: d,
+            out_stride: d,
+            kv_stride: stride,
+        }
+    }
+
     #[test]
     fn attention_over_one_key_returns_its_value() {
-        let mut out = [0f32; 2];
-        let mut scores = [0f32; 1];
-        attend(
-            &[1.0, 0.0],
-            &[0.5, 0.5],
-            &[3.0, -1.0],
-            2,
-            1,
-            &mut scores,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, [3.0, -1.0]);
+        for isa in supported() {
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (query, key, value) = ([1.0, 0.0], [0.5, 0.5], [3.0, -1.0]);
+            attend(
+                isa,
+                &single(2, 1, 2),
+                &query,
+                &key,
+                &value,
+                &mut scores,
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, [3.0, -1.0]);
+        }
     }
 
     #[test]
@@ -403,12 +617,130 @@ mod tests {
         // Two keys with scores 0 and ln(3)·√2/√2: weights 1/4 and 3/4.
         let d = 2.0f32;
         let k1 = 3f32.ln() * d.sqrt();
-        let mut out = [0f32; 2];
-        let mut scores = [0f32; 2];
         let keys = [0.0, 0.0, k1, 0.0];
         let values = [4.0, 0.0, 0.0, 4.0];
-        attend(&[1.0, 0.0], &keys, &values, 2, 2, &mut scores, &mut out).unwrap();
-        assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
+        for isa in supported() {
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let g = single(2, 2, 2);
+            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
+        }
+    }
+
+    fn random_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut seed = seed;
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// A real head size and a cache longer than the lanes, against softmax in f64.
+    #[test]
+    fn attention_matches_an_f64_reference_at_every_isa() {
+        let (d, stride, n_keys) = (128, 640, 301);
+        let query: Vec<f32> = random_values(d, 5).iter().map(|q| q * 8.0).collect();
+        let keys = random_values(n_keys * stride, 6);
+        let values = random_values(n_keys * stride, 7);
+        let scores: Vec<f64> = (0..n_keys)
+            .map(|j| {
+                let k = &keys[j * stride..j * stride + d];
+                let dot: f64 = query.iter().zip(k).map(|(&q, &k)| f64::from(q * k)).sum();
+                dot / (d as f64).sqrt()
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let expected: Vec<f64> = (0..d)
+            .map(|i| {
+                let v = (0..n_keys).map(|j| weights[j] * f64::from(values[j * stride + i]));
+                v.sum::<f64>() / total
+            })
+            .collect();
+        let mut first: Option<Vec<f32>> = None;
+        for isa in supported() {
+            let (mut scratch, mut out) = (Vec::new(), vec![0f32; d]);
+            let g = single(d, n_keys, stride);
+            attend(isa, &g, &query, &keys, &values, &mut scratch, &mut out).unwrap();
+            for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-5,
+                    "{isa} dim {i}: {got} vs {want}"
+                );
+            }
+            // The same bits at every level.
+            assert_eq!(first.get_or_insert_with(|| out.clone()), &out, "{isa}");
+        }
+    }
+
+    #[test]
+    fn a_block_equals_its_queries_one_at_a_time() {
+        let (d, group, rows, first_keys) = (64, 4, 5, 40);
+        let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
+        let max_keys = first_keys + rows - 1;
+        let queries = random_values(rows * q_stride, 11);
+        let keys = random_values(max_keys * kv_stride, 12);
+        let values = random_values(max_keys * kv_stride, 13);
+        for isa in supported() {
+            let block = HeadGroup {
+                head_dim: d,
+                group,
+                rows,
+                first_keys,
+                query_stride: q_stride,
+                out_stride,
+                kv_stride,
+            };
+            let (mut scratch, mut out) = (Vec::new(), vec![7f32; rows * out_stride]);
+            attend(
+                isa,
+                &block,
+                &queries,
+                &keys,
+                &values,
+                &mut scratch,
+                &mut out,
+            )
+            .unwrap();
+            for r in 0..rows {
+                for h in 0..group {
+                    let q = &queries[r * q_stride + h * d..][..d];
+                    let mut alone = vec![0f32; d];
+                    let g = single(d, first_keys + r, kv_stride);
+                    attend(isa, &g, q, &keys, &values, &mut scratch, &mut alone).unwrap();
+                    assert_eq!(
+                        &out[r * out_stride + h * d..][..d],
+                        &alone[..],
+                        "{isa} {r} {h}"
+                    );
+                }
+                let gap = &out[r * out_stride + group * d..(r + 1) * out_stride];
+                assert!(gap.iter().all(|&v| v == 7.0));
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_and_clamps() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp(x));
+            let ulp = want * f64::from(f32::EPSILON);
+            assert!(
+                (got - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(1000.0).is_finite());
     }
 
     #[test]
@@ -500,18 +832,30 @@ mod tests {
     fn bad_shapes_are_errors() {
         let mut out = [0f32; 2];
         assert!(rms_norm(&[1.0; 3], &[1.0; 2], 1e-5, &mut out).is_err());
-        assert!(
-            attend(
-                &[1.0, 0.0],
-                &[0.0; 2],
-                &[0.0; 2],
-                2,
-                2,
-                &mut [0.0; 2],
-                &mut out
-            )
-            .is_err()
+        let (short, mut scratch) = ([0.0; 2], Vec::new());
+        let (query, four) = ([1.0, 0.0], [0.0; 4]);
+        let two_keys = single(2, 2, 2);
+        let err = attend(
+            Isa::Scalar,
+            &two_keys,
+            &query,
+            &short,
+            &short,
+            &mut scratch,
+            &mut out,
         );
+        assert!(err.is_err());
+        let no_keys = single(2, 0, 2);
+        let err = attend(
+            Isa::Scalar,
+            &no_keys,
+            &query,
+            &four,
+            &four,
+            &mut scratch,
+            &mut out,
+        );
+        assert!(err.is_err());
         assert!(gated(GateActivation::Relu2, &[0.0; 2], &[0.0; 3], &mut out).is_err());
     }
 }

@@ -80,6 +80,25 @@ impl Isa {
         }
     }
 
+    /// Runs `f` inside a function compiled with this level's target features, so that the loops
+    /// of the `#[inline(always)]` code it calls are vectorized at this width (an error if this CPU
+    /// lacks the level). Plain Rust over independent lanes gets SIMD this way without intrinsics.
+    /// The closure must be `#[inline(always)]`: compiled on its own it would get the baseline's
+    /// features only.
+    pub fn vectorized<R>(self, f: impl FnOnce() -> R) -> Result<R, ShapeError> {
+        self.check()?;
+        Ok(match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `check` confirmed that this CPU has the level's features.
+            Isa::Avx512 => unsafe { with_avx512(f) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { with_avx2(f) },
+            // NEON is part of the aarch64 baseline; the scalar level uses the build's baseline.
+            _ => f(),
+        })
+    }
+
     /// An error naming the level unless this CPU supports it.
     pub fn check(self) -> Result<(), ShapeError> {
         if self.is_supported() {
@@ -103,6 +122,18 @@ impl std::fmt::Display for Isa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -33,6 +33,10 @@ const ROWS_PER_TASK: usize = 16 * ROW_GROUP;
 /// Tokens per task when the products are transposed into the output (a cache line of i32).
 const TOKENS_PER_TASK: usize = 16;
 
+/// Prompt rows per attention task: every cached key and value is read once for this many rows
+/// (times the heads sharing it).
+const ATTENTION_ROWS_PER_TASK: usize = 8;
+
 /// Output-head rows per parallel task.
 const VOCAB_PER_TASK: usize = 256;
 
@@ -539,31 +543,53 @@ impl Backend for CpuBackend {
             kv.values[at..at + kv_dim].copy_from_slice(&row[q_dim + kv_dim..width]);
         }
         let group = spec.heads / spec.kv_heads;
-        let kv = &*kv;
-        let src_ref = &src;
-        let result = self.pool.try_for_each(
-            dst[..rows.len() * q_dim].chunks_mut(hd).enumerate(),
-            |(i, o)| {
-                let (t, h) = (i / spec.heads, i % spec.heads);
-                let r = rows[t];
-                let n_keys = r.position + 1;
-                let base = kv.offset(layer, r.slot, 0) + (h / group) * hd;
-                let end = kv.offset(layer, r.slot, r.position) + kv_dim;
-                let q = &src_ref[t * width + h * hd..t * width + (h + 1) * hd];
-                SCORES.with_borrow_mut(|scores| {
-                    scores.resize(n_keys.max(scores.len()), 0.0);
-                    float::attend(
-                        q,
-                        &kv.keys[base..end],
-                        &kv.values[base..end],
-                        kv_dim,
-                        n_keys,
-                        scores,
-                        o,
-                    )
-                })
-            },
-        );
+        let (isa, kv, qkv_rows) = (self.isa, &*kv, &src);
+        // Queries of rows `t0..t0 + n` (at consecutive positions of one slot) over kv head `g`,
+        // written to `out` laid out like the output rows from `t0`, starting at head `g · group`.
+        let attend_rows = |t0: usize, n: usize, g: usize, out: &mut [f32], out_stride: usize| {
+            let r = rows[t0];
+            let geometry = float::HeadGroup {
+                head_dim: hd,
+                group,
+                rows: n,
+                first_keys: r.position + 1,
+                query_stride: width,
+                out_stride,
+                kv_stride: kv_dim,
+            };
+            let base = kv.offset(layer, r.slot, 0) + g * hd;
+            let end = kv.offset(layer, r.slot, r.position + n - 1) + kv_dim;
+            let queries = &qkv_rows[t0 * width + g * group * hd..];
+            SCORES.with_borrow_mut(|scores| {
+                let (keys, values) = (&kv.keys[base..end], &kv.values[base..end]);
+                float::attend(isa, &geometry, queries, keys, values, scores, out)
+            })
+        };
+        let one_run = rows
+            .windows(2)
+            .all(|w| w[1].slot == w[0].slot && w[1].position == w[0].position + 1);
+        let result = if one_run && rows.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
+            // A prefill: blocks of rows, each key and value read once per block.
+            self.pool.try_for_each(
+                dst[..rows.len() * q_dim]
+                    .chunks_mut(ATTENTION_ROWS_PER_TASK * q_dim)
+                    .enumerate(),
+                |(block, out)| {
+                    let (t0, n) = (block * ATTENTION_ROWS_PER_TASK, out.len() / q_dim);
+                    (0..spec.kv_heads)
+                        .try_for_each(|g| attend_rows(t0, n, g, &mut out[g * group * hd..], q_dim))
+                },
+            )
+        } else {
+            // Decode: one task per (row, kv head), so even one row spreads over the threads.
+            self.pool.try_for_each(
+                dst[..rows.len() * q_dim].chunks_mut(group * hd).enumerate(),
+                |(i, out)| {
+                    let (t, g) = (i / spec.kv_heads, i % spec.kv_heads);
+                    attend_rows(t, 1, g, out, group * hd)
+                },
+            )
+        };
         self.put(qkv, src);
         self.put(out, dst);
         result.map_err(Into::into)
