@@ -150,8 +150,6 @@ pub enum DenseView<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
-    /// Int8 codes (a quantized copy, see [`crate::head`]); values are the codes themselves.
-    I8(&'a [i8]),
 }
 
 impl DenseView<'_> {
@@ -160,7 +158,6 @@ impl DenseView<'_> {
             DenseView::F32(v) => v.len(),
             DenseView::F16(v) => v.len(),
             DenseView::Bf16(v) => v.len(),
-            DenseView::I8(v) => v.len(),
         }
     }
 
@@ -188,10 +185,6 @@ impl DenseView<'_> {
                 .iter_mut()
                 .zip(&v[range])
                 .for_each(|(o, h)| *o = h.to_f32()),
-            DenseView::I8(v) => out
-                .iter_mut()
-                .zip(&v[range])
-                .for_each(|(o, &q)| *o = f32::from(q)),
         }
         Ok(())
     }
@@ -206,7 +199,6 @@ impl DenseView<'_> {
             DenseView::Bf16(v) => dot_with(x, &v[range], |h| {
                 f32::from_bits(u32::from(h.to_bits()) << 16)
             }),
-            DenseView::I8(v) => dot_with(x, &v[range], |&q| f32::from(q)),
         }
     }
 }
@@ -238,7 +230,6 @@ impl DenseView<'_> {
             DenseView::F32(v) => dot_rows_at(isa, &v[range], x, cols, out),
             DenseView::F16(v) => dot_rows_at(isa, &v[range], x, cols, out),
             DenseView::Bf16(v) => dot_rows_at(isa, &v[range], x, cols, out),
-            DenseView::I8(v) => dot_rows_at(isa, &v[range], x, cols, out),
         }
         Ok(())
     }
@@ -260,13 +251,6 @@ impl Widen for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
-    }
-}
-
-impl Widen for i8 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from(self)
     }
 }
 
