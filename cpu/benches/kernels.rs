@@ -1,6 +1,6 @@
 //! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
 //! GEMV (1 token, decode) and GEMM (128 tokens, prefill) at every supported ISA level, plus the
-//! scalar reference and the output head. Prints the median time of several runs, the weight
+//! scalar reference and the output head (bf16, and the 8-bit copy with its bounds). Prints the median time of several runs, the weight
 //! bandwidth it implies (GB/s of packed weights read) and int8 GOPS (2 · rows · cols · tokens).
 //!
 //! `cargo bench -p tern-cpu --bench kernels` (`-- gemv` or `-- gemm` or `-- head` to filter).
@@ -9,6 +9,7 @@ use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
 use tern_cpu::float::DenseView;
+use tern_cpu::head::{Q8Head, Q8Input};
 use tern_cpu::isa::Isa;
 use tern_cpu::mad::{PackedTernary, gemm};
 use tern_cpu::quant::QuantizedRows;
@@ -116,6 +117,28 @@ fn main() {
                 "| head bf16 | {isa} | {vocab}x{cols} | 1 | {:.3} | {:.1} | {:.1} (f32 FLOP) |",
                 secs * 1e3,
                 (vocab * cols * 2) as f64 / secs / 1e9,
+                2.0 * (vocab * cols) as f64 / secs / 1e9
+            );
+        }
+        let view = DenseView::Bf16(&table);
+        let (mut bounds, mut input) = (vec![0f32; vocab], Q8Input::default());
+        for &isa in &isas {
+            let start = Instant::now();
+            let head = Q8Head::quantize(isa, view, vocab, cols).unwrap();
+            println!(
+                "| head q8 quantize | {isa} | {vocab}x{cols} | - | {:.3} | - | - |",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+            let secs = median_secs(5, || {
+                input.prepare(isa, black_box(&x)).unwrap();
+                head.logits(isa, 0..vocab, &input, &mut out, &mut bounds)
+                    .unwrap();
+                black_box((&out, &bounds));
+            });
+            println!(
+                "| head q8 + bounds | {isa} | {vocab}x{cols} | 1 | {:.3} | {:.1} | {:.1} |",
+                secs * 1e3,
+                head.bytes() as f64 / secs / 1e9,
                 2.0 * (vocab * cols) as f64 / secs / 1e9
             );
         }

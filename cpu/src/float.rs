@@ -365,8 +365,6 @@ pub enum DenseView<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
-    /// Int8 codes (a quantized copy, see [`crate::head`]); values are the codes themselves.
-    I8(&'a [i8]),
 }
 
 impl DenseView<'_> {
@@ -375,7 +373,6 @@ impl DenseView<'_> {
             DenseView::F32(v) => v.len(),
             DenseView::F16(v) => v.len(),
             DenseView::Bf16(v) => v.len(),
-            DenseView::I8(v) => v.len(),
         }
     }
 
@@ -403,10 +400,6 @@ impl DenseView<'_> {
                 .iter_mut()
                 .zip(&v[range])
                 .for_each(|(o, h)| *o = h.to_f32()),
-            DenseView::I8(v) => out
-                .iter_mut()
-                .zip(&v[range])
-                .for_each(|(o, &q)| *o = f32::from(q)),
         }
         Ok(())
     }
@@ -421,7 +414,6 @@ impl DenseView<'_> {
             DenseView::Bf16(v) => dot_with(x, &v[range], |h| {
                 f32::from_bits(u32::from(h.to_bits()) << 16)
             }),
-            DenseView::I8(v) => dot_with(x, &v[range], |&q| f32::from(q)),
         }
     }
 }
@@ -453,7 +445,6 @@ impl DenseView<'_> {
             DenseView::F32(v) => dot_rows_at(isa, &v[range], x, cols, out),
             DenseView::F16(v) => dot_rows_at(isa, &v[range], x, cols, out),
             DenseView::Bf16(v) => dot_rows_at(isa, &v[range], x, cols, out),
-            DenseView::I8(v) => dot_rows_at(isa, &v[range], x, cols, out),
         }
         Ok(())
     }
@@ -475,13 +466,6 @@ impl Widen for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
-    }
-}
-
-impl Widen for i8 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from(self)
     }
 }
 

@@ -243,7 +243,7 @@ impl MicroKernel for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{CHUNK, K_BLOCK, MicroKernel, ROW_GROUP};
     use std::arch::x86_64::*;
 
@@ -346,8 +346,9 @@ mod x86 {
         acc.map(|row| row.map(|v| hsum_avx2(v)))
     }
 
+    /// The sum of the eight i32 lanes (also used by [`crate::head`]).
     #[target_feature(enable = "avx2")]
-    fn hsum_avx2(v: __m256i) -> i32 {
+    pub(crate) fn hsum_avx2(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));

@@ -19,7 +19,7 @@ use super::{
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::float::{self, GateActivation};
-use tern_cpu::head::{Q8Head, top_candidates};
+use tern_cpu::head::{Q8Head, Q8Input, top_candidates};
 use tern_cpu::isa::Isa;
 use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
 use tern_cpu::pool::ThreadPool;
@@ -54,7 +54,9 @@ struct Scratch {
     quantized: QuantizedRows,
     acc: Vec<i32>,
     head: Vec<f32>,
-    /// `LmHead::Q8`: error bounds of one row's approximate logits, and the candidates to re-score.
+    /// `LmHead::Q8`: one row's quantized input, the error bounds of its approximate logits, and
+    /// the candidates to re-score.
+    q8_input: Q8Input,
     bounds: Vec<f32>,
     ranked: Vec<f32>,
     candidates: Vec<usize>,
@@ -212,7 +214,7 @@ impl CpuBackend {
         }
         if self.q8_tables[table.0].is_none() {
             let started = std::time::Instant::now();
-            self.q8_tables[table.0] = Some(Q8Head::quantize(t.view(), vocab, cols)?);
+            self.q8_tables[table.0] = Some(Q8Head::quantize(self.isa, t.view(), vocab, cols)?);
             tracing::debug!(
                 "8-bit output head built in {:.1} s",
                 started.elapsed().as_secs_f64()
@@ -230,6 +232,8 @@ impl CpuBackend {
                 let view = me.tables[table.0].view();
                 scratch.bounds.resize(vocab, 0.0);
                 for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
+                    scratch.q8_input.prepare(me.isa, xt)?;
+                    let input = &scratch.q8_input;
                     me.pool.try_for_each(
                         logits
                             .chunks_mut(VOCAB_PER_TASK)
@@ -238,7 +242,7 @@ impl CpuBackend {
                         |(chunk, (approx, bounds))| {
                             let start = chunk * VOCAB_PER_TASK;
                             let range = start..start + approx.len();
-                            q8.logits(me.isa, range, xt, approx, bounds)
+                            q8.logits(me.isa, range, input, approx, bounds)
                         },
                     )?;
                     top_candidates(
