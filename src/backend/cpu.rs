@@ -26,9 +26,12 @@ use tern_cpu::pool::ThreadPool;
 use tern_cpu::quant::QuantizedRows;
 use tern_cpu::ternary::TernaryView;
 
-/// Output rows per parallel task: small enough to balance two threads on the smallest linear (640
-/// rows), large enough to amortize a task. A multiple of the kernels' row group.
-const ROWS_PER_TASK: usize = 16 * ROW_GROUP;
+/// Output rows per parallel task: a multiple of the kernels' row group, at least this many.
+const MIN_ROWS_PER_TASK: usize = 16 * ROW_GROUP;
+
+/// Tasks per thread a linear is split into: each thread streams a few long contiguous runs of
+/// weights (which the hardware prefetchers follow) while a slow thread still gets fewer runs.
+const TASKS_PER_THREAD: usize = 4;
 
 /// Tokens per task when the products are transposed into the output (a cache line of i32).
 const TOKENS_PER_TASK: usize = 16;
@@ -475,10 +478,13 @@ impl Backend for CpuBackend {
                 // acc[n * rows + t]: each task owns a contiguous block of weight rows.
                 acc.resize(n_out * rows, 0);
                 let quantized = &*quantized;
+                let per_task = (n_out / (TASKS_PER_THREAD * me.threads))
+                    .next_multiple_of(ROW_GROUP)
+                    .max(MIN_ROWS_PER_TASK);
                 me.pool.try_for_each(
-                    acc.chunks_mut(ROWS_PER_TASK * rows).enumerate(),
+                    acc.chunks_mut(per_task * rows).enumerate(),
                     |(chunk, acc)| {
-                        let start = chunk * ROWS_PER_TASK;
+                        let start = chunk * per_task;
                         let end = start + acc.len() / rows;
                         mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
                     },
