@@ -40,8 +40,8 @@ const TOKENS_PER_TASK: usize = 16;
 /// (times the heads sharing it).
 const ATTENTION_ROWS_PER_TASK: usize = 8;
 
-/// Output-head rows per parallel task.
-const VOCAB_PER_TASK: usize = 256;
+/// Output-head rows per parallel task, at least.
+const MIN_VOCAB_PER_TASK: usize = 256;
 
 /// Re-scored output-head candidates per parallel task (one full-precision row each).
 const CANDIDATES_PER_TASK: usize = 16;
@@ -134,6 +134,14 @@ impl CpuBackend {
             buffers: Vec::new(),
             kv: None,
         })
+    }
+
+    /// Rows per parallel task for a product over `total` weight rows: [`TASKS_PER_THREAD`] runs
+    /// per thread, a multiple of `multiple`, at least `min`.
+    fn rows_per_task(&self, total: usize, min: usize, multiple: usize) -> usize {
+        (total / (TASKS_PER_THREAD * self.threads))
+            .next_multiple_of(multiple)
+            .max(min)
     }
 
     fn buffer(&self, a: Activations) -> Result<&Vec<f32>> {
@@ -233,17 +241,18 @@ impl CpuBackend {
             |me, src, dst| {
                 let q8 = me.q8_tables[table.0].as_ref().expect("built above");
                 let view = me.tables[table.0].view();
+                let per_task = me.rows_per_task(vocab, MIN_VOCAB_PER_TASK, 1);
                 scratch.bounds.resize(vocab, 0.0);
                 for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
                     scratch.q8_input.prepare(me.isa, xt)?;
                     let input = &scratch.q8_input;
                     me.pool.try_for_each(
                         logits
-                            .chunks_mut(VOCAB_PER_TASK)
-                            .zip(scratch.bounds.chunks_mut(VOCAB_PER_TASK))
+                            .chunks_mut(per_task)
+                            .zip(scratch.bounds.chunks_mut(per_task))
                             .enumerate(),
                         |(chunk, (approx, bounds))| {
-                            let start = chunk * VOCAB_PER_TASK;
+                            let start = chunk * per_task;
                             let range = start..start + approx.len();
                             q8.logits(me.isa, range, input, approx, bounds)
                         },
@@ -478,9 +487,7 @@ impl Backend for CpuBackend {
                 // acc[n * rows + t]: each task owns a contiguous block of weight rows.
                 acc.resize(n_out * rows, 0);
                 let quantized = &*quantized;
-                let per_task = (n_out / (TASKS_PER_THREAD * me.threads))
-                    .next_multiple_of(ROW_GROUP)
-                    .max(MIN_ROWS_PER_TASK);
+                let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, ROW_GROUP);
                 me.pool.try_for_each(
                     acc.chunks_mut(per_task * rows).enumerate(),
                     |(chunk, acc)| {
@@ -663,6 +670,7 @@ impl Backend for CpuBackend {
             "logits",
             |me, src, dst| {
                 let view = me.tables[table.0].view();
+                let per_task = me.rows_per_task(vocab, MIN_VOCAB_PER_TASK, 1);
                 // by_vocab[v * rows + t]: vocabulary chunks write disjoint slices. With one row
                 // that is already the output's layout.
                 let by_vocab = if rows == 1 {
@@ -672,9 +680,9 @@ impl Backend for CpuBackend {
                     &mut scratch.head[..]
                 };
                 me.pool.try_for_each(
-                    by_vocab.chunks_mut(VOCAB_PER_TASK * rows).enumerate(),
+                    by_vocab.chunks_mut(per_task * rows).enumerate(),
                     |(chunk, part)| {
-                        let start = chunk * VOCAB_PER_TASK;
+                        let start = chunk * per_task;
                         let range = start..start + part.len() / rows;
                         view.dot_rows(me.isa, range, src, cols, part)
                     },
