@@ -446,7 +446,6 @@ impl DenseView<'_> {
             DenseView::F16(v) => dot_rows_at(isa, &v[range], x, cols, out),
             DenseView::Bf16(v) => dot_rows_at(isa, &v[range], x, cols, out),
         }
-        Ok(())
     }
 }
 
@@ -487,12 +486,17 @@ impl Widen for f16 {
     }
 }
 
-fn dot_rows_at<T: Widen>(isa: Isa, rows: &[T], x: &[f32], cols: usize, out: &mut [f32]) {
-    // `dot_rows` checked the level, so this cannot fail.
-    let _ = isa.vectorized(
+fn dot_rows_at<T: Widen>(
+    isa: Isa,
+    rows: &[T],
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    isa.vectorized(
         #[inline(always)]
         || dot_rows_lanes(rows, x, cols, out),
-    );
+    )
 }
 
 /// Each matrix row is read once and dotted with every token while it is in L1.

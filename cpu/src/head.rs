@@ -156,7 +156,12 @@ impl Q8Head {
         let mut row = vec![0f32; stride];
         for (v, codes) in codes.chunks_exact_mut(stride.max(1)).take(rows).enumerate() {
             view.row_to_f32(v, cols, &mut row[..cols])?;
-            (sums[v], stats[v]) = quantize_row(isa, &row, codes).ok_or_else(|| {
+            // Quantizes the `ALIGN`-padded row; `None` if it holds a value that is not finite.
+            let quantized = isa.vectorized(
+                #[inline(always)]
+                || quantize_lanes(&row, codes),
+            )?;
+            (sums[v], stats[v]) = quantized.ok_or_else(|| {
                 ShapeError(format!(
                     "output head row {v} holds a value that is not finite"
                 ))
@@ -231,32 +236,6 @@ impl Q8Head {
         }
         Ok(())
     }
-}
-
-/// Quantizes one row (`ALIGN`-padded) into `codes` at `isa` (checked by the caller); returns
-/// `Σ_k q_k` and the stats, or `None` if the row holds a value that is not finite.
-fn quantize_row(isa: Isa, w: &[f32], codes: &mut [i8]) -> Option<(i32, RowStats)> {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked that the CPU supports `isa`.
-        Isa::Avx512 => unsafe { quantize_avx512(w, codes) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { quantize_avx2(w, codes) },
-        _ => quantize_lanes(w, codes),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn quantize_avx512(w: &[f32], codes: &mut [i8]) -> Option<(i32, RowStats)> {
-    quantize_lanes(w, codes)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn quantize_avx2(w: &[f32], codes: &mut [i8]) -> Option<(i32, RowStats)> {
-    quantize_lanes(w, codes)
 }
 
 /// The vectorizable body: every statistic over `LANES` independent lanes, combined in one fixed

@@ -80,7 +80,10 @@ impl QuantizedRows {
         (self.rows, self.cols, self.padded_cols) = (rows, cols, padded);
         for (t, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
             let codes = &mut self.codes[t * padded..t * padded + cols];
-            (self.scales[t], self.sums[t]) = quantize_row_sum(isa, row, codes);
+            (self.scales[t], self.sums[t]) = isa.vectorized(
+                #[inline(always)]
+                || quantize_lanes(row, codes),
+            )?;
         }
         Ok(())
     }
@@ -116,31 +119,6 @@ impl QuantizedRows {
 
 /// Lanes of the per-ISA loops: a multiple of every vector width in f32.
 const LANES: usize = 16;
-
-/// `quantize_row` at `isa` (which the caller has checked), returning `(scale, Σ codes)`.
-fn quantize_row_sum(isa: Isa, x: &[f32], codes: &mut [i8]) -> (f32, i32) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked that the CPU supports `isa`.
-        Isa::Avx512 => unsafe { quantize_avx512(x, codes) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { quantize_avx2(x, codes) },
-        _ => quantize_lanes(x, codes),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn quantize_avx512(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
-    quantize_lanes(x, codes)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn quantize_avx2(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
-    quantize_lanes(x, codes)
-}
 
 /// The vectorizable body: absmax over independent lanes, then one code per input.
 #[inline(always)]

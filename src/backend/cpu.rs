@@ -70,9 +70,10 @@ struct Scratch {
 }
 
 thread_local! {
-    /// One attention score row per pool thread, reused across calls (the threads live as long as
-    /// the backend), so attention allocates nothing once the rows have grown to the context.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Attention scratch (transposed queries and scores, see `float::attend`) per pool thread,
+    /// reused across calls (the threads live as long as the backend), so attention allocates
+    /// nothing once it has grown to the context.
+    static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct KvCache {
@@ -91,7 +92,6 @@ impl KvCache {
 
 pub struct CpuBackend {
     pool: ThreadPool,
-    threads: usize,
     isa: Isa,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
@@ -123,7 +123,6 @@ impl CpuBackend {
         let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
             pool,
-            threads,
             isa,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
@@ -139,7 +138,7 @@ impl CpuBackend {
     /// Rows per parallel task for a product over `total` weight rows: [`TASKS_PER_THREAD`] runs
     /// per thread, a multiple of `multiple`, at least `min`.
     fn rows_per_task(&self, total: usize, min: usize, multiple: usize) -> usize {
-        (total / (TASKS_PER_THREAD * self.threads))
+        (total / (TASKS_PER_THREAD * self.pool.threads()))
             .next_multiple_of(multiple)
             .max(min)
     }
@@ -297,7 +296,8 @@ impl Backend for CpuBackend {
         };
         format!(
             "cpu ({} multiply-add kernels{head}, {} threads)",
-            self.isa, self.threads
+            self.isa,
+            self.pool.threads()
         )
     }
 
@@ -577,9 +577,9 @@ impl Backend for CpuBackend {
             let base = kv.offset(layer, r.slot, 0) + g * hd;
             let end = kv.offset(layer, r.slot, r.position + n - 1) + kv_dim;
             let queries = &qkv_rows[t0 * width + g * group * hd..];
-            SCORES.with_borrow_mut(|scores| {
+            ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
                 let (keys, values) = (&kv.keys[base..end], &kv.values[base..end]);
-                float::attend(isa, &geometry, queries, keys, values, scores, out)
+                float::attend(isa, &geometry, queries, keys, values, scratch, out)
             })
         };
         let one_run = rows
