@@ -370,6 +370,7 @@ impl DotKernel for Scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::DotKernel;
+    use crate::isa::{PREFETCH_AHEAD, prefetch};
     use crate::mad::x86::hsum_avx2;
     use std::arch::x86_64::*;
 
@@ -394,6 +395,7 @@ mod x86 {
             let xu = unsafe { _mm512_loadu_si512(x.as_ptr().add(at).cast()) };
             let xu = _mm512_xor_si512(xu, flip);
             for (a, row) in acc.iter_mut().zip(&rows) {
+                prefetch(row.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
                 // SAFETY: as above.
                 let w = unsafe { _mm512_loadu_si512(row.as_ptr().add(at).cast()) };
                 *a = _mm512_dpbusd_epi32(*a, xu, w);
@@ -424,6 +426,9 @@ mod x86 {
             // -128 becomes 0x80, read as 128 by the unsigned operand.
             let magnitude = _mm256_abs_epi8(xv);
             for (a, row) in acc.iter_mut().zip(&rows) {
+                if at % 64 == 0 {
+                    prefetch(row.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
+                }
                 // SAFETY: as above.
                 let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(at).cast()) };
                 // Codes are at least -127, so negating them cannot overflow.

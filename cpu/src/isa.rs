@@ -124,6 +124,25 @@ impl std::fmt::Display for Isa {
     }
 }
 
+/// How far past the byte it is reading a streaming kernel asks for the next cache lines. One Zen 4
+/// core streams a ternary matrix from memory at ~31 GB/s on the hardware prefetchers alone and at
+/// ~40 GB/s asking 8 KiB ahead (less at 4 or 16 KiB).
+pub(crate) const PREFETCH_AHEAD: usize = 8 << 10;
+
+/// Asks for the cache line holding `p` on x86-64 (aarch64 is left to its hardware prefetchers:
+/// unmeasured there). Any address will do: a prefetch never faults.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing architecturally visible and never faults.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 fn with_avx512<R>(f: impl FnOnce() -> R) -> R {

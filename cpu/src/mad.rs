@@ -245,6 +245,7 @@ impl MicroKernel for Scalar {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::{CHUNK, K_BLOCK, MicroKernel, ROW_GROUP};
+    use crate::isa::{PREFETCH_AHEAD, prefetch};
     use std::arch::x86_64::*;
 
     /// AVX-512 VNNI: `vpdpbusd` on 64 codes × 64 activations per instruction; 4 rows × 4 tokens
@@ -273,6 +274,13 @@ pub(crate) mod x86 {
         let mask = _mm512_set1_epi8(3);
         let mut acc = [[_mm512_setzero_si512(); T]; ROW_GROUP];
         for b in 0..blocks {
+            for r in 0..ROW_GROUP {
+                prefetch(
+                    group
+                        .as_ptr()
+                        .wrapping_add((b * ROW_GROUP + r) * CHUNK + PREFETCH_AHEAD),
+                );
+            }
             // SAFETY: the group holds `blocks` blocks of 4 chunks of 64 bytes (trait contract).
             let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
                 _mm512_loadu_si512(group.as_ptr().add((b * ROW_GROUP + r) * CHUNK).cast())
@@ -325,6 +333,7 @@ pub(crate) mod x86 {
                 let mut partial = [_mm256_setzero_si256(); T];
                 for half in 0..2 {
                     let at = (b * ROW_GROUP + r) * CHUNK + 32 * half;
+                    prefetch(group.as_ptr().wrapping_add(at + PREFETCH_AHEAD));
                     // SAFETY: inside the group (trait contract).
                     let mut w = unsafe { _mm256_loadu_si256(group.as_ptr().add(at).cast()) };
                     for i in 0..4 {
