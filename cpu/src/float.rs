@@ -9,7 +9,7 @@
 //! the compiler vectorizes the widening (bf16 and f16 are widened exactly with integer operations)
 //! and the multiply-adds. Levels differ from each other only in float summation order.
 
-use crate::isa::Isa;
+use crate::isa::{Isa, prefetch_lines};
 use crate::{ShapeError, check_len};
 use half::{bf16, f16};
 use std::ops::Range;
@@ -447,6 +447,59 @@ impl DenseView<'_> {
             DenseView::Bf16(v) => dot_rows_at(isa, &v[range], x, cols, out),
         }
     }
+
+    /// `out[i] = x · row rows[i]` for a matrix of `x.len()` columns and rows listed in any order
+    /// (the re-scoring of output-head candidates), the same sums as [`dot_rows`](Self::dot_rows).
+    /// Scattered rows defeat the hardware prefetchers, so each row's lines are requested a few
+    /// rows before it is read.
+    pub fn dot_listed_rows(
+        &self,
+        isa: Isa,
+        rows: &[usize],
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ShapeError> {
+        isa.check()?;
+        check_len("listed dot output", out.len(), rows.len())?;
+        let matrix_rows = self.len().checked_div(x.len()).unwrap_or(0);
+        if let Some(&r) = rows.iter().find(|&&r| r >= matrix_rows) {
+            return Err(ShapeError(format!(
+                "row {r} is outside a matrix of {matrix_rows} rows of {} columns",
+                x.len()
+            )));
+        }
+        match self {
+            DenseView::F32(v) => dot_listed_at(isa, v, rows, x, out),
+            DenseView::F16(v) => dot_listed_at(isa, v, rows, x, out),
+            DenseView::Bf16(v) => dot_listed_at(isa, v, rows, x, out),
+        }
+    }
+}
+
+/// Rows ahead of the one being read whose lines [`DenseView::dot_listed_rows`] requests.
+const LISTED_ROWS_AHEAD: usize = 2;
+
+/// See [`DenseView::dot_listed_rows`]; `dot_with` as in `dot_rows_lanes`, so the sums are the same.
+fn dot_listed_at<T: Widen>(
+    isa: Isa,
+    matrix: &[T],
+    rows: &[usize],
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    let cols = x.len();
+    let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
+    isa.vectorized(
+        #[inline(always)]
+        || {
+            for (i, (&r, o)) in rows.iter().zip(out).enumerate() {
+                if let Some(&ahead) = rows.get(i + LISTED_ROWS_AHEAD) {
+                    prefetch_lines(row(ahead));
+                }
+                *o = dot_with(x, row(r), |v| v.widen());
+            }
+        },
+    )
 }
 
 /// An element type the output head is stored in.
@@ -785,7 +838,7 @@ mod tests {
     }
 
     #[test]
-    fn dot_rows_agree_with_dot_row_at_every_isa() {
+    fn dot_rows_and_listed_rows_agree_with_dot_row_at_every_isa() {
         let (rows, cols, tokens) = (37, 2560 + 19, 3);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
@@ -812,6 +865,20 @@ mod tests {
                 }
                 assert!(view.dot_rows(isa, 0..rows + 1, &x, cols, &mut out).is_err());
                 assert!(view.dot_rows(isa, 0..2, &x, cols, &mut out).is_err());
+                // Listed rows, in any order and repeated: the same sums bit for bit.
+                let listed = [36, 5, 6, 5, 20, 36, 9, 30, 7];
+                let mut got = vec![0f32; listed.len()];
+                let x0 = &x[..cols];
+                view.dot_listed_rows(isa, &listed, x0, &mut got).unwrap();
+                for (&r, g) in listed.iter().zip(&got) {
+                    let want = out[(r - 5) * tokens];
+                    assert_eq!(g.to_bits(), want.to_bits(), "{isa} listed row {r}");
+                }
+                assert!(
+                    view.dot_listed_rows(isa, &[0, rows], x0, &mut got[..2])
+                        .is_err()
+                );
+                assert!(view.dot_listed_rows(isa, &[0], x0, &mut got).is_err());
             }
         }
     }

@@ -143,6 +143,17 @@ pub(crate) fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Asks for every cache line of `s`.
+#[inline(always)]
+pub(crate) fn prefetch_lines<T>(s: &[T]) {
+    let (start, bytes) = (s.as_ptr().cast::<u8>(), std::mem::size_of_val(s));
+    for at in (0..bytes).step_by(64) {
+        prefetch(start.wrapping_add(at));
+    }
+    // The last line, when `s` does not start on a line boundary.
+    prefetch(start.wrapping_add(bytes.saturating_sub(1)));
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 fn with_avx512<R>(f: impl FnOnce() -> R) -> R {

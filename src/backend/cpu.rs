@@ -36,6 +36,9 @@ const TASKS_PER_THREAD: usize = 4;
 /// Tokens per task when the products are transposed into the output (a cache line of i32).
 const TOKENS_PER_TASK: usize = 16;
 
+/// Weight rows per block of that transposition.
+const TRANSPOSE_ROWS: usize = 16;
+
 /// Prompt rows per attention task: every cached key and value is read once for this many rows
 /// (times the heads sharing it).
 const ATTENTION_ROWS_PER_TASK: usize = 8;
@@ -44,7 +47,7 @@ const ATTENTION_ROWS_PER_TASK: usize = 8;
 const MIN_VOCAB_PER_TASK: usize = 256;
 
 /// Re-scored output-head candidates per parallel task (one full-precision row each).
-const CANDIDATES_PER_TASK: usize = 16;
+const CANDIDATES_PER_TASK: usize = 64;
 
 struct CpuLinear {
     packed: PackedTernary,
@@ -270,11 +273,7 @@ impl CpuBackend {
                             .candidates
                             .chunks(CANDIDATES_PER_TASK)
                             .zip(exact.chunks_mut(CANDIDATES_PER_TASK)),
-                        |(candidates, exact)| {
-                            candidates.iter().zip(exact).try_for_each(|(&v, e)| {
-                                view.dot_rows(me.isa, v..v + 1, xt, cols, std::slice::from_mut(e))
-                            })
-                        },
+                        |(candidates, exact)| view.dot_listed_rows(me.isa, candidates, xt, exact),
                     )?;
                     for (&v, &e) in scratch.candidates.iter().zip(exact.iter()) {
                         logits[v] = e;
@@ -488,30 +487,67 @@ impl Backend for CpuBackend {
                 acc.resize(n_out * rows, 0);
                 let quantized = &*quantized;
                 let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, ROW_GROUP);
+                let gemm = |chunk: usize, acc: &mut [i32]| {
+                    let start = chunk * per_task;
+                    let end = start + acc.len() / rows;
+                    mad::gemm(me.isa, &lin.packed, start..end, quantized, acc).map(|()| start)
+                };
+                if rows == 1 {
+                    // Decode: the outputs are the weight rows in order, so each task scales its
+                    // own (no second pass over `acc`).
+                    let scale = quantized.scales()[0];
+                    return me.pool.try_for_each(
+                        acc.chunks_mut(per_task)
+                            .zip(dst.chunks_mut(per_task))
+                            .enumerate(),
+                        |(chunk, (acc, out))| {
+                            let start = gemm(chunk, acc)?;
+                            let row_scales = &lin.row_scales[start..start + acc.len()];
+                            for ((o, &a), &row_scale) in out.iter_mut().zip(&*acc).zip(row_scales) {
+                                *o = a as f32 / scale * row_scale;
+                            }
+                            Ok(())
+                        },
+                    );
+                }
                 me.pool.try_for_each(
                     acc.chunks_mut(per_task * rows).enumerate(),
-                    |(chunk, acc)| {
-                        let start = chunk * per_task;
-                        let end = start + acc.len() / rows;
-                        mad::gemm(me.isa, &lin.packed, start..end, quantized, acc)
-                    },
+                    |(chunk, acc)| gemm(chunk, acc).map(drop),
                 )?;
                 // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
-                // whole cache lines of `acc` (a weight row's consecutive tokens).
+                // whole cache lines of `acc` (a weight row's consecutive tokens), through a block
+                // of TRANSPOSE_ROWS rows in L1 so that the divisions run on contiguous lanes.
                 let (scales, acc) = (quantized.scales(), &*acc);
-                me.pool.for_each(
+                me.pool.try_for_each(
                     dst.chunks_mut(TOKENS_PER_TASK * n_out).enumerate(),
                     |(chunk, part)| {
                         let t0 = chunk * TOKENS_PER_TASK;
-                        let count = part.len() / n_out;
-                        for (n, &row_scale) in lin.row_scales.iter().enumerate() {
-                            let from = &acc[n * rows + t0..n * rows + t0 + count];
-                            for (i, (&a, s)) in from.iter().zip(&scales[t0..]).enumerate() {
-                                part[i * n_out + n] = a as f32 / s * row_scale;
-                            }
-                        }
+                        let scales = &scales[t0..t0 + part.len() / n_out];
+                        me.isa.vectorized(
+                            #[inline(always)]
+                            || {
+                                let mut block = [[0f32; TOKENS_PER_TASK]; TRANSPOSE_ROWS];
+                                for n0 in (0..n_out).step_by(TRANSPOSE_ROWS) {
+                                    let n1 = (n0 + TRANSPOSE_ROWS).min(n_out);
+                                    for (n, b) in (n0..n1).zip(&mut block) {
+                                        let from = &acc[n * rows + t0..];
+                                        for ((b, &a), s) in b.iter_mut().zip(from).zip(scales) {
+                                            *b = a as f32 / s;
+                                        }
+                                    }
+                                    let row_scales = &lin.row_scales[n0..n1];
+                                    for (i, out) in part.chunks_exact_mut(n_out).enumerate() {
+                                        for ((o, b), r) in
+                                            out[n0..n1].iter_mut().zip(&block).zip(row_scales)
+                                        {
+                                            *o = b[i] * r;
+                                        }
+                                    }
+                                }
+                            },
+                        )
                     },
-                );
+                )?;
                 Ok(())
             },
         );
