@@ -1,9 +1,15 @@
 //! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
-//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) at every supported ISA level, plus the
-//! scalar reference and the output head (bf16, and the 8-bit copy with its bounds). Prints the median time of several runs, the weight
-//! bandwidth it implies (GB/s of packed weights read) and int8 GOPS (2 · rows · cols · tokens).
+//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) of both families (`mad`, `lut`) at every
+//! level they support, plus the scalar reference and the output head (bf16, and the 8-bit copy
+//! with its bounds). The `gemv` rows read one matrix again and again, from L2/L3; the `dram` rows
+//! cycle through copies of it totalling at least 512 MB, so the weights come from memory as in a
+//! decode step. Each family's timing includes preparing the activations (quantization, and for
+//! `lut` the tables, also timed alone). Prints the median time of several runs, the weight
+//! bandwidth it implies (GB/s of packed weights read, each family's own layout), G weights/s
+//! (rows · cols per second) and int8 GOPS (2 · rows · cols · tokens).
 //!
-//! `cargo bench -p tern-cpu --bench kernels` (`-- gemv` or `-- gemm` or `-- head` to filter).
+//! `cargo bench -p tern-cpu --bench kernels` (`-- gemv`, `-- gemm`, `-- dram`, `-- tables` or
+//! `-- head` to filter).
 
 use half::bf16;
 use std::hint::black_box;
@@ -11,7 +17,8 @@ use std::time::Instant;
 use tern_cpu::float::DenseView;
 use tern_cpu::head::{Q8Head, Q8Input};
 use tern_cpu::isa::Isa;
-use tern_cpu::mad::{PackedTernary, gemm};
+use tern_cpu::lut::{self, LutTables, PackedLut};
+use tern_cpu::mad::{self, PackedTernary};
 use tern_cpu::quant::QuantizedRows;
 use tern_cpu::ternary::{TernaryView, gemm_reference, row_bytes};
 
@@ -29,6 +36,9 @@ fn lcg(seed: &mut u64) -> u64 {
         .wrapping_add(1442695040888963407);
     *seed >> 33
 }
+
+/// Copies of a matrix cycled by the DRAM rows: at least this many bytes, far beyond any cache.
+const DRAM_BYTES: usize = 512 << 20;
 
 /// Median seconds of `runs` calls after one warm-up.
 fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -48,10 +58,12 @@ fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
-    println!("| kernel | isa | shape | tokens | median ms | weight GB/s | int8 GOPS |");
-    println!("|---|---|---|---:|---:|---:|---:|");
+    println!(
+        "| kernel | isa | shape | tokens | median ms | weight GB/s | G weights/s | int8 GOPS |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|");
     let mut seed = 1u64;
-    for (rows, cols, what) in SHAPES {
+    for (shape, (rows, cols, what)) in SHAPES.into_iter().enumerate() {
         let codes: Vec<u8> = (0..rows * row_bytes(cols))
             .map(|_| {
                 let mut b = 0u8;
@@ -63,7 +75,8 @@ fn main() {
             .collect();
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         let packed = PackedTernary::from_canonical(view);
-        for (kernel, tokens) in [("gemv", 1), ("gemm", 128)] {
+        let packed_lut = PackedLut::from_canonical(view);
+        for (kernel, tokens) in [("gemv", 1), ("gemm", 128), ("dram gemv", 1), ("tables", 1)] {
             if !wanted(kernel) {
                 continue;
             }
@@ -72,22 +85,65 @@ fn main() {
                 .collect();
             let mut acc = vec![0i32; rows * tokens];
             let runs = if tokens == 1 { 51 } else { 5 };
-            let report = |isa: &str, secs: f64| {
-                let gbs = (rows * row_bytes(cols)) as f64 / secs / 1e9;
-                let gops = 2.0 * (rows * cols * tokens) as f64 / secs / 1e9;
+            let report = |isa: &str, secs: f64, bytes: usize| {
+                let gbs = bytes as f64 / secs / 1e9;
+                let gws = (rows * cols) as f64 / secs / 1e9;
+                let gops = 2.0 * gws * tokens as f64;
                 println!(
-                    "| {kernel} | {isa} | {rows}x{cols} ({what}) | {tokens} | {:.3} | {gbs:.1} | {gops:.1} |",
+                    "| {kernel} | {isa} | {rows}x{cols} ({what}) | {tokens} | {:.3} | {gbs:.1} | {gws:.1} | {gops:.1} |",
                     secs * 1e3
                 );
             };
-            let mut q = QuantizedRows::default();
+            let (mut q, mut tables) = (QuantizedRows::default(), LutTables::default());
+            if kernel == "tables" {
+                if SHAPES[..shape].iter().any(|s| s.1 == cols) {
+                    continue;
+                }
+                for &isa in &isas {
+                    q.quantize(isa, &x, tokens, cols).unwrap();
+                    let secs = median_secs(runs, || tables.build(isa, black_box(&q)).unwrap());
+                    println!(
+                        "| lut tables | {isa} | {cols} columns | {tokens} | {:.4} | - | - | - |",
+                        secs * 1e3
+                    );
+                }
+                continue;
+            }
+            // One matrix, or enough copies of it to stream from memory.
+            let copies = |bytes: usize| {
+                if kernel.starts_with("dram") {
+                    DRAM_BYTES.div_ceil(bytes)
+                } else {
+                    1
+                }
+            };
+            let mads = vec![packed.clone(); copies(packed.bytes())];
             for &isa in &isas {
+                let mut i = 0;
                 let secs = median_secs(runs, || {
                     q.quantize(isa, black_box(&x), tokens, cols).unwrap();
-                    gemm(isa, &packed, 0..rows, &q, &mut acc).unwrap();
+                    mad::gemm(isa, &mads[i % mads.len()], 0..rows, &q, &mut acc).unwrap();
+                    i += 1;
                     black_box(&acc);
                 });
-                report(isa.name(), secs);
+                report(&format!("mad {isa}"), secs, packed.bytes());
+            }
+            drop(mads);
+            let luts = vec![packed_lut.clone(); copies(packed_lut.bytes())];
+            for isa in isas.iter().copied().filter(|&i| lut::supports(i)) {
+                let mut i = 0;
+                let secs = median_secs(runs, || {
+                    q.quantize(isa, black_box(&x), tokens, cols).unwrap();
+                    tables.build(isa, &q).unwrap();
+                    lut::gemm(isa, &luts[i % luts.len()], 0..rows, &tables, &mut acc).unwrap();
+                    i += 1;
+                    black_box(&acc);
+                });
+                report(&format!("lut {isa}"), secs, packed_lut.bytes());
+            }
+            drop(luts);
+            if kernel.starts_with("dram") {
+                continue;
             }
             let x_codes: Vec<i8> = (0..tokens)
                 .flat_map(|t| q.row(t)[..cols].to_vec())
@@ -96,7 +152,7 @@ fn main() {
                 gemm_reference(view, black_box(&x_codes), tokens, &mut acc).unwrap();
                 black_box(&acc);
             });
-            report("reference", secs);
+            report("reference", secs, rows * row_bytes(cols));
         }
     }
     if wanted("head") {

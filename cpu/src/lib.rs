@@ -10,6 +10,8 @@
 //!   the SIMD kernels consume).
 //! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
 //!   their own repacked layout.
+//! - [`lut`]: the lookup-table ternary GEMV/GEMM kernels (scalar, AVX-512BW `vpermw`): per-token
+//!   tables of the 27 dot products of a weight triple, 1.78 bits per weight, in their own layout.
 //! - [`pool`]: the persistent thread pool the runtime spreads kernels over (workers spin between
 //!   the short jobs of a decode step instead of parking).
 //! - [`head`]: an 8-bit copy of the output head with error bounds, for exact top-k re-scoring.
@@ -19,6 +21,7 @@
 pub mod float;
 pub mod head;
 pub mod isa;
+pub mod lut;
 pub mod mad;
 pub mod pool;
 pub mod quant;
