@@ -1,9 +1,10 @@
 //! The CPU backend: `tern_cpu` kernels spread over one persistent thread pool.
 //!
 //! Kernels run at one [`Isa`] level, chosen at construction ([`Isa::selected`]: the widest this CPU
-//! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload into the multiply-add kernels'
-//! layout ([`PackedTernary`]: the fused parts' rows one after another) with one scale per output row
-//! (so fused parts keep their own scales). Activations are `Vec<f32>`. The KV cache is one f32 array
+//! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload (the fused parts' rows one after
+//! another, one scale per output row, so fused parts keep their own scales) into the layout of each
+//! kernel family [`CpuKernels`] asks for: the multiply-add kernels' [`PackedTernary`] and/or the
+//! lookup-table kernels' [`PackedLut`]. Activations are `Vec<f32>`. The KV cache is one f32 array
 //! per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
 //!
 //! Parallelism: matrix products split the weight rows into chunks on row-group boundaries (each
@@ -21,6 +22,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::float::{self, GateActivation};
 use tern_cpu::head::{Q8Head, Q8Input, top_candidates};
 use tern_cpu::isa::Isa;
+use tern_cpu::lut::{self, LutTables, PackedLut};
 use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
 use tern_cpu::pool::ThreadPool;
 use tern_cpu::quant::QuantizedRows;
@@ -49,8 +51,45 @@ const MIN_VOCAB_PER_TASK: usize = 256;
 /// Re-scored output-head candidates per parallel task (one full-precision row each).
 const CANDIDATES_PER_TASK: usize = 64;
 
+/// Which ternary kernel family runs the matrix products (`TERN_CPU_KERNELS`).
+///
+/// Measured on the development machine (Zen 5 cores, AVX-512, `cargo bench -p tern-cpu --bench
+/// kernels` and `tern bench --shape 2b4t`): the lookup-table kernels compute a cache-resident
+/// product 1.1-2.3x faster, but stream weights from memory at ~31 GB/s against ~37 for
+/// multiply-add (decode reads every weight once per token), and in prompts their tables (64 bytes
+/// per 3 activations) outgrow the caches (pp128 and pp512 3-6% slower). So multiply-add is the
+/// default at every level; lookup tables stay selectable and are tested like it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// Multiply-add ([`PackedTernary`], 2 bits per weight).
+    Mad,
+    /// Lookup tables ([`PackedLut`], 1.78 bits per weight; an error at a level without them).
+    Lut,
+}
+
+/// Environment variable that picks a [`CpuKernels`] (`mad`, the default, or `lut`).
+pub const KERNELS_ENV: &str = "TERN_CPU_KERNELS";
+
+impl CpuKernels {
+    /// `TERN_CPU_KERNELS`, else `Mad`.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(KERNELS_ENV).as_deref() {
+            Err(_) | Ok("mad") => Ok(Self::Mad),
+            Ok("lut") => Ok(Self::Lut),
+            Ok(other) => bail!("{KERNELS_ENV}={other}: expected mad or lut"),
+        }
+    }
+}
+
+/// A linear in its backend's kernel layout.
+enum Packed {
+    Mad(PackedTernary),
+    Lut(PackedLut),
+}
+
 struct CpuLinear {
-    packed: PackedTernary,
+    packed: Packed,
+    cols: usize,
     row_scales: Vec<f32>,
 }
 
@@ -58,6 +97,7 @@ struct CpuLinear {
 #[derive(Default)]
 struct Scratch {
     quantized: QuantizedRows,
+    lut_tables: LutTables,
     acc: Vec<i32>,
     head: Vec<f32>,
     /// `LmHead::Q8`: one row's quantized input, the error bounds of its approximate logits, and
@@ -96,6 +136,7 @@ impl KvCache {
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
+    kernels: CpuKernels,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
     q8_tables: Vec<Option<Q8Head>>,
@@ -110,14 +151,28 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     /// A backend running on `threads` threads (0: one per available core) at the default ISA
-    /// level ([`Isa::selected`]: `TERN_CPU_ISA`, else the widest this CPU supports).
+    /// level ([`Isa::selected`]: `TERN_CPU_ISA`, else the widest this CPU supports) and kernel
+    /// families ([`CpuKernels::from_env`]).
     pub fn new(threads: usize) -> Result<Self> {
-        Self::with_isa(threads, Isa::selected()?)
+        Self::with_kernels(threads, Isa::selected()?, CpuKernels::from_env()?)
     }
 
-    /// A backend whose kernels run at `isa` (an error if this CPU does not support it).
+    /// A backend whose multiply-add kernels run at `isa` (an error if this CPU does not support
+    /// it).
     pub fn with_isa(threads: usize, isa: Isa) -> Result<Self> {
+        Self::with_kernels(threads, isa, CpuKernels::Mad)
+    }
+
+    /// A backend whose kernels run at `isa`, products by the `kernels` families (an error if this
+    /// CPU does not support the level, or the level has no lookup-table kernels and `Lut` asks for
+    /// them).
+    pub fn with_kernels(threads: usize, isa: Isa, kernels: CpuKernels) -> Result<Self> {
         isa.check()?;
+        ensure!(
+            kernels != CpuKernels::Lut || lut::supports(isa),
+            "{KERNELS_ENV}=lut: the lookup-table kernels need AVX-512 (or the scalar level), not \
+             `{isa}`"
+        );
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -127,6 +182,7 @@ impl CpuBackend {
         Ok(Self {
             pool,
             isa,
+            kernels,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
             scratch: Scratch::default(),
@@ -293,8 +349,12 @@ impl Backend for CpuBackend {
             LmHead::Full => "",
             LmHead::Q8 => ", 8-bit head with exact top-k",
         };
+        let kernels = match self.kernels {
+            CpuKernels::Mad => "multiply-add",
+            CpuKernels::Lut => "lookup-table",
+        };
         format!(
-            "cpu ({} multiply-add kernels{head}, {} threads)",
+            "cpu ({} {kernels} kernels{head}, {} threads)",
             self.isa,
             self.pool.threads()
         )
@@ -323,8 +383,13 @@ impl Backend for CpuBackend {
             row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
         }
         let canonical = TernaryView::new(&codes, row_scales.len(), cols)?;
+        let packed = match self.kernels {
+            CpuKernels::Mad => Packed::Mad(PackedTernary::from_canonical(canonical)),
+            CpuKernels::Lut => Packed::Lut(PackedLut::from_canonical(canonical)),
+        };
         self.linears.push(CpuLinear {
-            packed: PackedTernary::from_canonical(canonical),
+            packed,
+            cols,
             row_scales,
         });
         Ok(LinearId(self.linears.len() - 1))
@@ -471,7 +536,7 @@ impl Backend for CpuBackend {
             .linears
             .get(linear.0)
             .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
-        let (n_out, cols) = (lin.packed.rows(), lin.packed.cols());
+        let (n_out, cols) = (lin.row_scales.len(), lin.cols);
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(
             x,
@@ -481,16 +546,32 @@ impl Backend for CpuBackend {
             "bitlinear",
             |me, src, dst| {
                 let lin = &me.linears[linear.0];
-                let Scratch { quantized, acc, .. } = &mut scratch;
+                let Scratch {
+                    quantized,
+                    lut_tables,
+                    acc,
+                    ..
+                } = &mut scratch;
                 quantized.quantize(me.isa, src, rows, cols)?;
+                if let Packed::Lut(_) = lin.packed {
+                    lut_tables.build(me.isa, quantized)?;
+                }
                 // acc[n * rows + t]: each task owns a contiguous block of weight rows.
                 acc.resize(n_out * rows, 0);
-                let quantized = &*quantized;
-                let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, ROW_GROUP);
+                let (lut_tables, quantized) = (&*lut_tables, &*quantized);
+                let row_multiple = match lin.packed {
+                    Packed::Mad(_) => ROW_GROUP,
+                    Packed::Lut(_) => lut::TILE_ROWS,
+                };
+                let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, row_multiple);
                 let gemm = |chunk: usize, acc: &mut [i32]| {
                     let start = chunk * per_task;
-                    let end = start + acc.len() / rows;
-                    mad::gemm(me.isa, &lin.packed, start..end, quantized, acc).map(|()| start)
+                    let range = start..start + acc.len() / rows;
+                    match &lin.packed {
+                        Packed::Mad(w) => mad::gemm(me.isa, w, range, quantized, acc),
+                        Packed::Lut(w) => lut::gemm(me.isa, w, range, lut_tables, acc),
+                    }
+                    .map(|()| start)
                 };
                 if rows == 1 {
                     // Decode: the outputs are the weight rows in order, so each task scales its

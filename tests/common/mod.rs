@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 use tern::backend::Backend;
-use tern::backend::cpu::CpuBackend;
+use tern::backend::cpu::{CpuBackend, CpuKernels};
 use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
 use tern_cpu::isa::Isa;
+use tern_cpu::lut;
 
 /// The Hugging Face-format fixtures every backend must reproduce.
 pub const HF_FIXTURES: [&str; 3] = ["tiny-packed", "tiny-bf16", "tiny-bitlinear"];
@@ -74,11 +75,18 @@ pub fn load(name: &str) -> HostModel {
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut list = Vec::new();
-    // The CPU backend once per kernel level this CPU has (the default level is one of them).
+    // The CPU backend once per kernel level this CPU has (the default level is one of them), and
+    // again with the lookup-table kernels at the levels that have them.
     for isa in Isa::ALL {
         match CpuBackend::with_isa(2, isa) {
             Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
             Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
+        }
+        if lut::supports(isa) {
+            let b = CpuBackend::with_kernels(2, isa, CpuKernels::Lut).unwrap();
+            list.push((format!("cpu-{isa}-lut"), Box::new(b)));
+        } else {
+            eprintln!("no backend cpu-{isa}-lut: no lookup-table kernels at this level or CPU");
         }
     }
     match CudaBackend::new(0) {
