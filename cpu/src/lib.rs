@@ -26,6 +26,8 @@ pub mod mad;
 pub mod pool;
 pub mod quant;
 pub mod ternary;
+#[cfg(test)]
+mod testing;
 
 /// A shape or length that does not fit the kernel it was passed to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -427,44 +427,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::{gemm_reference, pack};
-
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
-
-    /// Random ternary weights (canonical) and activations quantized from random values with
-    /// extremes mixed in (quantization yields codes in -127..=127).
-    fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Vec<u8>, QuantizedRows) {
-        let mut s = seed;
-        let w: Vec<i8> = (0..rows * cols)
-            .map(|_| (lcg(&mut s) % 3) as i8 - 1)
-            .collect();
-        let x: Vec<f32> = (0..tokens * cols)
-            .map(|_| match lcg(&mut s) % 16 {
-                0 => -128.0,
-                1 => 127.0,
-                _ => f32::from((lcg(&mut s) % 256) as u8 as i8),
-            })
-            .collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(Isa::Scalar, &x, tokens, cols).unwrap();
-        (pack(&w, rows, cols).unwrap(), q)
-    }
-
-    /// The reference product of `view` with the codes of `q`.
-    fn reference(view: TernaryView<'_>, q: &QuantizedRows) -> Vec<i32> {
-        let cols = view.cols();
-        let x: Vec<i8> = (0..q.rows())
-            .flat_map(|t| q.row(t)[..cols].to_vec())
-            .collect();
-        let mut want = vec![0i32; view.rows() * q.rows()];
-        gemm_reference(view, &x, q.rows(), &mut want).unwrap();
-        want
-    }
+    use crate::ternary::pack;
+    use crate::testing::{REAL_SHAPES, case, raw_codes, reference};
 
     /// Every level's product over `0..rows` and over `rows` split at tile boundaries as threads
     /// split it, against `want`; the levels without LUT kernels must refuse.
@@ -510,10 +474,7 @@ mod tests {
 
     #[test]
     fn every_level_is_integer_exact_on_the_real_shapes() {
-        for (i, (rows, cols)) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (rows, cols)) in REAL_SHAPES.into_iter().enumerate() {
             for tokens in [1, 3] {
                 check(rows, cols, tokens, 100 + i as u64);
             }
@@ -547,10 +508,7 @@ mod tests {
     fn invalid_codes_and_padding_read_as_zero_like_the_reference() {
         // Raw random bytes: codes of 3 everywhere and garbage in the padding pairs of 301 columns.
         let (rows, cols, tokens) = (37, 301, 2);
-        let mut seed = 3;
-        let codes: Vec<u8> = (0..rows * crate::ternary::row_bytes(cols))
-            .map(|_| lcg(&mut seed) as u8)
-            .collect();
+        let codes = raw_codes(rows, cols, 3);
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         assert!(view.has_invalid_code());
         let (_, q) = case(0, cols, tokens, 4);

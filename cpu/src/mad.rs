@@ -423,50 +423,14 @@ mod arm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::{gemm_reference, pack};
-
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
-
-    /// Random ternary weights and int8 activations (with the extremes -128 and 127 mixed in).
-    fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Vec<u8>, Vec<i8>) {
-        let mut s = seed;
-        let w: Vec<i8> = (0..rows * cols)
-            .map(|_| (lcg(&mut s) % 3) as i8 - 1)
-            .collect();
-        let x: Vec<i8> = (0..tokens * cols)
-            .map(|_| match lcg(&mut s) % 16 {
-                0 => -128,
-                1 => 127,
-                _ => (lcg(&mut s) % 256) as u8 as i8,
-            })
-            .collect();
-        (pack(&w, rows, cols).unwrap(), x)
-    }
-
-    /// `x` quantized (quantization never yields -128; the codes span -127..=127).
-    fn quantized(x: &[i8], tokens: usize, cols: usize) -> QuantizedRows {
-        let f: Vec<f32> = x.iter().map(|&v| f32::from(v)).collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(Isa::Scalar, &f, tokens, cols).unwrap();
-        q
-    }
+    use crate::ternary::pack;
+    use crate::testing::{REAL_SHAPES, case, raw_codes, reference};
 
     fn check(rows: usize, cols: usize, tokens: usize, seed: u64) {
-        let (codes, _) = case(rows, cols, tokens, seed);
+        let (codes, q) = case(rows, cols, tokens, seed);
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         let packed = PackedTernary::from_canonical(view);
-        let (_, x) = case(0, cols, tokens, seed + 1);
-        let q = quantized(&x, tokens, cols);
-        let x_codes: Vec<i8> = (0..tokens)
-            .flat_map(|t| q.row(t)[..cols].to_vec())
-            .collect();
-        let mut want = vec![0i32; rows * tokens];
-        gemm_reference(view, &x_codes, tokens, &mut want).unwrap();
+        let want = reference(view, &q);
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
             let mut got = vec![0i32; rows * tokens];
             gemm(isa, &packed, 0..rows, &q, &mut got).unwrap();
@@ -483,10 +447,7 @@ mod tests {
 
     #[test]
     fn every_isa_is_integer_exact_on_the_real_shapes() {
-        for (i, (rows, cols)) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (rows, cols)) in REAL_SHAPES.into_iter().enumerate() {
             for tokens in [1, 3] {
                 check(rows, cols, tokens, 100 + i as u64);
             }
@@ -514,19 +475,11 @@ mod tests {
     fn invalid_codes_and_padding_pairs_read_as_zero_like_the_reference() {
         // Raw random bytes: codes of 3 everywhere and garbage in the padding pairs of 301 columns.
         let (rows, cols, tokens) = (9, 301, 2);
-        let mut seed = 3;
-        let codes: Vec<u8> = (0..rows * crate::ternary::row_bytes(cols))
-            .map(|_| lcg(&mut seed) as u8)
-            .collect();
+        let codes = raw_codes(rows, cols, 3);
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         assert!(view.has_invalid_code());
-        let (_, x) = case(0, cols, tokens, 4);
-        let q = quantized(&x, tokens, cols);
-        let x_codes: Vec<i8> = (0..tokens)
-            .flat_map(|t| q.row(t)[..cols].to_vec())
-            .collect();
-        let mut want = vec![0i32; rows * tokens];
-        gemm_reference(view, &x_codes, tokens, &mut want).unwrap();
+        let (_, q) = case(0, cols, tokens, 4);
+        let want = reference(view, &q);
         let packed = PackedTernary::from_canonical(view);
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
             let mut got = vec![0i32; rows * tokens];

@@ -1,0 +1,55 @@
+//! Test support shared by the ternary kernel families' tests: random cases and the reference.
+
+use crate::isa::Isa;
+use crate::quant::QuantizedRows;
+use crate::ternary::{TernaryView, gemm_reference, pack};
+
+/// The distinct linear shapes (rows, cols) of BitNet b1.58 2B-4T.
+pub const REAL_SHAPES: [(usize, usize); 4] =
+    [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
+
+pub fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+/// Random ternary weights (canonical) and activations quantized from random values with the
+/// extremes mixed in (quantization yields codes in -127..=127).
+pub fn case(rows: usize, cols: usize, tokens: usize, seed: u64) -> (Vec<u8>, QuantizedRows) {
+    let mut s = seed;
+    let w: Vec<i8> = (0..rows * cols)
+        .map(|_| (lcg(&mut s) % 3) as i8 - 1)
+        .collect();
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|_| match lcg(&mut s) % 16 {
+            0 => -128.0,
+            1 => 127.0,
+            _ => f32::from((lcg(&mut s) % 256) as u8 as i8),
+        })
+        .collect();
+    let mut q = QuantizedRows::default();
+    q.quantize(Isa::Scalar, &x, tokens, cols).unwrap();
+    (pack(&w, rows, cols).unwrap(), q)
+}
+
+/// The reference product of `view` with the codes of `q`.
+pub fn reference(view: TernaryView<'_>, q: &QuantizedRows) -> Vec<i32> {
+    let cols = view.cols();
+    let x: Vec<i8> = (0..q.rows())
+        .flat_map(|t| q.row(t)[..cols].to_vec())
+        .collect();
+    let mut want = vec![0i32; view.rows() * q.rows()];
+    gemm_reference(view, &x, q.rows(), &mut want).unwrap();
+    want
+}
+
+/// Raw random bytes as canonical codes of `rows × cols`: codes of 3 (invalid, read as 0)
+/// everywhere and garbage in the padding pairs of the last byte of each row.
+pub fn raw_codes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..rows * crate::ternary::row_bytes(cols))
+        .map(|_| lcg(&mut s) as u8)
+        .collect()
+}
