@@ -2,8 +2,8 @@
 //!
 //! Kernels run at one [`Isa`] level, chosen at construction ([`Isa::selected`]: the widest this CPU
 //! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload (the fused parts' rows one after
-//! another, one scale per output row, so fused parts keep their own scales) into the layout of each
-//! kernel family [`CpuKernels`] asks for: the multiply-add kernels' [`PackedTernary`] and/or the
+//! another, one scale per output row, so fused parts keep their own scales) into the layout of the
+//! backend's kernel family ([`CpuKernels`]): the multiply-add kernels' [`PackedTernary`] or the
 //! lookup-table kernels' [`PackedLut`]. Activations are `Vec<f32>`. The KV cache is one f32 array
 //! per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
 //!
@@ -79,6 +79,13 @@ impl CpuKernels {
             Ok(other) => bail!("{KERNELS_ENV}={other}: expected mad or lut"),
         }
     }
+}
+
+/// A BitLinear output from its exact product, its token's activation scale and its row's weight
+/// scale (the reference's order of operations: divide, then multiply).
+#[inline(always)]
+fn dequantize(acc: i32, token_scale: f32, row_scale: f32) -> f32 {
+    acc as f32 / token_scale * row_scale
 }
 
 /// A linear in its backend's kernel layout.
@@ -585,7 +592,7 @@ impl Backend for CpuBackend {
                             let start = gemm(chunk, acc)?;
                             let row_scales = &lin.row_scales[start..start + acc.len()];
                             for ((o, &a), &row_scale) in out.iter_mut().zip(&*acc).zip(row_scales) {
-                                *o = a as f32 / scale * row_scale;
+                                *o = dequantize(a, scale, row_scale);
                             }
                             Ok(())
                         },
@@ -597,7 +604,7 @@ impl Backend for CpuBackend {
                 )?;
                 // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
                 // whole cache lines of `acc` (a weight row's consecutive tokens), through a block
-                // of TRANSPOSE_ROWS rows in L1 so that the divisions run on contiguous lanes.
+                // of TRANSPOSE_ROWS rows in L1 so that the writes are contiguous runs too.
                 let (scales, acc) = (quantized.scales(), &*acc);
                 me.pool.try_for_each(
                     dst.chunks_mut(TOKENS_PER_TASK * n_out).enumerate(),
@@ -607,21 +614,20 @@ impl Backend for CpuBackend {
                         me.isa.vectorized(
                             #[inline(always)]
                             || {
-                                let mut block = [[0f32; TOKENS_PER_TASK]; TRANSPOSE_ROWS];
+                                let mut block = [[0i32; TOKENS_PER_TASK]; TRANSPOSE_ROWS];
                                 for n0 in (0..n_out).step_by(TRANSPOSE_ROWS) {
                                     let n1 = (n0 + TRANSPOSE_ROWS).min(n_out);
                                     for (n, b) in (n0..n1).zip(&mut block) {
                                         let from = &acc[n * rows + t0..];
-                                        for ((b, &a), s) in b.iter_mut().zip(from).zip(scales) {
-                                            *b = a as f32 / s;
-                                        }
+                                        b[..scales.len()].copy_from_slice(&from[..scales.len()]);
                                     }
                                     let row_scales = &lin.row_scales[n0..n1];
-                                    for (i, out) in part.chunks_exact_mut(n_out).enumerate() {
-                                        for ((o, b), r) in
+                                    let tokens = part.chunks_exact_mut(n_out).zip(scales);
+                                    for (i, (out, &scale)) in tokens.enumerate() {
+                                        for ((o, b), &r) in
                                             out[n0..n1].iter_mut().zip(&block).zip(row_scales)
                                         {
-                                            *o = b[i] * r;
+                                            *o = dequantize(b[i], scale, r);
                                         }
                                     }
                                 }
