@@ -226,7 +226,6 @@ impl Q8Head {
                 self.rows
             )));
         }
-        let rescore = self.cols as f32 * 2f32.powi(-23);
         let mut dots = [[0i32; 2]; BATCH];
         for ((start, approx), bounds) in range
             .clone()
@@ -246,18 +245,36 @@ impl Q8Head {
                 sums,
                 &mut dots[..n],
             )?;
-            for (((a, b), s), &[high, low]) in approx.iter_mut().zip(bounds).zip(stats).zip(&dots) {
-                let numerator = 256 * i64::from(high) + i64::from(low);
-                *a = s.scale * x.scale * numerator as f32 / 256.0;
-                let weight = (s.residual_max * x.l1).min(s.residual_l2 * x.l2);
-                let input = s.scale * (s.code_l1 * x.residual_max).min(s.code_l2 * x.residual_l2);
-                let w_l2 = s.scale * s.code_l2 + s.residual_l2;
-                let exact = rescore * (128.0 * s.scale * x.l1).min(w_l2 * x.l2);
-                let rounding = a.abs() * 2f32.powi(-20) + 2f32.powi(-100);
-                *b = (weight + input + exact + rounding) * ROUND_UP;
-            }
+            isa.vectorized(
+                #[inline(always)]
+                || bound_batch(x, stats, &dots[..n], approx, bounds),
+            )?;
         }
         Ok(())
+    }
+}
+
+/// One batch's approximate logits and bounds (see the module documentation), in plain f32
+/// operations that give the same result at every level; the numerator `256 · high + low` is exact in
+/// f64 (at most 40 bits), so converting it rounds once, as an integer conversion would.
+#[inline(always)]
+fn bound_batch(
+    x: &Q8Input,
+    stats: &[RowStats],
+    dots: &[[i32; 2]],
+    approx: &mut [f32],
+    bounds: &mut [f32],
+) {
+    let rescore = x.cols() as f32 * 2f32.powi(-23);
+    for (((a, b), s), &[high, low]) in approx.iter_mut().zip(bounds).zip(stats).zip(dots) {
+        let numerator = (256.0 * f64::from(high) + f64::from(low)) as f32;
+        *a = s.scale * x.scale * numerator / 256.0;
+        let weight = (s.residual_max * x.l1).min(s.residual_l2 * x.l2);
+        let input = s.scale * (s.code_l1 * x.residual_max).min(s.code_l2 * x.residual_l2);
+        let w_l2 = s.scale * s.code_l2 + s.residual_l2;
+        let exact = rescore * (128.0 * s.scale * x.l1).min(w_l2 * x.l2);
+        let rounding = a.abs() * 2f32.powi(-20) + 2f32.powi(-100);
+        *b = (weight + input + exact + rounding) * ROUND_UP;
     }
 }
 
@@ -515,8 +532,14 @@ mod arm {
 }
 
 /// Appends to `out` every index whose exact value could be among the `k` largest, given
-/// `approx[v] ± bounds[v]`: those with `approx + bound ≥` the `k`-th largest `approx − bound`, and
-/// those whose bound is NaN (a NaN lower bound counts as −∞). `scratch` is reused between calls.
+/// `approx[v] ± bounds[v]`: those with `approx + bound ≥ t` and those whose bound is NaN (a NaN lower
+/// bound counts as −∞), for a threshold `t` at most the `k`-th largest `approx − bound`.
+///
+/// `t` is the `k`-th largest of the lower bounds' maxima over groups of consecutive rows: `k` groups
+/// reach it, so at least `k` rows do. With groups of at most [`MAX_GROUP`] rows and at least
+/// [`GROUPS_PER_K`] · `k` of them, the `k` largest lower bounds almost always fall in distinct
+/// groups, so `t` is at or just below the `k`-th largest, while the selection runs over ~1/64 of the
+/// values (one pass that keeps them is the whole serial cost). `scratch` is reused between calls.
 pub fn top_candidates(
     approx: &[f32],
     bounds: &[f32],
@@ -529,11 +552,20 @@ pub fn top_candidates(
         return;
     }
     let k = k.min(approx.len());
+    let group = (approx.len() / (GROUPS_PER_K * k)).clamp(1, MAX_GROUP);
     scratch.clear();
-    scratch.extend(approx.iter().zip(bounds).map(|(a, b)| {
-        let low = a - b;
-        if low.is_nan() { f32::NEG_INFINITY } else { low }
-    }));
+    scratch.extend(
+        approx
+            .chunks(group)
+            .zip(bounds.chunks(group))
+            .map(|(a, b)| {
+                a.iter().zip(b).fold(f32::NEG_INFINITY, |max, (a, b)| {
+                    let low = a - b;
+                    // Not `f32::max`, whose NaN handling costs a compare per value; a NaN never exceeds.
+                    if low > max { low } else { max }
+                })
+            }),
+    );
     let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     let threshold = *kth;
     out.extend(
@@ -548,6 +580,11 @@ pub fn top_candidates(
             .map(|(v, _)| v),
     );
 }
+
+/// Largest group of rows [`top_candidates`] reduces to one lower bound.
+const MAX_GROUP: usize = 64;
+/// Fewest groups per wanted row in [`top_candidates`].
+const GROUPS_PER_K: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -718,6 +755,12 @@ mod tests {
             &mut cand,
         );
         assert_eq!(cand, [0, 1, 2]);
+        // The 4 largest in one group of 32 rows: the threshold falls to the 4th largest group
+        // maximum (row 4031's), which still keeps them, and every row above it.
+        let mut approx: Vec<f32> = (0..4096).map(|v| v as f32 * 1e-3).collect();
+        approx[100..104].copy_from_slice(&[10.0, 9.0, 8.0, 7.0]);
+        top_candidates(&approx, &[0.0; 4096], 4, &mut scratch, &mut cand);
+        assert_eq!(cand, (100..104).chain(4031..4096).collect::<Vec<_>>());
         let zeros = vec![0f32; 8];
         let head = Q8Head::quantize(Isa::Scalar, DenseView::F32(&zeros), 2, 4).unwrap();
         let mut input = Q8Input::default();
