@@ -790,39 +790,15 @@ mod tests {
             head.logits(Isa::Scalar, 1..3, &input, &mut a, &mut b)
                 .is_err()
         );
-        let out = &mut [[0; 2]; 2];
-        assert!(
-            int_dots(
-                Isa::Scalar,
-                &[0; 96],
-                48,
-                [&[0; 64], &[0; 64]],
-                &[0; 2],
-                out
-            )
-            .is_err()
-        );
-        assert!(
-            int_dots(
-                Isa::Scalar,
-                &[0; 128],
-                64,
-                [&[0; 32], &[0; 64]],
-                &[0; 2],
-                out
-            )
-            .is_err()
-        );
-        assert!(
-            int_dots(
-                Isa::Scalar,
-                &[0; 128],
-                64,
-                [&[0; 64], &[0; 32]],
-                &[0; 2],
-                out
-            )
-            .is_err()
-        );
+        // A stride that is no multiple of the vector, and each input shorter than the stride.
+        let (zeros, short) = ([0i8; 64], [0i8; 32]);
+        for (codes, stride, x) in [
+            (&[0i8; 96][..], 48, [&zeros[..], &zeros]),
+            (&[0; 128], 64, [&short, &zeros]),
+            (&[0; 128], 64, [&zeros, &short]),
+        ] {
+            let out = &mut [[0; 2]; 2];
+            assert!(int_dots(Isa::Scalar, codes, stride, x, &[0; 2], out).is_err());
+        }
     }
 }
