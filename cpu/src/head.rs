@@ -27,8 +27,9 @@
 //!   so no i16 saturation), then `vpmaddwd` by ones into i32.
 //! - NEON: widening `smull`/`smlal` (two products per i16 lane, at most 32512), `sadalp` into i32.
 //!
-//! `q_v · q_x = (256 · q_v · h_x + q_v · l_x) / 256`, the numerator exact in i64, and
-//! `approx_v = (d_v · d_x) · numerator / 256` in f32 (the division by a power of two is exact). With
+//! `q_v · q_x = (256 · q_v · h_x + q_v · l_x) / 256`, the numerator exact in f64 (at most 40 bits),
+//! and `approx_v = (d_v · d_x) · numerator / 256` in f32 (the numerator rounded once, the division by
+//! a power of two exact). With
 //! the weight residual `r_v = w_v − d_v q_v` (measured at quantization), exactly
 //! `w_v · x − d_v d_x (q_v · q_x) = r_v · x + d_v q_v · r_x`, so by Hölder and Cauchy–Schwarz the
 //! bound is the sum of
