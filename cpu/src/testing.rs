@@ -5,8 +5,15 @@ use crate::quant::QuantizedRows;
 use crate::ternary::{TernaryView, gemm_reference, pack};
 
 /// The distinct linear shapes (rows, cols) of BitNet b1.58 2B-4T.
-pub const REAL_SHAPES: [(usize, usize); 4] =
-    [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
+const REAL_SHAPES: [(usize, usize); 4] = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
+
+/// The real-shape cases every kernel family is checked on, as (rows, cols, tokens, seed): each
+/// shape at 1 and 3 tokens, and k/v at 17 tokens (more than one token tile).
+pub fn real_shape_cases() -> impl Iterator<Item = (usize, usize, usize, u64)> {
+    let shapes = REAL_SHAPES.into_iter().zip(100u64..);
+    let small = shapes.flat_map(|((rows, cols), seed)| [1, 3].map(|t| (rows, cols, t, seed)));
+    small.chain([(640, 2560, 17, 7)])
+}
 
 pub fn lcg(seed: &mut u64) -> u64 {
     *seed = seed

@@ -55,8 +55,9 @@ const CANDIDATES_PER_TASK: usize = 64;
 ///
 /// Measured on the development machine (Zen 5 cores, AVX-512, `cargo bench -p tern-cpu --bench
 /// kernels` and `tern bench --shape 2b4t`): the lookup-table kernels compute a cache-resident
-/// product 1.1-2.3x faster, but stream weights from memory at ~31 GB/s against ~37 for
-/// multiply-add (decode reads every weight once per token), and in prompts their tables (64 bytes
+/// product 1.1-2.3x faster, but stream weights from memory at ~31-34 GB/s against ~37-38 for
+/// multiply-add, about the same weights per second, so their 11% fewer bytes do not pay in decode
+/// (which reads every weight once per token), and in prompts their tables (64 bytes
 /// per 3 activations) outgrow the caches (pp128 and pp512 3-6% slower). So multiply-add is the
 /// default at every level; lookup tables stay selectable and are tested like it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
