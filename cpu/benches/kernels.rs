@@ -6,14 +6,16 @@
 //! decode step. Each family's timing includes preparing the activations (quantization, and for
 //! `lut` the tables, also timed alone). Prints the median time of several runs, the weight
 //! bandwidth it implies (GB/s of packed weights read, each family's own layout), G weights/s
-//! (rows · cols per second) and int8 GOPS (2 · rows · cols · tokens).
+//! (rows · cols per second) and int8 GOPS (2 · rows · cols · tokens). The `attention` rows time
+//! one kv head's attention (a prefill block and a decode row) in f32 FLOP/s.
 //!
 //! `cargo bench -p tern-cpu --bench kernels` (`-- gemv`, `-- gemm`, `-- dram`, `-- tables` or
-//! `-- head` to filter).
+//! `-- head`, `-- attention` to filter).
 
 use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
+use tern_cpu::attention::{HeadGroup, attend};
 use tern_cpu::float::DenseView;
 use tern_cpu::head::{Q8Head, Q8Input};
 use tern_cpu::isa::Isa;
@@ -197,6 +199,50 @@ fn main() {
                 head.bytes() as f64 / secs / 1e9,
                 2.0 * (vocab * cols) as f64 / secs / 1e9
             );
+        }
+    }
+    if wanted("attention") {
+        // One kv head of 2B-4T (head dim 128, 4 query heads per kv head, 5 kv heads in a cached
+        // row): a prefill block of 8 rows after 256 cached positions (the middle of a 512-token
+        // prompt) and a decode row over 512 positions.
+        let (d, group, kv_stride) = (128, 4, 640);
+        for (rows, first_keys) in [(8, 256), (1, 512)] {
+            let g = HeadGroup {
+                head_dim: d,
+                group,
+                rows,
+                first_keys,
+                query_stride: group * d,
+                out_stride: group * d,
+                kv_stride,
+            };
+            let n_keys = first_keys + rows - 1;
+            let mut seed = 7u64;
+            let mut random = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| lcg(&mut seed) as f32 / (1u64 << 31) as f32 - 0.5)
+                    .collect()
+            };
+            let (queries, keys, values) = (
+                random(rows * group * d),
+                random(n_keys * kv_stride),
+                random(n_keys * kv_stride),
+            );
+            let (mut scratch, mut out) = (Vec::new(), vec![0f32; rows * group * d]);
+            // Multiply-adds of q·k and of the weighted values, over the keys each query sees.
+            let seen: usize = (0..rows).map(|r| first_keys + r).sum();
+            let flop = (4 * group * d * seen) as f64;
+            for &isa in &isas {
+                let secs = median_secs(20, || {
+                    attend(isa, &g, &queries, &keys, &values, &mut scratch, &mut out).unwrap();
+                    black_box(&out);
+                });
+                println!(
+                    "| attention | {isa} | {group}x{d}, {first_keys} keys | {rows} | {:.4} | - | - | {:.1} (f32 FLOP) |",
+                    secs * 1e3,
+                    flop / secs / 1e9
+                );
+            }
         }
     }
 }

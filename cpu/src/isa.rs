@@ -127,6 +127,7 @@ impl std::fmt::Display for Isa {
 /// How far past the byte it is reading a streaming kernel asks for the next cache lines. One Zen 4
 /// core streams a ternary matrix from memory at ~31 GB/s on the hardware prefetchers alone and at
 /// ~40 GB/s asking 8 KiB ahead (less at 4 or 16 KiB).
+#[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH_AHEAD: usize = 8 << 10;
 
 /// Asks for the cache line holding `p` on x86-64 (aarch64 is left to its hardware prefetchers:

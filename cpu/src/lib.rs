@@ -16,11 +16,15 @@
 //!   the short jobs of a decode step instead of parking).
 //! - [`head`]: an 8-bit copy of the output head with error bounds, for exact top-k re-scoring.
 //! - [`isa`]: runtime detection of the SIMD level, and `TERN_CPU_ISA` to force one.
-//! - [`float`]: RMSNorm, RoPE, attention for one head, gated activations, dense dot products.
+//! - [`lanes`]: each level's f32 vectors behind one trait, for float kernels written once.
+//! - [`attention`]: causal grouped-query attention of one kv head's queries over the cache.
+//! - [`float`]: RMSNorm, RoPE, gated activations, dense dot products.
 
+pub mod attention;
 pub mod float;
 pub mod head;
 pub mod isa;
+mod lanes;
 pub mod lut;
 pub mod mad;
 pub mod pool;

@@ -59,6 +59,7 @@ pub const TILE_ROWS: usize = 32;
 /// Columns per u16 word: three triples.
 pub const CHUNK_COLS: usize = 9;
 /// Chunks (3 lookups each) added in i16 before widening to i32: see the module documentation.
+#[cfg(target_arch = "x86_64")]
 const WIDEN_CHUNKS: usize = 28;
 /// Tiles per panel: interleaved by chunk in the layout, and sharing each table load.
 pub const PANEL_TILES: usize = 4;

@@ -117,7 +117,7 @@ impl QuantizedRows {
     }
 }
 
-/// Lanes of the per-ISA loops: a multiple of every vector width in f32.
+/// Lanes of the absmax loop: a multiple of every vector width in f32.
 const LANES: usize = 16;
 
 /// The vectorizable body: absmax over independent lanes, then one code per input.
@@ -135,22 +135,28 @@ fn quantize_lanes(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
         .chain(&lane_max)
         .fold(0.0f32, |m, v| m.max(v.abs()));
     let scale = 127.0 / absmax.max(ABSMAX_FLOOR);
-    let mut lane_sum = [0i32; LANES];
-    for (xs, qs) in x[..whole]
-        .chunks_exact(LANES)
-        .zip(codes[..whole].chunks_exact_mut(LANES))
-    {
-        for ((q, v), s) in qs.iter_mut().zip(xs).zip(&mut lane_sum) {
-            *q = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
-            *s += i32::from(*q);
-        }
-    }
-    let mut sum: i32 = lane_sum.iter().sum();
-    for (q, v) in codes[whole..].iter_mut().zip(&x[whole..]) {
-        *q = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+    // The integer sum is exact in any order, so one flat loop lets the compiler vectorize it.
+    let mut sum = 0i32;
+    for (q, v) in codes.iter_mut().zip(x) {
+        *q = code(*v, scale);
         sum += i32::from(*q);
     }
     (scale, sum)
+}
+
+/// [`quantize_row`]'s code for `v`, in operations that vectorize: Rust's saturating float-to-int
+/// casts keep LLVM from vectorizing the loop, so the clamped product is rounded by adding
+/// 1.5 · 2²³ (the sum's last mantissa bit is worth 1, so the addition rounds ties to even) and the
+/// integer is read from the mantissa. Clamping before rounding gives the same code, as both bounds
+/// are integers; NaN gives 0, as the cast does.
+#[inline(always)]
+fn code(v: f32, scale: f32) -> i8 {
+    const ROUNDER: f32 = 12_582_912.0;
+    let clamped = (v * scale).clamp(-128.0, 127.0);
+    let rounded = (clamped + ROUNDER)
+        .to_bits()
+        .wrapping_sub(ROUNDER.to_bits());
+    if clamped.is_nan() { 0 } else { rounded as i8 }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use tern_cpu::attention;
 use tern_cpu::float::{self, GateActivation};
 use tern_cpu::head::{Q8Head, Q8Input, top_candidates};
 use tern_cpu::isa::Isa;
@@ -121,7 +122,7 @@ struct Scratch {
 }
 
 thread_local! {
-    /// Attention scratch (transposed queries and scores, see `float::attend`) per pool thread,
+    /// Attention scratch (transposed queries and scores, see `attention::attend`) per pool thread,
     /// reused across calls (the threads live as long as the backend), so attention allocates
     /// nothing once it has grown to the context.
     static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -689,7 +690,7 @@ impl Backend for CpuBackend {
         // written to `out` laid out like the output rows from `t0`, starting at head `g · group`.
         let attend_rows = |t0: usize, n: usize, g: usize, out: &mut [f32], out_stride: usize| {
             let r = rows[t0];
-            let geometry = float::HeadGroup {
+            let geometry = attention::HeadGroup {
                 head_dim: hd,
                 group,
                 rows: n,
@@ -703,7 +704,7 @@ impl Backend for CpuBackend {
             let queries = &qkv_rows[t0 * width + g * group * hd..];
             ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
                 let (keys, values) = (&kv.keys[base..end], &kv.values[base..end]);
-                float::attend(isa, &geometry, queries, keys, values, scratch, out)
+                attention::attend(isa, &geometry, queries, keys, values, scratch, out)
             })
         };
         let one_run = rows

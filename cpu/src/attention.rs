@@ -1,0 +1,558 @@
+//! Causal attention of one kv head's queries over the cached positions (grouped-query attention).
+//!
+//! For every query `q` (one query head of one row) over the `n` cached positions it sees:
+//! `score_j = (Σ_i q_i · k_j,i) · (1 / √d)`, `w_j = exp(score_j − max) / Σ exp(· − max)` (the sum in
+//! f64), `out = Σ_j w_j · v_j`. Every sum over `i` and over `j` runs sequentially from 0.0, with
+//! multiplies and adds rounded separately, so a query's result does not depend on the level, on
+//! the block of rows it is computed with, or on its place in that block: a prefill block gives
+//! the bits the decode steps would.
+//!
+//! Layouts (`HeadGroup` says where the caller's data sits) in the scratch buffer, `P` = the
+//! block's queries rounded up to a multiple of the vector width and of [`QUERIES_AT_ONCE`]:
+//! - `transposed[i · P + q]`: dimension `i` of query `q` (0.0 for the padding queries);
+//! - `scores[j · P + q]`: query `q`'s score, then weight, for position `j` (weight exactly 0.0 for
+//!   a position the query does not see, and for the padding queries).
+//!
+//! The products run on [`Lanes`] vectors: `q·k` with lanes across queries (each key value
+//! broadcast, [`KEYS_AT_ONCE`] keys at a time), the weighted sum with lanes across dimensions
+//! ([`QUERIES_AT_ONCE`] queries at a time, each weight broadcast). A block reads each cached key
+//! and value once for all its queries, which keeps a long prefill out of the cache bandwidth limit.
+
+use crate::ShapeError;
+use crate::isa::Isa;
+use crate::lanes::{Lanes, Scalar};
+
+/// Where one kv head's queries, keys, values and outputs sit for [`attend`].
+///
+/// `rows` consecutive positions of one sequence; the first sees `first_keys` cached positions
+/// (itself included), each next one a position more. Row `r` has `group` query heads (the heads
+/// sharing this kv head), head `h` at `queries[r · query_stride + h · head_dim ..][..head_dim]`,
+/// its output at the same place in `out` with `out_stride`. Cached position `j`'s key and value
+/// sit at `j · kv_stride ..][..head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadGroup {
+    pub head_dim: usize,
+    pub group: usize,
+    pub rows: usize,
+    pub first_keys: usize,
+    pub query_stride: usize,
+    pub out_stride: usize,
+    pub kv_stride: usize,
+}
+
+impl HeadGroup {
+    /// Cached positions the last row sees.
+    fn max_keys(&self) -> usize {
+        self.first_keys + self.rows - 1
+    }
+
+    fn check(
+        &self,
+        queries: usize,
+        keys: usize,
+        values: usize,
+        out: usize,
+    ) -> Result<(), ShapeError> {
+        let (d, heads) = (self.head_dim, self.group * self.head_dim);
+        let span = |stride: usize, n: usize, width: usize| (n - 1) * stride + width;
+        let fits = d > 0
+            && self.group > 0
+            && self.rows > 0
+            && self.first_keys > 0
+            && self.query_stride >= heads
+            && self.out_stride >= heads
+            && self.kv_stride >= d
+            && queries >= span(self.query_stride, self.rows, heads)
+            && out >= span(self.out_stride, self.rows, heads)
+            && keys >= span(self.kv_stride, self.max_keys(), d)
+            && values >= span(self.kv_stride, self.max_keys(), d);
+        if fits {
+            Ok(())
+        } else {
+            Err(ShapeError(format!(
+                "attention {self:?} does not fit {queries} query, {keys} key, {values} value and \
+                 {out} output values"
+            )))
+        }
+    }
+}
+
+/// Causal attention `softmax(q·kᵀ / √d) · V` of every query of `geometry` over its cached
+/// positions, at `isa`. `scratch` is grown as needed.
+pub fn attend(
+    isa: Isa,
+    geometry: &HeadGroup,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    geometry.check(queries.len(), keys.len(), values.len(), out.len())?;
+    let data = Data {
+        g: geometry,
+        queries,
+        keys,
+        values,
+    };
+    match isa {
+        // Up to eight queries (a decode row) would leave half of a 16-lane vector idle.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if geometry.rows * geometry.group > 8 => {
+            run(isa, crate::lanes::Avx512::new()?, &data, scratch, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => run(isa, crate::lanes::Avx2::new()?, &data, scratch, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => run(isa, crate::lanes::Neon::new()?, &data, scratch, out),
+        _ => run(isa, Scalar, &data, scratch, out),
+    }
+}
+
+/// Cached positions whose `q·k` sums [`attend`] accumulates together (independent sums in flight,
+/// each query vector loaded once for all of them).
+const KEYS_AT_ONCE: usize = 8;
+
+/// Queries whose weighted value sums [`attend`] accumulates together (each value vector loaded once
+/// for all of them); half as many for a block of at most that many (a decode row of 4 heads).
+const QUERIES_AT_ONCE: usize = 8;
+
+/// Queries whose softmax [`attend`] computes together, so each pass over a position's scores is
+/// one loop over contiguous lanes, which the compiler vectorizes.
+const SOFTMAX_QUERIES: usize = 32;
+
+/// The checked inputs of [`attend`].
+struct Data<'a> {
+    g: &'a HeadGroup,
+    queries: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+}
+
+impl Data<'_> {
+    /// Where query `q = r · group + h` starts in `queries`, and its output in `out`.
+    fn query_at(&self, q: usize) -> usize {
+        (q / self.g.group) * self.g.query_stride + (q % self.g.group) * self.g.head_dim
+    }
+
+    fn out_at(&self, q: usize) -> usize {
+        (q / self.g.group) * self.g.out_stride + (q % self.g.group) * self.g.head_dim
+    }
+
+    /// Cached positions query `q` sees (`first_keys` for the first row's queries).
+    fn keys_seen(&self, q: usize) -> usize {
+        self.g.first_keys + q / self.g.group
+    }
+}
+
+/// [`attend`] at `isa` with `lanes` (a token of `isa`'s or of a narrower level it includes).
+fn run<L: Lanes>(
+    isa: Isa,
+    lanes: L,
+    data: &Data<'_>,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    let g = data.g;
+    let padded = (g.rows * g.group).div_ceil(row_multiple::<L>()) * row_multiple::<L>();
+    let needed = padded * (g.head_dim + g.max_keys());
+    if scratch.len() < needed {
+        scratch.resize(needed, 0.0);
+    }
+    let (transposed, scores) = scratch[..needed].split_at_mut(padded * g.head_dim);
+    isa.vectorized(
+        #[inline(always)]
+        || {
+            transpose_queries(data, transposed, padded);
+            scores_of(lanes, data, transposed, scores, padded);
+            softmax(data, scores, padded);
+            if g.rows * g.group <= QUERIES_AT_ONCE / 2 {
+                weighted_values::<L, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, padded, out);
+            } else {
+                weighted_values::<L, QUERIES_AT_ONCE>(lanes, data, scores, padded, out);
+            }
+        },
+    )
+}
+
+/// What the scratch rows' length `P` is a multiple of: a vector, and a pass of the weighted sums.
+fn row_multiple<L: Lanes>() -> usize {
+    L::LANES.max(QUERIES_AT_ONCE)
+}
+
+#[inline(always)]
+fn transpose_queries(data: &Data<'_>, transposed: &mut [f32], padded: usize) {
+    let n_queries = data.g.rows * data.g.group;
+    for (i, dim) in transposed.chunks_exact_mut(padded).enumerate() {
+        for (q, t) in dim.iter_mut().enumerate() {
+            *t = if q < n_queries {
+                data.queries[data.query_at(q) + i]
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// `scores[j · P + q] = (Σ_i q_i · k_j,i) · (1 / √d)` for every position up to the block's last.
+#[inline(always)]
+fn scores_of<L: Lanes>(
+    lanes: L,
+    data: &Data<'_>,
+    transposed: &[f32],
+    scores: &mut [f32],
+    padded: usize,
+) {
+    let g = data.g;
+    let (d, n_keys) = (g.head_dim, g.max_keys());
+    let inv_sqrt_d = lanes.splat(1.0 / (d as f32).sqrt());
+    for j0 in (0..n_keys).step_by(KEYS_AT_ONCE) {
+        // Past the last position the batch repeats it; those sums are not stored.
+        let batch: [&[f32]; KEYS_AT_ONCE] =
+            std::array::from_fn(|k| &data.keys[(j0 + k).min(n_keys - 1) * g.kv_stride..][..d]);
+        let stored = KEYS_AT_ONCE.min(n_keys - j0);
+        for l0 in (0..padded).step_by(L::LANES) {
+            let mut sums = [lanes.splat(0.0); KEYS_AT_ONCE];
+            for i in 0..d {
+                let q = lanes.load(&transposed[i * padded + l0..]);
+                for (sum, key) in sums.iter_mut().zip(&batch) {
+                    *sum = lanes.add(*sum, lanes.mul(lanes.splat(key[i]), q));
+                }
+            }
+            for (k, sum) in sums.iter().enumerate().take(stored) {
+                lanes.store(
+                    lanes.mul(*sum, inv_sqrt_d),
+                    &mut scores[(j0 + k) * padded + l0..],
+                );
+            }
+        }
+    }
+}
+
+/// Scores to weights: softmax per query over the positions it sees; the rest (and the padding
+/// queries) get weight exactly 0.
+#[inline(always)]
+fn softmax(data: &Data<'_>, scores: &mut [f32], padded: usize) {
+    let n_queries = data.g.rows * data.g.group;
+    for c0 in (0..padded).step_by(SOFTMAX_QUERIES) {
+        let cols = c0..padded.min(c0 + SOFTMAX_QUERIES);
+        let mut seen = [0u32; SOFTMAX_QUERIES];
+        for (q, s) in cols.clone().zip(&mut seen) {
+            if q < n_queries {
+                *s = data.keys_seen(q) as u32;
+            }
+        }
+        let seen = &seen[..cols.len()];
+        let mut max = [f32::NEG_INFINITY; SOFTMAX_QUERIES];
+        for (j, row) in scores.chunks_exact(padded).enumerate() {
+            for ((m, &s), &n) in max.iter_mut().zip(&row[cols.clone()]).zip(seen) {
+                *m = if (j as u32) < n { m.max(s) } else { *m };
+            }
+        }
+        let mut sum = [0f64; SOFTMAX_QUERIES];
+        for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
+            let row = &mut row[cols.clone()];
+            for (((s, &m), &n), total) in row.iter_mut().zip(&max).zip(seen).zip(&mut sum) {
+                let p = exp(*s - m);
+                *s = if (j as u32) < n { p } else { 0.0 };
+                *total += f64::from(*s);
+            }
+        }
+        let inv_sum = sum.map(|s| if s > 0.0 { (1.0 / s) as f32 } else { 0.0 });
+        for row in scores.chunks_exact_mut(padded) {
+            for (s, inv) in row[cols.clone()].iter_mut().zip(&inv_sum) {
+                *s *= inv;
+            }
+        }
+    }
+}
+
+/// `out_q = Σ_j w_q,j · v_j` for every query, `Q` queries at a time: vectors of `lanes` over the
+/// head dimension, then single lanes over the rest.
+#[inline(always)]
+fn weighted_values<L: Lanes, const Q: usize>(
+    lanes: L,
+    data: &Data<'_>,
+    scores: &[f32],
+    padded: usize,
+    out: &mut [f32],
+) {
+    let d = data.g.head_dim;
+    let whole = d / L::LANES * L::LANES;
+    value_passes::<L, Q>(lanes, data, scores, padded, 0..whole, out);
+    value_passes::<Scalar, Q>(Scalar, data, scores, padded, whole..d, out);
+}
+
+/// [`weighted_values`] over `dims` (a multiple of `L::LANES` long): a vector of dimensions and `Q`
+/// queries at a time, held in registers over all the positions the last of them sees (the zero
+/// weights of positions a query does not see add nothing). The query passes share a vector of
+/// dimensions, which stays in the L1 cache between them.
+#[inline(always)]
+fn value_passes<L: Lanes, const Q: usize>(
+    lanes: L,
+    data: &Data<'_>,
+    scores: &[f32],
+    padded: usize,
+    dims: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let g = data.g;
+    let n_queries = g.rows * g.group;
+    for i0 in dims.step_by(L::LANES) {
+        for q0 in (0..n_queries).step_by(Q) {
+            let last = (q0 + Q).min(n_queries) - 1;
+            let weights = scores.chunks_exact(padded).map(|row| -> &[f32; Q] {
+                row[q0..][..Q]
+                    .try_into()
+                    .expect("padded rows hold whole passes")
+            });
+            let values = data.values[i0..].chunks(g.kv_stride);
+            let mut sums = [lanes.splat(0.0); Q];
+            for (weights, value) in weights.zip(values).take(data.keys_seen(last)) {
+                let v = lanes.load(value);
+                for (sum, &w) in sums.iter_mut().zip(weights) {
+                    *sum = lanes.add(*sum, lanes.mul(lanes.splat(w), v));
+                }
+            }
+            for (q, sum) in (q0..=last).zip(sums) {
+                lanes.store(sum, &mut out[data.out_at(q) + i0..]);
+            }
+        }
+    }
+}
+
+/// `e^x` in f32 without branches or calls, so loops over it vectorize: `x = n·ln 2 + r` with
+/// `|r| ≤ ln 2 / 2` (ln 2 split in two parts so `n·ln 2` is exact), a degree-7 Taylor polynomial
+/// for `e^r` (truncation error below 2⁻²⁴ relative there), and `2^n` built in the exponent bits.
+/// Within 2 ulp of the exact value; inputs are clamped to [-87, 88], where the result stays a
+/// normal float (softmax only feeds it values ≤ 0, whose tails below e⁻⁸⁷ do not matter).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 rounded to 16 significant bits
+    const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+    // Adding 1.5 · 2²³ rounds to an integer (ties to even) held in the low mantissa bits, read
+    // back without a float-to-int cast (Rust's saturating casts keep loops from vectorizing).
+    const ROUNDER: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Horner form of Σ rᵏ/k!, k = 0..7.
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    let biased_exponent = shifted
+        .to_bits()
+        .wrapping_sub(ROUNDER.to_bits())
+        .wrapping_add(127);
+    p * f32::from_bits(biased_exponent << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supported() -> impl Iterator<Item = Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_supported())
+    }
+
+    /// One query head over `n_keys` positions stored `stride` apart.
+    fn single(d: usize, n_keys: usize, stride: usize) -> HeadGroup {
+        HeadGroup {
+            head_dim: d,
+            group: 1,
+            rows: 1,
+            first_keys: n_keys,
+            query_stride: d,
+            out_stride: d,
+            kv_stride: stride,
+        }
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        for isa in supported() {
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (query, key, value) = ([1.0, 0.0], [0.5, 0.5], [3.0, -1.0]);
+            attend(
+                isa,
+                &single(2, 1, 2),
+                &query,
+                &key,
+                &value,
+                &mut scores,
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out, [3.0, -1.0]);
+        }
+    }
+
+    #[test]
+    fn attention_weights_follow_softmax() {
+        // Two keys with scores 0 and ln(3)·√2/√2: weights 1/4 and 3/4.
+        let d = 2.0f32;
+        let k1 = 3f32.ln() * d.sqrt();
+        let keys = [0.0, 0.0, k1, 0.0];
+        let values = [4.0, 0.0, 0.0, 4.0];
+        for isa in supported() {
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let g = single(2, 2, 2);
+            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
+        }
+    }
+
+    fn random_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut seed = seed;
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// A real head size and a cache longer than the lanes, against softmax in f64.
+    #[test]
+    fn attention_matches_an_f64_reference_at_every_isa() {
+        let (d, stride, n_keys) = (128, 640, 301);
+        let query: Vec<f32> = random_values(d, 5).iter().map(|q| q * 8.0).collect();
+        let keys = random_values(n_keys * stride, 6);
+        let values = random_values(n_keys * stride, 7);
+        let scores: Vec<f64> = (0..n_keys)
+            .map(|j| {
+                let k = &keys[j * stride..j * stride + d];
+                let dot: f64 = query.iter().zip(k).map(|(&q, &k)| f64::from(q * k)).sum();
+                dot / (d as f64).sqrt()
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let expected: Vec<f64> = (0..d)
+            .map(|i| {
+                let v = (0..n_keys).map(|j| weights[j] * f64::from(values[j * stride + i]));
+                v.sum::<f64>() / total
+            })
+            .collect();
+        let mut first: Option<Vec<f32>> = None;
+        for isa in supported() {
+            let (mut scratch, mut out) = (Vec::new(), vec![0f32; d]);
+            let g = single(d, n_keys, stride);
+            attend(isa, &g, &query, &keys, &values, &mut scratch, &mut out).unwrap();
+            for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-5,
+                    "{isa} dim {i}: {got} vs {want}"
+                );
+            }
+            // The same bits at every level.
+            assert_eq!(first.get_or_insert_with(|| out.clone()), &out, "{isa}");
+        }
+    }
+
+    #[test]
+    fn a_block_equals_its_queries_one_at_a_time() {
+        let (d, group, rows, first_keys) = (64, 4, 5, 40);
+        let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
+        let max_keys = first_keys + rows - 1;
+        let queries = random_values(rows * q_stride, 11);
+        let keys = random_values(max_keys * kv_stride, 12);
+        let values = random_values(max_keys * kv_stride, 13);
+        for isa in supported() {
+            let block = HeadGroup {
+                head_dim: d,
+                group,
+                rows,
+                first_keys,
+                query_stride: q_stride,
+                out_stride,
+                kv_stride,
+            };
+            let (mut scratch, mut out) = (Vec::new(), vec![7f32; rows * out_stride]);
+            attend(
+                isa,
+                &block,
+                &queries,
+                &keys,
+                &values,
+                &mut scratch,
+                &mut out,
+            )
+            .unwrap();
+            for r in 0..rows {
+                for h in 0..group {
+                    let q = &queries[r * q_stride + h * d..][..d];
+                    let mut alone = vec![0f32; d];
+                    let g = single(d, first_keys + r, kv_stride);
+                    attend(isa, &g, q, &keys, &values, &mut scratch, &mut alone).unwrap();
+                    assert_eq!(
+                        &out[r * out_stride + h * d..][..d],
+                        &alone[..],
+                        "{isa} {r} {h}"
+                    );
+                }
+                let gap = &out[r * out_stride + group * d..(r + 1) * out_stride];
+                assert!(gap.iter().all(|&v| v == 7.0));
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_and_clamps() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp(x));
+            let ulp = want * f64::from(f32::EPSILON);
+            assert!(
+                (got - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let (short, mut scratch, mut out) = ([0.0; 2], Vec::new(), [0f32; 2]);
+        let (query, four) = ([1.0, 0.0], [0.0; 4]);
+        let two_keys = single(2, 2, 2);
+        let err = attend(
+            Isa::Scalar,
+            &two_keys,
+            &query,
+            &short,
+            &short,
+            &mut scratch,
+            &mut out,
+        );
+        assert!(err.is_err());
+        let no_keys = single(2, 0, 2);
+        let err = attend(
+            Isa::Scalar,
+            &no_keys,
+            &query,
+            &four,
+            &four,
+            &mut scratch,
+            &mut out,
+        );
+        assert!(err.is_err());
+    }
+}
