@@ -94,6 +94,7 @@ pub fn attend(
         queries,
         keys,
         values,
+        padded: 0, // set by `run`, once the vector width is known
     };
     match isa {
         // Up to eight queries (a decode row) would leave half of a 16-lane vector idle.
@@ -121,12 +122,15 @@ const QUERIES_AT_ONCE: usize = 8;
 /// one loop over contiguous lanes, which the compiler vectorizes.
 const SOFTMAX_QUERIES: usize = 32;
 
-/// The checked inputs of [`attend`].
+/// The checked inputs of [`attend`], and the scratch rows' length `P`.
+#[derive(Clone, Copy)]
 struct Data<'a> {
     g: &'a HeadGroup,
     queries: &'a [f32],
     keys: &'a [f32],
     values: &'a [f32],
+    /// `P`, a multiple of the vector width and of [`QUERIES_AT_ONCE`] (set by [`run`]).
+    padded: usize,
 }
 
 impl Data<'_> {
@@ -154,7 +158,9 @@ fn run<L: Lanes>(
     out: &mut [f32],
 ) -> Result<(), ShapeError> {
     let g = data.g;
-    let padded = (g.rows * g.group).div_ceil(row_multiple::<L>()) * row_multiple::<L>();
+    let multiple = L::LANES.max(QUERIES_AT_ONCE);
+    let padded = (g.rows * g.group).div_ceil(multiple) * multiple;
+    let data = &Data { padded, ..*data };
     let needed = padded * (g.head_dim + g.max_keys());
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
@@ -163,27 +169,22 @@ fn run<L: Lanes>(
     isa.vectorized(
         #[inline(always)]
         || {
-            transpose_queries(data, transposed, padded);
-            scores_of(lanes, data, transposed, scores, padded);
-            softmax(data, scores, padded);
+            transpose_queries(data, transposed);
+            scores_of(lanes, data, transposed, scores);
+            softmax(data, scores);
             if g.rows * g.group <= QUERIES_AT_ONCE / 2 {
-                weighted_values::<L, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, padded, out);
+                weighted_values::<L, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, out);
             } else {
-                weighted_values::<L, QUERIES_AT_ONCE>(lanes, data, scores, padded, out);
+                weighted_values::<L, QUERIES_AT_ONCE>(lanes, data, scores, out);
             }
         },
     )
 }
 
-/// What the scratch rows' length `P` is a multiple of: a vector, and a pass of the weighted sums.
-fn row_multiple<L: Lanes>() -> usize {
-    L::LANES.max(QUERIES_AT_ONCE)
-}
-
 #[inline(always)]
-fn transpose_queries(data: &Data<'_>, transposed: &mut [f32], padded: usize) {
+fn transpose_queries(data: &Data<'_>, transposed: &mut [f32]) {
     let n_queries = data.g.rows * data.g.group;
-    for (i, dim) in transposed.chunks_exact_mut(padded).enumerate() {
+    for (i, dim) in transposed.chunks_exact_mut(data.padded).enumerate() {
         for (q, t) in dim.iter_mut().enumerate() {
             *t = if q < n_queries {
                 data.queries[data.query_at(q) + i]
@@ -196,14 +197,8 @@ fn transpose_queries(data: &Data<'_>, transposed: &mut [f32], padded: usize) {
 
 /// `scores[j · P + q] = (Σ_i q_i · k_j,i) · (1 / √d)` for every position up to the block's last.
 #[inline(always)]
-fn scores_of<L: Lanes>(
-    lanes: L,
-    data: &Data<'_>,
-    transposed: &[f32],
-    scores: &mut [f32],
-    padded: usize,
-) {
-    let g = data.g;
+fn scores_of<L: Lanes>(lanes: L, data: &Data<'_>, transposed: &[f32], scores: &mut [f32]) {
+    let (g, padded) = (data.g, data.padded);
     let (d, n_keys) = (g.head_dim, g.max_keys());
     let inv_sqrt_d = lanes.splat(1.0 / (d as f32).sqrt());
     for j0 in (0..n_keys).step_by(KEYS_AT_ONCE) {
@@ -232,8 +227,8 @@ fn scores_of<L: Lanes>(
 /// Scores to weights: softmax per query over the positions it sees; the rest (and the padding
 /// queries) get weight exactly 0.
 #[inline(always)]
-fn softmax(data: &Data<'_>, scores: &mut [f32], padded: usize) {
-    let n_queries = data.g.rows * data.g.group;
+fn softmax(data: &Data<'_>, scores: &mut [f32]) {
+    let (padded, n_queries) = (data.padded, data.g.rows * data.g.group);
     for c0 in (0..padded).step_by(SOFTMAX_QUERIES) {
         let cols = c0..padded.min(c0 + SOFTMAX_QUERIES);
         let mut seen = [0u32; SOFTMAX_QUERIES];
@@ -274,13 +269,12 @@ fn weighted_values<L: Lanes, const Q: usize>(
     lanes: L,
     data: &Data<'_>,
     scores: &[f32],
-    padded: usize,
     out: &mut [f32],
 ) {
     let d = data.g.head_dim;
     let whole = d / L::LANES * L::LANES;
-    value_passes::<L, Q>(lanes, data, scores, padded, 0..whole, out);
-    value_passes::<Scalar, Q>(Scalar, data, scores, padded, whole..d, out);
+    value_passes::<L, Q>(lanes, data, scores, 0..whole, out);
+    value_passes::<Scalar, Q>(Scalar, data, scores, whole..d, out);
 }
 
 /// [`weighted_values`] over `dims` (a multiple of `L::LANES` long): a vector of dimensions and `Q`
@@ -292,11 +286,10 @@ fn value_passes<L: Lanes, const Q: usize>(
     lanes: L,
     data: &Data<'_>,
     scores: &[f32],
-    padded: usize,
     dims: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let g = data.g;
+    let (g, padded) = (data.g, data.padded);
     let n_queries = g.rows * g.group;
     for i0 in dims.step_by(L::LANES) {
         for q0 in (0..n_queries).step_by(Q) {
@@ -464,14 +457,15 @@ mod tests {
     }
 
     #[test]
-    fn a_block_equals_its_queries_one_at_a_time() {
-        let (d, group, rows, first_keys) = (64, 4, 5, 40);
-        let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
-        let max_keys = first_keys + rows - 1;
-        let queries = random_values(rows * q_stride, 11);
-        let keys = random_values(max_keys * kv_stride, 12);
-        let values = random_values(max_keys * kv_stride, 13);
-        for isa in supported() {
+    fn a_block_equals_its_queries_one_at_a_time_at_every_isa() {
+        // A head dimension of whole vectors, and one with a remainder past the vectors.
+        for d in [64, 20] {
+            let (group, rows, first_keys) = (4, 5, 40);
+            let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
+            let max_keys = first_keys + rows - 1;
+            let queries = random_values(rows * q_stride, 11);
+            let keys = random_values(max_keys * kv_stride, 12);
+            let values = random_values(max_keys * kv_stride, 13);
             let block = HeadGroup {
                 head_dim: d,
                 group,
@@ -481,31 +475,39 @@ mod tests {
                 out_stride,
                 kv_stride,
             };
-            let (mut scratch, mut out) = (Vec::new(), vec![7f32; rows * out_stride]);
-            attend(
-                isa,
-                &block,
-                &queries,
-                &keys,
-                &values,
-                &mut scratch,
-                &mut out,
-            )
-            .unwrap();
-            for r in 0..rows {
-                for h in 0..group {
-                    let q = &queries[r * q_stride + h * d..][..d];
-                    let mut alone = vec![0f32; d];
-                    let g = single(d, first_keys + r, kv_stride);
-                    attend(isa, &g, q, &keys, &values, &mut scratch, &mut alone).unwrap();
-                    assert_eq!(
-                        &out[r * out_stride + h * d..][..d],
-                        &alone[..],
-                        "{isa} {r} {h}"
-                    );
+            let mut first: Option<Vec<f32>> = None;
+            for isa in supported() {
+                let (mut scratch, mut out) = (Vec::new(), vec![7f32; rows * out_stride]);
+                attend(
+                    isa,
+                    &block,
+                    &queries,
+                    &keys,
+                    &values,
+                    &mut scratch,
+                    &mut out,
+                )
+                .unwrap();
+                for r in 0..rows {
+                    for h in 0..group {
+                        let q = &queries[r * q_stride + h * d..][..d];
+                        let mut alone = vec![0f32; d];
+                        let g = single(d, first_keys + r, kv_stride);
+                        attend(isa, &g, q, &keys, &values, &mut scratch, &mut alone).unwrap();
+                        assert_eq!(
+                            &out[r * out_stride + h * d..][..d],
+                            &alone[..],
+                            "{isa} d {d} row {r} head {h}"
+                        );
+                    }
+                    let gap = &out[r * out_stride + group * d..(r + 1) * out_stride];
+                    assert!(gap.iter().all(|&v| v == 7.0));
                 }
-                let gap = &out[r * out_stride + group * d..(r + 1) * out_stride];
-                assert!(gap.iter().all(|&v| v == 7.0));
+                assert_eq!(
+                    first.get_or_insert_with(|| out.clone()),
+                    &out,
+                    "{isa} d {d}"
+                );
             }
         }
     }
@@ -530,29 +532,23 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let (short, mut scratch, mut out) = ([0.0; 2], Vec::new(), [0f32; 2]);
-        let (query, four) = ([1.0, 0.0], [0.0; 4]);
-        let two_keys = single(2, 2, 2);
-        let err = attend(
-            Isa::Scalar,
-            &two_keys,
-            &query,
-            &short,
-            &short,
-            &mut scratch,
-            &mut out,
-        );
-        assert!(err.is_err());
-        let no_keys = single(2, 0, 2);
-        let err = attend(
-            Isa::Scalar,
-            &no_keys,
-            &query,
-            &four,
-            &four,
-            &mut scratch,
-            &mut out,
-        );
-        assert!(err.is_err());
+        let (query, mut scratch, mut out) = ([1.0, 0.0], Vec::new(), [0f32; 2]);
+        // Two cached positions in a cache of one; no cached position at all.
+        for (geometry, cache) in [
+            (single(2, 2, 2), &[0.0; 2][..]),
+            (single(2, 0, 2), &[0.0; 4]),
+        ] {
+            let err = attend(
+                Isa::Scalar,
+                &geometry,
+                &query,
+                cache,
+                cache,
+                &mut scratch,
+                &mut out,
+            )
+            .unwrap_err();
+            assert!(err.0.contains("attention"), "{err}");
+        }
     }
 }
