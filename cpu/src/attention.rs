@@ -41,6 +41,11 @@ pub struct HeadGroup {
 }
 
 impl HeadGroup {
+    /// Queries of the block: `group` heads of each row.
+    fn queries(&self) -> usize {
+        self.rows * self.group
+    }
+
     /// Cached positions the last row sees.
     fn max_keys(&self) -> usize {
         self.first_keys + self.rows - 1
@@ -97,9 +102,10 @@ pub fn attend(
         padded: 0, // set by `run`, once the vector width is known
     };
     match isa {
-        // Up to eight queries (a decode row) would leave half of a 16-lane vector idle.
+        // A block that fills no more than 8 lanes (a decode row) would leave half of a 16-lane
+        // vector idle.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if geometry.rows * geometry.group > 8 => {
+        Isa::Avx512 if geometry.queries() > 8 => {
             run(isa, crate::lanes::Avx512::new()?, &data, scratch, out)
         }
         #[cfg(target_arch = "x86_64")]
@@ -159,7 +165,7 @@ fn run<L: Lanes>(
 ) -> Result<(), ShapeError> {
     let g = data.g;
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
-    let padded = (g.rows * g.group).div_ceil(multiple) * multiple;
+    let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
     let needed = padded * (g.head_dim + g.max_keys());
     if scratch.len() < needed {
@@ -172,7 +178,7 @@ fn run<L: Lanes>(
             transpose_queries(data, transposed);
             scores_of(lanes, data, transposed, scores);
             softmax(data, scores);
-            if g.rows * g.group <= QUERIES_AT_ONCE / 2 {
+            if g.queries() <= QUERIES_AT_ONCE / 2 {
                 weighted_values::<L, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, out);
             } else {
                 weighted_values::<L, QUERIES_AT_ONCE>(lanes, data, scores, out);
@@ -183,7 +189,7 @@ fn run<L: Lanes>(
 
 #[inline(always)]
 fn transpose_queries(data: &Data<'_>, transposed: &mut [f32]) {
-    let n_queries = data.g.rows * data.g.group;
+    let n_queries = data.g.queries();
     for (i, dim) in transposed.chunks_exact_mut(data.padded).enumerate() {
         for (q, t) in dim.iter_mut().enumerate() {
             *t = if q < n_queries {
@@ -228,7 +234,7 @@ fn scores_of<L: Lanes>(lanes: L, data: &Data<'_>, transposed: &[f32], scores: &m
 /// queries) get weight exactly 0.
 #[inline(always)]
 fn softmax(data: &Data<'_>, scores: &mut [f32]) {
-    let (padded, n_queries) = (data.padded, data.g.rows * data.g.group);
+    let (padded, n_queries) = (data.padded, data.g.queries());
     for c0 in (0..padded).step_by(SOFTMAX_QUERIES) {
         let cols = c0..padded.min(c0 + SOFTMAX_QUERIES);
         let mut seen = [0u32; SOFTMAX_QUERIES];
@@ -290,7 +296,7 @@ fn value_passes<L: Lanes, const Q: usize>(
     out: &mut [f32],
 ) {
     let (g, padded) = (data.g, data.padded);
-    let n_queries = g.rows * g.group;
+    let n_queries = g.queries();
     for i0 in dims.step_by(L::LANES) {
         for q0 in (0..n_queries).step_by(Q) {
             let last = (q0 + Q).min(n_queries) - 1;
@@ -458,9 +464,10 @@ mod tests {
 
     #[test]
     fn a_block_equals_its_queries_one_at_a_time_at_every_isa() {
-        // A head dimension of whole vectors, and one with a remainder past the vectors.
-        for d in [64, 20] {
-            let (group, rows, first_keys) = (4, 5, 40);
+        // 20 queries (16-lane vectors at AVX-512), head dimensions of whole vectors and with a
+        // remainder past them; 6 and 8 queries (the 8-lane vectors, passes of 8 queries).
+        for (d, group, rows) in [(64, 4, 5), (20, 4, 5), (64, 3, 2), (20, 4, 2)] {
+            let first_keys = 40;
             let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
             let max_keys = first_keys + rows - 1;
             let queries = random_values(rows * q_stride, 11);

@@ -57,6 +57,45 @@ impl Lanes for Scalar {
     }
 }
 
+/// Implements [`Lanes`] for a token type from its level's intrinsics. The token's `new` is the
+/// only way to make one, and it checks the level, which is what makes the intrinsics sound here.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! impl_lanes {
+    ($token:ty, $vector:ty, $lanes:expr, $splat:ident, $load:ident, $store:ident, $mul:ident, $add:ident) => {
+        impl Lanes for $token {
+            type V = $vector;
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            fn splat(self, x: f32) -> $vector {
+                // SAFETY: a token exists only where the CPU has its level (`new`).
+                unsafe { $splat(x) }
+            }
+            #[inline(always)]
+            fn load(self, from: &[f32]) -> $vector {
+                let from = &from[..Self::LANES];
+                // SAFETY: the level as above; `from` holds the `LANES` values read.
+                unsafe { $load(from.as_ptr()) }
+            }
+            #[inline(always)]
+            fn store(self, v: $vector, to: &mut [f32]) {
+                let to = &mut to[..Self::LANES];
+                // SAFETY: the level as above; `to` holds the `LANES` places written.
+                unsafe { $store(to.as_mut_ptr(), v) }
+            }
+            #[inline(always)]
+            fn mul(self, a: $vector, b: $vector) -> $vector {
+                // SAFETY: the level as above.
+                unsafe { $mul(a, b) }
+            }
+            #[inline(always)]
+            fn add(self, a: $vector, b: $vector) -> $vector {
+                // SAFETY: the level as above.
+                unsafe { $add(a, b) }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2, Avx512};
 
@@ -79,37 +118,16 @@ mod x86 {
         }
     }
 
-    impl Lanes for Avx2 {
-        type V = __m256;
-        const LANES: usize = 8;
-        #[inline(always)]
-        fn splat(self, x: f32) -> __m256 {
-            // SAFETY: the token exists only where the CPU has AVX2 (`new`).
-            unsafe { _mm256_set1_ps(x) }
-        }
-        #[inline(always)]
-        fn load(self, from: &[f32]) -> __m256 {
-            let from = &from[..Self::LANES];
-            // SAFETY: AVX2 as above; `from` holds the 8 values read.
-            unsafe { _mm256_loadu_ps(from.as_ptr()) }
-        }
-        #[inline(always)]
-        fn store(self, v: __m256, to: &mut [f32]) {
-            let to = &mut to[..Self::LANES];
-            // SAFETY: AVX2 as above; `to` holds the 8 places written.
-            unsafe { _mm256_storeu_ps(to.as_mut_ptr(), v) }
-        }
-        #[inline(always)]
-        fn mul(self, a: __m256, b: __m256) -> __m256 {
-            // SAFETY: AVX2 as above.
-            unsafe { _mm256_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        fn add(self, a: __m256, b: __m256) -> __m256 {
-            // SAFETY: AVX2 as above.
-            unsafe { _mm256_add_ps(a, b) }
-        }
-    }
+    impl_lanes!(
+        Avx2,
+        __m256,
+        8,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_mul_ps,
+        _mm256_add_ps
+    );
 
     /// Sixteen lanes of AVX-512F.
     #[derive(Clone, Copy, Debug)]
@@ -123,37 +141,16 @@ mod x86 {
         }
     }
 
-    impl Lanes for Avx512 {
-        type V = __m512;
-        const LANES: usize = 16;
-        #[inline(always)]
-        fn splat(self, x: f32) -> __m512 {
-            // SAFETY: the token exists only where the CPU has AVX-512F (`new`).
-            unsafe { _mm512_set1_ps(x) }
-        }
-        #[inline(always)]
-        fn load(self, from: &[f32]) -> __m512 {
-            let from = &from[..Self::LANES];
-            // SAFETY: AVX-512F as above; `from` holds the 16 values read.
-            unsafe { _mm512_loadu_ps(from.as_ptr()) }
-        }
-        #[inline(always)]
-        fn store(self, v: __m512, to: &mut [f32]) {
-            let to = &mut to[..Self::LANES];
-            // SAFETY: AVX-512F as above; `to` holds the 16 places written.
-            unsafe { _mm512_storeu_ps(to.as_mut_ptr(), v) }
-        }
-        #[inline(always)]
-        fn mul(self, a: __m512, b: __m512) -> __m512 {
-            // SAFETY: AVX-512F as above.
-            unsafe { _mm512_mul_ps(a, b) }
-        }
-        #[inline(always)]
-        fn add(self, a: __m512, b: __m512) -> __m512 {
-            // SAFETY: AVX-512F as above.
-            unsafe { _mm512_add_ps(a, b) }
-        }
-    }
+    impl_lanes!(
+        Avx512,
+        __m512,
+        16,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_mul_ps,
+        _mm512_add_ps
+    );
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -176,35 +173,14 @@ mod arm {
         }
     }
 
-    impl Lanes for Neon {
-        type V = float32x4_t;
-        const LANES: usize = 4;
-        #[inline(always)]
-        fn splat(self, x: f32) -> float32x4_t {
-            // SAFETY: the token exists only where the CPU has NEON (`new`).
-            unsafe { vdupq_n_f32(x) }
-        }
-        #[inline(always)]
-        fn load(self, from: &[f32]) -> float32x4_t {
-            let from = &from[..Self::LANES];
-            // SAFETY: NEON as above; `from` holds the 4 values read.
-            unsafe { vld1q_f32(from.as_ptr()) }
-        }
-        #[inline(always)]
-        fn store(self, v: float32x4_t, to: &mut [f32]) {
-            let to = &mut to[..Self::LANES];
-            // SAFETY: NEON as above; `to` holds the 4 places written.
-            unsafe { vst1q_f32(to.as_mut_ptr(), v) }
-        }
-        #[inline(always)]
-        fn mul(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
-            // SAFETY: NEON as above.
-            unsafe { vmulq_f32(a, b) }
-        }
-        #[inline(always)]
-        fn add(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
-            // SAFETY: NEON as above.
-            unsafe { vaddq_f32(a, b) }
-        }
-    }
+    impl_lanes!(
+        Neon,
+        float32x4_t,
+        4,
+        vdupq_n_f32,
+        vld1q_f32,
+        vst1q_f32,
+        vmulq_f32,
+        vaddq_f32
+    );
 }
