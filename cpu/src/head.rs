@@ -5,9 +5,14 @@
 //! (`q = round_ties_even(w / d)`, so `|q| ≤ 127`), half the bytes of f16/bf16.
 //!
 //! # Layout
-//! Row `v`'s codes start at `v · stride`, `stride` = `cols` rounded up to a multiple of 64 (the
-//! widest vector), the padding zeros. Per row, `sums` holds `Σ_k q_vk` and [`RowStats`] `d_v` and the
-//! norms below. `cols ≤ 2¹⁶`, so every integer sum below fits an i32 and `‖q_v‖₁` is exact in f32.
+//! A row holds `stride` codes, `cols` rounded up to a multiple of `ALIGN` = 64 (the widest vector),
+//! the padding zeros; rows are padded with zero rows to a multiple of `TILE` = 4. The rows of a
+//! *group* (`TILE` consecutive rows, the kernels' row tile) are interleaved by 64-byte chunk: code
+//! `k` of row `v` lies at `(v / TILE) · TILE · stride + (k / 64) · 64 · TILE + (v % TILE) · 64 +
+//! k % 64`, so a pass over a group streams one contiguous run (four separate row streams read
+//! 10-40% slower from memory, measured with one and two threads). Per row, `sums` holds `Σ_k q_vk`
+//! and [`RowStats`] `d_v` and the norms below. `cols ≤ 2¹⁶`, so every integer sum below fits an i32
+//! and `‖q_v‖₁` is exact in f32.
 //!
 //! # The arithmetic
 //! An input row `x` is quantized once per token in two levels ([`Q8Input::prepare`]): the activation
@@ -173,22 +178,23 @@ impl Q8Head {
             )));
         }
         let stride = cols.div_ceil(ALIGN) * ALIGN;
-        let mut codes = vec![0i8; rows * stride];
+        let mut codes = vec![0i8; rows.div_ceil(TILE) * TILE * stride];
         let (mut sums, mut stats) = (vec![0i32; rows], vec![RowStats::default(); rows]);
         // Zero padding past `cols` quantizes to zero codes and residuals.
-        let mut row = vec![0f32; stride];
-        for (v, codes) in codes.chunks_exact_mut(stride.max(1)).take(rows).enumerate() {
+        let (mut row, mut row_codes) = (vec![0f32; stride], vec![0i8; stride]);
+        for v in 0..rows {
             view.row_to_f32(v, cols, &mut row[..cols])?;
             // Quantizes the `ALIGN`-padded row; `None` if it holds a value that is not finite.
             let quantized = isa.vectorized(
                 #[inline(always)]
-                || quantize_lanes(&row, codes),
+                || quantize_lanes(&row, &mut row_codes),
             )?;
             (sums[v], stats[v]) = quantized.ok_or_else(|| {
                 ShapeError(format!(
                     "output head row {v} holds a value that is not finite"
                 ))
             })?;
+            store_row(&mut codes, stride, v, &row_codes);
         }
         Ok(Self {
             codes,
@@ -236,12 +242,12 @@ impl Q8Head {
         {
             let n = approx.len();
             let stats = &self.stats[start..start + n];
-            let codes = &self.codes[start * self.stride..(start + n) * self.stride];
             let sums = &self.sums[start..start + n];
             int_dots(
                 isa,
-                codes,
+                &self.codes,
                 self.stride,
+                start,
                 [x.quantized.row(0), &x.low],
                 sums,
                 &mut dots[..n],
@@ -322,37 +328,60 @@ fn quantize_lanes(w: &[f32], codes: &mut [i8]) -> Option<(i32, RowStats)> {
     Some((sum.iter().sum(), stats))
 }
 
+/// Writes row `v`'s `stride` codes into the interleaved layout (see the module documentation).
+fn store_row(codes: &mut [i8], stride: usize, v: usize, row: &[i8]) {
+    let group = &mut codes[v / TILE * TILE * stride..][..TILE * stride];
+    for (c, chunk) in row.chunks_exact(ALIGN).enumerate() {
+        group[(c * TILE + v % TILE) * ALIGN..][..ALIGN].copy_from_slice(chunk);
+    }
+}
+
+/// Where code `k` of row `r` of a group lies in the group (see the module documentation).
+#[inline(always)]
+fn offset_in_group(r: usize, k: usize) -> usize {
+    (k / ALIGN * TILE + r) * ALIGN + k % ALIGN
+}
+
 /// Two inputs (the levels of a [`Q8Input`]) that share each weight load.
 type Inputs<'a> = [&'a [i8]; 2];
 
-/// `out[i][j] = Σ_k codes[i · stride + k] · x[j][k]` exactly, for `out.len()` rows of `stride`
-/// codes (a multiple of `ALIGN`) with `Σ_k` of each in `sums`.
+/// `out[i][j] = Σ_k q[first + i][k] · x[j][k]` exactly, for the rows `first..first + out.len()` of
+/// interleaved `codes` with rows of `stride` codes (a multiple of `ALIGN`), `Σ_k` of each in `sums`.
 fn int_dots(
     isa: Isa,
     codes: &[i8],
     stride: usize,
+    first: usize,
     x: Inputs<'_>,
     sums: &[i32],
     out: &mut [[i32; 2]],
 ) -> Result<(), ShapeError> {
     isa.check()?;
     let shortest = x[0].len().min(x[1].len());
-    if !stride.is_multiple_of(ALIGN) || shortest < stride {
+    if stride == 0 || !stride.is_multiple_of(ALIGN) || shortest < stride {
         return Err(ShapeError(format!(
-            "q8 head: row stride {stride} must be a multiple of {ALIGN} and at most the inputs' \
-             {shortest} codes"
+            "q8 head: row stride {stride} must be a positive multiple of {ALIGN} and at most the \
+             inputs' {shortest} codes"
         )));
     }
-    check_len("q8 head codes", codes.len(), out.len() * stride)?;
+    let group_len = TILE * stride;
+    if !codes.len().is_multiple_of(group_len) || first + out.len() > codes.len() / stride {
+        return Err(ShapeError(format!(
+            "q8 head: {} codes are no whole groups of {TILE} rows of {stride}, or do not hold \
+             rows {first}..{}",
+            codes.len(),
+            first + out.len()
+        )));
+    }
     check_len("q8 head code sums", sums.len(), out.len())?;
     match isa {
-        Isa::Scalar => run::<Scalar>(codes, stride, x, sums, out),
+        Isa::Scalar => run::<Scalar>(codes, stride, first, x, sums, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => run::<x86::Avx2>(codes, stride, x, sums, out),
+        Isa::Avx2 => run::<x86::Avx2>(codes, stride, first, x, sums, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => run::<x86::Avx512>(codes, stride, x, sums, out),
+        Isa::Avx512 => run::<x86::Avx512>(codes, stride, first, x, sums, out),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => run::<arm::Neon>(codes, stride, x, sums, out),
+        Isa::Neon => run::<arm::Neon>(codes, stride, first, x, sums, out),
         #[allow(unreachable_patterns)] // every level is reachable on some target
         _ => unreachable!("isa.check() passed for a level of another architecture"),
     }
@@ -365,35 +394,38 @@ trait DotKernel {
     /// `OFFSET · Σ_k row[k]`).
     const OFFSET: i32;
 
-    /// `Σ_k rows[r][k] · (x[j][k] + OFFSET)` for each row `r` and input `j`, in wrapping i32.
+    /// `Σ_k q[first + r][k] · (x[j][k] + OFFSET)` for the rows `first..first + R` of one
+    /// interleaved group and each input `j`, in wrapping i32.
     ///
     /// # Safety
-    /// The CPU supports the kernel's ISA; the rows have one length, a multiple of `ALIGN`, and both
-    /// inputs are at least as long.
-    unsafe fn tile<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R];
+    /// The CPU supports the kernel's ISA; `group` holds `TILE` rows of `group.len() / TILE` codes,
+    /// a multiple of `ALIGN`; `first + R ≤ TILE`; both inputs hold at least a row's codes.
+    unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R];
 }
 
-/// The loop shared by every ISA: `TILE` rows at a time, then single rows.
+/// The loop shared by every ISA: whole groups with `TILE` rows at a time, single rows elsewhere.
 fn run<K: DotKernel>(
     codes: &[i8],
     stride: usize,
+    first: usize,
     x: Inputs<'_>,
     sums: &[i32],
     out: &mut [[i32; 2]],
 ) {
-    let row = |r: usize| &codes[r * stride..(r + 1) * stride];
-    let mut r = 0;
-    while r < out.len() {
-        if out.len() - r >= TILE {
-            // SAFETY: `int_dots` checked the ISA, and that every row is `stride` codes, a multiple
-            // of `ALIGN`, with `x.len() ≥ stride`.
-            let got = unsafe { K::tile::<TILE>(std::array::from_fn(|i| row(r + i)), x) };
-            out[r..r + TILE].copy_from_slice(&got);
-            r += TILE;
+    let group = |v: usize| &codes[v / TILE * TILE * stride..][..TILE * stride];
+    let mut i = 0;
+    while i < out.len() {
+        let v = first + i;
+        if v.is_multiple_of(TILE) && out.len() - i >= TILE {
+            // SAFETY: `int_dots` checked the ISA, that the codes are whole groups of rows of
+            // `stride` codes, a multiple of `ALIGN`, holding row `v`, and that `x.len() ≥ stride`.
+            let got = unsafe { K::tile::<TILE>(group(v), 0, x) };
+            out[i..i + TILE].copy_from_slice(&got);
+            i += TILE;
         } else {
             // SAFETY: as above.
-            out[r] = unsafe { K::tile::<1>([row(r)], x) }[0];
-            r += 1;
+            out[i] = unsafe { K::tile::<1>(group(v), v % TILE, x) }[0];
+            i += 1;
         }
     }
     for (o, &s) in out.iter_mut().zip(sums) {
@@ -407,13 +439,17 @@ struct Scalar;
 impl DotKernel for Scalar {
     const OFFSET: i32 = 0;
 
-    unsafe fn tile<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
-        rows.map(|row| {
+    unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
+        std::array::from_fn(|r| {
             x.map(|x| {
-                row.iter()
-                    .zip(x)
-                    .map(|(&w, &v)| i32::from(w) * i32::from(v))
-                    .fold(0i32, i32::wrapping_add)
+                let chunks = x[..group.len() / TILE].chunks_exact(ALIGN).enumerate();
+                chunks.fold(0i32, |sum, (c, x)| {
+                    let row = &group[offset_in_group(first + r, c * ALIGN)..][..ALIGN];
+                    row.iter()
+                        .zip(x)
+                        .map(|(&w, &v)| i32::from(w) * i32::from(v))
+                        .fold(sum, i32::wrapping_add)
+                })
             })
         })
     }
@@ -421,7 +457,7 @@ impl DotKernel for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{DotKernel, Inputs};
+    use super::{DotKernel, Inputs, TILE, offset_in_group};
     use crate::isa::{PREFETCH_AHEAD, prefetch};
     use crate::mad::x86::hsum_avx2;
     use std::arch::x86_64::*;
@@ -432,24 +468,29 @@ mod x86 {
     impl DotKernel for Avx512 {
         const OFFSET: i32 = 128;
 
-        unsafe fn tile<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+        unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
             // SAFETY: forwarded from the trait's contract.
-            unsafe { tile_avx512(rows, x) }
+            unsafe { tile_avx512(group, first, x) }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_avx512<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+    unsafe fn tile_avx512<const R: usize>(
+        group: &[i8],
+        first: usize,
+        x: Inputs<'_>,
+    ) -> [[i32; 2]; R] {
         let flip = _mm512_set1_epi8(i8::MIN);
         let mut acc = [[_mm512_setzero_si512(); 2]; R];
-        for at in (0..rows[0].len()).step_by(64) {
-            // SAFETY: `at + 64` is within every row and both inputs (trait contract).
+        for at in (0..group.len() / TILE).step_by(64) {
+            // SAFETY: `at + 64` is within a row, so within both inputs (trait contract).
             let xu = x.map(|x| unsafe { _mm512_loadu_si512(x.as_ptr().add(at).cast()) });
             let xu = xu.map(|v| _mm512_xor_si512(v, flip));
-            for (a, row) in acc.iter_mut().zip(&rows) {
-                prefetch(row.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
-                // SAFETY: as above.
-                let w = unsafe { _mm512_loadu_si512(row.as_ptr().add(at).cast()) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = group.as_ptr().wrapping_add(offset_in_group(first + r, at));
+                prefetch(w.wrapping_add(PREFETCH_AHEAD).cast());
+                // SAFETY: the row's 64-byte chunk at `at` lies within the group (trait contract).
+                let w = unsafe { _mm512_loadu_si512(w.cast()) };
                 for (a, &xu) in a.iter_mut().zip(&xu) {
                     *a = _mm512_dpbusd_epi32(*a, xu, w);
                 }
@@ -464,27 +505,33 @@ mod x86 {
     impl DotKernel for Avx2 {
         const OFFSET: i32 = 0;
 
-        unsafe fn tile<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+        unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
             // SAFETY: forwarded from the trait's contract.
-            unsafe { tile_avx2(rows, x) }
+            unsafe { tile_avx2(group, first, x) }
         }
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn tile_avx2<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+    unsafe fn tile_avx2<const R: usize>(
+        group: &[i8],
+        first: usize,
+        x: Inputs<'_>,
+    ) -> [[i32; 2]; R] {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        for at in (0..rows[0].len()).step_by(32) {
-            // SAFETY: `at + 32` is within every row and both inputs (trait contract).
+        for at in (0..group.len() / TILE).step_by(32) {
+            // SAFETY: `at + 32` is within a row, so within both inputs (trait contract).
             let xv = x.map(|x| unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) });
             // -128 becomes 0x80, read as 128 by the unsigned operand.
             let magnitude = xv.map(|v| _mm256_abs_epi8(v));
-            for (a, row) in acc.iter_mut().zip(&rows) {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = group.as_ptr().wrapping_add(offset_in_group(first + r, at));
                 if at % 64 == 0 {
-                    prefetch(row.as_ptr().wrapping_add(at + PREFETCH_AHEAD).cast());
+                    prefetch(w.wrapping_add(PREFETCH_AHEAD).cast());
                 }
-                // SAFETY: as above.
-                let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(at).cast()) };
+                // SAFETY: the 32 codes at `at` lie in one chunk of the row, within the group (trait
+                // contract).
+                let w = unsafe { _mm256_loadu_si256(w.cast()) };
                 for ((a, &m), &xv) in a.iter_mut().zip(&magnitude).zip(&xv) {
                     // Codes are at least -127, so negating them cannot overflow.
                     let pairs = _mm256_maddubs_epi16(m, _mm256_sign_epi8(w, xv));
@@ -498,7 +545,7 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{DotKernel, Inputs};
+    use super::{DotKernel, Inputs, TILE, offset_in_group};
     use std::arch::aarch64::*;
 
     /// NEON: widening `smull`/`smlal` into i16 pairs, `sadalp` into i32, 16 bytes per step.
@@ -507,21 +554,26 @@ mod arm {
     impl DotKernel for Neon {
         const OFFSET: i32 = 0;
 
-        unsafe fn tile<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+        unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
             // SAFETY: forwarded from the trait's contract.
-            unsafe { tile_neon(rows, x) }
+            unsafe { tile_neon(group, first, x) }
         }
     }
 
     #[target_feature(enable = "neon")]
-    unsafe fn tile_neon<const R: usize>(rows: [&[i8]; R], x: Inputs<'_>) -> [[i32; 2]; R] {
+    unsafe fn tile_neon<const R: usize>(
+        group: &[i8],
+        first: usize,
+        x: Inputs<'_>,
+    ) -> [[i32; 2]; R] {
         let mut acc = [[vdupq_n_s32(0); 2]; R];
-        for at in (0..rows[0].len()).step_by(16) {
-            // SAFETY: `at + 16` is within every row and both inputs (trait contract).
+        for at in (0..group.len() / TILE).step_by(16) {
+            // SAFETY: `at + 16` is within a row, so within both inputs (trait contract).
             let xv = x.map(|x| unsafe { vld1q_s8(x.as_ptr().add(at)) });
-            for (a, row) in acc.iter_mut().zip(&rows) {
-                // SAFETY: as above.
-                let w = unsafe { vld1q_s8(row.as_ptr().add(at)) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the 16 codes at `at` lie in one chunk of the row, within the group (trait
+                // contract).
+                let w = unsafe { vld1q_s8(group.as_ptr().add(offset_in_group(first + r, at))) };
                 for (a, &xv) in a.iter_mut().zip(&xv) {
                     let p = vmull_s8(vget_low_s8(w), vget_low_s8(xv));
                     *a = vpadalq_s16(*a, vmlal_high_s8(p, w, xv));
@@ -603,6 +655,16 @@ mod tests {
         Isa::ALL.into_iter().filter(|i| i.is_supported())
     }
 
+    /// Row-major codes in the interleaved layout, with zero rows up to whole groups.
+    fn interleave(codes: &[i8], stride: usize) -> Vec<i8> {
+        let rows = codes.len() / stride;
+        let mut out = vec![0i8; rows.div_ceil(TILE) * TILE * stride];
+        for (v, row) in codes.chunks_exact(stride).enumerate() {
+            store_row(&mut out, stride, v, row);
+        }
+        out
+    }
+
     #[test]
     fn every_isa_is_integer_exact() {
         let mut seed = 3u64;
@@ -638,10 +700,19 @@ mod tests {
                 .chunks_exact(stride)
                 .map(|r| [dot(r, &x[0]), dot(r, &x[1])])
                 .collect();
+            let interleaved = interleave(&codes, stride);
             for isa in levels() {
-                let mut got = vec![[0i32; 2]; rows];
-                int_dots(isa, &codes, stride, [&x[0], &x[1]], &sums, &mut got).unwrap();
-                assert_eq!(got, want, "{isa}: {rows}x{stride}");
+                // Every start row, so that whole groups, partial groups and single rows all run.
+                for first in 0..rows.min(TILE + 1) {
+                    let mut got = vec![[0i32; 2]; rows - first];
+                    let (x, sums) = ([&x[0][..], &x[1]], &sums[first..]);
+                    int_dots(isa, &interleaved, stride, first, x, sums, &mut got).unwrap();
+                    assert_eq!(
+                        got,
+                        want[first..],
+                        "{isa}: {rows}x{stride} from row {first}"
+                    );
+                }
             }
         }
         // The largest magnitudes: -127 against -128 (and 127) over the most columns.
@@ -653,6 +724,7 @@ mod tests {
                 isa,
                 &codes,
                 MAX_COLS,
+                0,
                 [&x[0], &x[1]],
                 &[-127 * MAX_COLS as i32; 4],
                 &mut got,
@@ -791,15 +863,18 @@ mod tests {
             head.logits(Isa::Scalar, 1..3, &input, &mut a, &mut b)
                 .is_err()
         );
-        // A stride that is no multiple of the vector, and each input shorter than the stride.
+        // A stride that is no multiple of the vector, each input shorter than the stride, codes that
+        // are no whole groups, and rows past the codes.
         let (zeros, short) = ([0i8; 64], [0i8; 32]);
-        for (codes, stride, x) in [
-            (&[0i8; 96][..], 48, [&zeros[..], &zeros]),
-            (&[0; 128], 64, [&short, &zeros]),
-            (&[0; 128], 64, [&zeros, &short]),
+        for (codes, stride, first, x) in [
+            (&[0i8; 192][..], 48, 0, [&zeros[..], &zeros]),
+            (&[0; 256], 64, 0, [&short, &zeros]),
+            (&[0; 256], 64, 0, [&zeros, &short]),
+            (&[0; 128], 64, 0, [&zeros, &zeros]),
+            (&[0; 256], 64, 3, [&zeros, &zeros]),
         ] {
             let out = &mut [[0; 2]; 2];
-            assert!(int_dots(Isa::Scalar, codes, stride, x, &[0; 2], out).is_err());
+            assert!(int_dots(Isa::Scalar, codes, stride, first, x, &[0; 2], out).is_err());
         }
     }
 }
