@@ -9,6 +9,7 @@
 //! ternary weights, so anyone can benchmark without downloading weights, through the same upload and
 //! forward paths as a loaded checkpoint.
 
+use crate::backend::LmHead;
 use crate::config::ModelConfig;
 use crate::engine::Engine;
 use crate::loader::{HostLayer, HostModel};
@@ -257,9 +258,16 @@ pub struct BenchPlan {
     pub repetitions: usize,
 }
 
-/// Weight bytes a single decode step reads: every ternary code and the whole output head.
-pub fn decode_weight_bytes(model: &HostModel) -> u64 {
-    (model.ternary_size().1 + model.head().bytes()) as u64
+/// Weight bytes a single decode step reads: every linear's weights (`linear_bytes` in the backend's
+/// layout, else the canonical codes) and the whole output head in the form `head` reads (the 8-bit
+/// copy: codes and two f32 per row; the few re-scored rows are left out).
+pub fn decode_weight_bytes(model: &HostModel, linear_bytes: Option<usize>, head: LmHead) -> u64 {
+    let linears = linear_bytes.unwrap_or(model.ternary_size().1);
+    let head = match head {
+        LmHead::Full => model.head().bytes(),
+        LmHead::Q8 => model.head().rows * (model.head().cols + 8),
+    };
+    (linears + head) as u64
 }
 
 /// Runs the plan on `engine` (which must have a free slot and a context of at least

@@ -110,6 +110,11 @@ impl Engine {
         self.backend.describe()
     }
 
+    /// [`Backend::linear_weight_bytes`] of the backend.
+    pub fn linear_weight_bytes(&self) -> Option<usize> {
+        self.backend.linear_weight_bytes()
+    }
+
     /// Context length per sequence.
     pub fn context(&self) -> usize {
         self.kv.capacity()

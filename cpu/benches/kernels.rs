@@ -1,5 +1,6 @@
 //! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
-//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) of both families (`mad`, `lut`) at every
+//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) of the three families (`mad`, `base3`,
+//! `lut`) at every
 //! level they support, plus the scalar reference and the output head (bf16, and the 8-bit copy
 //! with its bounds). The `gemv` rows read one matrix again and again, from L2/L3; the `dram` rows
 //! cycle through copies of it totalling at least 512 MB, so the weights come from memory as in a
@@ -16,6 +17,7 @@ use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
 use tern_cpu::attention::{HeadGroup, attend};
+use tern_cpu::base3::{self, PackedBase3};
 use tern_cpu::float::DenseView;
 use tern_cpu::head::{Q8Head, Q8Input};
 use tern_cpu::isa::Isa;
@@ -56,6 +58,23 @@ fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
     times[runs / 2]
 }
 
+/// Median seconds of `step` at each level, cycling through the copies of a packed matrix.
+fn time_family<P>(
+    copies: &[P],
+    levels: &[Isa],
+    runs: usize,
+    mut step: impl FnMut(Isa, &P),
+) -> Vec<(Isa, f64)> {
+    let mut i = 0;
+    let mut time = |isa| {
+        median_secs(runs, || {
+            step(isa, &copies[i % copies.len()]);
+            i += 1;
+        })
+    };
+    levels.iter().map(|&isa| (isa, time(isa))).collect()
+}
+
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
@@ -78,6 +97,7 @@ fn main() {
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         let packed = PackedTernary::from_canonical(view);
         let packed_lut = PackedLut::from_canonical(view);
+        let packed_base3 = PackedBase3::from_canonical(view).unwrap();
         for (kernel, tokens) in [("gemv", 1), ("gemm", 128), ("dram gemv", 1), ("tables", 1)] {
             if !wanted(kernel) {
                 continue;
@@ -120,27 +140,34 @@ fn main() {
                 }
             };
             let mads = vec![packed.clone(); copies(packed.bytes())];
-            for &isa in &isas {
-                let mut i = 0;
-                let secs = median_secs(runs, || {
-                    q.quantize(isa, black_box(&x), tokens, cols).unwrap();
-                    mad::gemm(isa, &mads[i % mads.len()], 0..rows, &q, &mut acc).unwrap();
-                    i += 1;
-                    black_box(&acc);
-                });
+            let timed = time_family(&mads, &isas, runs, |isa, w| {
+                q.quantize(isa, black_box(&x), tokens, cols).unwrap();
+                mad::gemm(isa, w, 0..rows, &q, &mut acc).unwrap();
+                black_box(&acc);
+            });
+            for (isa, secs) in timed {
                 report(&format!("mad {isa}"), secs, packed.bytes());
             }
             drop(mads);
+            let base3s = vec![packed_base3.clone(); copies(packed_base3.bytes())];
+            let timed = time_family(&base3s, &isas, runs, |isa, w| {
+                q.quantize(isa, black_box(&x), tokens, cols).unwrap();
+                base3::gemm(isa, w, 0..rows, &q, &mut acc).unwrap();
+                black_box(&acc);
+            });
+            for (isa, secs) in timed {
+                report(&format!("base3 {isa}"), secs, packed_base3.bytes());
+            }
+            drop(base3s);
             let luts = vec![packed_lut.clone(); copies(packed_lut.bytes())];
-            for isa in isas.iter().copied().filter(|&i| lut::supports(i)) {
-                let mut i = 0;
-                let secs = median_secs(runs, || {
-                    q.quantize(isa, black_box(&x), tokens, cols).unwrap();
-                    tables.build(isa, &q).unwrap();
-                    lut::gemm(isa, &luts[i % luts.len()], 0..rows, &tables, &mut acc).unwrap();
-                    i += 1;
-                    black_box(&acc);
-                });
+            let lut_isas: Vec<Isa> = isas.iter().copied().filter(|&i| lut::supports(i)).collect();
+            let timed = time_family(&luts, &lut_isas, runs, |isa, w| {
+                q.quantize(isa, black_box(&x), tokens, cols).unwrap();
+                tables.build(isa, &q).unwrap();
+                lut::gemm(isa, w, 0..rows, &tables, &mut acc).unwrap();
+                black_box(&acc);
+            });
+            for (isa, secs) in timed {
                 report(&format!("lut {isa}"), secs, packed_lut.bytes());
             }
             drop(luts);

@@ -10,6 +10,8 @@
 //!   the SIMD kernels consume).
 //! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
 //!   their own repacked layout.
+//! - [`base3`]: multiply-add kernels on five weights per byte (1.6 bits per weight): a direct
+//!   AVX-512 VNNI GEMV, elsewhere each group of rows decoded for [`mad`]'s micro-kernels.
 //! - [`lut`]: the lookup-table ternary GEMV/GEMM kernels (scalar, AVX-512BW `vpermw`): per-token
 //!   tables of the 27 dot products of a weight triple, 1.78 bits per weight, in their own layout.
 //! - [`pool`]: the persistent thread pool the runtime spreads kernels over (workers spin between
@@ -21,6 +23,7 @@
 //! - [`float`]: RMSNorm, RoPE, gated activations, dense dot products.
 
 pub mod attention;
+pub mod base3;
 pub mod float;
 pub mod head;
 pub mod isa;

@@ -144,14 +144,52 @@ pub fn gemm(
         acc.len(),
         rows.len() * x.rows(),
     )?;
+    let tokens = x.rows();
+    for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
+        let first = g * ROW_GROUP - rows.start;
+        let n = (rows.len() - first).min(ROW_GROUP);
+        group_gemm(
+            isa,
+            w.group(g),
+            w.blocks,
+            x,
+            &mut acc[first * tokens..][..n * tokens],
+        )?;
+    }
+    Ok(())
+}
+
+/// `out[r · tokens + t] = Σ_k W[r][k] · x[t][k]` for the first `out.len() / tokens` rows of one
+/// group of 4 rows in the layout above (`blocks` blocks), exactly.
+pub(crate) fn group_gemm(
+    isa: Isa,
+    group: &[u8],
+    blocks: usize,
+    x: &QuantizedRows,
+    out: &mut [i32],
+) -> Result<(), ShapeError> {
+    isa.check()?;
+    check_len("ternary group", group.len(), blocks * ROW_GROUP * CHUNK)?;
+    let tokens = x.rows();
+    if x.padded_cols() < blocks * K_BLOCK
+        || out.len() > ROW_GROUP * tokens
+        || !out.len().is_multiple_of(tokens.max(1))
+    {
+        return Err(ShapeError(format!(
+            "ternary group gemm: {} activation columns for {blocks} blocks, {} outputs for {tokens} \
+             tokens",
+            x.padded_cols(),
+            out.len()
+        )));
+    }
     match isa {
-        Isa::Scalar => run::<Scalar>(w, rows, x, acc),
+        Isa::Scalar => run::<Scalar>(group, blocks, x, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => run::<x86::Avx2>(w, rows, x, acc),
+        Isa::Avx2 => run::<x86::Avx2>(group, blocks, x, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => run::<x86::Avx512>(w, rows, x, acc),
+        Isa::Avx512 => run::<x86::Avx512>(group, blocks, x, out),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => run::<arm::Neon>(w, rows, x, acc),
+        Isa::Neon => run::<arm::Neon>(group, blocks, x, out),
         #[allow(unreachable_patterns)] // every level is reachable on some target
         _ => unreachable!("isa.check() passed for a level of another architecture"),
     }
@@ -175,40 +213,32 @@ trait MicroKernel {
     ) -> [[i32; T]; ROW_GROUP];
 }
 
-/// The blocking loop shared by every ISA (see the module documentation).
-fn run<K: MicroKernel>(w: &PackedTernary, rows: Range<usize>, x: &QuantizedRows, acc: &mut [i32]) {
+/// The token tiles of one group, shared by every ISA (see the module documentation).
+fn run<K: MicroKernel>(group: &[u8], blocks: usize, x: &QuantizedRows, out: &mut [i32]) {
     let tokens = x.rows();
-    let first_group = rows.start / ROW_GROUP;
-    for g in first_group..rows.end.div_ceil(ROW_GROUP) {
-        let group = w.group(g);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = (tokens - t0).min(K::TOKENS);
-            macro_rules! tile {
-                ($t:literal) => {{
-                    let xs: [&[i8]; $t] = std::array::from_fn(|i| x.row(t0 + i));
-                    // SAFETY: `gemm` checked the ISA; the group and the padded rows both span
-                    // `blocks` blocks by construction.
-                    let out = unsafe { K::tile::<$t>(group, w.blocks, xs) };
-                    for (r, row) in out.iter().enumerate() {
-                        let n_row = g * ROW_GROUP + r;
-                        if n_row < rows.end {
-                            let base = (n_row - rows.start) * tokens + t0;
-                            for (t, &v) in row.iter().enumerate() {
-                                acc[base + t] = v - x.sums()[t0 + t];
-                            }
-                        }
+    let mut t0 = 0;
+    while t0 < tokens {
+        let n = (tokens - t0).min(K::TOKENS);
+        macro_rules! tile {
+            ($t:literal) => {{
+                let xs: [&[i8]; $t] = std::array::from_fn(|i| x.row(t0 + i));
+                // SAFETY: `group_gemm` checked the ISA, that the group spans `blocks` blocks and
+                // that every padded activation row covers them.
+                let tile = unsafe { K::tile::<$t>(group, blocks, xs) };
+                for (row, out) in tile.iter().zip(out.chunks_exact_mut(tokens)) {
+                    for (t, &v) in row.iter().enumerate() {
+                        out[t0 + t] = v - x.sums()[t0 + t];
                     }
-                }};
-            }
-            match n {
-                1 => tile!(1),
-                2 => tile!(2),
-                3 => tile!(3),
-                _ => tile!(4),
-            }
-            t0 += n;
+                }
+            }};
         }
+        match n {
+            1 => tile!(1),
+            2 => tile!(2),
+            3 => tile!(3),
+            _ => tile!(4),
+        }
+        t0 += n;
     }
 }
 
@@ -424,25 +454,15 @@ mod arm {
 mod tests {
     use super::*;
     use crate::ternary::pack;
-    use crate::testing::{case, raw_codes, real_shape_cases, reference};
+    use crate::testing::{case, check_levels, raw_codes, real_shape_cases, reference};
 
     fn check(rows: usize, cols: usize, tokens: usize, seed: u64) {
         let (codes, q) = case(rows, cols, tokens, seed);
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         let packed = PackedTernary::from_canonical(view);
-        let want = reference(view, &q);
-        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let mut got = vec![0i32; rows * tokens];
-            gemm(isa, &packed, 0..rows, &q, &mut got).unwrap();
-            assert!(got == want, "{isa}: {rows}x{cols}, {tokens} tokens");
-            // The same product split at group boundaries, as threads split it.
-            let mid = (rows / 2) / ROW_GROUP * ROW_GROUP;
-            let mut halves = vec![0i32; rows * tokens];
-            let (lo, hi) = halves.split_at_mut(mid * tokens);
-            gemm(isa, &packed, 0..mid, &q, lo).unwrap();
-            gemm(isa, &packed, mid..rows, &q, hi).unwrap();
-            assert!(halves == want, "{isa}: split {rows}x{cols}");
-        }
+        check_levels(view, &q, ROW_GROUP, |isa, range, acc| {
+            gemm(isa, &packed, range, &q, acc)
+        });
     }
 
     #[test]

@@ -6,14 +6,22 @@
 //! (one f32 multiply, ties to even) reproduces the reference implementation's codes bit for bit.
 //!
 //! [`quantize_row`] is the reference. [`QuantizedRows`] is what the SIMD kernels consume: the same
-//! codes (bit for bit, at every [`Isa`]), each row zero-padded to a multiple of
-//! [`K_BLOCK`](crate::mad::K_BLOCK) columns, plus each row's scale and the sum of its codes (the
+//! codes (bit for bit, at every [`Isa`]), each row zero-padded to a multiple of [`ROW_PADDING`]
+//! columns, plus each row's scale and the sum of its codes (the
 //! unsigned-weight kernels subtract it). The per-ISA versions are one generic body compiled once per
 //! `#[target_feature]` level, written with independent lanes so the compiler vectorizes it; the
 //! maximum is order-independent and each code depends on its own input only, so they are exact.
 
 use crate::isa::Isa;
 use crate::{ShapeError, check_len};
+
+/// Row padding of [`QuantizedRows`]: a multiple of every kernel family's column block
+/// ([`crate::mad::K_BLOCK`] = 256, [`crate::base3::BLOCK_COLS`] = 320), so each reads whole blocks.
+pub const ROW_PADDING: usize = 1280;
+const _: () = assert!(
+    ROW_PADDING.is_multiple_of(crate::mad::K_BLOCK)
+        && ROW_PADDING.is_multiple_of(crate::base3::BLOCK_COLS)
+);
 
 /// Smallest absmax the scale is computed from, so an all-zero row gives zero codes, not NaN.
 pub const ABSMAX_FLOOR: f32 = 1e-5;
@@ -72,7 +80,7 @@ impl QuantizedRows {
     ) -> Result<(), ShapeError> {
         check_len("activations to quantize", x.len(), rows * cols)?;
         isa.check()?;
-        let padded = cols.div_ceil(crate::mad::K_BLOCK) * crate::mad::K_BLOCK;
+        let padded = cols.div_ceil(ROW_PADDING) * ROW_PADDING;
         self.codes.clear();
         self.codes.resize(rows * padded, 0);
         self.scales.resize(rows, 0.0);
@@ -96,7 +104,7 @@ impl QuantizedRows {
         self.cols
     }
 
-    /// Row length in `codes`: `cols` rounded up to a multiple of `K_BLOCK`, the rest zeros.
+    /// Row length in `codes`: `cols` rounded up to a multiple of [`ROW_PADDING`], the rest zeros.
     pub fn padded_cols(&self) -> usize {
         self.padded_cols
     }
@@ -184,7 +192,7 @@ mod tests {
             for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
                 let mut q = QuantizedRows::default();
                 q.quantize(isa, &x, 3, cols).unwrap();
-                assert_eq!(q.padded_cols() % crate::mad::K_BLOCK, 0);
+                assert_eq!(q.padded_cols() % ROW_PADDING, 0);
                 for t in 0..3 {
                     let mut want = vec![0i8; cols];
                     let s = quantize_row(&x[t * cols..(t + 1) * cols], &mut want).unwrap();

@@ -1,8 +1,10 @@
 //! Test support shared by the ternary kernel families' tests: random cases and the reference.
 
+use crate::ShapeError;
 use crate::isa::Isa;
 use crate::quant::QuantizedRows;
 use crate::ternary::{TernaryView, gemm_reference, pack};
+use std::ops::Range;
 
 /// The distinct linear shapes (rows, cols) of BitNet b1.58 2B-4T.
 const REAL_SHAPES: [(usize, usize); 4] = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
@@ -59,4 +61,27 @@ pub fn raw_codes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     (0..rows * crate::ternary::row_bytes(cols))
         .map(|_| lcg(&mut s) as u8)
         .collect()
+}
+
+/// Checks a kernel family's `product(isa, rows, acc)` of `view` with `q` against the reference at
+/// every supported level: whole, and split at a multiple of `row_multiple` near the middle, as
+/// threads split it.
+pub fn check_levels(
+    view: TernaryView<'_>,
+    q: &QuantizedRows,
+    row_multiple: usize,
+    product: impl Fn(Isa, Range<usize>, &mut [i32]) -> Result<(), ShapeError>,
+) {
+    let (rows, cols, tokens) = (view.rows(), view.cols(), q.rows());
+    let want = reference(view, q);
+    for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+        let mut got = vec![0i32; rows * tokens];
+        product(isa, 0..rows, &mut got).unwrap();
+        assert!(got == want, "{isa}: {rows}x{cols}, {tokens} tokens");
+        let mid = (rows / 2) / row_multiple * row_multiple;
+        let (lo, hi) = got.split_at_mut(mid * tokens);
+        product(isa, 0..mid, lo).unwrap();
+        product(isa, mid..rows, hi).unwrap();
+        assert!(got == want, "{isa}: split {rows}x{cols}, {tokens} tokens");
+    }
 }

@@ -3,7 +3,8 @@
 //! Kernels run at one [`Isa`] level, chosen at construction ([`Isa::selected`]: the widest this CPU
 //! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload (the fused parts' rows one after
 //! another, one scale per output row, so fused parts keep their own scales) into the layout of the
-//! backend's kernel family ([`CpuKernels`]): the multiply-add kernels' [`PackedTernary`] or the
+//! backend's kernel family ([`CpuKernels`]): the multiply-add kernels' [`PackedTernary`] (or
+//! [`PackedBase3`], five weights per byte) or the
 //! lookup-table kernels' [`PackedLut`]. Activations are `Vec<f32>`. The KV cache is one f32 array
 //! per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
 //!
@@ -20,6 +21,7 @@ use super::{
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::attention;
+use tern_cpu::base3::{self, PackedBase3};
 use tern_cpu::float::{self, GateActivation};
 use tern_cpu::head::{Q8Head, Q8Input, top_candidates};
 use tern_cpu::isa::Isa;
@@ -59,27 +61,59 @@ const CANDIDATES_PER_TASK: usize = 64;
 /// product 1.1-2.3x faster, but stream weights from memory at ~31-34 GB/s against ~37-38 for
 /// multiply-add, about the same weights per second, so their 11% fewer bytes do not pay in decode
 /// (which reads every weight once per token), and in prompts their tables (64 bytes
-/// per 3 activations) outgrow the caches (pp128 and pp512 3-6% slower). So multiply-add is the
-/// default at every level; lookup tables stay selectable and are tested like it.
+/// per 3 activations) outgrow the caches (pp128 and pp512 3-6% slower), so they are never the
+/// default; they stay selectable and are tested like the others.
+///
+/// The base-3 kernels read 20% fewer bytes, and their AVX-512 GEMV computes ~150 G weights/s on one
+/// core from cache or memory alike, against multiply-add's ~160 from memory: one thread, which has
+/// a core's whole bandwidth, decodes ~3% faster with multiply-add (`tern bench` tg128 40.0 against
+/// 38.9 tokens/s); two threads, which share it, ~10% faster with base 3 (50.4 against 55.3), while
+/// prompts, where both run the same micro-kernels, lose 1-8% to decoding base 3 once per group.
+/// So the default ([`CpuKernels::default_for`]) is base 3 at AVX-512 with two threads or more,
+/// multiply-add otherwise (the other levels decode base 3 into multiply-add's layout for every
+/// product, several times slower).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernels {
     /// Multiply-add ([`PackedTernary`], 2 bits per weight).
     Mad,
     /// Lookup tables ([`PackedLut`], 1.78 bits per weight; an error at a level without them).
     Lut,
+    /// Multiply-add on five weights per byte ([`PackedBase3`], 1.6 bits per weight).
+    Base3,
 }
 
-/// Environment variable that picks a [`CpuKernels`] (`mad`, the default, or `lut`).
+/// Environment variable that picks a [`CpuKernels`] (`mad`, `base3` or `lut`; unset or `auto`:
+/// [`CpuKernels::default_for`]).
 pub const KERNELS_ENV: &str = "TERN_CPU_KERNELS";
 
 impl CpuKernels {
-    /// `TERN_CPU_KERNELS`, else `Mad`.
-    pub fn from_env() -> Result<Self> {
+    /// `TERN_CPU_KERNELS`, `None` where it is unset or `auto`.
+    pub fn from_env() -> Result<Option<Self>> {
         match std::env::var(KERNELS_ENV).as_deref() {
-            Err(_) | Ok("mad") => Ok(Self::Mad),
-            Ok("lut") => Ok(Self::Lut),
-            Ok(other) => bail!("{KERNELS_ENV}={other}: expected mad or lut"),
+            Err(_) | Ok("auto") => Ok(None),
+            Ok("mad") => Ok(Some(Self::Mad)),
+            Ok("lut") => Ok(Some(Self::Lut)),
+            Ok("base3") => Ok(Some(Self::Base3)),
+            Ok(other) => bail!("{KERNELS_ENV}={other}: expected auto, mad, base3 or lut"),
         }
+    }
+
+    /// The measured choice at `isa` with `threads` threads (see the type's documentation).
+    pub fn default_for(isa: Isa, threads: usize) -> Self {
+        if isa == Isa::Avx512 && threads >= 2 {
+            Self::Base3
+        } else {
+            Self::Mad
+        }
+    }
+}
+
+/// `threads`, or one per available core for 0.
+fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
     }
 }
 
@@ -94,6 +128,7 @@ fn dequantize(acc: i32, token_scale: f32, row_scale: f32) -> f32 {
 enum Packed {
     Mad(PackedTernary),
     Lut(PackedLut),
+    Base3(PackedBase3),
 }
 
 struct CpuLinear {
@@ -161,9 +196,14 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend running on `threads` threads (0: one per available core) at the default ISA
     /// level ([`Isa::selected`]: `TERN_CPU_ISA`, else the widest this CPU supports) and kernel
-    /// families ([`CpuKernels::from_env`]).
+    /// family (`TERN_CPU_KERNELS`, else [`CpuKernels::default_for`]).
     pub fn new(threads: usize) -> Result<Self> {
-        Self::with_kernels(threads, Isa::selected()?, CpuKernels::from_env()?)
+        let isa = Isa::selected()?;
+        let kernels = match CpuKernels::from_env()? {
+            Some(kernels) => kernels,
+            None => CpuKernels::default_for(isa, resolve_threads(threads)),
+        };
+        Self::with_kernels(threads, isa, kernels)
     }
 
     /// A backend whose multiply-add kernels run at `isa` (an error if this CPU does not support
@@ -182,11 +222,7 @@ impl CpuBackend {
             "{KERNELS_ENV}=lut: the lookup-table kernels need AVX-512 (or the scalar level), not \
              `{isa}`"
         );
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
+        let threads = resolve_threads(threads);
         let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
             pool,
@@ -361,12 +397,22 @@ impl Backend for CpuBackend {
         let kernels = match self.kernels {
             CpuKernels::Mad => "multiply-add",
             CpuKernels::Lut => "lookup-table",
+            CpuKernels::Base3 => "base-3 multiply-add",
         };
         format!(
             "cpu ({} {kernels} kernels{head}, {} threads)",
             self.isa,
             self.pool.threads()
         )
+    }
+
+    fn linear_weight_bytes(&self) -> Option<usize> {
+        let bytes = |l: &CpuLinear| match &l.packed {
+            Packed::Mad(w) => w.bytes(),
+            Packed::Lut(w) => w.bytes(),
+            Packed::Base3(w) => w.bytes(),
+        };
+        Some(self.linears.iter().map(bytes).sum())
     }
 
     fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
@@ -395,6 +441,7 @@ impl Backend for CpuBackend {
         let packed = match self.kernels {
             CpuKernels::Mad => Packed::Mad(PackedTernary::from_canonical(canonical)),
             CpuKernels::Lut => Packed::Lut(PackedLut::from_canonical(canonical)),
+            CpuKernels::Base3 => Packed::Base3(PackedBase3::from_canonical(canonical)?),
         };
         self.linears.push(CpuLinear {
             packed,
@@ -569,7 +616,7 @@ impl Backend for CpuBackend {
                 acc.resize(n_out * rows, 0);
                 let (lut_tables, quantized) = (&*lut_tables, &*quantized);
                 let row_multiple = match lin.packed {
-                    Packed::Mad(_) => ROW_GROUP,
+                    Packed::Mad(_) | Packed::Base3(_) => ROW_GROUP,
                     Packed::Lut(_) => lut::TILE_ROWS,
                 };
                 let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, row_multiple);
@@ -579,6 +626,7 @@ impl Backend for CpuBackend {
                     match &lin.packed {
                         Packed::Mad(w) => mad::gemm(me.isa, w, range, quantized, acc),
                         Packed::Lut(w) => lut::gemm(me.isa, w, range, lut_tables, acc),
+                        Packed::Base3(w) => base3::gemm(me.isa, w, range, quantized, acc),
                     }
                     .map(|()| start)
                 };

@@ -152,6 +152,12 @@ pub trait Backend {
     /// A one-line description for logs: device, kernel family, threads.
     fn describe(&self) -> String;
 
+    /// Bytes of every uploaded linear's weights in this backend's own layout, all of which a
+    /// decode step reads (`None`: the canonical 2 bits per weight).
+    fn linear_weight_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Uploads ternary matrices with equal input width as one linear whose outputs are the parts'
     /// outputs concatenated.
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId>;

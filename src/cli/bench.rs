@@ -3,7 +3,6 @@
 use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
-use tern::backend::LmHead;
 use tern::bench::{
     BenchPlan, BenchRow, ShapePreset, decode_weight_bytes, markdown, read_bandwidth,
     run as run_plan,
@@ -90,15 +89,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for &threads in &args.threads {
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
-        let weight_bytes = match args.lm_head.apply(backend.as_mut(), true)? {
-            LmHead::Full => decode_weight_bytes(&host),
-            // The 8-bit copy (codes + two f32 per row); the few re-scored rows are left out.
-            LmHead::Q8 => {
-                let head = host.head();
-                (host.ternary_size().1 + head.rows * (head.cols + 8)) as u64
-            }
-        };
+        let head = args.lm_head.apply(backend.as_mut(), true)?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
+        let weight_bytes = decode_weight_bytes(&host, engine.linear_weight_bytes(), head);
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {

@@ -75,12 +75,15 @@ pub fn load(name: &str) -> HostModel {
 /// on this machine is left out with a printed reason, never silently.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut list = Vec::new();
-    // The CPU backend once per kernel level this CPU has (the default level is one of them), and
-    // again with the lookup-table kernels at the levels that have them.
+    // The CPU backend once per kernel level this CPU has (the default level is one of them), again
+    // with the base-3 kernels, and with the lookup-table kernels at the levels that have them.
     for isa in Isa::ALL {
         match CpuBackend::with_isa(2, isa) {
             Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
             Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
+        }
+        if let Ok(b) = CpuBackend::with_kernels(2, isa, CpuKernels::Base3) {
+            list.push((format!("cpu-{isa}-base3"), Box::new(b)));
         }
         if lut::supports(isa) {
             let b = CpuBackend::with_kernels(2, isa, CpuKernels::Lut).unwrap();

@@ -1,0 +1,406 @@
+//! Base-3 multiply-add ternary kernels (W1.58A8): five weights per byte, 1.6 bits per weight instead
+//! of the 2 of [`crate::mad`], integer-exact.
+//!
+//! # Encoding
+//! Five codes `c_0..c_4 ∈ {0, 1, 2}` (`code = value + 1`) form `v = Σ_i c_i · 3^(4−i)` (0..243),
+//! stored as the byte `q = ⌈256 v / 243⌉`. Reading it back: `x_0 = q`, and for `i = 0..5`
+//! `3 x_i = 256 c_i + x_{i+1}`, that is `c_i = ⌊3 x_i / 256⌋` and `x_{i+1} = 3 x_i mod 256`: `q / 256`
+//! approximates `v / 243` from above by less than `1 / 256`, so each multiplication by 3 moves the
+//! next base-3 digit above the binary point (checked for all 243 patterns by a test).
+//!
+//! # The arithmetic
+//! With the identity above, `Σ_k c_ik a_k = (3 Σ_k x_ik a_k − Σ_k x_{i+1,k} a_k) / 256`: the
+//! digits never need extracting. The AVX-512 VNNI GEMV keeps two accumulators per row, `vpdpbusd`
+//! of `x_i` (unsigned bytes) with plane `i`'s activations and of `x_{i+1}` with the same, where
+//! `x_{i+1}` costs two byte additions; the row's sum of codes times activations is then
+//! `(3 A − B) / 256`. Its true value `256 Σ c a` lies in `−2³¹..2³¹` for `cols ≤` [`MAX_COLS`]
+//! (`|256 Σ c a| ≤ 256 · 2 · 128 · 2¹⁵ = 2³¹`, reached only as `−2³¹`: every code 2 against −128),
+//! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. As in [`crate::mad`], `Σ value · a = Σ code · a − Σ a`.
+//!
+//! # Layout ([`PackedBase3`], repacked at upload from the canonical layout)
+//! [`crate::mad`]'s, with blocks of [`BLOCK_COLS`] = 320 columns: columns are padded with value 0
+//! to a multiple of 320 and rows to a multiple of [`ROW_GROUP`] = 4; groups of 4 rows follow each
+//! other, and inside a group, for each block, the 4 rows' 64-byte chunks:
+//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64` (padding rows are zero bytes,
+//! whose outputs no product writes). Byte `j` of a chunk holds
+//! the codes of columns `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run
+//! of bytes gives, for each `i`, the codes of consecutive columns.
+//!
+//! # Which kernel runs
+//! One token at [`Isa::Avx512`]: the direct GEMV above. Otherwise (prompts, and the other levels,
+//! whose byte products are signed × signed or saturate on operands up to 255) each group of 4 rows is
+//! decoded into [`crate::mad`]'s layout in a per-thread buffer and [`crate::mad`]'s micro-kernels
+//! run over it, so a prompt decodes each weight once for all its tokens.
+
+use crate::isa::Isa;
+use crate::mad::{self, K_BLOCK, ROW_GROUP};
+use crate::quant::QuantizedRows;
+use crate::ternary::TernaryView;
+use crate::{ShapeError, check_len};
+use std::cell::RefCell;
+use std::ops::Range;
+
+/// Columns per weight block: five planes of 64.
+pub const BLOCK_COLS: usize = 5 * CHUNK;
+/// Most columns (see the module documentation).
+pub const MAX_COLS: usize = 1 << 15;
+/// Bytes of one row's block (the widest vector).
+const CHUNK: usize = 64;
+/// Codes per byte.
+const PLANES: usize = 5;
+
+/// The byte holding codes `c` (each 0..=2), `c[0]` the most significant digit.
+fn encode(c: [u8; PLANES]) -> u8 {
+    let v = c.iter().fold(0u32, |v, &c| 3 * v + u32::from(c));
+    // At most ⌈256 · 242 / 243⌉ = 255.
+    (256 * v).div_ceil(243) as u8
+}
+
+/// `⌊3 x / 256⌋`: the code read from `x_i` (see the module documentation), as two comparisons
+/// that vectorize.
+#[inline(always)]
+fn code_of(x: u8) -> u8 {
+    u8::from(x > 85) + u8::from(x > 170)
+}
+
+/// `3 x mod 256`: `x_{i+1}` from `x_i`.
+#[inline(always)]
+fn next(x: u8) -> u8 {
+    x.wrapping_add(x).wrapping_add(x)
+}
+
+/// A ternary matrix in the base-3 layout (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct PackedBase3 {
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+}
+
+impl PackedBase3 {
+    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0);
+    /// an error for more than [`MAX_COLS`] columns.
+    pub fn from_canonical(w: TernaryView<'_>) -> Result<Self, ShapeError> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if cols > MAX_COLS {
+            return Err(ShapeError(format!(
+                "base-3 ternary kernels take at most {MAX_COLS} columns, not {cols}"
+            )));
+        }
+        let blocks = cols.div_ceil(BLOCK_COLS);
+        let groups = rows.div_ceil(ROW_GROUP);
+        // Padding rows stay zero bytes: no product writes their outputs.
+        let mut data = vec![0u8; groups * blocks * ROW_GROUP * CHUNK];
+        // One row's values padded with zeros to whole blocks.
+        let mut values = vec![0i8; blocks * BLOCK_COLS];
+        for n in 0..rows {
+            w.unpack_row(n, &mut values[..cols]);
+            let (g, r) = (n / ROW_GROUP, n % ROW_GROUP);
+            for (b, block) in values.chunks_exact(BLOCK_COLS).enumerate() {
+                let chunk = &mut data[((g * blocks + b) * ROW_GROUP + r) * CHUNK..][..CHUNK];
+                for (j, byte) in chunk.iter_mut().enumerate() {
+                    *byte = encode(std::array::from_fn(|i| (block[CHUNK * i + j] + 1) as u8));
+                }
+            }
+        }
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            blocks,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of packed weights (with padding).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks * ROW_GROUP * CHUNK;
+        &self.data[g * len..(g + 1) * len]
+    }
+
+    /// Writes group `g` in [`crate::mad`]'s layout with `mad_blocks` blocks into `out` (columns
+    /// past this layout's padding read as value 0). Plain byte loops, vectorized by
+    /// [`Isa::vectorized`].
+    #[inline(always)]
+    fn decode_group(&self, g: usize, mad_blocks: usize, out: &mut [u8]) {
+        let group = self.group(g);
+        let mad_chunk = K_BLOCK / 4;
+        let segments = mad_blocks * 4;
+        out.fill(0);
+        // Column segments of 64: segment `s` is plane `s % 5` of block `s / 5` here and plane
+        // `s % 4` of block `s / 4` there.
+        let at = |s: usize, r: usize| ((s / 4) * ROW_GROUP + r) * mad_chunk;
+        for b in 0..self.blocks {
+            for r in 0..ROW_GROUP {
+                let mut x = [0u8; CHUNK];
+                x.copy_from_slice(&group[(b * ROW_GROUP + r) * CHUNK..][..CHUNK]);
+                for s in b * PLANES..((b + 1) * PLANES).min(segments) {
+                    let shift = 2 * (s % 4);
+                    for (d, x) in out[at(s, r)..][..mad_chunk].iter_mut().zip(&mut x) {
+                        *d |= code_of(*x) << shift;
+                        *x = next(*x);
+                    }
+                }
+            }
+        }
+        // Segments past this layout's blocks: code 1 (value 0).
+        for s in self.blocks * PLANES..segments {
+            for r in 0..ROW_GROUP {
+                let shift = 2 * (s % 4);
+                out[at(s, r)..][..mad_chunk]
+                    .iter_mut()
+                    .for_each(|d| *d |= 1 << shift);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One group decoded into [`crate::mad`]'s layout, reused by every call on this thread.
+    static DECODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `acc[(n - rows.start) · tokens + t] = Σ_k W[n][k] · x[t][k]` for `n` in `rows`, exactly.
+///
+/// `rows.start` must be a multiple of [`ROW_GROUP`] (so threads split on group boundaries); the
+/// output is row-major by weight row, so disjoint row ranges write disjoint slices.
+pub fn gemm(
+    isa: Isa,
+    w: &PackedBase3,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    acc: &mut [i32],
+) -> Result<(), ShapeError> {
+    isa.check()?;
+    if x.cols() != w.cols {
+        return Err(ShapeError(format!(
+            "base-3 ternary gemm: activations have {} columns, the weights {}",
+            x.cols(),
+            w.cols
+        )));
+    }
+    if rows.start > rows.end || rows.end > w.rows || !rows.start.is_multiple_of(ROW_GROUP) {
+        return Err(ShapeError(format!(
+            "base-3 ternary gemm: row range {rows:?} must lie in 0..{} and start at a multiple \
+             of {ROW_GROUP}",
+            w.rows
+        )));
+    }
+    check_len(
+        "base-3 ternary gemm accumulators",
+        acc.len(),
+        rows.len() * x.rows(),
+    )?;
+    let groups = rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && x.rows() == 1 {
+        // The padded activation row covers every block (`ROW_PADDING` is a multiple of
+        // `BLOCK_COLS`).
+        let (x_row, sum) = (x.row(0), x.sums()[0]);
+        for g in groups {
+            let first = g * ROW_GROUP - rows.start;
+            let n = (rows.len() - first).min(ROW_GROUP);
+            // SAFETY: `check` confirmed AVX-512 VNNI; the group holds `blocks` blocks and the
+            // padded row `blocks · BLOCK_COLS` codes or more.
+            let dots = unsafe { x86::gemv_group(w.group(g), w.blocks, x_row) };
+            for (a, dot) in acc[first..first + n].iter_mut().zip(dots) {
+                *a = dot - sum;
+            }
+        }
+        return Ok(());
+    }
+    let tokens = x.rows();
+    let mad_blocks = w.cols.div_ceil(K_BLOCK);
+    DECODED.with_borrow_mut(|decoded| {
+        decoded.resize(mad_blocks * ROW_GROUP * (K_BLOCK / 4), 0);
+        for g in groups {
+            isa.vectorized(
+                #[inline(always)]
+                || w.decode_group(g, mad_blocks, decoded),
+            )?;
+            let first = g * ROW_GROUP - rows.start;
+            let n = (rows.len() - first).min(ROW_GROUP);
+            let out = &mut acc[first * tokens..][..n * tokens];
+            mad::group_gemm(isa, decoded, mad_blocks, x, out)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BLOCK_COLS, CHUNK, PLANES, ROW_GROUP};
+    use crate::isa::{PREFETCH_AHEAD, prefetch};
+    use std::arch::x86_64::*;
+
+    /// `Σ_k code[r][k] · x[k]` for the 4 rows of one group (see the module documentation).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 VNNI; `group` holds `blocks` blocks of 4 chunks and `x` at least
+    /// `blocks · BLOCK_COLS` codes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn gemv_group(group: &[u8], blocks: usize, x: &[i8]) -> [i32; ROW_GROUP] {
+        // `three[r]` sums `x_i · a`, `next[r]` sums `x_{i+1} · a`, over every plane `i`.
+        let mut three = [_mm512_setzero_si512(); ROW_GROUP];
+        let mut next = [_mm512_setzero_si512(); ROW_GROUP];
+        for b in 0..blocks {
+            let at = |r: usize| (b * ROW_GROUP + r) * CHUNK;
+            for r in 0..ROW_GROUP {
+                prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
+            }
+            // SAFETY: the group holds `blocks` blocks of 4 chunks (contract).
+            let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
+                _mm512_loadu_si512(group.as_ptr().add(at(r)).cast())
+            });
+            for i in 0..PLANES {
+                // SAFETY: `x` holds `blocks · BLOCK_COLS` codes (contract).
+                let a = unsafe {
+                    _mm512_loadu_si512(x.as_ptr().add(b * BLOCK_COLS + CHUNK * i).cast())
+                };
+                for r in 0..ROW_GROUP {
+                    three[r] = _mm512_dpbusd_epi32(three[r], w[r], a);
+                    // 3 x mod 256, byte by byte.
+                    w[r] = _mm512_add_epi8(_mm512_add_epi8(w[r], w[r]), w[r]);
+                    next[r] = _mm512_dpbusd_epi32(next[r], w[r], a);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            let t = three[r];
+            let sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), next[r]);
+            // Exact in wrapping i32 (see the module documentation); the shift divides exactly.
+            _mm512_reduce_add_epi32(sum) >> 8
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ternary::pack;
+    use crate::testing::{case, check_levels, raw_codes, real_shape_cases, reference};
+
+    #[test]
+    fn every_pattern_decodes_to_its_codes() {
+        for v in 0..243u32 {
+            let codes: [u8; PLANES] =
+                std::array::from_fn(|i| (v / 3u32.pow(4 - i as u32) % 3) as u8);
+            let mut x = encode(codes);
+            for (i, &c) in codes.iter().enumerate() {
+                assert_eq!(code_of(x), c, "pattern {v} plane {i}");
+                // The identity the direct kernel sums: 3 x_i = 256 c_i + x_{i+1}.
+                let sum = 256 * u32::from(c) + u32::from(next(x));
+                assert_eq!(3 * u32::from(x), sum, "pattern {v} plane {i}");
+                x = next(x);
+            }
+        }
+    }
+
+    fn check(codes: &[u8], rows: usize, cols: usize, q: &QuantizedRows) {
+        let view = TernaryView::new(codes, rows, cols).unwrap();
+        let packed = PackedBase3::from_canonical(view).unwrap();
+        check_levels(view, q, ROW_GROUP, |isa, range, acc| {
+            gemm(isa, &packed, range, q, acc)
+        });
+    }
+
+    #[test]
+    fn every_isa_is_integer_exact_on_the_real_shapes() {
+        for (rows, cols, tokens, seed) in real_shape_cases() {
+            let (codes, q) = case(rows, cols, tokens, seed);
+            check(&codes, rows, cols, &q);
+        }
+    }
+
+    #[test]
+    fn every_isa_is_integer_exact_on_awkward_shapes() {
+        // Columns that end inside a block here and inside a block of the decoded layout, or past
+        // its blocks (520: 2 blocks here, 3 there), and rows that leave partial groups.
+        for (rows, cols, tokens) in [
+            (4, 320, 1),
+            (1, 1, 1),
+            (3, 5, 2),
+            (7, 300, 3),
+            (13, 520, 1),
+            (13, 520, 17),
+            (64, 768, 5),
+            (5, 1000, 4),
+            (9, 6912, 1),
+        ] {
+            let (codes, q) = case(rows, cols, tokens, (rows * cols + tokens) as u64);
+            check(&codes, rows, cols, &q);
+        }
+    }
+
+    #[test]
+    fn invalid_codes_and_padding_pairs_read_as_zero_like_the_reference() {
+        let (rows, cols) = (9, 301);
+        let codes = raw_codes(rows, cols, 3);
+        assert!(
+            TernaryView::new(&codes, rows, cols)
+                .unwrap()
+                .has_invalid_code()
+        );
+        for tokens in [1, 2] {
+            let (_, q) = case(0, cols, tokens, 4);
+            check(&codes, rows, cols, &q);
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        // All weights -1 or +1 against -127 over the most columns: the wrapping accumulators of
+        // the direct kernel and the identity's `3 A − B` see their largest magnitudes.
+        let cols = MAX_COLS;
+        for value in [-1i8, 1] {
+            let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
+            let view = TernaryView::new(&codes, 4, cols).unwrap();
+            let packed = PackedBase3::from_canonical(view).unwrap();
+            let mut q = QuantizedRows::default();
+            q.quantize(Isa::Scalar, &vec![-128f32; cols], 1, cols)
+                .unwrap();
+            assert_eq!(
+                reference(view, &q),
+                [-127 * cols as i32 * i32::from(value); 4]
+            );
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let mut acc = [0i32; 4];
+                gemm(isa, &packed, 0..4, &q, &mut acc).unwrap();
+                assert_eq!(acc, [-127 * cols as i32 * i32::from(value); 4], "{isa}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let codes = pack(&[0; 8 * 320], 8, 320).unwrap();
+        let packed =
+            PackedBase3::from_canonical(TernaryView::new(&codes, 8, 320).unwrap()).unwrap();
+        let mut q = QuantizedRows::default();
+        q.quantize(Isa::Scalar, &[1.0; 320], 1, 320).unwrap();
+        let mut acc = [0i32; 8];
+        assert!(gemm(Isa::Scalar, &packed, 2..8, &q, &mut acc[..6]).is_err());
+        assert!(gemm(Isa::Scalar, &packed, 0..9, &q, &mut acc).is_err());
+        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc[..7]).is_err());
+        q.quantize(Isa::Scalar, &[1.0; 256], 1, 256).unwrap();
+        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_err());
+        for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
+            assert!(gemm(isa, &packed, 0..8, &q, &mut acc).is_err());
+        }
+        let wide = pack(&vec![0; MAX_COLS + 1], 1, MAX_COLS + 1).unwrap();
+        let wide = TernaryView::new(&wide, 1, MAX_COLS + 1).unwrap();
+        assert!(PackedBase3::from_canonical(wide).is_err());
+    }
+}
