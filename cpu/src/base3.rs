@@ -15,16 +15,17 @@
 //! `x_{i+1}` costs two byte additions; the row's sum of codes times activations is then
 //! `(3 A − B) / 256`. Its true value `256 Σ c a` lies in `−2³¹..2³¹` for `cols ≤` [`MAX_COLS`]
 //! (`|256 Σ c a| ≤ 256 · 2 · 128 · 2¹⁵ = 2³¹`, reached only as `−2³¹`: every code 2 against −128),
-//! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. As in [`crate::mad`], `Σ value · a = Σ code · a − Σ a`.
+//! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. As in
+//! [`crate::mad`], `Σ value · a = Σ code · a − Σ a`.
 //!
 //! # Layout ([`PackedBase3`], repacked at upload from the canonical layout)
 //! [`crate::mad`]'s, with blocks of [`BLOCK_COLS`] = 320 columns: columns are padded with value 0
 //! to a multiple of 320 and rows to a multiple of [`ROW_GROUP`] = 4; groups of 4 rows follow each
 //! other, and inside a group, for each block, the 4 rows' 64-byte chunks:
-//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64` (padding rows are zero bytes,
-//! whose outputs no product writes). Byte `j` of a chunk holds
-//! the codes of columns `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run
-//! of bytes gives, for each `i`, the codes of consecutive columns.
+//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64` (padding rows are zero
+//! bytes, whose outputs no product writes). Byte `j` of a chunk holds the codes of columns
+//! `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run of bytes gives, for
+//! each `i`, the codes of consecutive columns.
 //!
 //! # Which kernel runs
 //! One token at [`Isa::Avx512`]: the direct GEMV above. Otherwise (prompts, and the other levels,
@@ -41,7 +42,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 /// Columns per weight block: five planes of 64.
-pub const BLOCK_COLS: usize = 5 * CHUNK;
+pub const BLOCK_COLS: usize = PLANES * CHUNK;
 /// Most columns (see the module documentation).
 pub const MAX_COLS: usize = 1 << 15;
 /// Bytes of one row's block (the widest vector).
