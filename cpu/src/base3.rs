@@ -19,13 +19,10 @@
 //! [`crate::mad`], `Σ value · a = Σ code · a − Σ a`.
 //!
 //! # Layout ([`PackedBase3`], repacked at upload from the canonical layout)
-//! [`crate::mad`]'s, with blocks of [`BLOCK_COLS`] = 320 columns: columns are padded with value 0
-//! to a multiple of 320 and rows to a multiple of [`ROW_GROUP`] = 4; groups of 4 rows follow each
-//! other, and inside a group, for each block, the 4 rows' 64-byte chunks:
-//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64` (padding rows are zero
-//! bytes, whose outputs no product writes). Byte `j` of a chunk holds the codes of columns
-//! `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run of bytes gives, for
-//! each `i`, the codes of consecutive columns.
+//! [`crate::grouped`]'s, with blocks of [`BLOCK_COLS`] = 320 columns (columns padded with value 0;
+//! padding rows hold zero bytes, whose outputs no product writes). Byte `j` of a chunk holds the
+//! codes of columns `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run of
+//! bytes gives, for each `i`, the codes of consecutive columns.
 //!
 //! # Which kernel runs
 //! One token at [`Isa::Avx512`]: the direct GEMV above. Otherwise (prompts, and the other levels,
@@ -33,11 +30,12 @@
 //! decoded into [`crate::mad`]'s layout in a per-thread buffer and [`crate::mad`]'s micro-kernels
 //! run over it, so a prompt decodes each weight once for all its tokens.
 
+use crate::ShapeError;
+use crate::grouped::{CHUNK, Coding, Grouped, ROW_GROUP};
 use crate::isa::Isa;
-use crate::mad::{self, K_BLOCK, ROW_GROUP};
+use crate::mad::{self, K_BLOCK};
 use crate::quant::QuantizedRows;
 use crate::ternary::TernaryView;
-use crate::{ShapeError, check_len};
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -45,8 +43,6 @@ use std::ops::Range;
 pub const BLOCK_COLS: usize = PLANES * CHUNK;
 /// Most columns (see the module documentation).
 pub const MAX_COLS: usize = 1 << 15;
-/// Bytes of one row's block (the widest vector).
-const CHUNK: usize = 64;
 /// Codes per byte.
 const PLANES: usize = 5;
 
@@ -70,14 +66,17 @@ fn next(x: u8) -> u8 {
     x.wrapping_add(x).wrapping_add(x)
 }
 
-/// A ternary matrix in the base-3 layout (see the module documentation).
+/// The base-3 coding of [`Grouped`] (see the module documentation).
 #[derive(Clone, Debug)]
-pub struct PackedBase3 {
-    data: Vec<u8>,
-    rows: usize,
-    cols: usize,
-    blocks: usize,
+pub struct Base3;
+
+impl Coding for Base3 {
+    const BLOCK_COLS: usize = BLOCK_COLS;
+    const NAME: &'static str = "base-3 ternary";
 }
+
+/// A ternary matrix in the base-3 layout (see the module documentation).
+pub type PackedBase3 = Grouped<Base3>;
 
 impl PackedBase3 {
     /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0);
@@ -89,46 +88,18 @@ impl PackedBase3 {
                 "base-3 ternary kernels take at most {MAX_COLS} columns, not {cols}"
             )));
         }
-        let blocks = cols.div_ceil(BLOCK_COLS);
-        let groups = rows.div_ceil(ROW_GROUP);
-        // Padding rows stay zero bytes: no product writes their outputs.
-        let mut data = vec![0u8; groups * blocks * ROW_GROUP * CHUNK];
+        let mut packed = Self::zeroed(rows, cols);
         // One row's values padded with zeros to whole blocks.
-        let mut values = vec![0i8; blocks * BLOCK_COLS];
+        let mut values = vec![0i8; packed.blocks() * BLOCK_COLS];
         for n in 0..rows {
             w.unpack_row(n, &mut values[..cols]);
-            let (g, r) = (n / ROW_GROUP, n % ROW_GROUP);
             for (b, block) in values.chunks_exact(BLOCK_COLS).enumerate() {
-                let chunk = &mut data[((g * blocks + b) * ROW_GROUP + r) * CHUNK..][..CHUNK];
-                for (j, byte) in chunk.iter_mut().enumerate() {
+                for (j, byte) in packed.chunk_mut(n, b).iter_mut().enumerate() {
                     *byte = encode(std::array::from_fn(|i| (block[CHUNK * i + j] + 1) as u8));
                 }
             }
         }
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            blocks,
-        })
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Bytes of packed weights (with padding).
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    fn group(&self, g: usize) -> &[u8] {
-        let len = self.blocks * ROW_GROUP * CHUNK;
-        &self.data[g * len..(g + 1) * len]
+        Ok(packed)
     }
 
     /// Writes group `g` in [`crate::mad`]'s layout with `mad_blocks` blocks into `out` (columns
@@ -137,19 +108,18 @@ impl PackedBase3 {
     #[inline(always)]
     fn decode_group(&self, g: usize, mad_blocks: usize, out: &mut [u8]) {
         let group = self.group(g);
-        let mad_chunk = K_BLOCK / 4;
         let segments = mad_blocks * 4;
         out.fill(0);
         // Column segments of 64: segment `s` is plane `s % 5` of block `s / 5` here and plane
         // `s % 4` of block `s / 4` there.
-        let at = |s: usize, r: usize| ((s / 4) * ROW_GROUP + r) * mad_chunk;
-        for b in 0..self.blocks {
+        let at = |s: usize, r: usize| ((s / 4) * ROW_GROUP + r) * CHUNK;
+        for b in 0..self.blocks() {
             for r in 0..ROW_GROUP {
                 let mut x = [0u8; CHUNK];
                 x.copy_from_slice(&group[(b * ROW_GROUP + r) * CHUNK..][..CHUNK]);
                 for s in b * PLANES..((b + 1) * PLANES).min(segments) {
                     let shift = 2 * (s % 4);
-                    for (d, x) in out[at(s, r)..][..mad_chunk].iter_mut().zip(&mut x) {
+                    for (d, x) in out[at(s, r)..][..CHUNK].iter_mut().zip(&mut x) {
                         *d |= code_of(*x) << shift;
                         *x = next(*x);
                     }
@@ -157,10 +127,10 @@ impl PackedBase3 {
             }
         }
         // Segments past this layout's blocks: code 1 (value 0).
-        for s in self.blocks * PLANES..segments {
+        for s in self.blocks() * PLANES..segments {
             for r in 0..ROW_GROUP {
                 let shift = 2 * (s % 4);
-                out[at(s, r)..][..mad_chunk]
+                out[at(s, r)..][..CHUNK]
                     .iter_mut()
                     .for_each(|d| *d |= 1 << shift);
             }
@@ -184,59 +154,31 @@ pub fn gemm(
     x: &QuantizedRows,
     acc: &mut [i32],
 ) -> Result<(), ShapeError> {
-    isa.check()?;
-    if x.cols() != w.cols {
-        return Err(ShapeError(format!(
-            "base-3 ternary gemm: activations have {} columns, the weights {}",
-            x.cols(),
-            w.cols
-        )));
-    }
-    if rows.start > rows.end || rows.end > w.rows || !rows.start.is_multiple_of(ROW_GROUP) {
-        return Err(ShapeError(format!(
-            "base-3 ternary gemm: row range {rows:?} must lie in 0..{} and start at a multiple \
-             of {ROW_GROUP}",
-            w.rows
-        )));
-    }
-    check_len(
-        "base-3 ternary gemm accumulators",
-        acc.len(),
-        rows.len() * x.rows(),
-    )?;
-    let groups = rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP);
+    let mad_blocks = w.cols().div_ceil(K_BLOCK);
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && x.rows() == 1 {
         // The padded activation row covers every block (`ROW_PADDING` is a multiple of
         // `BLOCK_COLS`).
         let (x_row, sum) = (x.row(0), x.sums()[0]);
-        for g in groups {
-            let first = g * ROW_GROUP - rows.start;
-            let n = (rows.len() - first).min(ROW_GROUP);
-            // SAFETY: `check` confirmed AVX-512 VNNI; the group holds `blocks` blocks and the
-            // padded row `blocks · BLOCK_COLS` codes or more.
-            let dots = unsafe { x86::gemv_group(w.group(g), w.blocks, x_row) };
-            for (a, dot) in acc[first..first + n].iter_mut().zip(dots) {
+        return w.for_each_group(isa, rows, x, acc, |g, out| {
+            // SAFETY: `for_each_group` checked the level (AVX-512 VNNI); the group holds
+            // `blocks` blocks and the padded row at least `blocks · BLOCK_COLS` codes.
+            let dots = unsafe { x86::gemv_group(w.group(g), w.blocks(), x_row) };
+            for (a, dot) in out.iter_mut().zip(dots) {
                 *a = dot - sum;
             }
-        }
-        return Ok(());
+            Ok(())
+        });
     }
-    let tokens = x.rows();
-    let mad_blocks = w.cols.div_ceil(K_BLOCK);
     DECODED.with_borrow_mut(|decoded| {
-        decoded.resize(mad_blocks * ROW_GROUP * (K_BLOCK / 4), 0);
-        for g in groups {
+        decoded.resize(mad_blocks * ROW_GROUP * CHUNK, 0);
+        w.for_each_group(isa, rows, x, acc, |g, out| {
             isa.vectorized(
                 #[inline(always)]
                 || w.decode_group(g, mad_blocks, decoded),
             )?;
-            let first = g * ROW_GROUP - rows.start;
-            let n = (rows.len() - first).min(ROW_GROUP);
-            let out = &mut acc[first * tokens..][..n * tokens];
-            mad::group_gemm(isa, decoded, mad_blocks, x, out)?;
-        }
-        Ok(())
+            mad::group_gemm(isa, decoded, mad_blocks, x, out)
+        })
     })
 }
 

@@ -8,6 +8,8 @@
 //!   the integer-exact oracle that every other ternary kernel in the project is tested against.
 //! - [`quant`]: per-token absmax int8 activation quantization (reference, and the vectorized rows
 //!   the SIMD kernels consume).
+//! - [`grouped`]: the weight storage of the multiply-add families (rows in groups of 4, each
+//!   group's blocks side by side).
 //! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
 //!   their own repacked layout.
 //! - [`base3`]: multiply-add kernels on five weights per byte (1.6 bits per weight): a direct
@@ -25,6 +27,7 @@
 pub mod attention;
 pub mod base3;
 pub mod float;
+pub mod grouped;
 pub mod head;
 pub mod isa;
 mod lanes;

@@ -10,14 +10,12 @@
 //! [`gemm_reference`](crate::ternary::gemm_reference) bit for bit.
 //!
 //! # Layout ([`PackedTernary`], repacked at upload from the canonical layout)
-//! Columns are padded with value 0 to a multiple of [`K_BLOCK`] = 256 and rows to a multiple of
-//! [`ROW_GROUP`] = 4. Groups of 4 rows are stored one after another; inside a group, for each block
-//! of 256 columns, the 4 rows' 64-byte chunks follow each other:
-//! `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64`.
-//! Inside a chunk, byte `j` (0..64) holds at bits `2i..2i+1` (i = 0..4) the code of column
-//! `block · 256 + 64·i + j`. So one shift by `2i` and one mask by 3 turn any run of bytes into the
-//! codes of consecutive columns, matching a contiguous load of activations, for any vector width
-//! (64 bytes on AVX-512, 32 on AVX2, 16 on NEON). A kernel streams one contiguous buffer.
+//! [`crate::grouped`]'s, with blocks of [`K_BLOCK`] = 256 columns (columns padded with value 0;
+//! padding rows hold zero bytes, whose outputs no product writes). Inside a chunk, byte `j` (0..64)
+//! holds at bits `2i..2i+1` (i = 0..4) the code of column `block · 256 + 64·i + j`. So one shift
+//! by `2i` and one mask by 3 turn any run of bytes into the codes of consecutive columns, matching a
+//! contiguous load of activations, for any vector width (64 bytes on AVX-512, 32 on AVX2, 16 on
+//! NEON). A kernel streams one contiguous buffer.
 //!
 //! # Blocking
 //! [`gemm`] is one loop: for each group of 4 rows, for each tile of up to `TOKENS` activation rows,
@@ -25,91 +23,60 @@
 //! multiplies it with every token of the tile (batched prefill reuses each unpacked block), keeping
 //! the 4 × T accumulators in registers.
 
+pub use crate::grouped::ROW_GROUP;
+use crate::grouped::{CHUNK, Coding, Grouped};
 use crate::isa::Isa;
 use crate::quant::QuantizedRows;
 use crate::ternary::TernaryView;
 use crate::{ShapeError, check_len};
 use std::ops::Range;
 
-/// Columns per weight block.
-pub const K_BLOCK: usize = 256;
-/// Rows stored together (the micro-kernels' row tile).
-pub const ROW_GROUP: usize = 4;
-/// Bytes of one row's block.
-const CHUNK: usize = K_BLOCK / 4;
+/// Columns per weight block: four 2-bit codes per byte of a chunk.
+pub const K_BLOCK: usize = 4 * CHUNK;
+
+/// The 2-bit coding of [`Grouped`] (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct TwoBit;
+
+impl Coding for TwoBit {
+    const BLOCK_COLS: usize = K_BLOCK;
+    const NAME: &'static str = "ternary";
+}
 
 /// A ternary matrix in the kernels' layout (see the module documentation).
-#[derive(Clone, Debug)]
-pub struct PackedTernary {
-    data: Vec<u8>,
-    rows: usize,
-    cols: usize,
-    blocks: usize,
-}
+pub type PackedTernary = Grouped<TwoBit>;
 
 impl PackedTernary {
     /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0, and
     /// so do padding pairs past `cols`).
     pub fn from_canonical(w: TernaryView<'_>) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
-        let blocks = cols.div_ceil(K_BLOCK);
-        let groups = rows.div_ceil(ROW_GROUP);
-        let mut data = vec![0u8; groups * blocks * ROW_GROUP * CHUNK];
+        let mut packed = Self::zeroed(rows, cols);
+        let blocks = packed.blocks();
         let rb = crate::ternary::row_bytes(cols);
         // One canonical row padded to whole blocks with value 0 (code 1 in every pair).
         let mut padded = vec![0x55u8; blocks * CHUNK];
-        for g in 0..groups {
-            for r in 0..ROW_GROUP {
-                let n = g * ROW_GROUP + r;
-                padded.fill(0x55);
-                if n < rows {
-                    padded[..rb].copy_from_slice(&w.codes()[n * rb..(n + 1) * rb]);
-                    if cols % 4 != 0 {
-                        let keep = 2 * (cols % 4);
-                        padded[rb - 1] = (padded[rb - 1] & ((1 << keep) - 1)) | (0x55 << keep);
-                    }
-                    for byte in &mut padded[..rb] {
-                        // Code 3 (invalid) reads as 1 (value 0): clear the high bit of such pairs.
-                        *byte ^= (*byte & (*byte >> 1) & 0x55) << 1;
-                    }
-                }
-                for b in 0..blocks {
-                    let chunk = &mut data[((g * blocks + b) * ROW_GROUP + r) * CHUNK..][..CHUNK];
-                    let src = &padded[b * CHUNK..(b + 1) * CHUNK];
-                    for (j, byte) in chunk.iter_mut().enumerate() {
-                        // Column 64·i + j of the block is pair j % 4 of canonical byte 16·i + j / 4.
-                        *byte = (0..4).fold(0u8, |acc, i| {
-                            let code = (src[16 * i + j / 4] >> (2 * (j % 4))) & 3;
-                            acc | (code << (2 * i))
-                        });
-                    }
+        for n in 0..rows {
+            padded[..rb].copy_from_slice(&w.codes()[n * rb..(n + 1) * rb]);
+            if cols % 4 != 0 {
+                let keep = 2 * (cols % 4);
+                padded[rb - 1] = (padded[rb - 1] & ((1 << keep) - 1)) | (0x55 << keep);
+            }
+            for byte in &mut padded[..rb] {
+                // Code 3 (invalid) reads as 1 (value 0): clear the high bit of such pairs.
+                *byte ^= (*byte & (*byte >> 1) & 0x55) << 1;
+            }
+            for (b, src) in padded.chunks_exact(CHUNK).enumerate() {
+                for (j, byte) in packed.chunk_mut(n, b).iter_mut().enumerate() {
+                    // Column 64·i + j of the block is pair j % 4 of canonical byte 16·i + j / 4.
+                    *byte = (0..4).fold(0u8, |acc, i| {
+                        let code = (src[16 * i + j / 4] >> (2 * (j % 4))) & 3;
+                        acc | (code << (2 * i))
+                    });
                 }
             }
         }
-        Self {
-            data,
-            rows,
-            cols,
-            blocks,
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Bytes of packed weights (with padding).
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
-    fn group(&self, g: usize) -> &[u8] {
-        let len = self.blocks * ROW_GROUP * CHUNK;
-        &self.data[g * len..(g + 1) * len]
+        packed
     }
 }
 
@@ -124,39 +91,9 @@ pub fn gemm(
     x: &QuantizedRows,
     acc: &mut [i32],
 ) -> Result<(), ShapeError> {
-    isa.check()?;
-    if x.cols() != w.cols {
-        return Err(ShapeError(format!(
-            "ternary gemm: activations have {} columns, the weights {}",
-            x.cols(),
-            w.cols
-        )));
-    }
-    if rows.start > rows.end || rows.end > w.rows || !rows.start.is_multiple_of(ROW_GROUP) {
-        return Err(ShapeError(format!(
-            "ternary gemm: row range {rows:?} must lie in 0..{} and start at a multiple of \
-             {ROW_GROUP}",
-            w.rows
-        )));
-    }
-    check_len(
-        "ternary gemm accumulators",
-        acc.len(),
-        rows.len() * x.rows(),
-    )?;
-    let tokens = x.rows();
-    for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
-        let first = g * ROW_GROUP - rows.start;
-        let n = (rows.len() - first).min(ROW_GROUP);
-        group_gemm(
-            isa,
-            w.group(g),
-            w.blocks,
-            x,
-            &mut acc[first * tokens..][..n * tokens],
-        )?;
-    }
-    Ok(())
+    w.for_each_group(isa, rows, x, acc, |g, out| {
+        group_gemm(isa, w.group(g), w.blocks(), x, out)
+    })
 }
 
 /// `out[r · tokens + t] = Σ_k W[r][k] · x[t][k]` for the first `out.len() / tokens` rows of one
