@@ -57,8 +57,8 @@ pub fn quantize_rows(
     Ok(())
 }
 
-/// Quantized activation rows, laid out for the kernels in [`crate::mad`]; reused across calls so a
-/// decode step allocates nothing once the buffers have grown.
+/// Quantized activation rows, padded for every kernel family ([`ROW_PADDING`]); reused across calls
+/// so a decode step allocates nothing once the buffers have grown.
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedRows {
     codes: Vec<i8>,

@@ -16,7 +16,7 @@
 
 use super::{
     Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, RowPosition, TableId, VectorId,
-    insert_in_free_slot,
+    insert_in_free_slot, resolve_threads,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -67,11 +67,11 @@ const CANDIDATES_PER_TASK: usize = 64;
 /// The base-3 kernels read 20% fewer bytes, and their AVX-512 GEMV computes ~150 G weights/s on one
 /// core from cache or memory alike, against multiply-add's ~160 from memory: one thread, which has
 /// a core's whole bandwidth, decodes ~3% faster with multiply-add (`tern bench` tg128 40.0 against
-/// 38.9 tokens/s); two threads, which share it, ~10% faster with base 3 (50.4 against 55.3), while
+/// 38.9 tokens/s); two threads, which share it, ~10% faster with base 3 (55.3 against 50.4), while
 /// prompts, where both run the same micro-kernels, lose 1-8% to decoding base 3 once per group.
 /// So the default ([`CpuKernels::default_for`]) is base 3 at AVX-512 with two threads or more,
 /// multiply-add otherwise (the other levels decode base 3 into multiply-add's layout for every
-/// product, several times slower).
+/// product, several times slower). A linear wider than [`base3::MAX_COLS`] columns stays 2-bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernels {
     /// Multiply-add ([`PackedTernary`], 2 bits per weight).
@@ -105,15 +105,6 @@ impl CpuKernels {
         } else {
             Self::Mad
         }
-    }
-}
-
-/// `threads`, or one per available core for 0.
-fn resolve_threads(threads: usize) -> usize {
-    if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
     }
 }
 
@@ -439,9 +430,14 @@ impl Backend for CpuBackend {
         }
         let canonical = TernaryView::new(&codes, row_scales.len(), cols)?;
         let packed = match self.kernels {
-            CpuKernels::Mad => Packed::Mad(PackedTernary::from_canonical(canonical)),
             CpuKernels::Lut => Packed::Lut(PackedLut::from_canonical(canonical)),
-            CpuKernels::Base3 => Packed::Base3(PackedBase3::from_canonical(canonical)?),
+            // Wider linears than base 3 takes (none in BitNet b1.58 2B-4T) stay 2-bit.
+            CpuKernels::Base3 if cols <= base3::MAX_COLS => {
+                Packed::Base3(PackedBase3::from_canonical(canonical)?)
+            }
+            CpuKernels::Mad | CpuKernels::Base3 => {
+                Packed::Mad(PackedTernary::from_canonical(canonical))
+            }
         };
         self.linears.push(CpuLinear {
             packed,
@@ -872,5 +868,30 @@ impl Backend for CpuBackend {
         );
         self.scratch = scratch;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_linear_wider_than_base_3_takes_stays_two_bit_and_agrees() {
+        let (rows, cols) = (4, base3::MAX_COLS + 1);
+        let values: Vec<i8> = (0..rows * cols).map(|i| (i % 3) as i8 - 1).collect();
+        let codes = tern_cpu::ternary::pack(&values, rows, cols).unwrap();
+        let m = TernaryMatrix::new("wide", rows, cols, codes, 0.5).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let run = |kernels| {
+            let mut b = CpuBackend::with_kernels(1, Isa::Scalar, kernels).unwrap();
+            let id = b.upload_linear(&[&m]).unwrap();
+            let (input, out) = (b.alloc(cols).unwrap(), b.alloc(rows).unwrap());
+            b.write(input, &x).unwrap();
+            b.bitlinear(input, id, 1, out).unwrap();
+            let mut y = vec![0f32; rows];
+            b.read(out, &mut y).unwrap();
+            (y, b.linear_weight_bytes())
+        };
+        assert_eq!(run(CpuKernels::Base3), run(CpuKernels::Mad));
     }
 }

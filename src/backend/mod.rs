@@ -121,6 +121,15 @@ pub enum LmHead {
 /// How many of the largest logits [`LmHead::Q8`] keeps exact.
 pub const Q8_EXACT_TOP_K: usize = 64;
 
+/// `threads`, or one per available core for 0 (the command line's `-t 0`).
+pub fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    }
+}
+
 /// Stores `item` in the first freed slot of a handle table (or a new one) and returns its index:
 /// how every backend turns buffers into [`Activations`] handles that stay small as buffers come and go.
 pub fn insert_in_free_slot<T>(slots: &mut Vec<Option<T>>, item: T) -> usize {

@@ -3,6 +3,7 @@
 use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
+use tern::backend::resolve_threads;
 use tern::bench::{
     BenchPlan, BenchRow, ShapePreset, decode_weight_bytes, markdown, read_bandwidth,
     run as run_plan,
@@ -92,11 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let head = args.lm_head.apply(backend.as_mut(), true)?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
         let weight_bytes = decode_weight_bytes(&host, engine.linear_weight_bytes(), head);
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
+        let threads = resolve_threads(threads);
         for &p in &args.prompt {
             let plan = BenchPlan {
                 prompt_tokens: p,

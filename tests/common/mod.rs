@@ -82,8 +82,9 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
             Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
             Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
         }
-        if let Ok(b) = CpuBackend::with_kernels(2, isa, CpuKernels::Base3) {
-            list.push((format!("cpu-{isa}-base3"), Box::new(b)));
+        match CpuBackend::with_kernels(2, isa, CpuKernels::Base3) {
+            Ok(b) => list.push((format!("cpu-{isa}-base3"), Box::new(b))),
+            Err(e) => eprintln!("skipping backend cpu-{isa}-base3: {e}"),
         }
         if lut::supports(isa) {
             let b = CpuBackend::with_kernels(2, isa, CpuKernels::Lut).unwrap();
