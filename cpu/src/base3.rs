@@ -241,7 +241,9 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::ternary::pack;
-    use crate::testing::{case, check_levels, raw_codes, real_shape_cases, reference};
+    use crate::testing::{
+        case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
+    };
 
     #[test]
     fn every_pattern_decodes_to_its_codes() {
@@ -312,44 +314,13 @@ mod tests {
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        // All weights -1 or +1 against -127 over the most columns: the identity's `256 Σ c a`
-        // reaches its largest magnitude (the per-lane sums themselves stay far from wrapping).
-        let cols = MAX_COLS;
-        for value in [-1i8, 1] {
-            let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
-            let view = TernaryView::new(&codes, 4, cols).unwrap();
-            let packed = PackedBase3::from_canonical(view).unwrap();
-            let mut q = QuantizedRows::default();
-            q.quantize(Isa::Scalar, &vec![-128f32; cols], 1, cols)
-                .unwrap();
-            assert_eq!(
-                reference(view, &q),
-                [-127 * cols as i32 * i32::from(value); 4]
-            );
-            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-                let mut acc = [0i32; 4];
-                gemm(isa, &packed, 0..4, &q, &mut acc).unwrap();
-                assert_eq!(acc, [-127 * cols as i32 * i32::from(value); 4], "{isa}");
-            }
-        }
+        // Over the most columns the identity's `256 Σ c a` reaches its largest magnitude.
+        check_extremes(MAX_COLS, |w| PackedBase3::from_canonical(w).unwrap(), gemm);
     }
 
     #[test]
     fn bad_arguments_are_errors() {
-        let codes = pack(&[0; 8 * 320], 8, 320).unwrap();
-        let packed =
-            PackedBase3::from_canonical(TernaryView::new(&codes, 8, 320).unwrap()).unwrap();
-        let mut q = QuantizedRows::default();
-        q.quantize(Isa::Scalar, &[1.0; 320], 1, 320).unwrap();
-        let mut acc = [0i32; 8];
-        assert!(gemm(Isa::Scalar, &packed, 2..8, &q, &mut acc[..6]).is_err());
-        assert!(gemm(Isa::Scalar, &packed, 0..9, &q, &mut acc).is_err());
-        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc[..7]).is_err());
-        q.quantize(Isa::Scalar, &[1.0; 256], 1, 256).unwrap();
-        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_err());
-        for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
-            assert!(gemm(isa, &packed, 0..8, &q, &mut acc).is_err());
-        }
+        check_bad_arguments(320, |w| PackedBase3::from_canonical(w).unwrap(), gemm);
         let wide = pack(&vec![0; MAX_COLS + 1], 1, MAX_COLS + 1).unwrap();
         let wide = TernaryView::new(&wide, 1, MAX_COLS + 1).unwrap();
         assert!(PackedBase3::from_canonical(wide).is_err());

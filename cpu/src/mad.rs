@@ -390,8 +390,9 @@ mod arm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::pack;
-    use crate::testing::{case, check_levels, raw_codes, real_shape_cases, reference};
+    use crate::testing::{
+        case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
+    };
 
     fn check(rows: usize, cols: usize, tokens: usize, seed: u64) {
         let (codes, q) = case(rows, cols, tokens, seed);
@@ -428,55 +429,25 @@ mod tests {
     #[test]
     fn invalid_codes_and_padding_pairs_read_as_zero_like_the_reference() {
         // Raw random bytes: codes of 3 everywhere and garbage in the padding pairs of 301 columns.
-        let (rows, cols, tokens) = (9, 301, 2);
+        let (rows, cols) = (9, 301);
         let codes = raw_codes(rows, cols, 3);
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         assert!(view.has_invalid_code());
-        let (_, q) = case(0, cols, tokens, 4);
-        let want = reference(view, &q);
+        let (_, q) = case(0, cols, 2, 4);
         let packed = PackedTernary::from_canonical(view);
-        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let mut got = vec![0i32; rows * tokens];
-            gemm(isa, &packed, 0..rows, &q, &mut got).unwrap();
-            assert_eq!(got, want, "{isa}");
-        }
+        check_levels(view, &q, ROW_GROUP, |isa, range, acc| {
+            gemm(isa, &packed, range, &q, acc)
+        });
     }
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        // All weights -1 (code 0) against -128, and all +1 (code 2) against -128: the i16 partial
-        // sums of the AVX2 kernel see their largest magnitudes.
-        let cols = 6912;
-        for value in [-1i8, 1] {
-            let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
-            let packed = PackedTernary::from_canonical(TernaryView::new(&codes, 4, cols).unwrap());
-            let mut x = vec![-128f32; cols];
-            x[0] = -128.0;
-            let mut q = QuantizedRows::default();
-            // absmax 128 → scale 127/128: every code is round(-127) = -127.
-            q.quantize(Isa::Scalar, &x, 1, cols).unwrap();
-            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-                let mut acc = [0i32; 4];
-                gemm(isa, &packed, 0..4, &q, &mut acc).unwrap();
-                assert_eq!(acc, [-127 * cols as i32 * i32::from(value); 4], "{isa}");
-            }
-        }
+        // The i16 partial sums of the AVX2 kernel see their largest magnitudes.
+        check_extremes(6912, PackedTernary::from_canonical, gemm);
     }
 
     #[test]
     fn bad_arguments_are_errors() {
-        let codes = pack(&[0; 8 * 256], 8, 256).unwrap();
-        let packed = PackedTernary::from_canonical(TernaryView::new(&codes, 8, 256).unwrap());
-        let mut q = QuantizedRows::default();
-        q.quantize(Isa::Scalar, &[1.0; 256], 1, 256).unwrap();
-        let mut acc = [0i32; 8];
-        assert!(gemm(Isa::Scalar, &packed, 2..8, &q, &mut acc[..6]).is_err());
-        assert!(gemm(Isa::Scalar, &packed, 0..9, &q, &mut acc).is_err());
-        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc[..7]).is_err());
-        q.quantize(Isa::Scalar, &[1.0; 128], 1, 128).unwrap();
-        assert!(gemm(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_err());
-        for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
-            assert!(gemm(isa, &packed, 0..8, &q, &mut acc).is_err());
-        }
+        check_bad_arguments(256, PackedTernary::from_canonical, gemm);
     }
 }

@@ -87,3 +87,54 @@ pub fn check_levels(
         assert!(got == want, "{isa}: split {rows}x{cols}, {tokens} tokens");
     }
 }
+
+/// Checks that a kernel family (`pack` from the canonical layout, then `product(isa, w, rows, q,
+/// acc)`) stays exact where its sums are largest: 4 rows of all −1 and of all +1 over `cols`
+/// columns against activation codes of −127 everywhere.
+pub fn check_extremes<P>(
+    cols: usize,
+    pack_matrix: impl Fn(TernaryView<'_>) -> P,
+    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), ShapeError>,
+) {
+    let mut q = QuantizedRows::default();
+    // absmax 128 → scale 127/128: every code is round(-127) = -127.
+    q.quantize(Isa::Scalar, &vec![-128f32; cols], 1, cols)
+        .unwrap();
+    for value in [-1i8, 1] {
+        let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
+        let view = TernaryView::new(&codes, 4, cols).unwrap();
+        let want = [-127 * cols as i32 * i32::from(value); 4];
+        assert_eq!(reference(view, &q), want);
+        let packed = pack_matrix(view);
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let mut acc = [0i32; 4];
+            product(isa, &packed, 0..4, &q, &mut acc).unwrap();
+            assert_eq!(acc, want, "{isa}: {value} over {cols} columns");
+        }
+    }
+}
+
+/// Checks that a kernel family's product (as in [`check_extremes`]) refuses, on an 8 × `cols`
+/// matrix, a row range that starts inside a group or passes the rows, accumulators of the wrong
+/// length, activations of another width, and levels this CPU lacks.
+pub fn check_bad_arguments<P>(
+    cols: usize,
+    pack_matrix: impl Fn(TernaryView<'_>) -> P,
+    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), ShapeError>,
+) {
+    let codes = pack(&vec![0; 8 * cols], 8, cols).unwrap();
+    let packed = pack_matrix(TernaryView::new(&codes, 8, cols).unwrap());
+    let mut q = QuantizedRows::default();
+    q.quantize(Isa::Scalar, &vec![1.0; cols], 1, cols).unwrap();
+    let mut acc = [0i32; 8];
+    assert!(product(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_ok());
+    assert!(product(Isa::Scalar, &packed, 2..8, &q, &mut acc[..6]).is_err());
+    assert!(product(Isa::Scalar, &packed, 0..9, &q, &mut acc).is_err());
+    assert!(product(Isa::Scalar, &packed, 0..8, &q, &mut acc[..7]).is_err());
+    for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
+        assert!(product(isa, &packed, 0..8, &q, &mut acc).is_err());
+    }
+    q.quantize(Isa::Scalar, &vec![1.0; cols / 2], 1, cols / 2)
+        .unwrap();
+    assert!(product(Isa::Scalar, &packed, 0..8, &q, &mut acc).is_err());
+}
