@@ -4,9 +4,9 @@
 //! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload (the fused parts' rows one after
 //! another, one scale per output row, so fused parts keep their own scales) into the layout of the
 //! backend's kernel family ([`CpuKernels`]): the multiply-add kernels' [`PackedTernary`] (or
-//! [`PackedBase3`], five weights per byte) or the
-//! lookup-table kernels' [`PackedLut`]. Activations are `Vec<f32>`. The KV cache is one f32 array
-//! per K and V, indexed `[layer][slot][position][kv_head · head_dim]`.
+//! [`PackedBase3`], five weights per byte) or the lookup-table kernels' [`PackedLut`]. Activations
+//! are `Vec<f32>`. The KV cache is one f32 array per K and V, indexed
+//! `[layer][slot][position][kv_head · head_dim]`.
 //!
 //! Parallelism: matrix products split the weight rows into chunks on row-group boundaries (each
 //! chunk writes its own contiguous slice of a `[weight row][token]` accumulator, transposed and
