@@ -3,7 +3,7 @@
 // KV cache: f32, one array per K and V, [layer][slot][position][kv_head · head_dim] (the CPU
 // backend's layout). Row metadata `rows` holds (slot, position) pairs, one per row of the batch.
 // RoPE angles come from a host-computed table [capacity][head_dim / 2] of cos then sin
-// (tern_cpu::float::rope_cos_sin), so the rotated values match the CPU bit for bit.
+// (tern_cpu::attention::rope::rope_cos_sin), so the rotated values match the CPU bit for bit.
 //
 // Attention of row r (position p) reads keys 0..=p of its slot. The keys are cut into splits of
 // `keys_per_split`; block (split, head, row) keeps an online softmax per warp, merges its warps and

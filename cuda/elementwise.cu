@@ -1,19 +1,4 @@
-// Row-wise and element-wise float ops: RMSNorm, the gated activation, the residual add.
-// Each follows tern_cpu::float operation by operation (sum of squares in f64, IEEE sqrt/division).
-
-// One block per row of `width` values: out = w * (x * (1 / sqrt(mean(x²) + eps))).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
-                                    float eps, int width, float* __restrict__ out) {
-    __shared__ double scratch[32];
-    const float* row = x + (size_t)blockIdx.x * width;
-    float* o = out + (size_t)blockIdx.x * width;
-    double sum = 0.0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) sum += (double)row[i] * (double)row[i];
-    sum = block_sum_f64(sum, scratch);
-    const float mean_sq = (float)(sum / (double)width);
-    const float inv = 1.0f / sqrtf(mean_sq + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = weight[i] * (row[i] * inv);
-}
+// Element-wise ops: the gated activation and the residual add, following tern_cpu::elementwise.
 
 // out[t][i] = act(gate[t][i]) * up[t][i] for rows of gate‖up (2·width values).
 // activation: 0 = relu(g)², 1 = g·sigmoid(g) (the GateActivation order on the Rust side).

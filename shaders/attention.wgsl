@@ -1,10 +1,11 @@
-// RoPE + KV-cache append, then causal GQA attention over the cache.
+// The attention op: RoPE + KV-cache append, then causal GQA attention over the cache.
 //
 // params [rows, heads, kv_heads, head_dim, capacity, 1/sqrt(head_dim) (f32 bits), -, -,
 //         then (slot, position) per row].
 // qkv rows are q‖k‖v (heads + 2·kv_heads heads of head_dim). One layer's cache is two buffers
-// `[slot][position][kv_heads · head_dim]` f32. `rope[position · head_dim/2 + i]` holds the
-// (cos, sin) of pair (i, i + head_dim/2), computed on the host with the CPU's f32 formula.
+// `[slot][position][kv_heads · head_dim]` f32. `rope[position · head_dim + i]` and
+// `rope[position · head_dim + head_dim/2 + i]` hold the cos and sin of pair (i, i + head_dim/2),
+// computed on the host with the CPU's f32 formula (src/backend/gpu_upload.rs).
 
 const WG: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u; // four output dims per invocation
@@ -15,7 +16,7 @@ const ROWS_AT: u32 = 8u;
 // ---- rope_append: one workgroup per row -----------------------------------------------------
 // Rotates q in place in qkv, writes rotated k and plain v to the row's cache position.
 @group(0) @binding(1) var<storage, read_write> qkv_rw: array<f32>;
-@group(0) @binding(2) var<storage, read> rope: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read> rope: array<f32>;
 @group(0) @binding(3) var<storage, read_write> k_cache_rw: array<f32>;
 @group(0) @binding(4) var<storage, read_write> v_cache_rw: array<f32>;
 
@@ -37,9 +38,10 @@ fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         let i = idx % half;
         let a = qkv_rw[base + h * hd + i];
         let b = qkv_rw[base + h * hd + i + half];
-        let cs = rope[pos * half + i];
-        let lo = a * cs.x - b * cs.y;
-        let hi = b * cs.x + a * cs.y;
+        let c = rope[pos * hd + i];
+        let s = rope[pos * hd + half + i];
+        let lo = a * c - b * s;
+        let hi = b * c + a * s;
         if h < heads {
             qkv_rw[base + h * hd + i] = lo;
             qkv_rw[base + h * hd + i + half] = hi;

@@ -21,8 +21,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::time::Instant;
-use tern_cpu::float::GateActivation;
-use tern_cpu::ternary::row_bytes;
+use tern_cpu::bitlinear::reference::row_bytes;
+use tern_cpu::elementwise::GateActivation;
 
 /// Published model shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::path::Path;
-use tern_cpu::float::GateActivation;
+use tern_cpu::elementwise::GateActivation;
 
 /// The transformer's shape and numerics, independent of the file format it came from.
 #[derive(Clone, Debug, PartialEq)]

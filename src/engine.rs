@@ -173,7 +173,7 @@ impl Engine {
     fn run_batches(
         &mut self,
         tokens: &[u32],
-        rows: &[crate::backend::RowPosition],
+        rows: &[crate::backend::TokenPosition],
         logits_for: LogitsFor,
     ) -> Result<Vec<f32>> {
         let mut logits = Vec::new();

@@ -8,7 +8,7 @@
 //!   refuses (with an error naming the context length) any step that would pass the capacity, so a
 //!   prompt or a generation never overflows and is never truncated silently.
 
-use crate::backend::{Backend, KvSpec, RowPosition};
+use crate::backend::{Backend, KvSpec, TokenPosition};
 use anyhow::{Result, bail, ensure};
 
 /// A live sequence in the cache.
@@ -37,10 +37,6 @@ impl KvCache {
             spec,
             lengths: vec![None; spec.slots],
         })
-    }
-
-    pub fn spec(&self) -> &KvSpec {
-        &self.spec
     }
 
     /// Positions each sequence can hold.
@@ -80,7 +76,7 @@ impl KvCache {
 
     /// Appends `count` positions to the sequence and returns them as batch rows, or an error if the
     /// context would overflow (nothing is changed then).
-    pub fn reserve(&mut self, seq: SequenceId, count: usize) -> Result<Vec<RowPosition>> {
+    pub fn reserve(&mut self, seq: SequenceId, count: usize) -> Result<Vec<TokenPosition>> {
         let capacity = self.spec.capacity;
         let len = self.length_mut(seq)?;
         let start = *len;
@@ -92,7 +88,7 @@ impl KvCache {
         }
         *len += count;
         Ok((start..start + count)
-            .map(|position| RowPosition {
+            .map(|position| TokenPosition {
                 slot: seq.0,
                 position,
             })

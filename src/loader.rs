@@ -30,7 +30,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use tern_cpu::ternary::pack;
+use tern_cpu::bitlinear::reference::pack;
 
 /// One transformer block's weights.
 #[derive(Clone, Debug)]

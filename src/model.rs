@@ -18,7 +18,7 @@
 //! prefill, decode and batched decode are all just batches. Scratch activations are allocated on
 //! the backend once and grown only when a larger batch arrives.
 
-use crate::backend::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use crate::backend::{Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId};
 use crate::config::ModelConfig;
 use crate::loader::HostModel;
 use anyhow::{Result, ensure};
@@ -145,7 +145,7 @@ impl Model {
         &mut self,
         backend: &mut dyn Backend,
         tokens: &[u32],
-        rows: &[RowPosition],
+        rows: &[TokenPosition],
         logits_for: LogitsFor,
     ) -> Result<Vec<f32>> {
         ensure!(

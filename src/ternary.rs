@@ -1,14 +1,14 @@
 //! The canonical host-side weight types: ternary matrices and dense (full-precision) matrices.
 //!
 //! Every loader produces these; every backend repacks them into its own layout at upload.
-//! A [`TernaryMatrix`] uses the packed 2-bit layout of [`tern_cpu::ternary`] (row-major by output,
+//! A [`TernaryMatrix`] uses the packed 2-bit layout of [`tern_cpu::bitlinear::reference`] (row-major by output,
 //! `code = value + 1`, four codes per byte, least significant pair first) with one per-tensor scale
 //! that **multiplies**: `W_eff = W_ternary * scale`.
 
 use anyhow::{Result, bail};
 use half::{bf16, f16};
-use tern_cpu::float::DenseView;
-use tern_cpu::ternary::{TernaryView, row_bytes};
+use tern_cpu::bitlinear::reference::{TernaryView, row_bytes};
+use tern_cpu::table::DenseView;
 
 /// A ternary linear layer's weights: `rows` outputs × `cols` inputs.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,9 +5,9 @@
 
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
-use tern::backend::{Activations, Backend, KvSpec, RowPosition};
+use tern::backend::{Activations, Backend, KvSpec, TokenPosition};
 use tern::ternary::TernaryMatrix;
-use tern_cpu::ternary::pack;
+use tern_cpu::bitlinear::reference::pack;
 
 fn cuda() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -151,19 +151,19 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
     cpu.alloc_kv(&spec).unwrap();
     let (width, q_dim) = (spec.qkv_width(), spec.heads * spec.head_dim);
     // A 517-token prefill in slot 1, then one batched decode step over slots 0, 1 and 2.
-    let prefill: Vec<RowPosition> = (0..517)
-        .map(|position| RowPosition { slot: 1, position })
+    let prefill: Vec<TokenPosition> = (0..517)
+        .map(|position| TokenPosition { slot: 1, position })
         .collect();
     let decode = [
-        RowPosition {
+        TokenPosition {
             slot: 0,
             position: 0,
         },
-        RowPosition {
+        TokenPosition {
             slot: 1,
             position: 517,
         },
-        RowPosition {
+        TokenPosition {
             slot: 2,
             position: 0,
         },

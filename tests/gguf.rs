@@ -152,7 +152,7 @@ fn formats_and_architectures_are_reported() {
         assert!(host.output.is_none(), "tied head");
         assert_eq!(
             host.config.activation,
-            tern_cpu::float::GateActivation::Relu2
+            tern_cpu::elementwise::GateActivation::Relu2
         );
     }
 }
@@ -314,7 +314,7 @@ fn a_bitnet_file_without_its_activation_key_says_what_was_inferred() {
     let (host, _) = load_model_files(f.path()).unwrap();
     assert_eq!(
         host.config.activation,
-        tern_cpu::float::GateActivation::Relu2
+        tern_cpu::elementwise::GateActivation::Relu2
     );
     assert!(
         host.format.contains("inferred: FFN activation ReLU²"),

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use tern::backend::{Activations, Backend, KvSpec, RowPosition};
+use tern::backend::{Activations, Backend, KvSpec, TokenPosition};
 use tern::engine::GenerateOptions;
 use tern::loader::{HostLayer, HostModel};
 use tern::model::LogitsFor;
@@ -278,8 +278,8 @@ fn every_module_matches_on_the_recorded_inputs() {
                 rope_theta: c.rope_theta,
             };
             m.backend.alloc_kv(&spec).unwrap();
-            let rows: Vec<RowPosition> = (0..T)
-                .map(|position| RowPosition { slot: 1, position })
+            let rows: Vec<TokenPosition> = (0..T)
+                .map(|position| TokenPosition { slot: 1, position })
                 .collect();
             let x = m.upload(&qkv);
             let out = m.backend.alloc(T * qd).unwrap();

@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use tern::loader::load_hf_dir;
-use tern_cpu::float::GateActivation;
+use tern_cpu::elementwise::GateActivation;
 
 /// 1bitLLM/bitnet_b1_58's config.json keys, at tiny-bf16's shape.
 const ONEBIT_CONFIG: &str = r#"{

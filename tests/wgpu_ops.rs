@@ -7,11 +7,11 @@ mod common;
 
 use half::{bf16, f16};
 use tern::backend::cpu::CpuBackend;
-use tern::backend::{Backend, KvSpec, RowPosition};
+use tern::backend::{Backend, KvSpec, TokenPosition};
 use tern::ternary::{DenseData, DenseMatrix, TernaryMatrix};
-use tern_cpu::float::GateActivation;
-use tern_cpu::quant::quantize_rows;
-use tern_cpu::ternary::{TernaryView, gemm_reference, pack};
+use tern_cpu::bitlinear::quant::quantize_rows;
+use tern_cpu::bitlinear::reference::{TernaryView, gemm_reference, pack};
+use tern_cpu::elementwise::GateActivation;
 
 /// Deterministic values in [-1, 1).
 struct Lcg(u64);
@@ -211,15 +211,15 @@ fn attention_prefill_then_decode_in_two_slots_matches_the_cpu() {
     let width = spec.qkv_width();
     let q_dim = spec.heads * spec.head_dim;
     // 70 prefill rows in slot 1 (more than one 64-key chunk), then one decode row in each slot.
-    let prefill: Vec<RowPosition> = (0..70)
-        .map(|position| RowPosition { slot: 1, position })
+    let prefill: Vec<TokenPosition> = (0..70)
+        .map(|position| TokenPosition { slot: 1, position })
         .collect();
     let decode = [
-        RowPosition {
+        TokenPosition {
             slot: 0,
             position: 0,
         },
-        RowPosition {
+        TokenPosition {
             slot: 1,
             position: 70,
         },

@@ -17,14 +17,14 @@ use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
 use tern_cpu::attention::{HeadGroup, attend};
-use tern_cpu::base3::{self, PackedBase3};
-use tern_cpu::float::DenseView;
-use tern_cpu::head::{Q8Head, Q8Input};
+use tern_cpu::bitlinear::base3::{self, PackedBase3};
+use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
+use tern_cpu::bitlinear::mad::{self, PackedTernary};
+use tern_cpu::bitlinear::quant::QuantizedRows;
+use tern_cpu::bitlinear::reference::{TernaryView, gemm_reference, row_bytes};
 use tern_cpu::isa::Isa;
-use tern_cpu::lut::{self, LutTables, PackedLut};
-use tern_cpu::mad::{self, PackedTernary};
-use tern_cpu::quant::QuantizedRows;
-use tern_cpu::ternary::{TernaryView, gemm_reference, row_bytes};
+use tern_cpu::table::DenseView;
+use tern_cpu::table::q8::{Q8Head, Q8Input};
 
 /// (rows, cols, what): the distinct linear shapes of 2B-4T.
 const SHAPES: [(usize, usize, &str); 4] = [

@@ -14,7 +14,7 @@
 //! [`Isa::is_supported`] before calling a `#[target_feature]` function, so forcing a level can never
 //! execute an instruction the CPU does not have.
 
-use crate::ShapeError;
+use crate::Error;
 use std::sync::OnceLock;
 
 /// A SIMD level the kernels can run at.
@@ -42,12 +42,12 @@ impl Isa {
         }
     }
 
-    pub fn parse(name: &str) -> Result<Self, ShapeError> {
+    pub fn parse(name: &str) -> Result<Self, Error> {
         Isa::ALL
             .into_iter()
             .find(|isa| isa.name() == name.trim().to_ascii_lowercase())
             .ok_or_else(|| {
-                ShapeError(format!(
+                Error::Unsupported(format!(
                     "unknown CPU ISA level `{name}` (expected scalar, avx2, avx512 or neon)"
                 ))
             })
@@ -69,7 +69,7 @@ impl Isa {
     }
 
     /// `TERN_CPU_ISA` if set (an error if unknown or unsupported here), else [`Isa::best`].
-    pub fn selected() -> Result<Self, ShapeError> {
+    pub fn selected() -> Result<Self, Error> {
         match std::env::var(ISA_ENV) {
             Ok(name) if !name.trim().is_empty() => {
                 let isa = Isa::parse(&name)?;
@@ -85,7 +85,7 @@ impl Isa {
     /// lacks the level). Plain Rust over independent lanes gets SIMD this way without intrinsics.
     /// The closure must be `#[inline(always)]`: compiled on its own it would get the baseline's
     /// features only.
-    pub fn vectorized<R>(self, f: impl FnOnce() -> R) -> Result<R, ShapeError> {
+    pub fn vectorized<R>(self, f: impl FnOnce() -> R) -> Result<R, Error> {
         self.check()?;
         Ok(match self {
             #[cfg(target_arch = "x86_64")]
@@ -100,11 +100,11 @@ impl Isa {
     }
 
     /// An error naming the level unless this CPU supports it.
-    pub fn check(self) -> Result<(), ShapeError> {
+    pub fn check(self) -> Result<(), Error> {
         if self.is_supported() {
             Ok(())
         } else {
-            Err(ShapeError(format!(
+            Err(Error::Unsupported(format!(
                 "this CPU does not support the `{}` kernels (supported: {})",
                 self.name(),
                 Isa::ALL
@@ -213,7 +213,8 @@ mod tests {
     fn unsupported_level_is_an_error_naming_it() {
         for isa in Isa::ALL.into_iter().filter(|i| !i.is_supported()) {
             let e = isa.check().unwrap_err();
-            assert!(e.0.contains(isa.name()), "{e}");
+            assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+            assert!(e.to_string().contains(isa.name()), "{e}");
         }
     }
 }

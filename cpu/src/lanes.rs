@@ -11,7 +11,7 @@
 //! Multiplies and adds stay separate operations (never fused), as in Rust's own `a * b + c`, so a
 //! kernel's lanes round exactly like the plain scalar code.
 
-use crate::ShapeError;
+use crate::Error;
 use crate::isa::Isa;
 
 /// A level's f32 vector: `LANES` independent lanes.
@@ -101,7 +101,7 @@ pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Isa, Lanes, ShapeError};
+    use super::{Error, Isa, Lanes};
     use std::arch::x86_64::*;
 
     /// Eight lanes of AVX (available at the AVX2 and AVX-512 levels).
@@ -110,7 +110,7 @@ mod x86 {
 
     impl Avx2 {
         /// The token, if this CPU runs one of the levels that include AVX2.
-        pub(crate) fn new() -> Result<Self, ShapeError> {
+        pub(crate) fn new() -> Result<Self, Error> {
             if !Isa::Avx512.is_supported() {
                 Isa::Avx2.check()?;
             }
@@ -135,7 +135,7 @@ mod x86 {
 
     impl Avx512 {
         /// The token, if this CPU runs the AVX-512 level.
-        pub(crate) fn new() -> Result<Self, ShapeError> {
+        pub(crate) fn new() -> Result<Self, Error> {
             Isa::Avx512.check()?;
             Ok(Self(()))
         }
@@ -158,7 +158,7 @@ pub(crate) use arm::Neon;
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{Isa, Lanes, ShapeError};
+    use super::{Error, Isa, Lanes};
     use std::arch::aarch64::*;
 
     /// Four lanes of Advanced SIMD.
@@ -167,7 +167,7 @@ mod arm {
 
     impl Neon {
         /// The token, if this CPU runs the NEON level.
-        pub(crate) fn new() -> Result<Self, ShapeError> {
+        pub(crate) fn new() -> Result<Self, Error> {
             Isa::Neon.check()?;
             Ok(Self(()))
         }

@@ -4,59 +4,57 @@
 //! shapes, checks them, and computes. The runtime's CPU backend splits work across threads (with
 //! [`pool`]) and calls these kernels on disjoint pieces.
 //!
-//! - [`ternary`]: the packed 2-bit weight layout and the scalar reference W1.58A8 matrix product,
-//!   the integer-exact oracle that every other ternary kernel in the project is tested against.
-//! - [`quant`]: per-token absmax int8 activation quantization (reference, and the vectorized rows
-//!   the SIMD kernels consume).
-//! - [`grouped`]: the weight storage of the multiply-add families (rows in groups of 4, each
-//!   group's blocks side by side).
-//! - [`mad`]: the multiply-add ternary GEMV/GEMM kernels (scalar, AVX2, AVX-512 VNNI, NEON) in
-//!   their own repacked layout.
-//! - [`base3`]: multiply-add kernels on five weights per byte (1.6 bits per weight): a direct
-//!   AVX-512 VNNI GEMV, elsewhere each group of rows decoded for [`mad`]'s micro-kernels.
-//! - [`lut`]: the lookup-table ternary GEMV/GEMM kernels (scalar, AVX-512BW `vpermw`): per-token
-//!   tables of the 27 dot products of a weight triple, 1.78 bits per weight, in their own layout.
-//! - [`pool`]: the persistent thread pool the runtime spreads kernels over (workers spin between
-//!   the short jobs of a decode step instead of parking).
-//! - [`head`]: an 8-bit copy of the output head with error bounds, for exact top-k re-scoring.
-//! - [`isa`]: runtime detection of the SIMD level, and `TERN_CPU_ISA` to force one.
-//! - [`lanes`]: each level's f32 vectors behind one trait, for float kernels written once.
-//! - [`attention`]: causal grouped-query attention of one kv head's queries over the cache.
-//! - [`float`]: RMSNorm, RoPE, gated activations, dense dot products.
+//! One module per operation of the runtime's `Backend` trait (the same names as the WGSL shaders in
+//! `shaders/` and the CUDA kernels in `cuda/`):
+//! - [`bitlinear`]: W1.58A8, activation quantization and the ternary matrix product; the scalar
+//!   reference every ternary kernel of the project is tested against, and three kernel families
+//!   (multiply-add, base 3, lookup tables) in their own weight layouts.
+//! - [`norm`]: RMSNorm of each row.
+//! - [`attention`]: RoPE and causal grouped-query attention of one kv head's queries over the
+//!   cache.
+//! - [`elementwise`]: the gated activation and the residual add.
+//! - [`table`]: embedding rows and the output head (full precision, and an 8-bit copy with exact
+//!   top-k re-scoring).
+//!
+//! Infrastructure: [`isa`] (runtime detection of the SIMD level, `TERN_CPU_ISA` to force one),
+//! `lanes` (each level's f32 vectors behind one trait, for float kernels written once) and [`pool`]
+//! (the persistent thread pool the runtime spreads kernels over).
 
 pub mod attention;
-pub mod base3;
-pub mod float;
-pub mod grouped;
-pub mod head;
+pub mod bitlinear;
+pub mod elementwise;
 pub mod isa;
 mod lanes;
-pub mod lut;
-pub mod mad;
+pub mod norm;
 pub mod pool;
-pub mod quant;
-pub mod ternary;
-#[cfg(test)]
-mod testing;
+pub mod table;
 
-/// A shape or length that does not fit the kernel it was passed to.
+/// What a kernel refuses: arguments that do not fit it, or a CPU without the instructions it was
+/// asked to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShapeError(pub String);
+pub enum Error {
+    /// A shape, length or value that does not fit the kernel it was passed to.
+    Shape(String),
+    /// An instruction-set level (or a kernel family at a level) this CPU or build does not have.
+    Unsupported(String),
+}
 
-impl std::fmt::Display for ShapeError {
+impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Error::Shape(what) | Error::Unsupported(what) => f.write_str(what),
+        }
     }
 }
 
-impl std::error::Error for ShapeError {}
+impl std::error::Error for Error {}
 
 /// Returns an error naming `what` unless `actual == expected`.
-pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<(), ShapeError> {
+pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<(), Error> {
     if actual == expected {
         Ok(())
     } else {
-        Err(ShapeError(format!(
+        Err(Error::Shape(format!(
             "{what}: expected {expected} elements, got {actual}"
         )))
     }

@@ -15,21 +15,24 @@
 //! outputs are scratch owned by the backend, so a decode step allocates nothing once they have grown.
 
 use super::{
-    Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, RowPosition, TableId, VectorId,
-    insert_in_free_slot, resolve_threads,
+    Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, TableId, TokenPosition,
+    VectorId, allocated_kv, distinct_buffers, fused_in_features, insert_in_free_slot,
+    resolve_threads, uploaded,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::attention;
-use tern_cpu::base3::{self, PackedBase3};
-use tern_cpu::float::{self, GateActivation};
-use tern_cpu::head::{Q8Head, Q8Input, top_candidates};
+use tern_cpu::attention::rope;
+use tern_cpu::bitlinear::base3::{self, PackedBase3};
+use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
+use tern_cpu::bitlinear::mad::{self, PackedTernary, ROW_GROUP};
+use tern_cpu::bitlinear::quant::QuantizedRows;
+use tern_cpu::bitlinear::reference::TernaryView;
+use tern_cpu::elementwise::{self, GateActivation};
 use tern_cpu::isa::Isa;
-use tern_cpu::lut::{self, LutTables, PackedLut};
-use tern_cpu::mad::{self, PackedTernary, ROW_GROUP};
+use tern_cpu::norm;
 use tern_cpu::pool::ThreadPool;
-use tern_cpu::quant::QuantizedRows;
-use tern_cpu::ternary::TernaryView;
+use tern_cpu::table::q8::{Q8Head, Q8Input, top_candidates};
 
 /// Output rows per parallel task: a multiple of the kernels' row group, at least this many.
 const MIN_ROWS_PER_TASK: usize = 16 * ROW_GROUP;
@@ -124,7 +127,8 @@ enum Packed {
 
 struct CpuLinear {
     packed: Packed,
-    cols: usize,
+    in_features: usize,
+    /// One per output feature.
     row_scales: Vec<f32>,
 }
 
@@ -154,13 +158,13 @@ thread_local! {
     static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-struct KvCache {
+struct KvStorage {
     spec: KvSpec,
     keys: Vec<f32>,
     values: Vec<f32>,
 }
 
-impl KvCache {
+impl KvStorage {
     /// Offset of (layer, slot, position) in `keys`/`values`.
     fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
         let s = &self.spec;
@@ -181,7 +185,7 @@ pub struct CpuBackend {
     tables: Vec<DenseMatrix>,
     /// `None` marks a freed handle.
     buffers: Vec<Option<Vec<f32>>>,
-    kv: Option<KvCache>,
+    kv: Option<KvStorage>,
 }
 
 impl CpuBackend {
@@ -291,10 +295,7 @@ impl CpuBackend {
         }
         let mut dst = self.take(out, out_len, what)?;
         let result = (|| {
-            ensure!(
-                x != out,
-                "{what}: input and output must be different buffers"
-            );
+            distinct_buffers(what, x, out)?;
             op(self, self.input(x, in_len, what)?, &mut dst[..out_len])
         })();
         self.put(out, dst);
@@ -304,12 +305,12 @@ impl CpuBackend {
 
 impl CpuBackend {
     /// [`LmHead::Q8`]: approximate logits from the 8-bit copy, then the rows that could be among
-    /// the top [`Q8_EXACT_TOP_K`] re-scored with the full-precision table (see `tern_cpu::head`).
+    /// the top [`Q8_EXACT_TOP_K`] re-scored with the full-precision table (see `tern_cpu::table::q8`).
     fn logits_q8(
         &mut self,
         x: Activations,
         table: TableId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
         let t = &self.tables[table.0];
@@ -328,9 +329,9 @@ impl CpuBackend {
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(
             x,
-            rows * cols,
+            tokens * cols,
             out,
-            rows * vocab,
+            tokens * vocab,
             "logits",
             |me, src, dst| {
                 let q8 = me.q8_tables[table.0].as_ref().expect("built above");
@@ -412,19 +413,10 @@ impl Backend for CpuBackend {
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
-        let Some(first) = parts.first() else {
-            bail!("upload_linear: no matrices given");
-        };
-        let cols = first.cols;
+        let cols = fused_in_features(parts)?;
         let mut codes = Vec::new();
         let mut row_scales = Vec::new();
         for part in parts {
-            ensure!(
-                part.cols == cols,
-                "upload_linear: fused parts have {} and {} inputs",
-                cols,
-                part.cols
-            );
             codes.extend_from_slice(&part.codes);
             row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
         }
@@ -441,7 +433,7 @@ impl Backend for CpuBackend {
         };
         self.linears.push(CpuLinear {
             packed,
-            cols,
+            in_features: cols,
             row_scales,
         });
         Ok(LinearId(self.linears.len() - 1))
@@ -498,10 +490,7 @@ impl Backend for CpuBackend {
         dst_offset: usize,
         len: usize,
     ) -> Result<()> {
-        ensure!(
-            src != dst,
-            "copy: source and destination must be different buffers"
-        );
+        distinct_buffers("copy", src, dst)?;
         let mut to = self.take(dst, dst_offset + len, "copy destination")?;
         let result = self
             .input(src, src_offset + len, "copy source")
@@ -511,6 +500,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
+        spec.check_geometry(usize::MAX)?;
         self.kv = None; // release the old cache before allocating the new one
         let len = spec.bytes(1) / 2;
         let zeroed = |what: &str| -> Result<Vec<f32>> {
@@ -524,7 +514,7 @@ impl Backend for CpuBackend {
             v.resize(len, 0.0);
             Ok(v)
         };
-        self.kv = Some(KvCache {
+        self.kv = Some(KvStorage {
             spec: *spec,
             keys: zeroed("keys")?,
             values: zeroed("values")?,
@@ -533,9 +523,7 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()> {
-        let Some(t) = self.tables.get(table.0) else {
-            bail!("table {} does not exist", table.0);
-        };
+        let t = uploaded(&self.tables, table.0, "table")?;
         let (vocab, cols) = (t.rows, t.cols);
         let mut dst = self.take(out, tokens.len() * cols, "embed")?;
         let view = self.tables[table.0].view();
@@ -558,20 +546,16 @@ impl Backend for CpuBackend {
         x: Activations,
         weight: VectorId,
         eps: f32,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let width = self
-            .vectors
-            .get(weight.0)
-            .ok_or_else(|| anyhow!("vector {} does not exist", weight.0))?
-            .len();
-        let n = rows * width;
+        let width = uploaded(&self.vectors, weight.0, "vector")?.len();
+        let n = tokens * width;
         self.map_buffers(x, n, out, n, "rms_norm", |me, src, dst| {
             let w = &me.vectors[weight.0];
             me.pool
                 .try_for_each(src.chunks(width).zip(dst.chunks_mut(width)), |(s, d)| {
-                    float::rms_norm(s, w, eps, d)
+                    norm::rms_norm(s, w, eps, d)
                 })?;
             Ok(())
         })
@@ -581,20 +565,17 @@ impl Backend for CpuBackend {
         &mut self,
         x: Activations,
         linear: LinearId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let lin = self
-            .linears
-            .get(linear.0)
-            .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
-        let (n_out, cols) = (lin.row_scales.len(), lin.cols);
+        let lin = uploaded(&self.linears, linear.0, "linear")?;
+        let (n_out, cols) = (lin.row_scales.len(), lin.in_features);
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(
             x,
-            rows * cols,
+            tokens * cols,
             out,
-            rows * n_out,
+            tokens * n_out,
             "bitlinear",
             |me, src, dst| {
                 let lin = &me.linears[linear.0];
@@ -604,12 +585,12 @@ impl Backend for CpuBackend {
                     acc,
                     ..
                 } = &mut scratch;
-                quantized.quantize(me.isa, src, rows, cols)?;
+                quantized.quantize(me.isa, src, tokens, cols)?;
                 if let Packed::Lut(_) = lin.packed {
                     lut_tables.build(me.isa, quantized)?;
                 }
-                // acc[n * rows + t]: each task owns a contiguous block of weight rows.
-                acc.resize(n_out * rows, 0);
+                // acc[n * tokens + t]: each task owns a contiguous block of weight tokens.
+                acc.resize(n_out * tokens, 0);
                 let (lut_tables, quantized) = (&*lut_tables, &*quantized);
                 let row_multiple = match lin.packed {
                     Packed::Mad(_) | Packed::Base3(_) => ROW_GROUP,
@@ -618,7 +599,7 @@ impl Backend for CpuBackend {
                 let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, row_multiple);
                 let gemm = |chunk: usize, acc: &mut [i32]| {
                     let start = chunk * per_task;
-                    let range = start..start + acc.len() / rows;
+                    let range = start..start + acc.len() / tokens;
                     match &lin.packed {
                         Packed::Mad(w) => mad::gemm(me.isa, w, range, quantized, acc),
                         Packed::Lut(w) => lut::gemm(me.isa, w, range, lut_tables, acc),
@@ -626,8 +607,8 @@ impl Backend for CpuBackend {
                     }
                     .map(|()| start)
                 };
-                if rows == 1 {
-                    // Decode: the outputs are the weight rows in order, so each task scales its
+                if tokens == 1 {
+                    // Decode: the outputs are the weight tokens in order, so each task scales its
                     // own (no second pass over `acc`).
                     let scale = quantized.scales()[0];
                     return me.pool.try_for_each(
@@ -645,12 +626,12 @@ impl Backend for CpuBackend {
                     );
                 }
                 me.pool.try_for_each(
-                    acc.chunks_mut(per_task * rows).enumerate(),
+                    acc.chunks_mut(per_task * tokens).enumerate(),
                     |(chunk, acc)| gemm(chunk, acc).map(drop),
                 )?;
                 // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
                 // whole cache lines of `acc` (a weight row's consecutive tokens), through a block
-                // of TRANSPOSE_ROWS rows in L1 so that the writes are contiguous runs too.
+                // of TRANSPOSE_ROWS tokens in L1 so that the writes are contiguous runs too.
                 let (scales, acc) = (quantized.scales(), &*acc);
                 me.pool.try_for_each(
                     dst.chunks_mut(TOKENS_PER_TASK * n_out).enumerate(),
@@ -664,7 +645,7 @@ impl Backend for CpuBackend {
                                 for n0 in (0..n_out).step_by(TRANSPOSE_ROWS) {
                                     let n1 = (n0 + TRANSPOSE_ROWS).min(n_out);
                                     for (n, b) in (n0..n1).zip(&mut block) {
-                                        let from = &acc[n * rows + t0..];
+                                        let from = &acc[n * tokens + t0..];
                                         b[..scales.len()].copy_from_slice(&from[..scales.len()]);
                                     }
                                     let row_scales = &lin.row_scales[n0..n1];
@@ -692,22 +673,19 @@ impl Backend for CpuBackend {
         &mut self,
         layer: usize,
         qkv: Activations,
-        rows: &[RowPosition],
+        tokens: &[TokenPosition],
         out: Activations,
     ) -> Result<()> {
-        let Some(kv) = self.kv.as_mut() else {
-            bail!("attention: no KV cache allocated");
-        };
-        let spec = kv.spec;
-        spec.check_rows(layer, rows)?;
+        let spec = allocated_kv(self.kv.as_ref())?.spec;
+        spec.check_tokens(layer, tokens)?;
         let (hd, kv_dim, q_dim) = (
             spec.head_dim,
             spec.kv_heads * spec.head_dim,
             spec.heads * spec.head_dim,
         );
         let width = spec.qkv_width();
-        let mut src = self.take(qkv, rows.len() * width, "attention qkv")?;
-        let mut dst = match self.take(out, rows.len() * q_dim, "attention output") {
+        let mut src = self.take(qkv, tokens.len() * width, "attention qkv")?;
+        let mut dst = match self.take(out, tokens.len() * q_dim, "attention output") {
             Ok(d) => d,
             Err(e) => {
                 self.put(qkv, src);
@@ -719,10 +697,10 @@ impl Backend for CpuBackend {
         let (cos, sin) = (&mut self.scratch.rope_cos, &mut self.scratch.rope_sin);
         cos.resize(hd / 2, 0.0);
         sin.resize(hd / 2, 0.0);
-        for (row, r) in src.chunks_exact_mut(width).zip(rows) {
-            float::rope_cos_sin(spec.rope_theta, hd, r.position, cos, sin)?;
+        for (row, r) in src.chunks_exact_mut(width).zip(tokens) {
+            rope::rope_cos_sin(spec.rope_theta, hd, r.position, cos, sin)?;
             for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
-                float::apply_rope(head, cos, sin)?;
+                rope::apply_rope(head, cos, sin)?;
             }
             let at = kv.offset(layer, r.slot, r.position);
             kv.keys[at..at + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
@@ -730,10 +708,10 @@ impl Backend for CpuBackend {
         }
         let group = spec.heads / spec.kv_heads;
         let (isa, kv, qkv_rows) = (self.isa, &*kv, &src);
-        // Queries of rows `t0..t0 + n` (at consecutive positions of one slot) over kv head `g`,
-        // written to `out` laid out like the output rows from `t0`, starting at head `g · group`.
+        // Queries of tokens `t0..t0 + n` (at consecutive positions of one slot) over kv head `g`,
+        // written to `out` laid out like the output tokens from `t0`, starting at head `g · group`.
         let attend_rows = |t0: usize, n: usize, g: usize, out: &mut [f32], out_stride: usize| {
-            let r = rows[t0];
+            let r = tokens[t0];
             let geometry = attention::HeadGroup {
                 head_dim: hd,
                 group,
@@ -751,13 +729,13 @@ impl Backend for CpuBackend {
                 attention::attend(isa, &geometry, queries, keys, values, scratch, out)
             })
         };
-        let one_run = rows
+        let one_run = tokens
             .windows(2)
             .all(|w| w[1].slot == w[0].slot && w[1].position == w[0].position + 1);
-        let result = if one_run && rows.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
-            // A prefill: blocks of rows, each key and value read once per block.
+        let result = if one_run && tokens.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
+            // A prefill: blocks of tokens, each key and value read once per block.
             self.pool.try_for_each(
-                dst[..rows.len() * q_dim]
+                dst[..tokens.len() * q_dim]
                     .chunks_mut(ATTENTION_ROWS_PER_TASK * q_dim)
                     .enumerate(),
                 |(block, out)| {
@@ -769,7 +747,9 @@ impl Backend for CpuBackend {
         } else {
             // Decode: one task per (row, kv head), so even one row spreads over the threads.
             self.pool.try_for_each(
-                dst[..rows.len() * q_dim].chunks_mut(group * hd).enumerate(),
+                dst[..tokens.len() * q_dim]
+                    .chunks_mut(group * hd)
+                    .enumerate(),
                 |(i, out)| {
                     let (t, g) = (i / spec.kv_heads, i % spec.kv_heads);
                     attend_rows(t, 1, g, out, group * hd)
@@ -785,22 +765,22 @@ impl Backend for CpuBackend {
         &mut self,
         gate_up: Activations,
         activation: GateActivation,
-        rows: usize,
+        tokens: usize,
         width: usize,
         out: Activations,
     ) -> Result<()> {
         self.map_buffers(
             gate_up,
-            rows * 2 * width,
+            tokens * 2 * width,
             out,
-            rows * width,
+            tokens * width,
             "gated",
             |me, src, dst| {
                 me.pool.try_for_each(
                     src.chunks(2 * width).zip(dst.chunks_mut(width)),
                     |(s, d)| {
                         let (gate, up) = s.split_at(width);
-                        float::gated(activation, gate, up, d)
+                        elementwise::gated(activation, gate, up, d)
                     },
                 )?;
                 Ok(())
@@ -810,8 +790,7 @@ impl Backend for CpuBackend {
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
         self.map_buffers(x, len, acc, len, "add", |_, src, dst| {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            Ok(())
+            Ok(elementwise::add(dst, src)?)
         })
     }
 
@@ -819,47 +798,44 @@ impl Backend for CpuBackend {
         &mut self,
         x: Activations,
         table: TableId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let t = self
-            .tables
-            .get(table.0)
-            .ok_or_else(|| anyhow!("table {} does not exist", table.0))?;
+        let t = uploaded(&self.tables, table.0, "table")?;
         let (vocab, cols) = (t.rows, t.cols);
         if self.lm_head == LmHead::Q8 {
-            return self.logits_q8(x, table, rows, out);
+            return self.logits_q8(x, table, tokens, out);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(
             x,
-            rows * cols,
+            tokens * cols,
             out,
-            rows * vocab,
+            tokens * vocab,
             "logits",
             |me, src, dst| {
                 let view = me.tables[table.0].view();
                 let per_task = me.rows_per_task(vocab, MIN_VOCAB_PER_TASK, 1);
-                // by_vocab[v * rows + t]: vocabulary chunks write disjoint slices. With one row
+                // by_vocab[v * tokens + t]: vocabulary chunks write disjoint slices. With one row
                 // that is already the output's layout.
-                let by_vocab = if rows == 1 {
+                let by_vocab = if tokens == 1 {
                     &mut dst[..]
                 } else {
-                    scratch.head.resize(vocab * rows, 0.0);
+                    scratch.head.resize(vocab * tokens, 0.0);
                     &mut scratch.head[..]
                 };
                 me.pool.try_for_each(
-                    by_vocab.chunks_mut(per_task * rows).enumerate(),
+                    by_vocab.chunks_mut(per_task * tokens).enumerate(),
                     |(chunk, part)| {
                         let start = chunk * per_task;
-                        let range = start..start + part.len() / rows;
+                        let range = start..start + part.len() / tokens;
                         view.dot_rows(me.isa, range, src, cols, part)
                     },
                 )?;
-                if rows > 1 {
+                if tokens > 1 {
                     for (t, row) in dst.chunks_exact_mut(vocab).enumerate() {
                         for (v, o) in row.iter_mut().enumerate() {
-                            *o = scratch.head[v * rows + t];
+                            *o = scratch.head[v * tokens + t];
                         }
                     }
                 }
@@ -879,7 +855,7 @@ mod tests {
     fn a_linear_wider_than_base_3_takes_stays_two_bit_and_agrees() {
         let (rows, cols) = (4, base3::MAX_COLS + 1);
         let values: Vec<i8> = (0..rows * cols).map(|i| (i % 3) as i8 - 1).collect();
-        let codes = tern_cpu::ternary::pack(&values, rows, cols).unwrap();
+        let codes = tern_cpu::bitlinear::reference::pack(&values, rows, cols).unwrap();
         let m = TernaryMatrix::new("wide", rows, cols, codes, 0.5).unwrap();
         let x: Vec<f32> = (0..cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
         let run = |kernels| {

@@ -9,11 +9,11 @@
 //!   owns; only [`Backend::write`] and [`Backend::read`] cross the host boundary. A buffer holds
 //!   `rows × width` values row-major, one row per token of the batch.
 //! - **A batch** is a list of rows, each a token at a position of a sequence; a sequence lives in
-//!   one slot of the KV cache ([`RowPosition`]). A prefill is many rows of one slot at consecutive
+//!   one slot of the KV cache ([`TokenPosition`]). A prefill is many rows of one slot at consecutive
 //!   positions; a batched decode is one row in each of several slots. The same ops serve both.
 //! - **W1.58A8 is one op**: [`Backend::bitlinear`] quantizes each activation row to int8 (absmax,
 //!   `s = 127 / max|x|`), multiplies by the ternary weights with integer accumulation, and writes
-//!   `acc / s * scale`. Integer results must equal the scalar reference in `tern_cpu::ternary`.
+//!   `acc / s * scale`. Integer results must equal the scalar reference in `tern_cpu::bitlinear::reference`.
 //! - [`Backend::attention`] applies rotate-half RoPE to the rows' q and k, stores k and v in the KV
 //!   cache at each row's slot and position, and attends causally over positions `0..=position` of
 //!   the row's slot (GQA: query head `h` reads kv head `h / (heads / kv_heads)`).
@@ -25,11 +25,12 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod gpu_upload;
 pub mod wgpu;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::Result;
-use tern_cpu::float::GateActivation;
+use tern_cpu::elementwise::GateActivation;
 
 /// A device buffer of f32 activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -47,9 +48,9 @@ pub struct VectorId(pub usize);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TableId(pub usize);
 
-/// Where one row of a batch belongs: its sequence's KV slot and its position in that sequence.
+/// Where one token of a batch belongs: its sequence's KV slot and its position in that sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowPosition {
+pub struct TokenPosition {
     pub slot: usize,
     pub position: usize,
 }
@@ -71,13 +72,13 @@ pub struct KvSpec {
 impl KvSpec {
     /// Checks that `layer` and every row's slot and position lie inside this cache: what every
     /// backend's `attention` verifies before touching device memory.
-    pub fn check_rows(&self, layer: usize, rows: &[RowPosition]) -> Result<()> {
+    pub fn check_tokens(&self, layer: usize, tokens: &[TokenPosition]) -> Result<()> {
         anyhow::ensure!(
             layer < self.layers,
             "attention: layer {layer} of {}",
             self.layers
         );
-        for r in rows {
+        for r in tokens {
             anyhow::ensure!(
                 r.slot < self.slots && r.position < self.capacity,
                 "attention: slot {} position {} outside a cache of {} slots x {} positions",
@@ -87,6 +88,23 @@ impl KvSpec {
                 self.capacity
             );
         }
+        Ok(())
+    }
+
+    /// Checks the attention geometry every backend needs (query heads in whole groups per kv
+    /// head, an even head dimension) and the backend's own largest head dimension.
+    pub fn check_geometry(&self, max_head_dim: usize) -> Result<()> {
+        anyhow::ensure!(
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            "alloc_kv: {} query heads do not group over {} kv heads",
+            self.heads,
+            self.kv_heads
+        );
+        let hd = self.head_dim;
+        anyhow::ensure!(
+            hd > 0 && hd.is_multiple_of(2) && hd <= max_head_dim,
+            "alloc_kv: head_dim {hd} must be even, positive and at most {max_head_dim} here"
+        );
         Ok(())
     }
 
@@ -128,6 +146,44 @@ pub fn resolve_threads(threads: usize) -> usize {
     } else {
         threads
     }
+}
+
+/// The input width of a fused linear's `parts`, checked: at least one part, all of one width.
+pub fn fused_in_features(parts: &[&TernaryMatrix]) -> Result<usize> {
+    let Some(first) = parts.first() else {
+        anyhow::bail!("upload_linear: no matrices given");
+    };
+    for part in parts {
+        anyhow::ensure!(
+            part.cols == first.cols,
+            "upload_linear: fused parts have {} and {} inputs",
+            first.cols,
+            part.cols
+        );
+    }
+    Ok(first.cols)
+}
+
+/// An error unless `op`'s input and output are different buffers (no op works in place).
+pub fn distinct_buffers(op: &str, input: Activations, output: Activations) -> Result<()> {
+    anyhow::ensure!(
+        input != output,
+        "{op}: input and output must be different buffers"
+    );
+    Ok(())
+}
+
+/// The uploaded item behind handle `index` of a backend's `items` of `kind` (linear, vector,
+/// table): an error naming the handle when it does not exist.
+pub fn uploaded<'a, T>(items: &'a [T], index: usize, kind: &str) -> Result<&'a T> {
+    items
+        .get(index)
+        .ok_or_else(|| anyhow::anyhow!("{kind} {index} does not exist"))
+}
+
+/// The backend's KV storage, or the error every op that needs it gives before [`Backend::alloc_kv`].
+pub fn allocated_kv<T>(kv: Option<T>) -> Result<T> {
+    kv.ok_or_else(|| anyhow::anyhow!("attention: no KV cache allocated"))
 }
 
 /// Stores `item` in the first freed slot of a handle table (or a new one) and returns its index:
@@ -191,7 +247,7 @@ pub trait Backend {
         len: usize,
     ) -> Result<()>;
 
-    /// Allocates (or replaces) the KV cache and fixes the attention geometry.
+    /// Allocates (or replaces) the backend's KV storage and fixes the attention geometry.
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()>;
 
     /// `out[t] = table[tokens[t]]`.
@@ -202,52 +258,52 @@ pub trait Backend {
         x: Activations,
         weight: VectorId,
         eps: f32,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()>;
-    /// Fused activation quantization and ternary matrix product for `rows` rows.
+    /// Fused activation quantization and ternary matrix product for `tokens` tokens.
     fn bitlinear(
         &mut self,
         x: Activations,
         linear: LinearId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()>;
-    /// RoPE, KV-cache append and causal attention for the rows of `qkv` (see the module doc);
-    /// writes `rows × heads·head_dim` values to `out`.
+    /// RoPE, KV-cache append and causal attention for the tokens of `qkv` (see the module doc);
+    /// writes `tokens × heads·head_dim` values to `out`.
     fn attention(
         &mut self,
         layer: usize,
         qkv: Activations,
-        rows: &[RowPosition],
+        tokens: &[TokenPosition],
         out: Activations,
     ) -> Result<()>;
-    /// `out[t][i] = act(x[t][i]) * x[t][width + i]` for rows of `2·width` (gate‖up).
+    /// `out[t][i] = act(x[t][i]) * x[t][width + i]` for `tokens` rows of `2·width` (gate‖up).
     fn gated(
         &mut self,
         gate_up: Activations,
         activation: GateActivation,
-        rows: usize,
+        tokens: usize,
         width: usize,
         out: Activations,
     ) -> Result<()>;
     /// `acc[i] += x[i]` for `i < len`.
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()>;
-    /// `out[t][v] = x[t] · table[v]` for `rows` rows (the output head).
+    /// `out[t][v] = x[t] · table[v]` for `tokens` tokens (the output head).
     fn logits(
         &mut self,
         x: Activations,
         table: TableId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()>;
 
-    /// Brackets one model step of `rows` rows that ends with `logits_rows` rows of logits: between
-    /// `begin_step` and `end_step` the model issues the same ops, on the same buffers and with the
+    /// Brackets one model step of `tokens` tokens that ends with logits for `logits_tokens` of
+    /// them: between `begin_step` and `end_step` the model issues the same ops, on the same buffers and with the
     /// same parameters, for every step of that shape; only host inputs (token ids, row positions)
     /// change. A backend may record a step once and replay it (CUDA graphs). Defaults: nothing.
-    fn begin_step(&mut self, rows: usize, logits_rows: usize) -> Result<()> {
-        let _ = (rows, logits_rows);
+    fn begin_step(&mut self, tokens: usize, logits_tokens: usize) -> Result<()> {
+        let _ = (tokens, logits_tokens);
         Ok(())
     }
 
@@ -256,11 +312,11 @@ pub trait Backend {
         Ok(())
     }
 
-    /// Greedy sampling: for each of `rows` rows of `width` values in `x`, the index of the largest
+    /// Greedy sampling: for each of `tokens` rows of `width` values in `x`, the index of the largest
     /// (the first one on ties). Waits for queued work. The default reads the rows back; a GPU
     /// backend overrides it so that only the ids cross to the host.
-    fn argmax(&mut self, x: Activations, rows: usize, width: usize) -> Result<Vec<u32>> {
-        let mut values = vec![0f32; rows * width];
+    fn argmax(&mut self, x: Activations, tokens: usize, width: usize) -> Result<Vec<u32>> {
+        let mut values = vec![0f32; tokens * width];
         self.read(x, &mut values)?;
         Ok(values
             .chunks_exact(width.max(1))

@@ -29,9 +29,11 @@ const HELP: &str =
     "commands: /help this text, /clear start a new conversation, /exit quit (also Ctrl-D)";
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let top_k_suffices = args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
+    // One call: a seed drawn from the clock is drawn (and logged) once.
+    let sampling = args.sampling.params();
+    let top_k_suffices = sampling.reads_only_top(Q8_EXACT_TOP_K);
     let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
-    let mut sampler = Sampler::new(args.sampling.params());
+    let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {
         max_tokens: args.n_predict,

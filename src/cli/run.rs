@@ -45,9 +45,10 @@ enum RunFormat {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // One call: a seed drawn from the clock is drawn (and logged) once, and is the one used.
+    let sampling = args.sampling.params();
     // JSON lines carry each token's log-probability, which needs every logit.
-    let top_k_suffices =
-        args.format == RunFormat::Text && args.sampling.params().reads_only_top(Q8_EXACT_TOP_K);
+    let top_k_suffices = args.format == RunFormat::Text && sampling.reads_only_top(Q8_EXACT_TOP_K);
     let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -59,7 +60,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt, true)?
     };
-    let mut sampler = Sampler::new(args.sampling.params());
+    let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {
         max_tokens: args.n_predict,

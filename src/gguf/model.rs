@@ -31,8 +31,8 @@ use half::{bf16, f16};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tern_cpu::float::GateActivation;
-use tern_cpu::ternary::pack;
+use tern_cpu::bitlinear::reference::pack;
+use tern_cpu::elementwise::GateActivation;
 
 /// The Llama-3 pre-tokenizer split (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use half::f16;
 use std::io::Write;
 use std::path::Path;
-use tern_cpu::float::GateActivation;
+use tern_cpu::elementwise::GateActivation;
 
 /// A GGUF file being assembled in memory.
 #[derive(Default)]

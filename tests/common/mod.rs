@@ -8,8 +8,8 @@ use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
+use tern_cpu::bitlinear::lut;
 use tern_cpu::isa::Isa;
-use tern_cpu::lut;
 
 /// The Hugging Face-format fixtures every backend must reproduce.
 pub const HF_FIXTURES: [&str; 3] = ["tiny-packed", "tiny-bf16", "tiny-bitlinear"];

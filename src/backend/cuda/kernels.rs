@@ -21,32 +21,39 @@ pub struct Source {
 }
 
 /// The source that needs compute capability 8.0 (int8 `mma.sync`).
-const MMA_SOURCE: &str = "ternary_mma.cu";
+const MMA_SOURCE: &str = "bitlinear_mma.cu";
 
-pub const SOURCES: [Source; 6] = [
+/// One file per op of the `Backend` trait, named like the op (the CPU's `tern_cpu` modules and the
+/// WGSL shaders carry the same names).
+pub const SOURCES: [Source; 7] = [
     Source {
-        file: "quant.cu",
-        code: include_str!("../../../cuda/quant.cu"),
-        entries: &["quantize_rows"],
-    },
-    Source {
-        file: "ternary.cu",
-        code: include_str!("../../../cuda/ternary.cu"),
-        entries: &["ternary_gemv1", "ternary_gemv", "ternary_gemm"],
+        file: "bitlinear.cu",
+        code: include_str!("../../../cuda/bitlinear.cu"),
+        entries: &[
+            "bitlinear_quantize",
+            "bitlinear_gemv1",
+            "bitlinear_gemv",
+            "bitlinear_gemm",
+        ],
     },
     Source {
         file: MMA_SOURCE,
-        code: include_str!("../../../cuda/ternary_mma.cu"),
-        entries: &["ternary_gemm_mma"],
+        code: include_str!("../../../cuda/bitlinear_mma.cu"),
+        entries: &["bitlinear_gemm_mma"],
+    },
+    Source {
+        file: "norm.cu",
+        code: include_str!("../../../cuda/norm.cu"),
+        entries: &["rms_norm"],
     },
     Source {
         file: "elementwise.cu",
         code: include_str!("../../../cuda/elementwise.cu"),
-        entries: &["rms_norm", "gated", "add"],
+        entries: &["gated", "add"],
     },
     Source {
-        file: "dense.cu",
-        code: include_str!("../../../cuda/dense.cu"),
+        file: "table.cu",
+        code: include_str!("../../../cuda/table.cu"),
         entries: &[
             "embed_f32",
             "embed_f16",
@@ -54,8 +61,12 @@ pub const SOURCES: [Source; 6] = [
             "logits_f32",
             "logits_f16",
             "logits_bf16",
-            "argmax_rows",
         ],
+    },
+    Source {
+        file: "argmax.cu",
+        code: include_str!("../../../cuda/argmax.cu"),
+        entries: &["argmax_rows"],
     },
     Source {
         file: "attention.cu",
@@ -102,12 +113,12 @@ impl Source {
 
 /// Every kernel, loaded into one context. Dense-table kernels are indexed by [`DenseDtype`].
 pub struct Kernels {
-    pub quantize_rows: CudaFunction,
-    pub ternary_gemv1: CudaFunction,
-    pub ternary_gemv: CudaFunction,
-    pub ternary_gemm: CudaFunction,
+    pub bitlinear_quantize: CudaFunction,
+    pub bitlinear_gemv1: CudaFunction,
+    pub bitlinear_gemv: CudaFunction,
+    pub bitlinear_gemm: CudaFunction,
     /// The tensor-core GEMM; `None` below compute capability 8.0 (or with `TERN_CUDA_MMA=0`).
-    pub ternary_gemm_mma: Option<CudaFunction>,
+    pub bitlinear_gemm_mma: Option<CudaFunction>,
     pub rms_norm: CudaFunction,
     pub gated: CudaFunction,
     pub add: CudaFunction,
@@ -129,7 +140,7 @@ pub enum DenseDtype {
 
 impl Kernels {
     /// Compiles (or reads from `cache`) every source for `arch` and loads it into `ctx`;
-    /// `ternary_mma.cu` only when `mma` (the device has int8 `mma.sync`, compute capability 8.0+).
+    /// `bitlinear_mma.cu` only when `mma` (the device has int8 `mma.sync`, compute capability 8.0+).
     pub fn load(
         ctx: &Arc<CudaContext>,
         arch: &str,
@@ -158,11 +169,11 @@ impl Kernels {
                 .with_context(|| format!("cannot load CUDA kernel {name}"))
         };
         Ok(Self {
-            quantize_rows: f("quantize_rows")?,
-            ternary_gemv1: f("ternary_gemv1")?,
-            ternary_gemv: f("ternary_gemv")?,
-            ternary_gemm: f("ternary_gemm")?,
-            ternary_gemm_mma: mma.then(|| f("ternary_gemm_mma")).transpose()?,
+            bitlinear_quantize: f("bitlinear_quantize")?,
+            bitlinear_gemv1: f("bitlinear_gemv1")?,
+            bitlinear_gemv: f("bitlinear_gemv")?,
+            bitlinear_gemm: f("bitlinear_gemm")?,
+            bitlinear_gemm_mma: mma.then(|| f("bitlinear_gemm_mma")).transpose()?,
             rms_norm: f("rms_norm")?,
             gated: f("gated")?,
             add: f("add")?,

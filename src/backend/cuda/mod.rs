@@ -1,23 +1,26 @@
 //! The CUDA backend: W2A8 ternary kernels and the float ops of a step, on one CUDA stream.
 //!
 //! # Layouts on the device
-//! - Linear: the parts' rows one after another in the layout of [`layout`] (2-bit codes, rows
-//!   padded to 64 columns, u32 words decoded by shift and mask into four int8 lanes), plus one f32
-//!   scale per output row, so fused q‖k‖v and gate‖up keep each part's scale.
+//! - Linear: the parts' rows one after another in the word layout of
+//!   [`gpu_upload`](super::gpu_upload) (2-bit codes, rows padded to 64 columns, u32 words decoded by
+//!   shift and mask into four int8 lanes), plus one f32 scale per output row, so fused q‖k‖v and
+//!   gate‖up keep each part's scale.
 //! - Activations: `CudaSlice<f32>`, row-major. Tables (embedding, head) keep the checkpoint's
 //!   dtype (f32, f16 or bf16). Vectors: f32.
 //! - KV cache: **f32** (so the golden tolerances of the CPU reference hold unchanged), one array
-//!   per K and V, `[layer][slot][position][kv_head · head_dim]`, plus a RoPE cos/sin table
-//!   `[capacity][head_dim]` computed on the host by the CPU's own function.
+//!   per K and V, `[layer][slot][position][kv_head · head_dim]`, plus the RoPE cos/sin table of
+//!   [`gpu_upload`](super::gpu_upload).
 //!
-//! # Op by op
-//! `bitlinear` = `quantize_rows` (int8 codes, scale and code sum per token), then for at most 8
-//! tokens (decode, batched decode) `ternary_gemv` (one warp per output row, 16-byte weight loads,
+//! # Op by op (one kernel file per op: `cuda/<op>.cu`)
+//! `bitlinear` (`bitlinear.cu`, `bitlinear_mma.cu`) = `bitlinear_quantize` (int8 codes, scale and code sum per token), then for at most 8
+//! tokens (decode, batched decode) `bitlinear_gemv` (one warp per output row, 16-byte weight loads,
 //! a one-token instance), and for more tokens a GEMM that reuses each staged weight across its
-//! tile's tokens: `ternary_gemm_mma` on int8 tensor cores (compute capability 8.0+: 128×64 tiles,
-//! `mma.sync` m16n8k32 s8), else `ternary_gemm` (64×64 tiles, dp4a). All are integer-exact, and
+//! tile's tokens: `bitlinear_gemm_mma` on int8 tensor cores (compute capability 8.0+: 128×64 tiles,
+//! `mma.sync` m16n8k32 s8), else `bitlinear_gemm` (64×64 tiles, dp4a). All are integer-exact, and
 //! the dequantization `acc / s * scale` rounds like the CPU backend, so outputs are bit-identical.
-//! `attention` = `rope_append` then split-K `attend_partial` + `attend_combine`.
+//! `attention` (`attention.cu`) = `rope_append` then split-K `attend_partial` + `attend_combine`.
+//! `rms_norm` (`norm.cu`), `gated` and `add` (`elementwise.cu`), `embed` and `logits`
+//! (`table.cu`), `argmax` (`argmax.cu`).
 //!
 //! Everything is queued on one stream in issue order (cudarc's per-buffer event tracking is off:
 //! one stream needs none); only `read` waits. Every op checks handles, shapes and buffer lengths on
@@ -28,16 +31,18 @@
 //! [`Graphs::stage`], skip their launches while a graph is replayed, and fingerprint their
 //! parameters.
 //!
-//! Not here yet (see README, CUDA section): on-device sampling wired into the engine, tensor-core
-//! (mma) prefill, RMSNorm fused with quantization, an f16 KV cache.
+//! Not here yet (see README, CUDA section): greedy sampling on the device wired into the engine
+//! (`argmax` exists, the engine reads logits back), RMSNorm fused with quantization, an f16 KV
+//! cache.
 
 pub mod device;
 mod graph;
 pub mod kernels;
-pub mod layout;
 
+use super::gpu_upload::{self, padded_cols};
 use super::{
-    Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId, insert_in_free_slot,
+    Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
+    distinct_buffers, insert_in_free_slot, uploaded,
 };
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -48,10 +53,12 @@ use cudarc::driver::{
 use graph::Graphs;
 use kernels::{DenseDtype, Kernels};
 use std::sync::Arc;
-use tern_cpu::float::{self, GateActivation};
+use tern_cpu::elementwise::GateActivation;
 
-/// Largest batch the GEMV kernel takes (`GEMV_MAX_TOKENS` in cuda/ternary.cu).
+/// Largest batch the GEMV kernel takes (`GEMV_MAX_TOKENS` in cuda/bitlinear.cu).
 const GEMV_MAX_TOKENS: usize = 8;
+/// Codes per 16-byte weight load: rows are padded to a multiple of it (`cuda/bitlinear.cu`).
+const CHUNK: usize = 64;
 /// Largest head dimension of cuda/attention.cu (`ATT_MAX_DIM`).
 const ATT_MAX_DIM: usize = 256;
 /// Threads per block of the row-wise and grid-stride kernels.
@@ -60,8 +67,8 @@ const BLOCK: u32 = 256;
 struct Linear {
     words: CudaSlice<u32>,
     row_scales: CudaSlice<f32>,
-    rows: usize,
-    cols: usize,
+    out_features: usize,
+    in_features: usize,
 }
 
 enum TableData {
@@ -91,7 +98,7 @@ struct Geometry {
 // SAFETY: a plain #[repr(C)] struct of i32 fields, matching `struct Geometry` in cuda/attention.cu.
 unsafe impl DeviceRepr for Geometry {}
 
-struct KvCache {
+struct KvStorage {
     spec: KvSpec,
     keys: CudaSlice<f32>,
     values: CudaSlice<f32>,
@@ -118,7 +125,7 @@ pub struct CudaBackend {
     tables: Vec<Table>,
     /// `None` marks a freed handle.
     buffers: Vec<Option<CudaSlice<f32>>>,
-    kv: Option<KvCache>,
+    kv: Option<KvStorage>,
     scratch: Scratch,
     graphs: Graphs,
 }
@@ -270,17 +277,12 @@ impl CudaBackend {
         out_len: usize,
         what: &str,
     ) -> Result<(&CudaSlice<f32>, &CudaSlice<f32>)> {
-        ensure!(
-            x != out,
-            "{what}: input and output must be different buffers"
-        );
+        distinct_buffers(what, x, out)?;
         Ok((self.buf(x, in_len, what)?, self.buf(out, out_len, what)?))
     }
 
     fn table(&self, id: TableId) -> Result<&Table> {
-        self.tables
-            .get(id.0)
-            .ok_or_else(|| anyhow!("table {} does not exist", id.0))
+        uploaded(&self.tables, id.0, "table")
     }
 
     fn dense_kernel<'a>(&'a self, set: &'a [CudaFunction; 3], t: &Table) -> &'a CudaFunction {
@@ -308,29 +310,14 @@ impl Backend for CudaBackend {
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
-        let Some(first) = parts.first() else {
-            bail!("upload_linear: no matrices given");
-        };
-        let cols = first.cols;
-        let mut words = Vec::new();
-        let mut row_scales = Vec::new();
-        for part in parts {
-            ensure!(
-                part.cols == cols,
-                "upload_linear: fused parts have {} and {} inputs",
-                cols,
-                part.cols
-            );
-            layout::repack(part.view(), &mut words);
-            row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
-        }
-        to_i32(layout::padded_cols(cols), "linear input width")?;
+        let (words, row_scales, cols) = gpu_upload::pack_ternary(parts, CHUNK)?;
+        to_i32(padded_cols(cols, CHUNK), "linear input width")?;
         to_i32(row_scales.len(), "linear output width")?;
         self.linears.push(Linear {
             words: upload(&self.stream, &words, "ternary weights")?,
             row_scales: upload(&self.stream, &row_scales, "weight scales")?,
-            rows: row_scales.len(),
-            cols,
+            out_features: row_scales.len(),
+            in_features: cols,
         });
         Ok(LinearId(self.linears.len() - 1))
     }
@@ -407,10 +394,7 @@ impl Backend for CudaBackend {
         dst_offset: usize,
         len: usize,
     ) -> Result<()> {
-        ensure!(
-            src != dst,
-            "copy: source and destination must be different buffers"
-        );
+        distinct_buffers("copy", src, dst)?;
         self.buf(src, src_offset + len, "copy source")?;
         self.buf(dst, dst_offset + len, "copy destination")?;
         self.graphs
@@ -432,27 +416,11 @@ impl Backend for CudaBackend {
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
         self.graphs.invalidate();
         self.kv = None; // release the old cache before allocating the new one
-        let hd = spec.head_dim;
-        ensure!(
-            hd.is_multiple_of(2) && hd <= ATT_MAX_DIM && hd > 0,
-            "the CUDA attention kernels take an even head_dim of at most {ATT_MAX_DIM}, not {hd}"
-        );
-        ensure!(
-            spec.kv_heads > 0 && spec.heads.is_multiple_of(spec.kv_heads),
-            "{} heads do not group over {} kv heads",
-            spec.heads,
-            spec.kv_heads
-        );
+        spec.check_geometry(ATT_MAX_DIM)?;
         to_i32(spec.bytes(1) / 2, "KV cache values per K or V")?;
         let len = spec.bytes(1) / 2;
-        let (mut cos, mut sin) = (vec![0f32; hd / 2], vec![0f32; hd / 2]);
-        let mut rope = Vec::with_capacity(spec.capacity * hd);
-        for position in 0..spec.capacity {
-            float::rope_cos_sin(spec.rope_theta, hd, position, &mut cos, &mut sin)?;
-            rope.extend_from_slice(&cos);
-            rope.extend_from_slice(&sin);
-        }
-        self.kv = Some(KvCache {
+        let rope = gpu_upload::rope_table(spec)?;
+        self.kv = Some(KvStorage {
             spec: *spec,
             keys: alloc(&self.stream, len, "the KV cache's keys")?,
             values: alloc(&self.stream, len, "the KV cache's values")?,
@@ -508,32 +476,29 @@ impl Backend for CudaBackend {
         x: Activations,
         weight: VectorId,
         eps: f32,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
         self.graphs.note(
             "rms_norm",
-            &[x.0, weight.0, eps.to_bits() as usize, rows, out.0],
+            &[x.0, weight.0, eps.to_bits() as usize, tokens, out.0],
         );
-        let w = self
-            .vectors
-            .get(weight.0)
-            .ok_or_else(|| anyhow!("vector {} does not exist", weight.0))?;
+        let w = uploaded(&self.vectors, weight.0, "vector")?;
         let width = w.len();
-        let n = rows * width;
+        let n = tokens * width;
         let (src, dst) = self.in_out(x, n, out, n, "rms_norm")?;
         if n == 0 || self.graphs.replaying() {
             return Ok(());
         }
         let width = to_i32(width, "rms_norm width")?;
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (tokens as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
         b.arg(src).arg(w).arg(&eps).arg(&width).arg(dst);
-        // SAFETY: one block per row; x and out hold rows × width values, the weight width.
+        // SAFETY: one block per row; x and out hold tokens × width values, the weight width.
         launch(unsafe { b.launch(cfg) }, "rms_norm")
     }
 
@@ -541,38 +506,36 @@ impl Backend for CudaBackend {
         &mut self,
         x: Activations,
         linear: LinearId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let lin = self
-            .linears
-            .get(linear.0)
-            .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
-        let (n_out, cols) = (lin.rows, lin.cols);
-        let padded = layout::padded_cols(cols);
-        self.in_out(x, rows * cols, out, rows * n_out, "bitlinear")?;
-        if rows == 0 || n_out == 0 {
+        let lin = uploaded(&self.linears, linear.0, "linear")?;
+        let (n_out, cols) = (lin.out_features, lin.in_features);
+        let padded = padded_cols(cols, CHUNK);
+        self.in_out(x, tokens * cols, out, tokens * n_out, "bitlinear")?;
+        if tokens == 0 || n_out == 0 {
             return Ok(());
         }
-        let tokens = to_i32(rows, "bitlinear rows")?;
-        to_i32(rows * padded, "bitlinear activation bytes")?;
-        self.graphs.note("bitlinear", &[x.0, linear.0, rows, out.0]);
+        let tokens_i32 = to_i32(tokens, "bitlinear tokens")?;
+        to_i32(tokens * padded, "bitlinear activation bytes")?;
+        self.graphs
+            .note("bitlinear", &[x.0, linear.0, tokens, out.0]);
         let (s, g) = (&mut self.scratch, &mut self.graphs);
         grow(
             &self.stream,
             g,
             &mut s.codes,
-            rows * padded,
+            tokens * padded,
             "activation codes",
         )?;
         grow(
             &self.stream,
             g,
             &mut s.act_scales,
-            rows,
+            tokens,
             "activation scales",
         )?;
-        grow(&self.stream, g, &mut s.act_sums, rows, "activation sums")?;
+        grow(&self.stream, g, &mut s.act_sums, tokens, "activation sums")?;
         if self.graphs.replaying() {
             return Ok(());
         }
@@ -581,7 +544,7 @@ impl Backend for CudaBackend {
         let (src, dst) = self.in_out(x, 0, out, 0, "bitlinear")?;
         let (cols_i, padded_i) = (cols as i32, padded as i32);
         let s = &self.scratch;
-        let mut b = self.stream.launch_builder(&self.kernels.quantize_rows);
+        let mut b = self.stream.launch_builder(&self.kernels.bitlinear_quantize);
         b.arg(src)
             .arg(&cols_i)
             .arg(&padded_i)
@@ -589,18 +552,18 @@ impl Backend for CudaBackend {
             .arg(&s.act_scales)
             .arg(&s.act_sums);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (tokens as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: one block per row; x holds rows × cols values, codes rows × padded bytes,
+        // SAFETY: one block per row; x holds tokens × cols values, codes tokens × padded bytes,
         // scales and sums one value per row (all checked or grown above).
-        launch(unsafe { b.launch(cfg) }, "quantize_rows")?;
+        launch(unsafe { b.launch(cfg) }, "bitlinear_quantize")?;
 
-        let (n_rows, chunks) = (n_out as i32, (padded / layout::CHUNK) as i32);
-        if let (true, Some(mma)) = (rows > GEMV_MAX_TOKENS, &self.kernels.ternary_gemm_mma) {
+        let (n_rows, chunks) = (n_out as i32, (padded / CHUNK) as i32);
+        if let (true, Some(mma)) = (tokens > GEMV_MAX_TOKENS, &self.kernels.bitlinear_gemm_mma) {
             let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1),
+                grid_dim: (n_out.div_ceil(128) as u32, tokens.div_ceil(64) as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -611,30 +574,30 @@ impl Backend for CudaBackend {
                 .arg(&s.codes)
                 .arg(&s.act_scales)
                 .arg(&lin.row_scales)
-                .arg(&tokens)
+                .arg(&tokens_i32)
                 .arg(dst);
-            // SAFETY: as for the kernels below; the tile guards rows ≥ n_rows and tokens ≥ rows.
-            return launch(unsafe { b.launch(cfg) }, "ternary_gemm_mma");
+            // SAFETY: as for the kernels below; the tile guards tokens ≥ n_rows and tokens ≥ tokens.
+            return launch(unsafe { b.launch(cfg) }, "bitlinear_gemm_mma");
         }
-        let (f, cfg, name) = if rows <= GEMV_MAX_TOKENS {
+        let (f, cfg, name) = if tokens <= GEMV_MAX_TOKENS {
             let blocks = (n_out * 32).div_ceil(BLOCK as usize) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (blocks, 1, 1),
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
-            if rows == 1 {
-                (&self.kernels.ternary_gemv1, cfg, "ternary_gemv1")
+            if tokens == 1 {
+                (&self.kernels.bitlinear_gemv1, cfg, "bitlinear_gemv1")
             } else {
-                (&self.kernels.ternary_gemv, cfg, "ternary_gemv")
+                (&self.kernels.bitlinear_gemv, cfg, "bitlinear_gemv")
             }
         } else {
             let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1),
+                grid_dim: (n_out.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            (&self.kernels.ternary_gemm, cfg, "ternary_gemm")
+            (&self.kernels.bitlinear_gemm, cfg, "bitlinear_gemm")
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(&lin.words)
@@ -644,11 +607,11 @@ impl Backend for CudaBackend {
             .arg(&s.act_scales)
             .arg(&s.act_sums)
             .arg(&lin.row_scales)
-            .arg(&tokens)
+            .arg(&tokens_i32)
             .arg(dst);
-        // SAFETY: weights hold n_rows × chunks 16-byte chunks (layout::repack), codes
-        // rows × chunks × 64 bytes, out rows × n_rows values; the GEMV takes at most
-        // GEMV_MAX_TOKENS rows and the GEMM guards partial tiles.
+        // SAFETY: weights hold n_rows × chunks 16-byte chunks (gpu_upload::pack_ternary), codes
+        // tokens × chunks × 64 bytes, out tokens × n_rows values; the GEMV takes at most
+        // GEMV_MAX_TOKENS tokens and the GEMM guards partial tiles.
         launch(unsafe { b.launch(cfg) }, name)
     }
 
@@ -656,47 +619,45 @@ impl Backend for CudaBackend {
         &mut self,
         layer: usize,
         qkv: Activations,
-        rows: &[RowPosition],
+        tokens: &[TokenPosition],
         out: Activations,
     ) -> Result<()> {
-        let Some(kv) = self.kv.as_ref() else {
-            bail!("attention: no KV cache allocated");
-        };
+        let kv = allocated_kv(self.kv.as_ref())?;
         let spec = kv.spec;
-        spec.check_rows(layer, rows)?;
+        spec.check_tokens(layer, tokens)?;
         let (hd, q_dim) = (spec.head_dim, spec.heads * spec.head_dim);
         self.in_out(
             qkv,
-            rows.len() * spec.qkv_width(),
+            tokens.len() * spec.qkv_width(),
             out,
-            rows.len() * q_dim,
+            tokens.len() * q_dim,
             "attention",
         )?;
-        if rows.is_empty() {
+        if tokens.is_empty() {
             return Ok(());
         }
         // Splits over the keys: enough blocks to fill the GPU for decode, one split when the batch
-        // alone has plenty of (row, head) blocks (prefill). Sized by the capacity, not the rows'
+        // alone has plenty of (row, head) blocks (prefill). Sized by the capacity, not the tokens'
         // positions, so a captured decode step stays valid as positions advance; splits past a
         // row's last key finish at once.
         let capacity = spec.capacity;
-        let wanted = 1024usize.div_ceil(rows.len() * spec.heads);
+        let wanted = 1024usize.div_ceil(tokens.len() * spec.heads);
         let keys_per_split = capacity.div_ceil(wanted.clamp(1, capacity.div_ceil(32)));
         let splits = capacity.div_ceil(keys_per_split);
-        to_i32(rows.len(), "attention rows")?;
-        let meta: Vec<u32> = rows
+        to_i32(tokens.len(), "attention tokens")?;
+        let meta: Vec<u32> = tokens
             .iter()
             .flat_map(|r| [r.slot as u32, r.position as u32])
             .collect();
         self.graphs
-            .note("attention", &[layer, qkv.0, rows.len(), out.0]);
+            .note("attention", &[layer, qkv.0, tokens.len(), out.0]);
         let (s, g) = (&mut self.scratch, &mut self.graphs);
-        grow(&self.stream, g, &mut s.rows, meta.len(), "attention rows")?;
+        grow(&self.stream, g, &mut s.rows, meta.len(), "attention tokens")?;
         grow(
             &self.stream,
             g,
             &mut s.partial,
-            rows.len() * spec.heads * splits * (hd + 2),
+            tokens.len() * spec.heads * splits * (hd + 2),
             "attention partial sums",
         )?;
         g.stage(&self.stream, &meta, &mut s.rows)?;
@@ -715,7 +676,7 @@ impl Backend for CudaBackend {
             capacity: spec.capacity as i32,
             layer: layer as i32,
         };
-        let n = rows.len() as u32;
+        let n = tokens.len() as u32;
         let mut b = self.stream.launch_builder(&self.kernels.rope_append);
         b.arg(src)
             .arg(&s.rows)
@@ -728,8 +689,8 @@ impl Backend for CudaBackend {
             block_dim: ((hd / 2) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: rows holds (slot, position) pairs inside the cache (checked above); qkv holds
-        // rows × qkv_width values; the rope table covers every position of the capacity.
+        // SAFETY: tokens holds (slot, position) pairs inside the cache (checked above); qkv holds
+        // tokens × qkv_width values; the rope table covers every position of the capacity.
         launch(unsafe { b.launch(cfg) }, "rope_append")?;
 
         let kps = keys_per_split as i32;
@@ -746,7 +707,7 @@ impl Backend for CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as above; partial holds rows × heads × splits × (head_dim + 2) values and every
+        // SAFETY: as above; partial holds tokens × heads × splits × (head_dim + 2) values and every
         // key read is at a position ≤ the row's own, which rope_append has already written.
         launch(unsafe { b.launch(cfg) }, "attend_partial")?;
 
@@ -762,7 +723,7 @@ impl Backend for CudaBackend {
             block_dim: (hd as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: partial was written for every (row, head, split); out holds rows × q_dim values.
+        // SAFETY: partial was written for every (row, head, split); out holds tokens × q_dim values.
         launch(unsafe { b.launch(cfg) }, "attend_combine")
     }
 
@@ -770,15 +731,15 @@ impl Backend for CudaBackend {
         &mut self,
         gate_up: Activations,
         activation: GateActivation,
-        rows: usize,
+        tokens: usize,
         width: usize,
         out: Activations,
     ) -> Result<()> {
         self.graphs.note(
             "gated",
-            &[gate_up.0, activation as usize, rows, width, out.0],
+            &[gate_up.0, activation as usize, tokens, width, out.0],
         );
-        let n = rows * width;
+        let n = tokens * width;
         let (src, dst) = self.in_out(gate_up, 2 * n, out, n, "gated")?;
         if n == 0 || self.graphs.replaying() {
             return Ok(());
@@ -787,10 +748,13 @@ impl Backend for CudaBackend {
             GateActivation::Relu2 => 0,
             GateActivation::Silu => 1,
         };
-        let (rows_i, width_i) = (to_i32(rows, "gated rows")?, to_i32(width, "gated width")?);
+        let (rows_i, width_i) = (
+            to_i32(tokens, "gated tokens")?,
+            to_i32(width, "gated width")?,
+        );
         let mut b = self.stream.launch_builder(&self.kernels.gated);
         b.arg(src).arg(&act).arg(&rows_i).arg(&width_i).arg(dst);
-        // SAFETY: grid-stride over rows × width outputs; gate_up holds 2 × that many values.
+        // SAFETY: grid-stride over tokens × width outputs; gate_up holds 2 × that many values.
         launch(unsafe { b.launch(grid_1d(n)) }, "gated")
     }
 
@@ -811,17 +775,18 @@ impl Backend for CudaBackend {
         &mut self,
         x: Activations,
         table: TableId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        self.graphs.note("logits", &[x.0, table.0, rows, out.0]);
+        self.graphs.note("logits", &[x.0, table.0, tokens, out.0]);
         let t = self.table(table)?;
         let (vocab, cols) = (t.rows, t.cols);
-        let (src, dst) = self.in_out(x, rows * cols, out, rows * vocab, "logits")?;
-        if rows == 0 || vocab == 0 || self.graphs.replaying() {
+        let (src, dst) = self.in_out(x, tokens * cols, out, tokens * vocab, "logits")?;
+        if tokens == 0 || vocab == 0 || self.graphs.replaying() {
             return Ok(());
         }
-        let (vocab_i, cols_i, rows_i) = (vocab as i32, cols as i32, to_i32(rows, "logits rows")?);
+        let (vocab_i, cols_i, rows_i) =
+            (vocab as i32, cols as i32, to_i32(tokens, "logits tokens")?);
         let f = self.dense_kernel(&self.kernels.logits, t);
         let mut b = self.stream.launch_builder(f);
         push_table(&mut b, t);
@@ -831,37 +796,41 @@ impl Backend for CudaBackend {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: one warp per table row; x holds rows × cols values, out rows × vocab.
+        // SAFETY: one warp per table row; x holds tokens × cols values, out tokens × vocab.
         launch(unsafe { b.launch(cfg) }, "logits")
     }
 
-    fn begin_step(&mut self, rows: usize, logits_rows: usize) -> Result<()> {
-        self.graphs
-            .begin(&self.stream, rows, logits_rows, rows <= GEMV_MAX_TOKENS)
+    fn begin_step(&mut self, tokens: usize, logits_tokens: usize) -> Result<()> {
+        self.graphs.begin(
+            &self.stream,
+            tokens,
+            logits_tokens,
+            tokens <= GEMV_MAX_TOKENS,
+        )
     }
 
     fn end_step(&mut self) -> Result<()> {
         self.graphs.end(&self.stream)
     }
 
-    fn argmax(&mut self, x: Activations, rows: usize, width: usize) -> Result<Vec<u32>> {
-        let src = self.buf(x, rows * width, "argmax")?;
-        if rows == 0 {
+    fn argmax(&mut self, x: Activations, tokens: usize, width: usize) -> Result<Vec<u32>> {
+        let src = self.buf(x, tokens * width, "argmax")?;
+        if tokens == 0 {
             return Ok(Vec::new());
         }
-        ensure!(width > 0, "argmax: rows of zero width");
+        ensure!(width > 0, "argmax: tokens of zero width");
         let width_i = to_i32(width, "argmax width")?;
-        let mut ids = alloc::<u32>(&self.stream, rows, "sampled ids")?;
+        let mut ids = alloc::<u32>(&self.stream, tokens, "sampled ids")?;
         let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
         b.arg(src).arg(&width_i).arg(&mut ids);
         let cfg = LaunchConfig {
-            grid_dim: (to_i32(rows, "argmax rows")? as u32, 1, 1),
+            grid_dim: (to_i32(tokens, "argmax tokens")? as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: one block per row of `width` values; ids holds one u32 per row.
         launch(unsafe { b.launch(cfg) }, "argmax_rows")?;
-        let mut out = vec![0u32; rows];
+        let mut out = vec![0u32; tokens];
         self.stream
             .memcpy_dtoh(&ids, &mut out)
             .and_then(|()| self.stream.synchronize())

@@ -1,12 +1,5 @@
-//! Device buffers: identities, the activation pool, the parameter arena, and the upload layouts of
-//! ternary weights and dense tables.
-//!
-//! # Ternary weights (16 codes per u32)
-//! Row `n` of a linear takes `K16 / 16` words, `K16 = cols` rounded up to 16. Word `j` holds
-//! elements `16j .. 16j + 16`; element `16j + 4g + b` sits at bits `8b + 2g` as its code
-//! (`value + 1`, as in the canonical layout). One shift by `2g` and a mask with `0x03030303` gives
-//! four int8 lanes for `dot4I8Packed` (see shaders/ternary.wgsl). Padding codes are 1 (value 0).
-//! Fused parts are stacked by rows, with one scale per output row.
+//! Device buffers: identities, the activation pool, the parameter arena, and the upload layout of
+//! dense tables (ternary weights are packed by `backend::gpu_upload`, rows padded to 16 codes).
 //!
 //! # Dense tables
 //! Kept in their checkpoint dtype (f16 and bf16 two per u32, element `2i` in the low half) and
@@ -22,7 +15,6 @@
 
 use super::device::Gpu;
 use crate::backend::insert_in_free_slot;
-use crate::ternary::TernaryMatrix;
 use anyhow::{Result, bail};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -188,41 +180,6 @@ impl ActivationPool {
     }
 }
 
-/// Words per packed row of `cols` ternary values in the 16-codes-per-word layout.
-pub fn ternary_row_words(cols: usize) -> usize {
-    cols.div_ceil(16)
-}
-
-/// Repacks `parts` (equal `cols`) into the 16-codes-per-word layout; returns words and row scales.
-pub fn pack_ternary(parts: &[&TernaryMatrix]) -> (Vec<u32>, Vec<f32>) {
-    let cols = parts[0].cols;
-    let words = ternary_row_words(cols);
-    let rows: usize = parts.iter().map(|p| p.rows).sum();
-    let mut packed = Vec::with_capacity(rows * words);
-    let mut scales = Vec::with_capacity(rows);
-    for part in parts {
-        let view = part.view();
-        for n in 0..part.rows {
-            for j in 0..words {
-                let mut word = 0u32;
-                for e in 0..16 {
-                    let k = 16 * j + e;
-                    let code = if k < cols {
-                        (view.get(n, k) + 1) as u32
-                    } else {
-                        1
-                    };
-                    let (g, b) = (e / 4, e % 4);
-                    word |= code << (8 * b + 2 * g);
-                }
-                packed.push(word);
-            }
-            scales.push(part.scale);
-        }
-    }
-    (packed, scales)
-}
-
 /// Rows per piece when a table of `cols` values of `bytes_per_value` is split at `max_bytes`.
 pub fn table_rows_per_piece(cols: usize, bytes_per_value: usize, max_bytes: u64) -> Result<usize> {
     let row = (cols * bytes_per_value) as u64;
@@ -236,24 +193,6 @@ pub fn table_rows_per_piece(cols: usize, bytes_per_value: usize, max_bytes: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn packed_words_put_four_lanes_per_group() {
-        // Row of 18 values: 16 in the first word, 2 in the second (rest padding = value 0).
-        let values: Vec<i8> = (0..18).map(|k| [-1, 0, 1][k % 3]).collect();
-        let codes = tern_cpu::ternary::pack(&values, 1, 18).unwrap();
-        let m = TernaryMatrix::new("t", 1, 18, codes, 2.0).unwrap();
-        let (words, scales) = pack_ternary(&[&m]);
-        assert_eq!(words.len(), 2);
-        assert_eq!(scales, [2.0]);
-        for (k, &v) in values.iter().enumerate() {
-            let (j, e) = (k / 16, k % 16);
-            let lanes = (words[j] >> (2 * (e / 4))) & 0x0303_0303;
-            let lane = (lanes >> (8 * (e % 4))) & 0xff;
-            assert_eq!(lane as i32 - 1, v as i32, "element {k}");
-        }
-        assert_eq!((words[1] >> 16) & 0x0303, 0x0101, "padding is value 0");
-    }
 
     #[test]
     fn table_pieces_fit_the_binding_limit() {

@@ -27,7 +27,11 @@ mod pipelines;
 
 pub use device::{WgpuOptions, adapters};
 
-use super::{Activations, Backend, KvSpec, LinearId, RowPosition, TableId, VectorId};
+use super::gpu_upload::{self, CODES_PER_WORD};
+use super::{
+    Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
+    distinct_buffers, uploaded,
+};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
 use buffers::{ActivationPool, GBuf, ParamArena, WINDOW};
@@ -36,13 +40,13 @@ use pipelines::{
     ATTENTION_ROWS_AT, EMBED_TOKENS_AT, Kernel, MAX_HEAD_DIM, Pipelines, TOKEN_TILE, TableType,
     WORKGROUP,
 };
-use tern_cpu::float::GateActivation;
+use tern_cpu::elementwise::GateActivation;
 
 struct Linear {
     weights: GBuf,
     scales: GBuf,
-    rows: usize,
-    cols: usize,
+    out_features: usize,
+    in_features: usize,
 }
 
 struct TablePiece {
@@ -58,7 +62,7 @@ struct Table {
     pieces: Vec<TablePiece>,
 }
 
-struct Kv {
+struct KvStorage {
     spec: KvSpec,
     rope: GBuf,
     keys: Vec<GBuf>,
@@ -82,7 +86,7 @@ pub struct WgpuBackend {
     linears: Vec<Linear>,
     vectors: Vec<(GBuf, usize)>,
     tables: Vec<Table>,
-    kv: Option<Kv>,
+    kv: Option<KvStorage>,
     quant: Option<QuantScratch>,
     readback: Option<wgpu::Buffer>,
 }
@@ -178,9 +182,7 @@ impl WgpuBackend {
     }
 
     fn table(&self, t: TableId) -> Result<&Table> {
-        self.tables
-            .get(t.0)
-            .ok_or_else(|| anyhow!("table {} does not exist", t.0))
+        uploaded(&self.tables, t.0, "table")
     }
 
     /// Quantization scratch for `rows` rows of `words` code words each.
@@ -214,29 +216,14 @@ impl WgpuBackend {
     }
 
     /// Checks that `rows` workgroups fit one dispatch dimension (kernels indexed by `wid.x` only).
-    fn check_rows(&self, rows: usize, what: &str) -> Result<()> {
+    fn check_batch(&self, tokens: usize, what: &str) -> Result<()> {
         let max = self.gpu.limits.max_compute_workgroups_per_dimension as usize;
         ensure!(
-            rows <= max,
-            "{what}: a batch of {rows} rows exceeds {max} (use smaller batches)"
+            tokens <= max,
+            "{what}: a batch of {tokens} tokens exceeds {max} (use smaller batches)"
         );
         Ok(())
     }
-}
-
-/// The rotary table: (cos, sin) of angle `position · θ^(-2i/d)` for every position and pair `i`,
-/// in f32 exactly as the CPU reference computes it.
-fn rope_table(spec: &KvSpec) -> Vec<f32> {
-    let half = spec.head_dim / 2;
-    let mut table = Vec::with_capacity(spec.capacity * half * 2);
-    for position in 0..spec.capacity {
-        for i in 0..half {
-            let inv_freq = 1.0 / spec.rope_theta.powf((2 * i) as f32 / spec.head_dim as f32);
-            let angle = position as f32 * inv_freq;
-            table.extend([angle.cos(), angle.sin()]);
-        }
-    }
-    table
 }
 
 impl Backend for WgpuBackend {
@@ -253,19 +240,7 @@ impl Backend for WgpuBackend {
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
-        let Some(first) = parts.first() else {
-            bail!("upload_linear: no matrices given");
-        };
-        let cols = first.cols;
-        for part in parts {
-            ensure!(
-                part.cols == cols,
-                "upload_linear: fused parts have {} and {} inputs",
-                cols,
-                part.cols
-            );
-        }
-        let (words, scales) = buffers::pack_ternary(parts);
+        let (words, scales, cols) = gpu_upload::pack_ternary(parts, CODES_PER_WORD)?;
         let bytes = words.len() as u64 * 4;
         ensure!(
             bytes <= self.gpu.max_binding,
@@ -276,8 +251,8 @@ impl Backend for WgpuBackend {
         self.linears.push(Linear {
             weights: GBuf::with_data(&self.gpu, "ternary weights", bytemuck::cast_slice(&words))?,
             scales: GBuf::with_data(&self.gpu, "weight scales", bytemuck::cast_slice(&scales))?,
-            rows: scales.len(),
-            cols,
+            out_features: scales.len(),
+            in_features: cols,
         });
         Ok(LinearId(self.linears.len() - 1))
     }
@@ -396,10 +371,7 @@ impl Backend for WgpuBackend {
         dst_offset: usize,
         len: usize,
     ) -> Result<()> {
-        ensure!(
-            src != dst,
-            "copy: source and destination must be different buffers"
-        );
+        distinct_buffers("copy", src, dst)?;
         let from = self.act(src, src_offset + len, "copy source")?;
         let to = self.act(dst, dst_offset + len, "copy destination")?;
         if len > 0 {
@@ -417,17 +389,7 @@ impl Backend for WgpuBackend {
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
         self.kv = None; // release the old cache before allocating the new one
         self.pipelines.clear_bind_groups();
-        ensure!(
-            spec.kv_heads > 0 && spec.heads.is_multiple_of(spec.kv_heads),
-            "alloc_kv: {} query heads cannot share {} kv heads",
-            spec.heads,
-            spec.kv_heads
-        );
-        ensure!(
-            spec.head_dim.is_multiple_of(2) && spec.head_dim <= MAX_HEAD_DIM,
-            "alloc_kv: head dimension {} is not an even number up to {MAX_HEAD_DIM}",
-            spec.head_dim
-        );
+        spec.check_geometry(MAX_HEAD_DIM)?;
         let layer_bytes = spec.bytes(4) as u64 / 2 / spec.layers.max(1) as u64;
         ensure!(
             layer_bytes <= self.gpu.max_binding,
@@ -445,9 +407,9 @@ impl Backend for WgpuBackend {
         let rope = GBuf::with_data(
             &self.gpu,
             "RoPE table",
-            bytemuck::cast_slice(&rope_table(spec)),
+            bytemuck::cast_slice(&gpu_upload::rope_table(spec)?),
         )?;
-        self.kv = Some(Kv {
+        self.kv = Some(KvStorage {
             spec: *spec,
             rope,
             keys,
@@ -494,63 +456,54 @@ impl Backend for WgpuBackend {
         x: Activations,
         weight: VectorId,
         eps: f32,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let (w, width) = self
-            .vectors
-            .get(weight.0)
-            .cloned()
-            .ok_or_else(|| anyhow!("vector {} does not exist", weight.0))?;
-        ensure!(
-            x != out,
-            "rms_norm: input and output must be different buffers"
-        );
-        let src = self.act(x, rows * width, "rms_norm")?;
-        let dst = self.act(out, rows * width, "rms_norm")?;
-        let params = [rows as u32, width as u32, eps.to_bits()];
-        self.dispatch(Kernel::RmsNorm, &params, &[src, w, dst], rows, 1)
+        let (w, width) = uploaded(&self.vectors, weight.0, "vector")?.clone();
+        distinct_buffers("rms_norm", x, out)?;
+        let src = self.act(x, tokens * width, "rms_norm")?;
+        let dst = self.act(out, tokens * width, "rms_norm")?;
+        let params = [tokens as u32, width as u32, eps.to_bits()];
+        self.dispatch(Kernel::RmsNorm, &params, &[src, w, dst], tokens, 1)
     }
 
     fn bitlinear(
         &mut self,
         x: Activations,
         linear: LinearId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        let lin = self
-            .linears
-            .get(linear.0)
-            .ok_or_else(|| anyhow!("linear {} does not exist", linear.0))?;
-        let (weights, scales, n_out, cols) =
-            (lin.weights.clone(), lin.scales.clone(), lin.rows, lin.cols);
-        ensure!(
-            x != out,
-            "bitlinear: input and output must be different buffers"
+        let lin = uploaded(&self.linears, linear.0, "linear")?;
+        let (weights, scales, n_out, cols) = (
+            lin.weights.clone(),
+            lin.scales.clone(),
+            lin.out_features,
+            lin.in_features,
         );
-        let src = self.act(x, rows * cols, "bitlinear")?;
-        let dst = self.act(out, rows * n_out, "bitlinear")?;
-        if rows == 0 {
+        distinct_buffers("bitlinear", x, out)?;
+        let src = self.act(x, tokens * cols, "bitlinear")?;
+        let dst = self.act(out, tokens * n_out, "bitlinear")?;
+        if tokens == 0 {
             return Ok(());
         }
-        self.check_rows(rows, "bitlinear")?;
-        let w_words = buffers::ternary_row_words(cols);
-        let (codes, row_quant) = self.quant_scratch(rows, 4 * w_words)?;
-        let params = [rows as u32, cols as u32, 4 * w_words as u32];
+        self.check_batch(tokens, "bitlinear")?;
+        let w_words = gpu_upload::padded_cols(cols, CODES_PER_WORD) / CODES_PER_WORD;
+        let (codes, row_quant) = self.quant_scratch(tokens, 4 * w_words)?;
+        let params = [tokens as u32, cols as u32, 4 * w_words as u32];
         self.dispatch(
             Kernel::Quantize,
             &params,
             &[src, codes.clone(), row_quant.clone()],
-            rows,
+            tokens,
             1,
         )?;
-        let params = [rows as u32, n_out as u32, w_words as u32];
+        let params = [tokens as u32, n_out as u32, w_words as u32];
         let buffers = [weights, scales, codes, row_quant, dst];
-        if rows <= TOKEN_TILE {
+        if tokens <= TOKEN_TILE {
             self.dispatch(Kernel::Gemv, &params, &buffers, n_out, 1)
         } else {
-            let invocations = n_out * rows.div_ceil(TOKEN_TILE);
+            let invocations = n_out * tokens.div_ceil(TOKEN_TILE);
             let groups = invocations.div_ceil(WORKGROUP as usize);
             self.dispatch(Kernel::Gemm, &params, &buffers, groups, 1)
         }
@@ -560,33 +513,28 @@ impl Backend for WgpuBackend {
         &mut self,
         layer: usize,
         qkv: Activations,
-        rows: &[RowPosition],
+        tokens: &[TokenPosition],
         out: Activations,
     ) -> Result<()> {
-        let Some(kv) = self.kv.as_ref() else {
-            bail!("attention: no KV cache allocated");
-        };
+        let kv = allocated_kv(self.kv.as_ref())?;
         let spec = kv.spec;
-        spec.check_rows(layer, rows)?;
+        spec.check_tokens(layer, tokens)?;
         let (rope, keys, values) = (
             kv.rope.clone(),
             kv.keys[layer].clone(),
             kv.values[layer].clone(),
         );
-        ensure!(
-            qkv != out,
-            "attention: qkv and output must be different buffers"
-        );
+        distinct_buffers("attention", qkv, out)?;
         let q_dim = spec.heads * spec.head_dim;
-        let src = self.act(qkv, rows.len() * spec.qkv_width(), "attention qkv")?;
-        let dst = self.act(out, rows.len() * q_dim, "attention output")?;
-        if rows.is_empty() {
+        let src = self.act(qkv, tokens.len() * spec.qkv_width(), "attention qkv")?;
+        let dst = self.act(out, tokens.len() * q_dim, "attention output")?;
+        if tokens.is_empty() {
             return Ok(());
         }
-        self.check_rows(rows.len(), "attention")?;
+        self.check_batch(tokens.len(), "attention")?;
         let inv_sqrt_d = 1.0 / (spec.head_dim as f32).sqrt();
         let mut params = vec![
-            rows.len() as u32,
+            tokens.len() as u32,
             spec.heads as u32,
             spec.kv_heads as u32,
             spec.head_dim as u32,
@@ -596,19 +544,23 @@ impl Backend for WgpuBackend {
             0,
         ];
         debug_assert_eq!(params.len(), ATTENTION_ROWS_AT);
-        params.extend(rows.iter().flat_map(|r| [r.slot as u32, r.position as u32]));
+        params.extend(
+            tokens
+                .iter()
+                .flat_map(|r| [r.slot as u32, r.position as u32]),
+        );
         self.dispatch(
             Kernel::RopeAppend,
             &params,
             &[src.clone(), rope, keys.clone(), values.clone()],
-            rows.len(),
+            tokens.len(),
             1,
         )?;
         self.dispatch(
             Kernel::Attend,
             &params,
             &[src, keys, values, dst],
-            rows.len() * spec.heads,
+            tokens.len() * spec.heads,
             1,
         )
     }
@@ -617,27 +569,24 @@ impl Backend for WgpuBackend {
         &mut self,
         gate_up: Activations,
         activation: GateActivation,
-        rows: usize,
+        tokens: usize,
         width: usize,
         out: Activations,
     ) -> Result<()> {
-        ensure!(
-            gate_up != out,
-            "gated: input and output must be different buffers"
-        );
-        let src = self.act(gate_up, rows * 2 * width, "gated")?;
-        let dst = self.act(out, rows * width, "gated")?;
+        distinct_buffers("gated", gate_up, out)?;
+        let src = self.act(gate_up, tokens * 2 * width, "gated")?;
+        let dst = self.act(out, tokens * width, "gated")?;
         let act = match activation {
             GateActivation::Relu2 => 0,
             GateActivation::Silu => 1,
         };
-        let params = [rows as u32, width as u32, act];
-        let groups = (rows * width).div_ceil(WORKGROUP as usize);
+        let params = [tokens as u32, width as u32, act];
+        let groups = (tokens * width).div_ceil(WORKGROUP as usize);
         self.dispatch(Kernel::Gated, &params, &[src, dst], groups, 1)
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
-        ensure!(acc != x, "add: input and output must be different buffers");
+        distinct_buffers("add", x, acc)?;
         let dst = self.act(acc, len, "add")?;
         let src = self.act(x, len, "add")?;
         let groups = len.div_ceil(WORKGROUP as usize);
@@ -648,7 +597,7 @@ impl Backend for WgpuBackend {
         &mut self,
         x: Activations,
         table: TableId,
-        rows: usize,
+        tokens: usize,
         out: Activations,
     ) -> Result<()> {
         let t = self.table(table)?;
@@ -658,18 +607,15 @@ impl Backend for WgpuBackend {
             .iter()
             .map(|p| (p.row_start, p.row_end, p.buffer.clone()))
             .collect();
-        ensure!(
-            x != out,
-            "logits: input and output must be different buffers"
-        );
-        let src = self.act(x, rows * cols, "logits")?;
-        let dst = self.act(out, rows * vocab, "logits")?;
-        if rows == 0 {
+        distinct_buffers("logits", x, out)?;
+        let src = self.act(x, tokens * cols, "logits")?;
+        let dst = self.act(out, tokens * vocab, "logits")?;
+        if tokens == 0 {
             return Ok(());
         }
         for (row_start, row_end, buffer) in pieces {
             let params = [
-                rows as u32,
+                tokens as u32,
                 cols as u32,
                 row_start as u32,
                 row_end as u32,
@@ -679,7 +625,7 @@ impl Backend for WgpuBackend {
                 Kernel::Logits(ty),
                 &params,
                 &[buffer, src.clone(), dst.clone()],
-                ((row_end - row_start) * rows).div_ceil(WORKGROUP as usize),
+                ((row_end - row_start) * tokens).div_ceil(WORKGROUP as usize),
                 1,
             )?;
         }

@@ -4,16 +4,16 @@
 //! bound with a dynamic offset (see `buffers::ParamArena`), so a bind group depends only on the
 //! kernel and its data buffers and is built once per combination, then reused for every step.
 //! Pipelines are compiled on first use. Shader variants are chosen by text: a feature-specific
-//! snippet (`reduce_*.wgsl`, `table_*.wgsl`) is prepended to the op family's source.
+//! snippet (`bitlinear_reduce_*.wgsl`, `table_*.wgsl`) is prepended to the op family's source.
 
 use super::buffers::GBuf;
 use super::device::Gpu;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 
-const TERNARY: &str = include_str!("../../../shaders/ternary.wgsl");
-const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
-const REDUCE_WORKGROUP: &str = include_str!("../../../shaders/reduce_workgroup.wgsl");
+const BITLINEAR: &str = include_str!("../../../shaders/bitlinear.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/bitlinear_reduce_subgroup.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../../shaders/bitlinear_reduce_workgroup.wgsl");
 const NORM: &str = include_str!("../../../shaders/norm.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../shaders/elementwise.wgsl");
@@ -25,7 +25,7 @@ const TABLE_BF16: &str = include_str!("../../../shaders/table_bf16.wgsl");
 
 /// Invocations per workgroup in every kernel (`WG` in the shaders).
 pub const WORKGROUP: u32 = 64;
-/// Tokens per accumulator tile of the ternary product (`TILE` in ternary.wgsl).
+/// Tokens per accumulator tile of the ternary product (`TILE` in bitlinear.wgsl).
 pub const TOKEN_TILE: usize = 8;
 /// Largest head dimension attention supports (`MAX_HEAD_DIM` in attention.wgsl).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -108,9 +108,9 @@ impl Kernel {
         };
         let (prelude, body) = match self {
             Kernel::Quantize | Kernel::Gemv | Kernel::Gemm if gpu.subgroups => {
-                (REDUCE_SUBGROUP, TERNARY)
+                (REDUCE_SUBGROUP, BITLINEAR)
             }
-            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm => (REDUCE_WORKGROUP, TERNARY),
+            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm => (REDUCE_WORKGROUP, BITLINEAR),
             Kernel::RmsNorm => ("", NORM),
             Kernel::RopeAppend | Kernel::Attend => ("", ATTENTION),
             Kernel::Gated | Kernel::Add => ("", ELEMENTWISE),

@@ -1,9 +1,9 @@
 //! Test support shared by the ternary kernel families' tests: random cases and the reference.
 
-use crate::ShapeError;
+use crate::Error;
+use crate::bitlinear::quant::QuantizedRows;
+use crate::bitlinear::reference::{TernaryView, gemm_reference, pack};
 use crate::isa::Isa;
-use crate::quant::QuantizedRows;
-use crate::ternary::{TernaryView, gemm_reference, pack};
 use std::ops::Range;
 
 /// The distinct linear shapes (rows, cols) of BitNet b1.58 2B-4T.
@@ -58,7 +58,7 @@ pub fn reference(view: TernaryView<'_>, q: &QuantizedRows) -> Vec<i32> {
 /// everywhere and garbage in the padding pairs of the last byte of each row.
 pub fn raw_codes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let mut s = seed;
-    (0..rows * crate::ternary::row_bytes(cols))
+    (0..rows * crate::bitlinear::reference::row_bytes(cols))
         .map(|_| lcg(&mut s) as u8)
         .collect()
 }
@@ -70,7 +70,7 @@ pub fn check_levels(
     view: TernaryView<'_>,
     q: &QuantizedRows,
     row_multiple: usize,
-    product: impl Fn(Isa, Range<usize>, &mut [i32]) -> Result<(), ShapeError>,
+    product: impl Fn(Isa, Range<usize>, &mut [i32]) -> Result<(), Error>,
 ) {
     let (rows, cols, tokens) = (view.rows(), view.cols(), q.rows());
     let want = reference(view, q);
@@ -94,7 +94,7 @@ pub fn check_levels(
 pub fn check_extremes<P>(
     cols: usize,
     pack_matrix: impl Fn(TernaryView<'_>) -> P,
-    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), ShapeError>,
+    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), Error>,
 ) {
     let mut q = QuantizedRows::default();
     // absmax 128 → scale 127/128: every code is round(-127) = -127.
@@ -120,7 +120,7 @@ pub fn check_extremes<P>(
 pub fn check_bad_arguments<P>(
     cols: usize,
     pack_matrix: impl Fn(TernaryView<'_>) -> P,
-    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), ShapeError>,
+    product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), Error>,
 ) {
     let codes = pack(&vec![0; 8 * cols], 8, cols).unwrap();
     let packed = pack_matrix(TernaryView::new(&codes, 8, cols).unwrap());

@@ -1,5 +1,5 @@
-// Fused W1.58A8: per-row int8 activation quantization, then the ternary product with integer
-// accumulation. Results equal `tern_cpu`'s scalar reference bit for bit.
+// The bitlinear op, W1.58A8: per-row int8 activation quantization, then the ternary product with
+// integer accumulation. Results equal tern_cpu::bitlinear::reference bit for bit.
 //
 // Layouts (K16 = cols rounded up to a multiple of 16):
 // - weights `w`: row n is K16 / 16 words; word j holds elements 16j .. 16j + 15, element
@@ -10,8 +10,8 @@
 // - `quant[t]`: the row's scale s = 127 / max(absmax, 1e-5) and the sum of its codes.
 // With codes c = value + 1: Σ value·x = Σ c·x − Σ x, so one subtraction per row and token.
 //
-// The gemv kernel expects a `tile_sum(slot, v)` (see reduce_*.wgsl) that adds every invocation's
-// `v` into `sums[slot]`; integer sums are exact in any order.
+// The gemv kernel expects a `tile_sum(slot, v)` (see bitlinear_reduce_*.wgsl) that adds every
+// invocation's `v` into `sums[slot]`; integer sums are exact in any order.
 
 struct RowQuant {
     scale: f32,

@@ -1,5 +1,5 @@
 //! Base-3 multiply-add ternary kernels (W1.58A8): five weights per byte, 1.6 bits per weight instead
-//! of the 2 of [`crate::mad`], integer-exact.
+//! of the 2 of [`crate::bitlinear::mad`], integer-exact.
 //!
 //! # Encoding
 //! Five codes `c_0..c_4 ∈ {0, 1, 2}` (`code = value + 1`) form `v = Σ_i c_i · 3^(4−i)` (0..243),
@@ -16,10 +16,10 @@
 //! `(3 A − B) / 256`. Its true value `256 Σ c a` lies in `−2³¹..2³¹` for `cols ≤` [`MAX_COLS`]
 //! (`|256 Σ c a| ≤ 256 · 2 · 128 · 2¹⁵ = 2³¹`, reached only as `−2³¹`: every code 2 against −128),
 //! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. As in
-//! [`crate::mad`], `Σ value · a = Σ code · a − Σ a`.
+//! [`crate::bitlinear::mad`], `Σ value · a = Σ code · a − Σ a`.
 //!
 //! # Layout ([`PackedBase3`], repacked at upload from the canonical layout)
-//! [`crate::grouped`]'s, with blocks of [`BLOCK_COLS`] = 320 columns (columns padded with value 0;
+//! [`crate::bitlinear::grouped`]'s, with blocks of [`BLOCK_COLS`] = 320 columns (columns padded with value 0;
 //! padding rows hold zero bytes, whose outputs no product writes). Byte `j` of a chunk holds the
 //! codes of columns `block · 320 + 64 i + j` for `i = 0..5` (`c_i` above), so a contiguous run of
 //! bytes gives, for each `i`, the codes of consecutive columns.
@@ -27,15 +27,15 @@
 //! # Which kernel runs
 //! One token at [`Isa::Avx512`]: the direct GEMV above. Otherwise (prompts, and the other levels,
 //! whose byte products are signed × signed or saturate on operands up to 255) each group of 4 rows is
-//! decoded into [`crate::mad`]'s layout in a per-thread buffer and [`crate::mad`]'s micro-kernels
+//! decoded into [`crate::bitlinear::mad`]'s layout in a per-thread buffer and [`crate::bitlinear::mad`]'s micro-kernels
 //! run over it, so a prompt decodes each weight once for all its tokens.
 
-use crate::ShapeError;
-use crate::grouped::{CHUNK, Coding, Grouped, ROW_GROUP};
+use crate::Error;
+use crate::bitlinear::grouped::{CHUNK, Coding, Grouped, ROW_GROUP};
+use crate::bitlinear::mad::{self, K_BLOCK};
+use crate::bitlinear::quant::QuantizedRows;
+use crate::bitlinear::reference::TernaryView;
 use crate::isa::Isa;
-use crate::mad::{self, K_BLOCK};
-use crate::quant::QuantizedRows;
-use crate::ternary::TernaryView;
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -81,10 +81,10 @@ pub type PackedBase3 = Grouped<Base3>;
 impl PackedBase3 {
     /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0);
     /// an error for more than [`MAX_COLS`] columns.
-    pub fn from_canonical(w: TernaryView<'_>) -> Result<Self, ShapeError> {
+    pub fn from_canonical(w: TernaryView<'_>) -> Result<Self, Error> {
         let (rows, cols) = (w.rows(), w.cols());
         if cols > MAX_COLS {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "base-3 ternary kernels take at most {MAX_COLS} columns, not {cols}"
             )));
         }
@@ -102,7 +102,7 @@ impl PackedBase3 {
         Ok(packed)
     }
 
-    /// Writes group `g` in [`crate::mad`]'s layout with `mad_blocks` blocks into `out` (columns
+    /// Writes group `g` in [`crate::bitlinear::mad`]'s layout with `mad_blocks` blocks into `out` (columns
     /// past this layout's padding read as value 0). Plain byte loops, vectorized by
     /// [`Isa::vectorized`].
     #[inline(always)]
@@ -139,7 +139,7 @@ impl PackedBase3 {
 }
 
 thread_local! {
-    /// One group decoded into [`crate::mad`]'s layout, reused by every call on this thread.
+    /// One group decoded into [`crate::bitlinear::mad`]'s layout, reused by every call on this thread.
     static DECODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -153,13 +153,13 @@ pub fn gemm(
     rows: Range<usize>,
     x: &QuantizedRows,
     acc: &mut [i32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     let mad_blocks = w.cols().div_ceil(K_BLOCK);
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && x.rows() == 1 {
         let (x_row, sum) = (x.row(0), x.sums()[0]);
         if x_row.len() < w.blocks() * BLOCK_COLS {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "base-3 gemv: {} activation codes for {} blocks of {BLOCK_COLS}",
                 x_row.len(),
                 w.blocks()
@@ -240,8 +240,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::pack;
-    use crate::testing::{
+    use crate::bitlinear::reference::pack;
+    use crate::bitlinear::testing::{
         case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
     };
 

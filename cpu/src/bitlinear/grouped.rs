@@ -1,4 +1,4 @@
-//! The weight storage the multiply-add families share ([`crate::mad`], [`crate::base3`]).
+//! The weight storage the multiply-add families share ([`crate::bitlinear::mad`], [`crate::bitlinear::base3`]).
 //!
 //! # Layout
 //! Rows are padded to a multiple of [`ROW_GROUP`] = 4 and columns to whole blocks of
@@ -7,9 +7,9 @@
 //! product streams one contiguous buffer, and a micro-kernel finds a group's 4 rows side by side.
 //! What the bytes of a chunk hold is the family's [`Coding`].
 
+use crate::bitlinear::quant::QuantizedRows;
 use crate::isa::Isa;
-use crate::quant::QuantizedRows;
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 use std::marker::PhantomData;
 use std::ops::Range;
 
@@ -90,11 +90,11 @@ impl<C: Coding> Grouped<C> {
         rows: Range<usize>,
         x: &QuantizedRows,
         acc: &mut [i32],
-        mut product: impl FnMut(usize, &mut [i32]) -> Result<(), ShapeError>,
-    ) -> Result<(), ShapeError> {
+        mut product: impl FnMut(usize, &mut [i32]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         isa.check()?;
         if x.cols() != self.cols {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "{} gemm: activations have {} columns, the weights {}",
                 C::NAME,
                 x.cols(),
@@ -102,7 +102,7 @@ impl<C: Coding> Grouped<C> {
             )));
         }
         if rows.start > rows.end || rows.end > self.rows || !rows.start.is_multiple_of(ROW_GROUP) {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "{} gemm: row range {rows:?} must lie in 0..{} and start at a multiple of \
                  {ROW_GROUP}",
                 C::NAME,

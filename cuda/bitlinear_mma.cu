@@ -1,5 +1,5 @@
 // W2A8 prefill GEMM on int8 tensor cores (mma.sync m16n8k32 s8, compute capability 8.0+; older
-// GPUs use ternary_gemm in ternary.cu). Same weight and activation layouts as ternary.cu.
+// GPUs use bitlinear_gemm in bitlinear.cu). Same weight and activation layouts as bitlinear.cu.
 //
 // Block: 8 warps, a 128-row × 64-token output tile, 64 weights deep per step. Weights are decoded
 // to int8 values (code - 1) while staged into shared memory, so the accumulator is Σ value·x
@@ -26,7 +26,7 @@ __device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-ternary_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
+bitlinear_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
                  const float* __restrict__ act_scales, const float* __restrict__ row_scales,
                  int tokens, float* __restrict__ y) {
     __shared__ __align__(16) u32 ws[MMA_ROWS * STRIDE];

@@ -1,4 +1,5 @@
-//! Causal attention of one kv head's queries over the cached positions (grouped-query attention).
+//! The `attention` op: [`rope`] rotates each row's q and k, then causal grouped-query attention of
+//! one kv head's queries over the cached positions (this module).
 //!
 //! For every query `q` (one query head of one row) over the `n` cached positions it sees:
 //! `score_j = (Σ_i q_i · k_j,i) · (1 / √d)`, `w_j = exp(score_j − max) / Σ exp(· − max)` (the sum in
@@ -18,7 +19,9 @@
 //! ([`QUERIES_AT_ONCE`] queries at a time, each weight broadcast). A block reads each cached key
 //! and value once for all its queries, which keeps a long prefill out of the cache bandwidth limit.
 
-use crate::ShapeError;
+pub mod rope;
+
+use crate::Error;
 use crate::isa::Isa;
 use crate::lanes::{Lanes, Scalar};
 
@@ -51,13 +54,7 @@ impl HeadGroup {
         self.first_keys + self.rows - 1
     }
 
-    fn check(
-        &self,
-        queries: usize,
-        keys: usize,
-        values: usize,
-        out: usize,
-    ) -> Result<(), ShapeError> {
+    fn check(&self, queries: usize, keys: usize, values: usize, out: usize) -> Result<(), Error> {
         let (d, heads) = (self.head_dim, self.group * self.head_dim);
         let span = |stride: usize, n: usize, width: usize| (n - 1) * stride + width;
         let fits = d > 0
@@ -74,7 +71,7 @@ impl HeadGroup {
         if fits {
             Ok(())
         } else {
-            Err(ShapeError(format!(
+            Err(Error::Shape(format!(
                 "attention {self:?} does not fit {queries} query, {keys} key, {values} value and \
                  {out} output values"
             )))
@@ -92,7 +89,7 @@ pub fn attend(
     values: &[f32],
     scratch: &mut Vec<f32>,
     out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     geometry.check(queries.len(), keys.len(), values.len(), out.len())?;
     let data = Data {
         g: geometry,
@@ -162,7 +159,7 @@ fn run<L: Lanes>(
     data: &Data<'_>,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     let g = data.g;
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
     let padded = g.queries().div_ceil(multiple) * multiple;
@@ -555,7 +552,7 @@ mod tests {
                 &mut out,
             )
             .unwrap_err();
-            assert!(err.0.contains("attention"), "{err}");
+            assert!(err.to_string().contains("attention"), "{err}");
         }
     }
 }

@@ -1,112 +1,22 @@
-//! Floating-point kernels of the transformer step, one row at a time (attention is in
-//! [`crate::attention`]).
-//!
-//! Numerics follow the float32 reference implementation; the reductions that decide int8 codes
-//! downstream (RMSNorm's sum of squares) are accumulated in f64 so summation order cannot move an
-//! activation across a rounding boundary.
+//! Dense tables: the token embedding (rows gathered) and the full-precision output head (rows
+//! dotted with the final hidden states), read in the checkpoint's dtype (f32, f16, bf16) and widened
+//! exactly to f32. [`q8`] holds the 8-bit copy of the head with exact top-k re-scoring.
 //!
 //! The output head ([`DenseView::dot_rows`], the largest weight of a small model) runs at an
 //! [`Isa`]: one generic body over independent lanes, compiled once per `#[target_feature]` level so
 //! the compiler vectorizes the widening (bf16 and f16 are widened exactly with integer operations)
 //! and the multiply-adds. Levels differ from each other only in float summation order.
 
+pub mod q8;
+
 use crate::isa::{Isa, prefetch_lines};
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 use half::{bf16, f16};
 use std::ops::Range;
-
-/// `out = x * rsqrt(mean(x²) + eps) * weight`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), ShapeError> {
-    check_len("rms_norm weight", weight.len(), x.len())?;
-    check_len("rms_norm output", out.len(), x.len())?;
-    let sum_sq = sum_f64(x.iter().map(|&v| f64::from(v) * f64::from(v)));
-    let mean_sq = (sum_sq / x.len().max(1) as f64) as f32;
-    let inv = 1.0 / (mean_sq + eps).sqrt();
-    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-        *o = w * (v * inv);
-    }
-    Ok(())
-}
-
-/// The rotary angles' cosines and sines at `position` for a head of `head_dim`:
-/// `inv_freq[i] = 1 / theta^(2i / head_dim)`, angle `position * inv_freq[i]`, `i < head_dim / 2`.
-pub fn rope_cos_sin(
-    theta: f32,
-    head_dim: usize,
-    position: usize,
-    cos: &mut [f32],
-    sin: &mut [f32],
-) -> Result<(), ShapeError> {
-    let half = head_dim / 2;
-    check_len("rope cos", cos.len(), half)?;
-    check_len("rope sin", sin.len(), half)?;
-    for i in 0..half {
-        let inv_freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
-        let angle = position as f32 * inv_freq;
-        cos[i] = angle.cos();
-        sin[i] = angle.sin();
-    }
-    Ok(())
-}
-
-/// Rotate-half RoPE on one head vector in place: pairs `(i, i + d/2)`.
-pub fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) -> Result<(), ShapeError> {
-    let half = cos.len();
-    check_len("rope head", head.len(), 2 * half)?;
-    check_len("rope sin", sin.len(), half)?;
-    let (lo, hi) = head.split_at_mut(half);
-    for i in 0..half {
-        let (a, b) = (lo[i], hi[i]);
-        lo[i] = a * cos[i] - b * sin[i];
-        hi[i] = b * cos[i] + a * sin[i];
-    }
-    Ok(())
-}
 
 /// Lanes of independent partial results: enough for the compiler to vectorize reductions (two
 /// AVX-512 vectors of f32).
 const LANES: usize = 32;
-
-/// The f64 sum of `values` over independent lanes (a fixed order, vectorizable).
-#[inline(always)]
-fn sum_f64(values: impl Iterator<Item = f64>) -> f64 {
-    let mut acc = [0f64; 8];
-    for (i, v) in values.enumerate() {
-        acc[i % 8] += v;
-    }
-    acc.iter().sum()
-}
-
-/// The gate activation of a gated feed-forward block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateActivation {
-    /// `relu(g)²` (BitNet b1.58 2B-4T).
-    Relu2,
-    /// `g · sigmoid(g)` (Llama-style SwiGLU).
-    Silu,
-}
-
-/// `out[i] = act(gate[i]) * up[i]`.
-pub fn gated(
-    activation: GateActivation,
-    gate: &[f32],
-    up: &[f32],
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
-    check_len("gated up", up.len(), gate.len())?;
-    check_len("gated output", out.len(), gate.len())?;
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        let a = match activation {
-            GateActivation::Relu2 => {
-                let r = g.max(0.0);
-                r * r
-            }
-            GateActivation::Silu => g / (1.0 + (-g).exp()),
-        };
-        *o = a * u;
-    }
-    Ok(())
-}
 
 /// A borrowed row-major matrix of full-precision values (embeddings, output heads).
 #[derive(Clone, Copy, Debug)]
@@ -130,10 +40,10 @@ impl DenseView<'_> {
     }
 
     /// Copies row `r` of a matrix with `cols` columns into `out` as f32.
-    pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) -> Result<(), ShapeError> {
+    pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) -> Result<(), Error> {
         check_len("dense row output", out.len(), cols)?;
         if (r + 1) * cols > self.len() {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "row {r} of {cols} columns is outside a matrix of {} values",
                 self.len()
             )));
@@ -178,13 +88,13 @@ impl DenseView<'_> {
         x: &[f32],
         cols: usize,
         out: &mut [f32],
-    ) -> Result<(), ShapeError> {
+    ) -> Result<(), Error> {
         isa.check()?;
         let tokens = x.len().checked_div(cols).unwrap_or(0);
         check_len("dense dot activations", x.len(), tokens * cols)?;
         check_len("dense dot output", out.len(), rows.len() * tokens)?;
         if rows.start > rows.end || rows.end * cols > self.len() {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "rows {rows:?} of {cols} columns are outside a matrix of {} values",
                 self.len()
             )));
@@ -207,12 +117,12 @@ impl DenseView<'_> {
         rows: &[usize],
         x: &[f32],
         out: &mut [f32],
-    ) -> Result<(), ShapeError> {
+    ) -> Result<(), Error> {
         isa.check()?;
         check_len("listed dot output", out.len(), rows.len())?;
         let matrix_rows = self.len().checked_div(x.len()).unwrap_or(0);
         if let Some(&r) = rows.iter().find(|&&r| r >= matrix_rows) {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "row {r} is outside a matrix of {matrix_rows} rows of {} columns",
                 x.len()
             )));
@@ -235,7 +145,7 @@ fn dot_listed_at<T: Widen>(
     rows: &[usize],
     x: &[f32],
     out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     let cols = x.len();
     let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
     isa.vectorized(
@@ -294,7 +204,7 @@ fn dot_rows_at<T: Widen>(
     x: &[f32],
     cols: usize,
     out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     isa.vectorized(
         #[inline(always)]
         || dot_rows_lanes(rows, x, cols, out),
@@ -339,53 +249,6 @@ fn dot_with<T>(a: &[f32], b: &[T], widen: impl Fn(&T) -> f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rms_norm_of_constant_row_is_weight() {
-        let mut out = [0f32; 4];
-        rms_norm(&[3.0; 4], &[1.0, 2.0, 3.0, 4.0], 0.0, &mut out).unwrap();
-        for (o, w) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
-            assert!((o - w).abs() < 1e-6);
-        }
-    }
-
-    #[test]
-    fn rope_at_position_zero_is_identity_and_preserves_norm() {
-        let (mut c, mut s) = ([0f32; 4], [0f32; 4]);
-        rope_cos_sin(10000.0, 8, 0, &mut c, &mut s).unwrap();
-        let mut head = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
-        let orig = head;
-        apply_rope(&mut head, &c, &s).unwrap();
-        assert_eq!(head, orig);
-        rope_cos_sin(10000.0, 8, 17, &mut c, &mut s).unwrap();
-        apply_rope(&mut head, &c, &s).unwrap();
-        let n0: f32 = orig.iter().map(|v| v * v).sum();
-        let n1: f32 = head.iter().map(|v| v * v).sum();
-        assert!((n0 - n1).abs() < 1e-3);
-        // Pair (0, 4) rotates by angle 17 (inv_freq[0] = 1).
-        assert!((head[0] - (1.0 * 17f32.cos() - 5.0 * 17f32.sin())).abs() < 1e-5);
-    }
-
-    #[test]
-    fn gated_activations() {
-        let mut out = [0f32; 3];
-        gated(
-            GateActivation::Relu2,
-            &[-1.0, 2.0, 3.0],
-            &[5.0, 0.5, -1.0],
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, [0.0, 2.0, -9.0]);
-        gated(
-            GateActivation::Silu,
-            &[0.0, 0.0, 0.0],
-            &[1.0, 1.0, 1.0],
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, [0.0, 0.0, 0.0]);
-    }
 
     #[test]
     fn dense_dot_in_every_dtype() {
@@ -463,12 +326,5 @@ mod tests {
                 assert!(view.dot_listed_rows(isa, &[0], x0, &mut got).is_err());
             }
         }
-    }
-
-    #[test]
-    fn bad_shapes_are_errors() {
-        let mut out = [0f32; 2];
-        assert!(rms_norm(&[1.0; 3], &[1.0; 2], 1e-5, &mut out).is_err());
-        assert!(gated(GateActivation::Relu2, &[0.0; 2], &[0.0; 3], &mut out).is_err());
     }
 }

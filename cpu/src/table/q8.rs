@@ -16,7 +16,7 @@
 //!
 //! # The arithmetic
 //! An input row `x` is quantized once per token in two levels ([`Q8Input::prepare`]): the activation
-//! quantization of [`crate::quant`] gives codes `h_x` and the dequantization scale `d_x = 1 / s` in
+//! quantization of [`crate::bitlinear::quant`] gives codes `h_x` and the dequantization scale `d_x = 1 / s` in
 //! f32; the remainder `x / d_x − h_x` (at most about ½) is rounded to 1/256 steps as second codes
 //! `l_x` (clamped to ±127). So `x = d_x q_x + r_x` with `q_x = h_x + l_x / 256`, and the residual
 //! `r_x` (measured in f64) is about 256 times smaller than after one level. That matters: a few
@@ -55,10 +55,10 @@
 //! full-precision head (exact greedy decoding and top-k sampling for any `k` up to the one used);
 //! the other logits are approximations within their bounds.
 
-use crate::float::DenseView;
+use crate::bitlinear::quant::QuantizedRows;
 use crate::isa::Isa;
-use crate::quant::QuantizedRows;
-use crate::{ShapeError, check_len};
+use crate::table::DenseView;
+use crate::{Error, check_len};
 use std::ops::Range;
 
 /// Factor by which computed norms and bounds are rounded up, so that they stay upper bounds.
@@ -121,7 +121,7 @@ pub struct Q8Input {
 impl Q8Input {
     /// Quantizes `x` (one row) in two levels with the `isa` kernels and measures its norms and
     /// residual.
-    pub fn prepare(&mut self, isa: Isa, x: &[f32]) -> Result<(), ShapeError> {
+    pub fn prepare(&mut self, isa: Isa, x: &[f32]) -> Result<(), Error> {
         self.quantized.quantize(isa, x, 1, x.len())?;
         self.scale = 1.0 / self.quantized.scales()[0];
         let d = f64::from(self.scale);
@@ -169,11 +169,11 @@ impl Q8Head {
         view: DenseView<'_>,
         rows: usize,
         cols: usize,
-    ) -> Result<Self, ShapeError> {
+    ) -> Result<Self, Error> {
         isa.check()?;
         check_len("output head", view.len(), rows * cols)?;
         if cols > MAX_COLS {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "an 8-bit output head holds at most {MAX_COLS} columns, not {cols}"
             )));
         }
@@ -190,7 +190,7 @@ impl Q8Head {
                 || quantize_lanes(&row, &mut row_codes),
             )?;
             (sums[v], stats[v]) = quantized.ok_or_else(|| {
-                ShapeError(format!(
+                Error::Shape(format!(
                     "output head row {v} holds a value that is not finite"
                 ))
             })?;
@@ -223,12 +223,12 @@ impl Q8Head {
         x: &Q8Input,
         approx: &mut [f32],
         bounds: &mut [f32],
-    ) -> Result<(), ShapeError> {
+    ) -> Result<(), Error> {
         check_len("q8 head input", x.cols(), self.cols)?;
         check_len("q8 head logits", approx.len(), range.len())?;
         check_len("q8 head bounds", bounds.len(), range.len())?;
         if range.start > range.end || range.end > self.rows {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "q8 head rows {range:?} are outside 0..{}",
                 self.rows
             )));
@@ -355,18 +355,18 @@ fn int_dots(
     x: Inputs<'_>,
     sums: &[i32],
     out: &mut [[i32; 2]],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     isa.check()?;
     let shortest = x[0].len().min(x[1].len());
     if stride == 0 || !stride.is_multiple_of(ALIGN) || shortest < stride {
-        return Err(ShapeError(format!(
+        return Err(Error::Shape(format!(
             "q8 head: row stride {stride} must be a positive multiple of {ALIGN} and at most the \
              inputs' {shortest} codes"
         )));
     }
     let group_len = TILE * stride;
     if !codes.len().is_multiple_of(group_len) || first + out.len() > codes.len() / stride {
-        return Err(ShapeError(format!(
+        return Err(Error::Shape(format!(
             "q8 head: {} codes are no whole groups of {TILE} rows of {stride}, or do not hold \
              rows {first}..{}",
             codes.len(),
@@ -458,8 +458,8 @@ impl DotKernel for Scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{DotKernel, Inputs, TILE, offset_in_group};
+    use crate::bitlinear::mad::x86::hsum_avx2;
     use crate::isa::{PREFETCH_AHEAD, prefetch};
-    use crate::mad::x86::hsum_avx2;
     use std::arch::x86_64::*;
 
     /// AVX-512 VNNI: `vpdpbusd` of `x + 128` (unsigned) and the codes, 64 bytes per instruction.

@@ -1,11 +1,51 @@
-// W2A8 ternary matrix products: 2-bit weights × int8 activations, dp4a, int32 accumulation.
+// The bitlinear op (W1.58A8): per-token int8 activation quantization (bitlinear_quantize), then
+// the ternary matrix product with int32 accumulation (bitlinear_gemv1/gemv/gemm here, dp4a;
+// bitlinear_gemm_mma in bitlinear_mma.cu on int8 tensor cores). Every result equals
+// tern_cpu::bitlinear::reference bit for bit.
+//
+// ---- Activation quantization ---------------------------------------------------------------
+// Per-token absmax int8 activation quantization (tern_cpu::bitlinear::quant, bit for bit).
+//
+// One block per row of `cols` f32 values: s = 127 / max(max|x|, 1e-5),
+// q = clamp(round_half_even(x * s), -128, 127). Codes are written with a row stride of `padded`
+// bytes (a multiple of 64, so the ternary kernels can read 16 bytes at a time); the padding is zero.
+// sums[row] = Σ q, which the ternary kernels subtract because they multiply by code = value + 1.
+
+extern "C" __global__ void bitlinear_quantize(const float* __restrict__ x, int cols, int padded,
+                                              i8* __restrict__ codes, float* __restrict__ scales,
+                                              int* __restrict__ sums) {
+    __shared__ float scratch_f[32];
+    __shared__ int scratch_i[32];
+    const float* row = x + (size_t)blockIdx.x * cols;
+    i8* out = codes + (size_t)blockIdx.x * padded;
+
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, fabsf(row[i]));
+    m = block_max(m, scratch_f);
+    const float s = 127.0f / fmaxf(m, 1e-5f);
+
+    int sum = 0;
+    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+        int q = 0;
+        if (i < cols) q = (int)fminf(fmaxf(rintf(__fmul_rn(row[i], s)), -128.0f), 127.0f);
+        out[i] = (i8)q;
+        sum += q;
+    }
+    sum = block_sum_int(sum, scratch_i);
+    if (threadIdx.x == 0) {
+        scales[blockIdx.x] = s;
+        sums[blockIdx.x] = sum;
+    }
+}
+
+// ---- W2A8 ternary matrix products: 2-bit weights × int8 activations, dp4a ---------------------
 //
 // Weight layout (written by src/backend/cuda/layout.rs at upload): each output row holds `padded`
 // codes (a multiple of 64; padding codes are 1, value 0) as u32 words of 16 codes. In word g of a
 // row, byte b, bits 2j..2j+1 hold code(16g + 4j + b), code = value + 1 ∈ {0, 1, 2}. So
 // (word >> 2j) & 0x03030303 is four int8 lanes lining up with activation bytes 16g + 4j .. + 3,
 // and one 16-byte load brings 64 weights. The kernels compute Σ code·x with dp4a and subtract Σ x
-// (from quantize_rows), which is exact: Σ (code - 1)·x = Σ code·x - Σ x.
+// (from bitlinear_quantize), which is exact: Σ (code - 1)·x = Σ code·x - Σ x.
 //
 // Activations: `padded` int8 codes per token (zero padded), with a per-token scale s and sum.
 // Output: y[t][n] = (acc / s[t]) * row_scale[n] in f32 (`dequantize` in common.cuh).
@@ -75,10 +115,10 @@ __device__ __forceinline__ void gemv(const uint4* __restrict__ w, int n_rows, in
     const uint4 *__restrict__ w, int n_rows, int chunks, const uint4 *__restrict__ x,           \
         const float *__restrict__ act_scales, const int *__restrict__ act_sums,                  \
         const float *__restrict__ row_scales, int tokens, float *__restrict__ y
-extern "C" __global__ void __launch_bounds__(256) ternary_gemv1(GEMV_ARGS) {
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv1(GEMV_ARGS) {
     gemv<1>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
 }
-extern "C" __global__ void __launch_bounds__(256) ternary_gemv(GEMV_ARGS) {
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(GEMV_ARGS) {
     gemv<GEMV_MAX_TOKENS>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
 }
 
@@ -87,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(256) ternary_gemv(GEMV_ARGS) {
 // Thread (tx, ty) owns rows ty + 16i and tokens tx + 16j (i, j < 4).
 #define TILE 64
 extern "C" __global__ void __launch_bounds__(256)
-ternary_gemm(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
+bitlinear_gemm(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
              const float* __restrict__ act_scales, const int* __restrict__ act_sums,
              const float* __restrict__ row_scales, int tokens, float* __restrict__ y) {
     __shared__ u32 ws[TILE][4 + 1];   // one 64-weight chunk per row (+1 word against bank conflicts)

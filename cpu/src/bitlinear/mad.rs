@@ -7,10 +7,10 @@
 //! (AVX2) directly; `Σ_k x_k` comes with the quantized row ([`QuantizedRows::sums`]). Every
 //! intermediate is bounded: a `vpmaddubsw` lane is at most `2·2·128 = 512`, and the AVX2 kernel adds
 //! at most 8 of them in i16 (4096 < 32767) before widening. The result is exact, so it equals
-//! [`gemm_reference`](crate::ternary::gemm_reference) bit for bit.
+//! [`gemm_reference`](crate::bitlinear::reference::gemm_reference) bit for bit.
 //!
 //! # Layout ([`PackedTernary`], repacked at upload from the canonical layout)
-//! [`crate::grouped`]'s, with blocks of [`K_BLOCK`] = 256 columns (columns padded with value 0;
+//! [`crate::bitlinear::grouped`]'s, with blocks of [`K_BLOCK`] = 256 columns (columns padded with value 0;
 //! padding rows hold zero bytes, whose outputs no product writes). Inside a chunk, byte `j` (0..64)
 //! holds at bits `2i..2i+1` (i = 0..4) the code of column `block · 256 + 64·i + j`. So one shift
 //! by `2i` and one mask by 3 turn any run of bytes into the codes of consecutive columns, matching a
@@ -23,12 +23,12 @@
 //! multiplies it with every token of the tile (batched prefill reuses each unpacked block), keeping
 //! the 4 × T accumulators in registers.
 
-pub use crate::grouped::ROW_GROUP;
-use crate::grouped::{CHUNK, Coding, Grouped};
+pub use crate::bitlinear::grouped::ROW_GROUP;
+use crate::bitlinear::grouped::{CHUNK, Coding, Grouped};
+use crate::bitlinear::quant::QuantizedRows;
+use crate::bitlinear::reference::TernaryView;
 use crate::isa::Isa;
-use crate::quant::QuantizedRows;
-use crate::ternary::TernaryView;
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 use std::ops::Range;
 
 /// Columns per weight block: four 2-bit codes per byte of a chunk.
@@ -53,7 +53,7 @@ impl PackedTernary {
         let (rows, cols) = (w.rows(), w.cols());
         let mut packed = Self::zeroed(rows, cols);
         let blocks = packed.blocks();
-        let rb = crate::ternary::row_bytes(cols);
+        let rb = crate::bitlinear::reference::row_bytes(cols);
         // One canonical row padded to whole blocks with value 0 (code 1 in every pair).
         let mut padded = vec![0x55u8; blocks * CHUNK];
         for n in 0..rows {
@@ -90,7 +90,7 @@ pub fn gemm(
     rows: Range<usize>,
     x: &QuantizedRows,
     acc: &mut [i32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     w.for_each_group(isa, rows, x, acc, |g, out| {
         group_gemm(isa, w.group(g), w.blocks(), x, out)
     })
@@ -104,7 +104,7 @@ pub(crate) fn group_gemm(
     blocks: usize,
     x: &QuantizedRows,
     out: &mut [i32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     isa.check()?;
     check_len("ternary group", group.len(), blocks * ROW_GROUP * CHUNK)?;
     let tokens = x.rows();
@@ -112,7 +112,7 @@ pub(crate) fn group_gemm(
         || out.len() > ROW_GROUP * tokens
         || !out.len().is_multiple_of(tokens.max(1))
     {
-        return Err(ShapeError(format!(
+        return Err(Error::Shape(format!(
             "ternary group gemm: {} activation columns for {blocks} blocks, {} outputs for {tokens} \
              tokens",
             x.padded_cols(),
@@ -322,7 +322,7 @@ pub(crate) mod x86 {
         acc.map(|row| row.map(|v| hsum_avx2(v)))
     }
 
-    /// The sum of the eight i32 lanes (also used by [`crate::head`]).
+    /// The sum of the eight i32 lanes (also used by [`crate::table::q8`]).
     #[target_feature(enable = "avx2")]
     pub(crate) fn hsum_avx2(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
@@ -390,7 +390,7 @@ mod arm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
+    use crate::bitlinear::testing::{
         case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
     };
 

@@ -11,14 +11,14 @@
 //! On AVX-512BW `vpermw` looks up 32 i16 lanes at once in a 32-entry table held in one register,
 //! using only the low 5 bits of each 16-bit index: the 27 patterns fit the 32 entries, word lookups
 //! give i16 sums directly (no widening multiply), and 3 indices fit in one u16 word, so a weight
-//! costs 16/9 ≈ 1.78 bits instead of the 2 of [`crate::mad`].
+//! costs 16/9 ≈ 1.78 bits instead of the 2 of [`crate::bitlinear::mad`].
 //!
 //! # Why i16 accumulation is exact
 //! Activation codes lie in −128..=127 (quantization gives −127..=127), so `|entry| ≤ 3 · 128 = 384`.
 //! The kernels add at most 28 chunks · 3 = 84 lookups in i16 lanes before widening them to
 //! i32, and every partial sum of ≤ 84 entries is within `84 · 384 = 32256 ≤ 32767`. (At 127 the
 //! limit would be 86 lookups, `86 · 381 = 32766`; 87 overflow, which the extreme-value test sees.)
-//! The result is exact, so it equals [`gemm_reference`](crate::ternary::gemm_reference) bit for bit.
+//! The result is exact, so it equals [`gemm_reference`](crate::bitlinear::reference::gemm_reference) bit for bit.
 //!
 //! # Layout ([`PackedLut`], repacked at upload from the canonical layout)
 //! Columns are padded with value 0 to a multiple of [`CHUNK_COLS`] = 9 (`chunks = ⌈cols / 9⌉`),
@@ -46,12 +46,12 @@
 //! # Levels
 //! [`Isa::Scalar`] (plain Rust on the same layout) and [`Isa::Avx512`]. The other levels lack a
 //! 32-lane word permute; [`gemm`] returns an error for them ([`supports`] says which levels work),
-//! so the caller keeps the [`crate::mad`] kernels there. [`LutTables::build`] runs at every level.
+//! so the caller keeps the [`crate::bitlinear::mad`] kernels there. [`LutTables::build`] runs at every level.
 
+use crate::bitlinear::quant::QuantizedRows;
+use crate::bitlinear::reference::TernaryView;
 use crate::isa::Isa;
-use crate::quant::QuantizedRows;
-use crate::ternary::TernaryView;
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 use std::ops::Range;
 
 /// Rows per tile (the lanes of one `vpermw`).
@@ -171,7 +171,7 @@ pub struct LutTables {
 
 impl LutTables {
     /// Builds the tables of every row of `x` with the `isa` level's vectorization.
-    pub fn build(&mut self, isa: Isa, x: &QuantizedRows) -> Result<(), ShapeError> {
+    pub fn build(&mut self, isa: Isa, x: &QuantizedRows) -> Result<(), Error> {
         isa.check()?;
         let (tokens, cols) = (x.rows(), x.cols());
         let per_token = 3 * cols.div_ceil(CHUNK_COLS);
@@ -221,7 +221,7 @@ pub fn supports(isa: Isa) -> bool {
 }
 
 /// `acc[(n - rows.start) · tokens + t] = Σ_k W[n][k] · x[t][k]` for `n` in `rows`, exactly, with
-/// the `x` of `tables` (the output contract of [`crate::mad::gemm`]).
+/// the `x` of `tables` (the output contract of [`crate::bitlinear::mad::gemm`]).
 ///
 /// `rows.start` must be a multiple of [`TILE_ROWS`] (so threads split on tile boundaries); the
 /// output is row-major by weight row, so disjoint row ranges write disjoint slices. Levels other
@@ -232,16 +232,16 @@ pub fn gemm(
     rows: Range<usize>,
     tables: &LutTables,
     acc: &mut [i32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     isa.check()?;
     if tables.cols != w.cols {
-        return Err(ShapeError(format!(
+        return Err(Error::Shape(format!(
             "LUT gemm: the tables were built for {} columns, the weights have {}",
             tables.cols, w.cols
         )));
     }
     if rows.start > rows.end || rows.end > w.rows || !rows.start.is_multiple_of(TILE_ROWS) {
-        return Err(ShapeError(format!(
+        return Err(Error::Shape(format!(
             "LUT gemm: row range {rows:?} must lie in 0..{} and start at a multiple of \
              {TILE_ROWS}",
             w.rows
@@ -257,7 +257,7 @@ pub fn gemm(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => run::<x86::Avx512>(w, rows, tables, acc),
         _ => {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "the LUT kernels need AVX-512BW or run at the scalar level, not `{isa}`"
             )));
         }
@@ -428,8 +428,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::pack;
-    use crate::testing::{case, raw_codes, real_shape_cases, reference};
+    use crate::bitlinear::reference::pack;
+    use crate::bitlinear::testing::{case, raw_codes, real_shape_cases, reference};
 
     /// Every level's product over `0..rows` and over `rows` split at tile boundaries as threads
     /// split it, against `want`; the levels without LUT kernels must refuse.
@@ -586,11 +586,11 @@ mod tests {
         let (_, other) = case(0, 99, 1, 9);
         tables.build(Isa::Scalar, &other).unwrap();
         let e = gemm(Isa::Scalar, &packed, 0..64, &tables, &mut acc).unwrap_err();
-        assert!(e.0.contains("99"), "{e}");
+        assert!(e.to_string().contains("99"), "{e}");
         tables.build(Isa::Scalar, &q).unwrap();
         for isa in Isa::ALL.into_iter().filter(|&i| !supports(i)) {
             let e = gemm(isa, &packed, 0..64, &tables, &mut acc).unwrap_err();
-            assert!(e.0.contains(isa.name()), "{e}");
+            assert!(e.to_string().contains(isa.name()), "{e}");
         }
     }
 }

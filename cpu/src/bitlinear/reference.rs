@@ -16,7 +16,7 @@
 //! into int8 and reused for every token, and the dot products are written so the compiler can
 //! vectorize them, but nothing else. Every other ternary kernel must match it bit for bit.
 
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 
 /// Bytes per packed row of `cols` ternary values.
 pub const fn row_bytes(cols: usize) -> usize {
@@ -33,7 +33,7 @@ pub struct TernaryView<'a> {
 
 impl<'a> TernaryView<'a> {
     /// Wraps `codes` as a `rows × cols` packed matrix.
-    pub fn new(codes: &'a [u8], rows: usize, cols: usize) -> Result<Self, ShapeError> {
+    pub fn new(codes: &'a [u8], rows: usize, cols: usize) -> Result<Self, Error> {
         check_len("packed ternary matrix", codes.len(), rows * row_bytes(cols))?;
         Ok(Self { codes, rows, cols })
     }
@@ -51,9 +51,9 @@ impl<'a> TernaryView<'a> {
     }
 
     /// Rows `start..end` as a matrix of their own.
-    pub fn row_range(&self, start: usize, end: usize) -> Result<Self, ShapeError> {
+    pub fn row_range(&self, start: usize, end: usize) -> Result<Self, Error> {
         if start > end || end > self.rows {
-            return Err(ShapeError(format!(
+            return Err(Error::Shape(format!(
                 "row range {start}..{end} outside a matrix of {} rows",
                 self.rows
             )));
@@ -99,14 +99,14 @@ const fn decode_code(code: u8) -> i8 {
 }
 
 /// Packs int8 values in {-1, 0, +1} (row-major `rows × cols`) into the canonical layout.
-pub fn pack(values: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>, ShapeError> {
+pub fn pack(values: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>, Error> {
     check_len("ternary values", values.len(), rows * cols)?;
     let rb = row_bytes(cols);
     let mut codes = vec![0x55u8; rows * rb]; // 0b01 in every pair: value 0
     for (n, row) in values.chunks_exact(cols.max(1)).enumerate().take(rows) {
         for (k, &v) in row.iter().enumerate() {
             if !(-1..=1).contains(&v) {
-                return Err(ShapeError(format!(
+                return Err(Error::Shape(format!(
                     "value {v} at ({n}, {k}) is not ternary"
                 )));
             }
@@ -125,7 +125,7 @@ pub fn gemm_reference(
     x: &[i8],
     tokens: usize,
     acc: &mut [i32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     check_len("activation codes", x.len(), tokens * w.cols)?;
     check_len("accumulators", acc.len(), w.rows * tokens)?;
     let mut row = vec![0i8; w.cols];

@@ -1,4 +1,4 @@
-// tile_sum for ternary.wgsl without subgroups: every lane adds into the shared atomic.
+// tile_sum for bitlinear.wgsl without subgroups: every lane adds into the shared atomic.
 fn tile_sum(slot: u32, v: i32) {
     if v != 0 {
         atomicAdd(&sums[slot], v);

@@ -13,21 +13,21 @@
 //! maximum is order-independent and each code depends on its own input only, so they are exact.
 
 use crate::isa::Isa;
-use crate::{ShapeError, check_len};
+use crate::{Error, check_len};
 
 /// Row padding of [`QuantizedRows`]: a multiple of every kernel family's column block
-/// ([`crate::mad::K_BLOCK`] = 256, [`crate::base3::BLOCK_COLS`] = 320), so each reads whole blocks.
+/// ([`crate::bitlinear::mad::K_BLOCK`] = 256, [`crate::bitlinear::base3::BLOCK_COLS`] = 320), so each reads whole blocks.
 pub const ROW_PADDING: usize = 1280;
 const _: () = assert!(
-    ROW_PADDING.is_multiple_of(crate::mad::K_BLOCK)
-        && ROW_PADDING.is_multiple_of(crate::base3::BLOCK_COLS)
+    ROW_PADDING.is_multiple_of(crate::bitlinear::mad::K_BLOCK)
+        && ROW_PADDING.is_multiple_of(crate::bitlinear::base3::BLOCK_COLS)
 );
 
 /// Smallest absmax the scale is computed from, so an all-zero row gives zero codes, not NaN.
 pub const ABSMAX_FLOOR: f32 = 1e-5;
 
 /// Quantizes one row; returns the scale `s` (codes = `x * s`, so dequantize by dividing by `s`).
-pub fn quantize_row(x: &[f32], codes: &mut [i8]) -> Result<f32, ShapeError> {
+pub fn quantize_row(x: &[f32], codes: &mut [i8]) -> Result<f32, Error> {
     check_len("quantize_row codes", codes.len(), x.len())?;
     let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let scale = 127.0 / absmax.max(ABSMAX_FLOOR);
@@ -43,7 +43,7 @@ pub fn quantize_rows(
     cols: usize,
     codes: &mut [i8],
     scales: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<(), Error> {
     let rows = scales.len();
     check_len("quantize_rows input", x.len(), rows * cols)?;
     check_len("quantize_rows codes", codes.len(), rows * cols)?;
@@ -71,13 +71,7 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// Quantizes `rows` rows of `cols` values from `x` with the `isa` kernels.
-    pub fn quantize(
-        &mut self,
-        isa: Isa,
-        x: &[f32],
-        rows: usize,
-        cols: usize,
-    ) -> Result<(), ShapeError> {
+    pub fn quantize(&mut self, isa: Isa, x: &[f32], rows: usize, cols: usize) -> Result<(), Error> {
         check_len("activations to quantize", x.len(), rows * cols)?;
         isa.check()?;
         let padded = cols.div_ceil(ROW_PADDING) * ROW_PADDING;

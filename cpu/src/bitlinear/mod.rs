@@ -1,0 +1,23 @@
+//! BitLinear (W1.58A8), the `bitlinear` op: each activation row quantized to int8 per token
+//! (absmax), multiplied by ternary weights with integer accumulation, and dequantized as
+//! `acc / s · weight_scale`.
+//!
+//! - [`reference`]: the canonical packed 2-bit layout (what loaders produce and every backend
+//!   repacks from) and the scalar reference product, the integer-exact oracle for every ternary
+//!   kernel of the project (CPU, WGSL, CUDA).
+//! - [`quant`]: per-token absmax int8 activation quantization (reference, and the padded rows the
+//!   SIMD kernels consume).
+//! - Three kernel families, each in its own weight layout, all integer-exact:
+//!   - [`mad`]: multiply-add of unsigned 2-bit codes (scalar, AVX2, AVX-512 VNNI, NEON);
+//!   - [`base3`]: multiply-add on five weights per byte (1.6 bits per weight);
+//!   - [`lut`]: lookup tables of the 27 dot products of a weight triple (1.78 bits per weight).
+//! - [`grouped`]: the weight storage the two multiply-add families share.
+
+pub mod base3;
+pub mod grouped;
+pub mod lut;
+pub mod mad;
+pub mod quant;
+pub mod reference;
+#[cfg(test)]
+mod testing;
