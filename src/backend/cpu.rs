@@ -59,22 +59,13 @@ const CANDIDATES_PER_TASK: usize = 64;
 
 /// Which ternary kernel family runs the matrix products (`TERN_CPU_KERNELS`).
 ///
-/// Measured on the development machine (Zen 5 cores, AVX-512, `cargo bench -p tern-cpu --bench
-/// kernels` and `tern bench --shape 2b4t`): the lookup-table kernels compute a cache-resident
-/// product 1.1-2.3x faster, but stream weights from memory at ~31-34 GB/s against ~37-38 for
-/// multiply-add, about the same weights per second, so their 11% fewer bytes do not pay in decode
-/// (which reads every weight once per token), and in prompts their tables (64 bytes
-/// per 3 activations) outgrow the caches (pp128 and pp512 3-6% slower), so they are never the
-/// default; they stay selectable and are tested like the others.
-///
-/// The base-3 kernels read 20% fewer bytes, and their AVX-512 GEMV computes ~150 G weights/s on one
-/// core from cache or memory alike, against multiply-add's ~160 from memory: one thread, which has
-/// a core's whole bandwidth, decodes ~3% faster with multiply-add (`tern bench` tg128 40.0 against
-/// 38.9 tokens/s); two threads, which share it, ~10% faster with base 3 (55.3 against 50.4), while
-/// prompts, where both run the same micro-kernels, lose 1-8% to decoding base 3 once per group.
-/// So the default ([`CpuKernels::default_for`]) is base 3 at AVX-512 with two threads or more,
-/// multiply-add otherwise (the other levels decode base 3 into multiply-add's layout for every
-/// product, several times slower). A linear wider than [`base3::MAX_COLS`] columns stays 2-bit.
+/// The rule ([`CpuKernels::default_for`]): base 3 at AVX-512 with two threads or more, multiply-add
+/// otherwise; lookup tables never by default. Base 3 reads 20% fewer bytes, which pays where threads
+/// share a core's memory bandwidth, while one thread is compute-bound on its GEMV and the levels
+/// without AVX-512 VNNI would decode base 3 for every product; lookup tables stream about the same
+/// weights per second as multiply-add from memory and their tables outgrow the caches in prompts.
+/// A linear wider than [`base3::MAX_COLS`] columns stays 2-bit. The measurements behind the rule
+/// are in `scripts/benchmark-log.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernels {
     /// Multiply-add ([`PackedTernary`], 2 bits per weight).
