@@ -85,6 +85,16 @@ impl DenseMatrix {
         }
     }
 
+    /// An error unless the data holds exactly `rows × cols` values (what a backend checks before
+    /// uploading a table).
+    pub fn check_shape(&self) -> Result<()> {
+        let len = self.view().len();
+        if len != self.rows * self.cols {
+            bail!("table of {}x{} holds {len} values", self.rows, self.cols);
+        }
+        Ok(())
+    }
+
     pub fn bytes(&self) -> usize {
         let per = match self.data {
             DenseData::F32(_) => 4,
@@ -98,6 +108,25 @@ impl DenseMatrix {
             DenseData::F32(_) => "f32",
             DenseData::F16(_) => "f16",
             DenseData::Bf16(_) => "bf16",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_must_hold_rows_times_cols_values() {
+        let table = |n| DenseMatrix {
+            rows: 2,
+            cols: 3,
+            data: DenseData::F32(vec![0.0; n]),
+        };
+        assert!(table(6).check_shape().is_ok());
+        for n in [0, 5, 7] {
+            let err = table(n).check_shape().unwrap_err().to_string();
+            assert!(err.contains("2x3") && err.contains(&n.to_string()), "{err}");
         }
     }
 }

@@ -436,13 +436,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId> {
-        ensure!(
-            table.view().len() == table.rows * table.cols,
-            "upload_table: {} values for a {}x{} matrix",
-            table.view().len(),
-            table.rows,
-            table.cols
-        );
+        table.check_shape()?;
         self.tables.push(table.clone());
         Ok(TableId(self.tables.len() - 1))
     }
@@ -860,5 +854,29 @@ mod tests {
             (y, b.linear_weight_bytes())
         };
         assert_eq!(run(CpuKernels::Base3), run(CpuKernels::Mad));
+    }
+
+    #[test]
+    fn shared_argument_checks_refuse_bad_uploads_and_ops() {
+        let mut b = CpuBackend::with_kernels(1, Isa::Scalar, CpuKernels::Mad).unwrap();
+        let bad = DenseMatrix {
+            rows: 2,
+            cols: 3,
+            data: crate::ternary::DenseData::F32(vec![0.0; 5]),
+        };
+        assert!(b.upload_table(&bad).is_err());
+        assert!(b.upload_linear(&[]).is_err());
+        let (a, c) = (b.alloc(4).unwrap(), b.alloc(4).unwrap());
+        assert!(b.add(a, a, 4).is_err(), "in place");
+        assert!(b.add(a, c, 4).is_ok());
+        assert!(
+            b.rms_norm(a, VectorId(7), 1e-5, 1, c).is_err(),
+            "no such vector"
+        );
+        let row = [TokenPosition {
+            slot: 0,
+            position: 0,
+        }];
+        assert!(b.attention(0, a, &row, c).is_err(), "no KV cache");
     }
 }

@@ -329,13 +329,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId> {
-        ensure!(
-            table.view().len() == table.rows * table.cols,
-            "upload_table: {} values for a {}x{} matrix",
-            table.view().len(),
-            table.rows,
-            table.cols
-        );
+        table.check_shape()?;
         to_i32(table.rows, "table rows")?;
         to_i32(table.cols, "table columns")?;
         let what = "an embedding or output-head table";

@@ -269,12 +269,8 @@ impl Backend for WgpuBackend {
             DenseData::F16(v) => (bytemuck::cast_slice(v), TableType::F16, 2),
             DenseData::Bf16(v) => (bytemuck::cast_slice(v), TableType::Bf16, 2),
         };
+        table.check_shape()?;
         let (rows, cols) = (table.rows, table.cols);
-        ensure!(
-            bytes.len() == rows * cols * per,
-            "upload_table: {} values for a {rows}x{cols} matrix",
-            bytes.len() / per
-        );
         let rows_per_piece = buffers::table_rows_per_piece(cols, per, self.gpu.table_piece)?;
         let mut pieces = Vec::new();
         for row_start in (0..rows).step_by(rows_per_piece.max(1)) {
