@@ -24,107 +24,180 @@ use std::time::Instant;
 use tern_cpu::bitlinear::reference::row_bytes;
 use tern_cpu::elementwise::GateActivation;
 
-/// Published model shapes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ShapePreset {
-    /// microsoft/bitnet-b1.58-2B-4T.
-    BitNet2B4T,
-    /// 1bitLLM/bitnet_b1_58-large.
-    BitNet700M,
-    /// 1bitLLM/bitnet_b1_58-3B.
-    BitNet3B,
-    /// HF1BitLLM/Llama3-8B-1.58-100B-tokens.
-    Llama8B,
+/// A published model shape: the dimensions that decide speed and memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShapePreset {
+    /// The `--shape` name.
+    pub name: &'static str,
+    /// What it is the shape of.
+    pub model: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub activation: GateActivation,
+    pub sub_norms: bool,
+    pub tied: bool,
 }
 
+/// `(name, model, hidden, intermediate, layers, heads, kv_heads)` of bitnet.cpp's dummy models
+/// (its `generate-dummy-bitnet-model.py` layouts: multi-head attention, vocabulary 32002, the
+/// 1bitLLM architecture: SiLU gate, sub-norms).
+const BITNET_CPP_DUMMIES: [(&str, &str, usize, usize, usize, usize); 11] = [
+    ("125m", "bitnet.cpp dummy 125M", 768, 3072, 11, 12),
+    ("350m", "bitnet.cpp dummy 350M", 1024, 3072, 24, 16),
+    ("1b", "bitnet.cpp dummy 1B", 2048, 3584, 24, 32),
+    ("1.5b", "bitnet.cpp dummy 1.5B", 1536, 9216, 28, 32),
+    ("2.7b", "bitnet.cpp dummy 2.7B", 3072, 7680, 24, 32),
+    ("3.8b", "bitnet.cpp dummy 3.8B", 3840, 8192, 24, 32),
+    ("7b", "bitnet.cpp dummy 7B", 4096, 12032, 32, 32),
+    ("13b", "bitnet.cpp dummy 13B", 5120, 13824, 40, 40),
+    ("30b", "bitnet.cpp dummy 30B", 6656, 16384, 60, 52),
+    ("70b", "bitnet.cpp dummy 70B", 8192, 24576, 80, 64),
+    ("100b", "bitnet.cpp dummy 100B", 8192, 45568, 72, 64),
+];
+
 impl ShapePreset {
-    pub const NAMES: &'static str = "2b4t, 700m, 3b, 8b";
-
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name.to_ascii_lowercase().as_str() {
-            "2b4t" | "2b" => Self::BitNet2B4T,
-            "700m" | "large" => Self::BitNet700M,
-            "3b" => Self::BitNet3B,
-            "8b" | "llama3-8b" => Self::Llama8B,
-            other => bail!("unknown shape `{other}` (known: {})", Self::NAMES),
-        })
-    }
-
-    pub fn config(self) -> ModelConfig {
-        // (name, hidden, intermediate, layers, heads, kv_heads, vocab, theta, activation, sub-norms, tied)
-        let (name, hidden, intermediate, layers, heads, kv_heads, vocab, theta, act, sub, tied) =
-            match self {
-                Self::BitNet2B4T => (
+    /// Every preset: the checkpoints tern runs, then bitnet.cpp's dummy layouts.
+    pub fn all() -> Vec<Self> {
+        let hf = |name, model, hidden, intermediate, layers, heads, kv_heads, vocab, llama3| Self {
+            name,
+            model,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+            rope_theta: if llama3 { 500000.0 } else { 10000.0 },
+            activation: GateActivation::Silu,
+            sub_norms: true,
+            tied: true,
+        };
+        let mut all = vec![
+            Self {
+                activation: GateActivation::Relu2,
+                ..hf(
                     "2b4t",
+                    "microsoft/bitnet-b1.58-2B-4T",
                     2560,
                     6912,
                     30,
                     20,
                     5,
                     128256,
-                    500000.0,
-                    GateActivation::Relu2,
                     true,
-                    true,
-                ),
-                Self::BitNet700M => (
-                    "700m",
-                    1536,
-                    4096,
-                    24,
-                    16,
-                    16,
-                    32002,
-                    10000.0,
-                    GateActivation::Silu,
-                    true,
-                    true,
-                ),
-                Self::BitNet3B => (
-                    "3b",
-                    3200,
-                    8640,
-                    26,
-                    32,
-                    32,
-                    32002,
-                    10000.0,
-                    GateActivation::Silu,
-                    true,
-                    true,
-                ),
-                Self::Llama8B => (
+                )
+            },
+            hf(
+                "700m",
+                "1bitLLM/bitnet_b1_58-large",
+                1536,
+                4096,
+                24,
+                16,
+                16,
+                32002,
+                false,
+            ),
+            hf(
+                "3b",
+                "1bitLLM/bitnet_b1_58-3B",
+                3200,
+                8640,
+                26,
+                32,
+                32,
+                32002,
+                false,
+            ),
+            Self {
+                sub_norms: false,
+                tied: false,
+                ..hf(
                     "8b",
+                    "HF1BitLLM/Llama3-8B-1.58-100B-tokens",
                     4096,
                     14336,
                     32,
                     32,
                     8,
                     128256,
-                    500000.0,
-                    GateActivation::Silu,
+                    true,
+                )
+            },
+        ];
+        all.extend(
+            BITNET_CPP_DUMMIES.map(|(name, model, hidden, intermediate, layers, heads)| {
+                hf(
+                    name,
+                    model,
+                    hidden,
+                    intermediate,
+                    layers,
+                    heads,
+                    heads,
+                    32002,
                     false,
-                    false,
-                ),
-            };
+                )
+            }),
+        );
+        all
+    }
+
+    /// The `--shape` names, for messages.
+    pub fn names() -> String {
+        Self::all()
+            .iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        let wanted = match name.to_ascii_lowercase().as_str() {
+            "2b" => "2b4t".to_string(),
+            "large" => "700m".to_string(),
+            "llama3-8b" => "8b".to_string(),
+            other => other.to_string(),
+        };
+        match Self::all().into_iter().find(|p| p.name == wanted) {
+            Some(preset) => Ok(preset),
+            None => bail!("unknown shape `{name}` (known: {})", Self::names()),
+        }
+    }
+
+    pub fn config(self) -> ModelConfig {
         ModelConfig {
-            architecture: format!("random weights, {name} shape"),
-            hidden,
-            intermediate,
-            layers,
-            heads,
-            kv_heads,
-            head_dim: hidden / heads,
-            vocab,
+            architecture: format!("random weights, {} shape ({})", self.name, self.model),
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            layers: self.layers,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.hidden / self.heads,
+            vocab: self.vocab,
             max_positions: 4096,
-            rope_theta: theta,
+            rope_theta: self.rope_theta,
             rms_norm_eps: 1e-5,
-            activation: act,
-            sub_norms: sub,
-            tied_embeddings: tied,
+            activation: self.activation,
+            sub_norms: self.sub_norms,
+            tied_embeddings: self.tied,
             bos_token_id: None,
             eos_token_ids: vec![],
         }
+    }
+
+    /// Bytes of the random model in host memory: 2-bit ternary codes and bf16 tables.
+    pub fn host_bytes(self) -> u64 {
+        let c = self.config();
+        let per_layer =
+            2 * c.hidden * c.q_dim() + 2 * c.hidden * c.kv_dim() + 3 * c.hidden * c.intermediate;
+        let tables = if c.tied_embeddings { 1 } else { 2 } * c.vocab * c.hidden;
+        (c.layers * per_layer / 4 + 2 * tables) as u64
     }
 
     /// A model of this shape with random ternary weights (about a third each of -1, 0, +1),
@@ -213,6 +286,56 @@ pub struct BenchRow {
     pub bandwidth_fraction: Option<f64>,
     /// `2 × ternary parameters × tok_s / 1e9`: the int8 multiply-adds of the ternary linears.
     pub int8_gops: Option<f64>,
+    /// Seconds to make the model ready for this thread count: reading (or generating) the weights
+    /// where this run did it, plus the backend's upload and KV allocation.
+    pub load_s: Option<f64>,
+    /// The process's peak resident memory (bytes) over this thread count's load and tests
+    /// ([`PeakRss`]); `None` where the OS does not report it.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident set size, from Linux's `/proc/self/status` (`VmHWM`), with a reset
+/// (`/proc/self/clear_refs`, value 5) so that each measured phase reports its own peak. Elsewhere
+/// (or where /proc is not readable) every reading is `None`.
+pub struct PeakRss;
+
+impl PeakRss {
+    /// Starts a new phase: the peak becomes the current resident size.
+    pub fn reset() {
+        // Best effort: a kernel without the interface keeps the process-wide peak, which is still
+        // an upper bound of the phase's.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// The peak resident size since the last reset (or the process start), in bytes.
+    pub fn read() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        parse_vm_hwm(&status)
+    }
+}
+
+/// `VmHWM:   1234 kB` → bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    parse_kb_field(status, "VmHWM:")
+}
+
+/// The value of a `/proc` field given in kB (`Key:   1234 kB`), in bytes.
+fn parse_kb_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..]
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Memory the kernel says can be allocated without swapping (`MemAvailable` of /proc/meminfo);
+/// `None` where it is not reported.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_kb_field(&meminfo, "MemAvailable:")
 }
 
 /// Read bandwidth of this machine in GB/s with `threads` threads: the best of 3 passes summing a
@@ -319,6 +442,8 @@ pub fn run(
             gb_s: decode.then(|| weight_bytes as f64 * mean / 1e9),
             bandwidth_fraction: None,
             int8_gops: None,
+            load_s: None,
+            peak_rss_bytes: None,
         });
     }
     Ok(rows)
@@ -338,7 +463,7 @@ fn mean_std(samples: &[f64]) -> (f64, f64) {
 /// The rows as a Markdown table.
 pub fn markdown(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| model | backend | threads | test | t/s | weight MB/token | GB/s | of read BW | int8 GOPS |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n",
+        "| model | backend | threads | test | t/s | weight MB/token | GB/s | of read BW | int8 GOPS | load s | peak RSS MB |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let mb = r
@@ -349,8 +474,12 @@ pub fn markdown(rows: &[BenchRow]) -> String {
             .bandwidth_fraction
             .map_or(String::new(), |f| format!("{:.0} %", f * 100.0));
         let gops = r.int8_gops.map_or(String::new(), |g| format!("{g:.1}"));
+        let load = r.load_s.map_or(String::new(), |s| format!("{s:.2}"));
+        let rss = r
+            .peak_rss_bytes
+            .map_or(String::new(), |b| format!("{:.0}", b as f64 / 1e6));
         out += &format!(
-            "| {} | {} | {} | {} | {:.2} ± {:.2} | {mb} | {gbs} | {frac} | {gops} |\n",
+            "| {} | {} | {} | {} | {:.2} ± {:.2} | {mb} | {gbs} | {frac} | {gops} | {load} | {rss} |\n",
             r.model, r.backend, r.threads, r.test, r.tok_s, r.tok_s_std
         );
     }
@@ -363,18 +492,24 @@ mod tests {
 
     #[test]
     fn presets_are_valid_configs() {
-        for name in ["2b4t", "700m", "3b", "8b"] {
-            let c = ShapePreset::parse(name).unwrap().config();
-            c.validate(name).unwrap();
+        for preset in ShapePreset::all() {
+            preset.config().validate(preset.name).unwrap();
         }
-        assert!(ShapePreset::parse("13b").is_err());
-        let c = ShapePreset::BitNet2B4T.config();
+        assert!(ShapePreset::parse("12b").is_err());
+        let c = ShapePreset::parse("2b4t").unwrap().config();
         assert_eq!((c.q_dim(), c.kv_dim(), c.head_dim), (2560, 640, 128));
+        assert_eq!(ShapePreset::parse("2B").unwrap().name, "2b4t");
+        // bitnet.cpp's largest dummy: ~100 billion ternary parameters, 25 GB of 2-bit codes.
+        let big = ShapePreset::parse("100b").unwrap();
+        let c = big.config();
+        let params = c.layers * (4 * c.hidden * c.hidden + 3 * c.hidden * c.intermediate);
+        assert_eq!(params, 99_958_652_928);
+        assert_eq!(big.host_bytes(), params as u64 / 4 + 2 * 32002 * 8192);
     }
 
     #[test]
     fn random_weights_are_ternary_with_padding_zero() {
-        let mut c = ShapePreset::BitNet700M.config();
+        let mut c = ShapePreset::parse("700m").unwrap().config();
         (
             c.hidden,
             c.intermediate,
@@ -391,6 +526,22 @@ mod tests {
         // 10 inputs: the last byte of each row has two padding pairs, which must decode to 0.
         for row in m.layers[0].down.codes.chunks_exact(3) {
             assert_eq!(row[2] >> 4, 0b0101);
+        }
+    }
+
+    #[test]
+    fn peak_rss_is_read_from_vm_hwm() {
+        let status = "Name:\ttern\nVmPeak:\t  900 kB\nVmHWM:\t   1234 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(1234 * 1024));
+        assert_eq!(parse_vm_hwm("VmRSS:\t 1000 kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t 12 MB\n"), None);
+        if cfg!(target_os = "linux") {
+            PeakRss::reset();
+            let before = PeakRss::read().expect("Linux reports VmHWM");
+            let touched = vec![1u8; 64 << 20];
+            std::hint::black_box(&touched);
+            let after = PeakRss::read().unwrap();
+            assert!(after >= before + (60 << 20), "{before} -> {after}");
         }
     }
 

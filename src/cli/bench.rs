@@ -3,10 +3,11 @@
 use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
+use std::time::Instant;
 use tern::backend::resolve_threads;
 use tern::bench::{
-    BenchPlan, BenchRow, ShapePreset, decode_weight_bytes, markdown, read_bandwidth,
-    run as run_plan,
+    BenchPlan, BenchRow, PeakRss, ShapePreset, available_memory, decode_weight_bytes, markdown,
+    read_bandwidth, run as run_plan,
 };
 use tern::engine::Engine;
 
@@ -15,7 +16,8 @@ pub struct BenchArgs {
     /// Model directory or Hugging Face repo id (or use --shape).
     #[arg(short, long, conflicts_with = "shape")]
     model: Option<String>,
-    /// Random weights in the exact shape of a published model: 2b4t, 700m, 3b, 8b.
+    /// Random weights in the exact shape of a published model: 2b4t, 700m, 3b, 8b, or one of
+    /// bitnet.cpp's dummy layouts 125m, 350m, 1b, 1.5b, 2.7b, 3.8b, 7b, 13b, 30b, 70b, 100b.
     #[arg(long)]
     shape: Option<String>,
     /// Prompt lengths to test (comma-separated; 0 skips).
@@ -60,16 +62,32 @@ enum BenchFormat {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    PeakRss::reset();
+    let started = Instant::now();
     let (host, name) = match (&args.shape, &args.model) {
         (Some(shape), _) => {
             let preset = ShapePreset::parse(shape)?;
+            // The random model is built whole in host memory and the backend then holds its own
+            // layout (plus the 8-bit head): refuse what cannot fit rather than be killed.
+            let c = preset.config();
+            let needed = 2 * preset.host_bytes() + (c.vocab * c.hidden) as u64;
+            if let Some(available) = available_memory() {
+                ensure!(
+                    needed <= available,
+                    "--shape {}: needs about {:.1} GB (the weights in host memory and in the \
+                     backend's layout), {:.1} GB are available",
+                    preset.name,
+                    needed as f64 / 1e9,
+                    available as f64 / 1e9
+                );
+            }
             tracing::info!("building a random-weight model of the {shape} shape");
             (preset.random_model(7), shape.clone())
         }
         (None, Some(model)) => (load_model(model)?.host, model.clone()),
         (None, None) => anyhow::bail!(
             "give a model with -m or a shape with --shape ({})",
-            ShapePreset::NAMES
+            ShapePreset::names()
         ),
     };
     let longest = args
@@ -86,12 +104,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         host.config.max_positions
     );
     let ternary_params = host.ternary_size().0 as f64;
+    // The first thread count's load includes reading (or generating) the weights.
+    let mut model_ready_s = started.elapsed().as_secs_f64();
     let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
+        let upload_started = Instant::now();
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
         let head = args.lm_head.apply(backend.as_mut(), true)?;
         let mut engine = Engine::new(&host, backend, longest, 1)?;
+        let load_s = std::mem::take(&mut model_ready_s) + upload_started.elapsed().as_secs_f64();
         let weight_bytes = decode_weight_bytes(&host, engine.linear_weight_bytes(), head);
         let threads = resolve_threads(threads);
         for &p in &args.prompt {
@@ -110,13 +132,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             };
             rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
         }
+        let peak_rss_bytes = PeakRss::read();
         drop(engine); // free the model's memory before the bandwidth probe
         let bandwidth = read_bandwidth(threads);
         tracing::info!("measured read bandwidth with {threads} threads: {bandwidth:.1} GB/s");
         for row in rows.iter_mut().filter(|r| r.threads == threads) {
             row.int8_gops = Some(2.0 * ternary_params * row.tok_s / 1e9);
             row.bandwidth_fraction = row.gb_s.map(|g| g / bandwidth);
+            row.load_s = Some(load_s);
+            row.peak_rss_bytes = peak_rss_bytes;
         }
+        PeakRss::reset(); // the next thread count's peak: the host model plus its own upload
     }
     match args.format {
         BenchFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
