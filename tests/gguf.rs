@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use tern::chat::ChatMessage;
-use tern::gguf::model::tokenizer_from_metadata;
-use tern::gguf::write::{TernaryTarget, model_to_gguf};
+use tern::gguf::vocab::tokenizer_from_metadata;
+use tern::gguf::write::{TernaryTarget, VocabSource, model_to_gguf};
 use tern::gguf::{GgmlType, GgufFile};
 use tern::loader::load_model_files;
 use tern::model::LogitsFor;
@@ -96,22 +96,28 @@ fn unsupported_tokenizers_are_refused_by_name() {
     let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
     file.metadata.insert(
         "tokenizer.ggml.pre".into(),
-        tern::gguf::Value::String("qwen2".into()),
+        tern::gguf::Value::String("qwen9".into()),
     );
     let err = format!(
         "{:#}",
         tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
     );
-    assert!(err.contains("qwen2"), "{err}");
+    assert!(
+        err.contains("\"qwen9\"") && err.contains("tokenizer.json"),
+        "{err}"
+    );
     file.metadata.insert(
         "tokenizer.ggml.model".into(),
-        tern::gguf::Value::String("llama".into()),
+        tern::gguf::Value::String("t5".into()),
     );
     let err = format!(
         "{:#}",
         tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
     );
-    assert!(err.contains("tokenizer.ggml.model"), "{err}");
+    assert!(
+        err.contains("`tokenizer.ggml.model` \"t5\"") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,7 +166,13 @@ fn formats_and_architectures_are_reported() {
 /// Converts `model` (a fixture name) to `target` in memory and parses the result.
 fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, GgufFile) {
     let (host, tokenizer) = load_model_files(&fixture_dir(model)).unwrap();
-    let (writer, _notes) = model_to_gguf(&host, &tokenizer, target, "converted").unwrap();
+    let (writer, _notes) = model_to_gguf(
+        &host,
+        VocabSource::Tokenizer(&tokenizer),
+        target,
+        "converted",
+    )
+    .unwrap();
     let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
     writer.write(out.path()).unwrap();
     let file = GgufFile::open(out.path()).unwrap();
@@ -321,4 +333,88 @@ fn a_bitnet_file_without_its_activation_key_says_what_was_inferred() {
         "{}",
         host.format
     );
+}
+
+/// llama.cpp's tokenizer test vocabularies checked (`models/ggml-vocab-NAME.gguf`), by name.
+const LLAMA_CPP_VOCABS: [&str; 13] = [
+    "llama-spm",
+    "phi-3",
+    "llama-bpe",
+    "falcon",
+    "gpt-2",
+    "qwen2",
+    "qwen35",
+    "mpt",
+    "starcoder",
+    "refact",
+    "command-r",
+    "deepseek-coder",
+    "deepseek-llm",
+];
+
+/// The folder holding llama.cpp's `models/ggml-vocab-*` files (`TERN_VOCAB_DIR`; .ci/run fetches
+/// them from the llama-cpp-python sdist). Absent: `None` with a printed reason, or a failure under
+/// `TERN_REQUIRE_VOCAB=1`.
+fn llama_cpp_vocab_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TERN_VOCAB_DIR").map(std::path::PathBuf::from);
+    let required = std::env::var("TERN_REQUIRE_VOCAB").is_ok_and(|v| v == "1");
+    match dir.filter(|d| d.join("ggml-vocab-llama-spm.gguf").is_file()) {
+        Some(dir) => Some(dir),
+        None if required => panic!(
+            "TERN_REQUIRE_VOCAB=1 but TERN_VOCAB_DIR does not hold llama.cpp's ggml-vocab-*.gguf files"
+        ),
+        None => {
+            eprintln!(
+                "skipping llama.cpp's tokenizer test vectors: set TERN_VOCAB_DIR to llama.cpp's \
+                 models/ folder (.ci/run fetches it)"
+            );
+            None
+        }
+    }
+}
+
+/// llama.cpp's test cases of a vocabulary: `.inp` texts separated by `\n__ggml_vocab_test__\n`,
+/// `.out` one line of ids per text (as test-tokenizer-0 reads them).
+fn llama_cpp_cases(dir: &std::path::Path, name: &str) -> Vec<(String, Vec<u32>)> {
+    let base = dir.join(format!("ggml-vocab-{name}.gguf"));
+    let read = |ext: &str| std::fs::read_to_string(base.with_extension(format!("gguf.{ext}")));
+    let (inp, out) = (read("inp").unwrap(), read("out").unwrap());
+    let sep = "\n__ggml_vocab_test__\n";
+    let texts: Vec<&str> = inp.strip_suffix(sep).unwrap_or(&inp).split(sep).collect();
+    let ids: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(texts.len(), ids.len(), "{name}: .inp and .out disagree");
+    texts.iter().map(|t| t.to_string()).zip(ids).collect()
+}
+
+/// The tokenizer llama.cpp's vocabulary file `name` describes.
+fn llama_cpp_tokenizer(dir: &std::path::Path, name: &str) -> Tokenizer {
+    let file = GgufFile::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+    let mut notes = Vec::new();
+    let tok =
+        tokenizer_from_metadata(&file, &mut notes).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    assert!(notes.is_empty(), "{name}: {notes:?}");
+    tok
+}
+
+#[test]
+fn llama_cpp_tokenizer_test_vectors() {
+    let Some(dir) = llama_cpp_vocab_dir() else {
+        return;
+    };
+    for name in LLAMA_CPP_VOCABS {
+        let tok = llama_cpp_tokenizer(&dir, name);
+        let cases = llama_cpp_cases(&dir, name);
+        assert!(cases.len() > 40, "{name}: {} cases", cases.len());
+        for (text, want) in &cases {
+            let got = tok.encode(text, false).unwrap();
+            assert_eq!(&got, want, "{name}: {text:?}");
+            // llama.cpp's decoding gives every text back, except where most byte-level
+            // vocabularies drop spaces (` ,`, ` 's`, ...); without that clean-up, tern's always does.
+            let decoded = tok.decode(&got, false).unwrap();
+            assert_eq!(&decoded, text, "{name}: decoding {got:?}");
+        }
+    }
 }
