@@ -92,6 +92,40 @@ fn a_missing_pre_tokenizer_uses_llama3_and_says_so() {
 }
 
 #[test]
+fn bos_and_eos_follow_the_metadata_and_llama_cpp_defaults() {
+    use tern::gguf::Value;
+    let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
+    let hello = [39, 68, 358, 78];
+    let encode = |file: &GgufFile| {
+        let (tok, _) = tokenizer_of(file);
+        (tok.encode("Hello", true).unwrap(), tok.adds_bos())
+    };
+    file.metadata
+        .insert("tokenizer.ggml.add_eos_token".into(), Value::Bool(true));
+    assert_eq!(
+        encode(&file),
+        ([&[1008][..], &hello, &[1017]].concat(), true)
+    );
+    file.metadata
+        .insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(false));
+    assert_eq!(encode(&file), ([&hello[..], &[1017]].concat(), false));
+    // Absent keys: no EOS, and BOS for Llama-3's family only (a GPT-2 split on the same vocabulary
+    // encodes "Hello" the same way).
+    file.metadata.remove("tokenizer.ggml.add_eos_token");
+    file.metadata.remove("tokenizer.ggml.add_bos_token");
+    assert_eq!(encode(&file), ([&[1008][..], &hello].concat(), true));
+    let gpt2 = Value::String("gpt-2".into());
+    file.metadata.insert("tokenizer.ggml.pre".into(), gpt2);
+    assert_eq!(encode(&file), (hello.to_vec(), false));
+    // An id outside the vocabulary is ignored with a note, as llama.cpp does.
+    file.metadata
+        .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(5000));
+    let (tok, notes) = tokenizer_of(&file);
+    assert_eq!(tok.bos_id(), None);
+    assert!(notes.iter().any(|n| n.contains("5000")), "{notes:?}");
+}
+
+#[test]
 fn unsupported_tokenizers_are_refused_by_name() {
     let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
     file.metadata.insert(
@@ -399,22 +433,152 @@ fn llama_cpp_tokenizer(dir: &std::path::Path, name: &str) -> Tokenizer {
     tok
 }
 
+/// Every case of llama.cpp's vocabulary `name` encodes to llama.cpp's ids and decodes back.
+fn check_llama_cpp_cases(dir: &std::path::Path, name: &str, tok: &Tokenizer) {
+    let cases = llama_cpp_cases(dir, name);
+    assert!(cases.len() > 40, "{name}: {} cases", cases.len());
+    for (text, want) in &cases {
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(&got, want, "{name}: {text:?}");
+        // llama.cpp's decoding gives every text back, except where most byte-level
+        // vocabularies drop spaces (` ,`, ` 's`, ...); without that clean-up, tern's always does.
+        let decoded = tok.decode(&got, false).unwrap();
+        assert_eq!(&decoded, text, "{name}: decoding {got:?}");
+    }
+}
+
 #[test]
 fn llama_cpp_tokenizer_test_vectors() {
     let Some(dir) = llama_cpp_vocab_dir() else {
         return;
     };
     for name in LLAMA_CPP_VOCABS {
-        let tok = llama_cpp_tokenizer(&dir, name);
-        let cases = llama_cpp_cases(&dir, name);
-        assert!(cases.len() > 40, "{name}: {} cases", cases.len());
-        for (text, want) in &cases {
-            let got = tok.encode(text, false).unwrap();
-            assert_eq!(&got, want, "{name}: {text:?}");
-            // llama.cpp's decoding gives every text back, except where most byte-level
-            // vocabularies drop spaces (` ,`, ` 's`, ...); without that clean-up, tern's always does.
-            let decoded = tok.decode(&got, false).unwrap();
-            assert_eq!(&decoded, text, "{name}: decoding {got:?}");
+        check_llama_cpp_cases(&dir, name, &llama_cpp_tokenizer(&dir, name));
+    }
+    // Falcon3's `pre` names Llama-3's rules.
+    let mut file = GgufFile::open(&dir.join("ggml-vocab-llama-bpe.gguf")).unwrap();
+    let pre = tern::gguf::Value::String("falcon3".into());
+    file.metadata.insert("tokenizer.ggml.pre".into(), pre);
+    let tok = tokenizer_from_metadata(&file, &mut vec![]).unwrap();
+    check_llama_cpp_cases(&dir, "llama-bpe", &tok);
+}
+
+/// `host` with `vocab` embedding (and head) rows, the new ones repeating the old, so that a real
+/// vocabulary's ids fit.
+fn grow_vocab(mut host: tern::loader::HostModel, vocab: usize) -> tern::loader::HostModel {
+    use tern::ternary::{DenseData, DenseMatrix};
+    fn tile<T: Copy>(v: &[T], cols: usize, rows: usize) -> Vec<T> {
+        v.chunks_exact(cols)
+            .cycle()
+            .take(rows)
+            .flatten()
+            .copied()
+            .collect()
+    }
+    fn grow(m: &DenseMatrix, rows: usize) -> DenseMatrix {
+        let data = match &m.data {
+            DenseData::F32(v) => DenseData::F32(tile(v, m.cols, rows)),
+            DenseData::F16(v) => DenseData::F16(tile(v, m.cols, rows)),
+            DenseData::Bf16(v) => DenseData::Bf16(tile(v, m.cols, rows)),
+        };
+        DenseMatrix {
+            rows,
+            cols: m.cols,
+            data,
         }
+    }
+    host.embed = grow(&host.embed, vocab);
+    host.output = host.output.as_ref().map(|m| grow(m, vocab));
+    host.config.vocab = vocab;
+    host
+}
+
+/// Greedy continuation of `prompt` by `n` tokens on the CPU.
+fn greedy(host: &tern::loader::HostModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let cpu = tern::backend::cpu::CpuBackend::new(1).unwrap();
+    let mut e = engine(host, Box::new(cpu), 64);
+    let seq = e.new_sequence().unwrap();
+    let mut logits = e.feed(seq, prompt, LogitsFor::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&logits) as u32;
+        out.push(next);
+        logits = e.feed(seq, &[next], LogitsFor::Last).unwrap();
+    }
+    out
+}
+
+#[test]
+fn one_bit_llm_and_falcon3_style_files_run_with_the_tokenizer_of_their_metadata() {
+    let Some(vocab_dir) = llama_cpp_vocab_dir() else {
+        return;
+    };
+    // 1bitLLM (bitnet.cpp's layout): `bitnet` with sub-norms and SiLU but no
+    // `bitnet.hidden_activation`, the Llama SentencePiece vocabulary. Falcon3-1.58bit: `llama`
+    // with ternary linears and a byte-level BPE vocabulary (llama.cpp's Falcon test vocabulary,
+    // whose `pre` its test cases are for).
+    for (fixture, vocab_name, activation_key) in [
+        ("tiny-packed", "llama-spm", Some("bitnet.hidden_activation")),
+        ("tiny-bitlinear", "falcon", None),
+    ] {
+        let vocab =
+            GgufFile::open(&vocab_dir.join(format!("ggml-vocab-{vocab_name}.gguf"))).unwrap();
+        let n_vocab = vocab
+            .get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len();
+        let mut host = grow_vocab(load(fixture), n_vocab);
+        if activation_key.is_some() {
+            host.config.activation = tern_cpu::float::GateActivation::Silu;
+        }
+        let (writer, _notes) = model_to_gguf(
+            &host,
+            VocabSource::Metadata(&vocab.metadata),
+            TernaryTarget::I2S,
+            vocab_name,
+        )
+        .unwrap();
+        let mut bytes = writer.to_bytes();
+        if let Some(key) = activation_key {
+            let at = bytes
+                .windows(key.len())
+                .position(|w| w == key.as_bytes())
+                .unwrap();
+            bytes[at + key.len() - 1] = b'X';
+        }
+        // A folder of its own: nothing but the GGUF file describes the tokenizer.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).unwrap();
+
+        let (loaded, tok) = load_model_files(&path).unwrap();
+        check_llama_cpp_cases(&vocab_dir, vocab_name, &tok);
+        assert_eq!(
+            loaded.config.activation,
+            tern_cpu::float::GateActivation::Silu
+        );
+        if activation_key.is_some() {
+            assert!(loaded.format.contains("SentencePiece"), "{}", loaded.format);
+        }
+        let prompt = tok.encode("Hello world", true).unwrap();
+        assert_eq!(
+            prompt.first() == tok.bos_id().as_ref(),
+            vocab_name == "llama-spm"
+        );
+        let new = greedy(&loaded, &prompt, 8);
+        assert_eq!(
+            new,
+            greedy(&host, &prompt, 8),
+            "{vocab_name}: same tokens as before writing"
+        );
+        assert!(new.iter().all(|&id| (id as usize) < n_vocab));
+        let mut stream = tok.stream_decoder(true);
+        let streamed: String = new.iter().map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(
+            streamed + &stream.finish().unwrap(),
+            tok.decode(&new, true).unwrap()
+        );
     }
 }
