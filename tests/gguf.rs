@@ -125,6 +125,82 @@ fn bos_and_eos_follow_the_metadata_and_llama_cpp_defaults() {
     assert!(notes.iter().any(|n| n.contains("5000")), "{notes:?}");
 }
 
+/// The tokenizer of a file holding just `metadata`, or its error.
+fn tokenizer_of_metadata(metadata: Vec<(&str, tern::gguf::Value)>) -> Result<Tokenizer, String> {
+    let mut w = tern::gguf::write::GgufWriter::default();
+    for (key, value) in metadata {
+        w.meta(key, value);
+    }
+    let f = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    w.write(f.path()).unwrap();
+    let file = GgufFile::open(f.path()).unwrap();
+    tokenizer_from_metadata(&file, &mut vec![]).map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn odd_vocabularies_give_a_tokenizer_or_an_error_naming_the_key() {
+    use tern::gguf::Value;
+    let strings =
+        |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+    let model = |m: &str| ("tokenizer.ggml.model", Value::String(m.into()));
+    // SentencePiece with one token: llama.cpp's default BOS (1) and EOS (2) do not exist.
+    let tok = tokenizer_of_metadata(vec![
+        model("llama"),
+        ("tokenizer.ggml.tokens", strings(&["▁a"])),
+    ])
+    .unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_ids()), (None, &[][..]));
+    assert!(!tok.adds_bos());
+    // i32 scores (llama.cpp reads them too), negative ones included.
+    let tokens = strings(&["<unk>", "▁", "a", "▁a"]);
+    let scores = Value::Array(vec![
+        Value::I32(0),
+        Value::I32(-1),
+        Value::I32(-2),
+        Value::I32(-3),
+    ]);
+    let tok = tokenizer_of_metadata(vec![
+        model("llama"),
+        ("tokenizer.ggml.tokens", tokens.clone()),
+        ("tokenizer.ggml.scores", scores),
+    ])
+    .unwrap();
+    assert_eq!(tok.encode("a a", false).unwrap(), [3, 3]);
+    for (metadata, needle) in [
+        (
+            vec![model("gpt2"), ("tokenizer.ggml.tokens", tokens.clone())],
+            "`tokenizer.ggml.merges`",
+        ),
+        (
+            vec![model("llama"), ("tokenizer.ggml.tokens", Value::U32(3))],
+            "`tokenizer.ggml.tokens`",
+        ),
+        (
+            vec![("tokenizer.ggml.tokens", tokens.clone())],
+            "`tokenizer.ggml.model` is missing",
+        ),
+        (
+            vec![
+                model("llama"),
+                ("tokenizer.ggml.tokens", tokens.clone()),
+                ("tokenizer.ggml.scores", Value::F32(1.0)),
+            ],
+            "`tokenizer.ggml.scores`",
+        ),
+        (
+            vec![
+                model("gpt2"),
+                ("tokenizer.ggml.tokens", tokens),
+                ("tokenizer.ggml.merges", strings(&["▁a"])),
+            ],
+            "not two tokens",
+        ),
+    ] {
+        let err = tokenizer_of_metadata(metadata).unwrap_err();
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
 #[test]
 fn unsupported_tokenizers_are_refused_by_name() {
     let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();

@@ -59,6 +59,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .filter(|file| file.get("tokenizer.ggml.model").is_some());
     let vocab = match &source {
         Some(file) => {
+            // Only for its warning: the keys are copied whether or not a tokenizer can be built.
             loaded.tokenizer_if_any();
             VocabSource::Metadata(&file.metadata)
         }

@@ -260,8 +260,8 @@ pub fn tokenizer_from_metadata(file: &GgufFile, notes: &mut Vec<String>) -> Resu
         .add_tokens(added)
         .map_err(|e| anyhow!("cannot add the special and user-defined tokens: {e}"))?;
 
-    // llama.cpp's defaults for `llama` vocabularies without the keys.
-    let default_id = |id: u32| spm.then_some(id);
+    // llama.cpp's defaults for `llama` vocabularies without the keys, where the vocabulary has them.
+    let default_id = |id: u32| (spm && (id as usize) < tokens.len()).then_some(id);
     let bos = meta
         .token_id("tokenizer.ggml.bos_token_id", tokens.len(), notes)?
         .or(default_id(1));
@@ -308,7 +308,11 @@ fn spm_tokenizer(
     notes: &mut Vec<String>,
 ) -> Result<tokenizers::Tokenizer> {
     let scores = match meta.get("tokenizer.ggml.scores") {
-        Some(_) => meta.numbers("tokenizer.ggml.scores", Value::as_f64)?,
+        // llama.cpp reads f32 or i32 scores.
+        Some(_) => meta.numbers("tokenizer.ggml.scores", |v| match v {
+            Value::I32(score) => Some(f64::from(*score)),
+            other => other.as_f64(),
+        })?,
         None => {
             notes.push(
                 "`tokenizer.ggml.scores` is missing: SentencePiece merges ranked by token order"
