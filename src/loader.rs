@@ -81,15 +81,45 @@ impl HostModel {
 
 /// Loads weights and tokenizer from `path`: a Hugging Face model directory, or a GGUF file.
 pub fn load_model_files(path: &Path) -> Result<(HostModel, Tokenizer)> {
-    if path.is_file() {
-        ensure!(
-            crate::gguf::is_gguf(path),
-            "{}: not a GGUF file (no GGUF magic) and not a model directory",
-            path.display()
-        );
+    let (host, tokenizer) = load_model_parts(path)?;
+    Ok((host, tokenizer?))
+}
+
+/// Like [`load_model_files`], but a tokenizer that cannot be built is returned as its error beside
+/// the weights, for commands that need no text (bench, info, convert).
+pub fn load_model_parts(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
+    if is_gguf_file(path)? {
         return crate::gguf::model::load_gguf(path);
     }
-    Ok((load_hf_dir(path)?, Tokenizer::from_dir(path)?))
+    Ok((load_hf_dir(path)?, Tokenizer::from_dir(path)))
+}
+
+/// The tokenizer alone, without reading weights: a model directory's, or a GGUF file's (also a
+/// vocab-only one). Notes on what was inferred are logged.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !is_gguf_file(path)? {
+        return Tokenizer::from_dir(path);
+    }
+    let file = crate::gguf::GgufFile::open(path)?;
+    let mut notes = Vec::new();
+    let tokenizer = crate::gguf::model::gguf_tokenizer(path, &file, &mut notes)?;
+    for note in &notes {
+        tracing::warn!("{}: {note}", path.display());
+    }
+    Ok(tokenizer)
+}
+
+/// Whether `path` is a GGUF file (`false` for a directory); any other file is an error.
+fn is_gguf_file(path: &Path) -> Result<bool> {
+    if !path.is_file() {
+        return Ok(false);
+    }
+    ensure!(
+        crate::gguf::is_gguf(path),
+        "{}: not a GGUF file (no GGUF magic) and not a model directory",
+        path.display()
+    );
+    Ok(true)
 }
 
 /// Loads a model directory in Hugging Face layout.

@@ -140,13 +140,6 @@ impl Tokenizer {
         Ok(tokenizer)
     }
 
-    /// Overrides whether `encode(.., add_special_tokens = true)` starts with BOS (GGUF's
-    /// `tokenizer.ggml.add_bos_token`, transformers' `add_bos_token`), whatever the post-processor does.
-    pub fn with_add_bos_token(mut self, add_bos: bool) -> Tokenizer {
-        self.add_bos = Some(add_bos);
-        self
-    }
-
     fn build(
         inner: tokenizers::Tokenizer,
         bos_id: Option<u32>,
@@ -688,8 +681,8 @@ mod tests {
     }
 
     #[test]
-    fn from_parts_and_add_bos_override() {
-        // Like a GGUF vocabulary: no post-processor, so BOS comes from `add_bos_token`.
+    fn from_parts_without_a_post_processor() {
+        // No post-processor: `encode` adds no BOS (GGUF vocabularies get one that adds it).
         let path = fixtures_dir().join("tiny-packed/tokenizer.json");
         let mut json: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         json["post_processor"] = Value::Null;
@@ -710,10 +703,6 @@ mod tests {
         let msg = [crate::chat::ChatMessage::new("user", "x")];
         let text = tok.chat_template().unwrap().render(&msg, false).unwrap();
         assert_eq!(text, "<|begin_of_text|>x<|eot_id|>");
-
-        let tok = tok.with_add_bos_token(true);
-        assert!(tok.adds_bos());
-        assert_eq!(tok.encode("Hello", true).unwrap(), [1008, 39, 68, 358, 78]);
 
         let inner = fixture_tokenizer().inner().clone();
         assert!(Tokenizer::from_parts(inner, Some("{% for %}".into()), None, vec![]).is_err());

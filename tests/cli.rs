@@ -647,3 +647,106 @@ fn wgpu_backend_runs_benches_and_explains_a_missing_adapter() {
         assert!(r["tok_s"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
+
+#[test]
+fn tokenize_reads_gguf_files_and_vocab_only_ones() {
+    let g = golden("tiny-packed");
+    let cases = g["tokenization"].as_array().unwrap();
+    // A vocab-only file like llama.cpp's test vocabularies: the fixture's tokenizer keys, no tensors.
+    // A folder of its own: a tokenizer.json beside it would win over the metadata.
+    let dir = tempfile::tempdir().unwrap();
+    let vocab_only = dir.path().join("vocab.gguf");
+    let source = tern::gguf::GgufFile::open(&fixture_dir(GGUF_FIXTURES[0])).unwrap();
+    let mut w = tern::gguf::write::GgufWriter::default();
+    for (key, value) in &source.metadata {
+        if key.starts_with("tokenizer.") || key == "general.architecture" {
+            w.meta(key.clone(), value.clone());
+        }
+    }
+    w.write(&vocab_only).unwrap();
+    let files: Vec<PathBuf> = GGUF_FIXTURES.iter().map(|f| fixture_dir(f)).collect();
+    for file in files.iter().chain([&vocab_only]) {
+        for case in cases.iter().take(4) {
+            let text = case["text"].as_str().unwrap();
+            let args = [
+                "tokenize",
+                "-m",
+                path_str(file),
+                "-p",
+                text,
+                "--format",
+                "json",
+            ];
+            let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+            assert_eq!(ids(&v["ids"]), ids(&case["ids_with_special_tokens"]));
+            let mut args = args.to_vec();
+            args.push("--no-special");
+            let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+            assert_eq!(v["tokens"], case["tokens_without_special_tokens"]);
+        }
+    }
+    // A vocab-only file has no weights to run.
+    fails_with(
+        &["run", "-m", path_str(&vocab_only), "-p", "x"],
+        &["vocab.gguf", "is missing"],
+    );
+}
+
+#[test]
+fn commands_without_text_run_on_a_model_whose_tokenizer_cannot_be_built() {
+    // The fixture with an unknown pre-tokenizer (same length as `llama-bpe`).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("odd.gguf");
+    let mut bytes = std::fs::read(fixture_dir(GGUF_FIXTURES[1])).unwrap();
+    let at = bytes
+        .windows(9)
+        .position(|w| w == b"llama-bpe")
+        .expect("tokenizer.ggml.pre");
+    bytes[at..at + 9].copy_from_slice(b"unknown-x");
+    std::fs::write(&file, &bytes).unwrap();
+    let file = path_str(&file);
+    let reason = ["\"unknown-x\"", "tokenizer.json"];
+
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["info", "-m", file, "--format", "json"])).unwrap();
+    let unavailable = v["tokenizer"]["unavailable"].as_str().unwrap();
+    assert!(
+        reason.iter().all(|r| unavailable.contains(r)),
+        "{unavailable}"
+    );
+    assert_eq!(v["layers"], 2);
+
+    let args = [
+        "bench",
+        "-m",
+        file,
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--backend",
+        "cpu",
+    ];
+    let o = tern(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("| pp8 |"), "{}", stdout(&o));
+    let warning = stderr(&o);
+    assert!(
+        warning.contains("without a tokenizer") && warning.contains("unknown-x"),
+        "{warning}"
+    );
+
+    // convert keeps the vocabulary as it was.
+    let out = dir.path().join("out.gguf");
+    ok(&["convert", "-m", file, "--to", "i2_s", "-o", path_str(&out)]);
+    let written = tern::gguf::GgufFile::open(&out).unwrap();
+    let pre = written.get("tokenizer.ggml.pre").and_then(|v| v.as_str());
+    assert_eq!(pre, Some("unknown-x"));
+    assert_eq!(written.tensors.len(), 2 + 2 * 11);
+
+    for command in ["run", "tokenize"] {
+        fails_with(&[command, "-m", file, "-p", "x"], &reason);
+    }
+}

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use tern::chat::ChatMessage;
-use tern::gguf::model::tokenizer_from_metadata;
-use tern::gguf::write::{TernaryTarget, model_to_gguf};
+use tern::gguf::vocab::tokenizer_from_metadata;
+use tern::gguf::write::{TernaryTarget, VocabSource, model_to_gguf};
 use tern::gguf::{GgmlType, GgufFile};
 use tern::loader::load_model_files;
 use tern::model::LogitsFor;
@@ -92,26 +92,142 @@ fn a_missing_pre_tokenizer_uses_llama3_and_says_so() {
 }
 
 #[test]
+fn bos_and_eos_follow_the_metadata_and_llama_cpp_defaults() {
+    use tern::gguf::Value;
+    let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
+    let hello = [39, 68, 358, 78];
+    let encode = |file: &GgufFile| {
+        let (tok, _) = tokenizer_of(file);
+        (tok.encode("Hello", true).unwrap(), tok.adds_bos())
+    };
+    file.metadata
+        .insert("tokenizer.ggml.add_eos_token".into(), Value::Bool(true));
+    assert_eq!(
+        encode(&file),
+        ([&[1008][..], &hello, &[1017]].concat(), true)
+    );
+    file.metadata
+        .insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(false));
+    assert_eq!(encode(&file), ([&hello[..], &[1017]].concat(), false));
+    // Absent keys: no EOS, and BOS for Llama-3's family only (a GPT-2 split on the same vocabulary
+    // encodes "Hello" the same way).
+    file.metadata.remove("tokenizer.ggml.add_eos_token");
+    file.metadata.remove("tokenizer.ggml.add_bos_token");
+    assert_eq!(encode(&file), ([&[1008][..], &hello].concat(), true));
+    let gpt2 = Value::String("gpt-2".into());
+    file.metadata.insert("tokenizer.ggml.pre".into(), gpt2);
+    assert_eq!(encode(&file), (hello.to_vec(), false));
+    // An id outside the vocabulary is ignored with a note, as llama.cpp does.
+    file.metadata
+        .insert("tokenizer.ggml.bos_token_id".into(), Value::U32(5000));
+    let (tok, notes) = tokenizer_of(&file);
+    assert_eq!(tok.bos_id(), None);
+    assert!(notes.iter().any(|n| n.contains("5000")), "{notes:?}");
+}
+
+/// The tokenizer of a file holding just `metadata`, or its error.
+fn tokenizer_of_metadata(metadata: Vec<(&str, tern::gguf::Value)>) -> Result<Tokenizer, String> {
+    let mut w = tern::gguf::write::GgufWriter::default();
+    for (key, value) in metadata {
+        w.meta(key, value);
+    }
+    let f = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+    w.write(f.path()).unwrap();
+    let file = GgufFile::open(f.path()).unwrap();
+    tokenizer_from_metadata(&file, &mut vec![]).map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn odd_vocabularies_give_a_tokenizer_or_an_error_naming_the_key() {
+    use tern::gguf::Value;
+    let strings =
+        |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+    let model = |m: &str| ("tokenizer.ggml.model", Value::String(m.into()));
+    // SentencePiece with one token: llama.cpp's default BOS (1) and EOS (2) do not exist.
+    let tok = tokenizer_of_metadata(vec![
+        model("llama"),
+        ("tokenizer.ggml.tokens", strings(&["▁a"])),
+    ])
+    .unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_ids()), (None, &[][..]));
+    assert!(!tok.adds_bos());
+    // i32 scores (llama.cpp reads them too), negative ones included.
+    let tokens = strings(&["<unk>", "▁", "a", "▁a"]);
+    let scores = Value::Array(vec![
+        Value::I32(0),
+        Value::I32(-1),
+        Value::I32(-2),
+        Value::I32(-3),
+    ]);
+    let tok = tokenizer_of_metadata(vec![
+        model("llama"),
+        ("tokenizer.ggml.tokens", tokens.clone()),
+        ("tokenizer.ggml.scores", scores),
+    ])
+    .unwrap();
+    assert_eq!(tok.encode("a a", false).unwrap(), [3, 3]);
+    for (metadata, needle) in [
+        (
+            vec![model("gpt2"), ("tokenizer.ggml.tokens", tokens.clone())],
+            "`tokenizer.ggml.merges`",
+        ),
+        (
+            vec![model("llama"), ("tokenizer.ggml.tokens", Value::U32(3))],
+            "`tokenizer.ggml.tokens`",
+        ),
+        (
+            vec![("tokenizer.ggml.tokens", tokens.clone())],
+            "`tokenizer.ggml.model` is missing",
+        ),
+        (
+            vec![
+                model("llama"),
+                ("tokenizer.ggml.tokens", tokens.clone()),
+                ("tokenizer.ggml.scores", Value::F32(1.0)),
+            ],
+            "`tokenizer.ggml.scores`",
+        ),
+        (
+            vec![
+                model("gpt2"),
+                ("tokenizer.ggml.tokens", tokens),
+                ("tokenizer.ggml.merges", strings(&["▁a"])),
+            ],
+            "not two tokens",
+        ),
+    ] {
+        let err = tokenizer_of_metadata(metadata).unwrap_err();
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[test]
 fn unsupported_tokenizers_are_refused_by_name() {
     let mut file = GgufFile::open(&fixture_dir(GGUF_FIXTURES[1])).unwrap();
     file.metadata.insert(
         "tokenizer.ggml.pre".into(),
-        tern::gguf::Value::String("qwen2".into()),
+        tern::gguf::Value::String("qwen9".into()),
     );
     let err = format!(
         "{:#}",
         tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
     );
-    assert!(err.contains("qwen2"), "{err}");
+    assert!(
+        err.contains("\"qwen9\"") && err.contains("tokenizer.json"),
+        "{err}"
+    );
     file.metadata.insert(
         "tokenizer.ggml.model".into(),
-        tern::gguf::Value::String("llama".into()),
+        tern::gguf::Value::String("t5".into()),
     );
     let err = format!(
         "{:#}",
         tokenizer_from_metadata(&file, &mut vec![]).unwrap_err()
     );
-    assert!(err.contains("tokenizer.ggml.model"), "{err}");
+    assert!(
+        err.contains("`tokenizer.ggml.model` \"t5\"") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,7 +276,13 @@ fn formats_and_architectures_are_reported() {
 /// Converts `model` (a fixture name) to `target` in memory and parses the result.
 fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, GgufFile) {
     let (host, tokenizer) = load_model_files(&fixture_dir(model)).unwrap();
-    let (writer, _notes) = model_to_gguf(&host, &tokenizer, target, "converted").unwrap();
+    let (writer, _notes) = model_to_gguf(
+        &host,
+        VocabSource::Tokenizer(&tokenizer),
+        target,
+        "converted",
+    )
+    .unwrap();
     let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
     writer.write(out.path()).unwrap();
     let file = GgufFile::open(out.path()).unwrap();
@@ -321,4 +443,218 @@ fn a_bitnet_file_without_its_activation_key_says_what_was_inferred() {
         "{}",
         host.format
     );
+}
+
+/// llama.cpp's tokenizer test vocabularies checked (`models/ggml-vocab-NAME.gguf`), by name.
+const LLAMA_CPP_VOCABS: [&str; 13] = [
+    "llama-spm",
+    "phi-3",
+    "llama-bpe",
+    "falcon",
+    "gpt-2",
+    "qwen2",
+    "qwen35",
+    "mpt",
+    "starcoder",
+    "refact",
+    "command-r",
+    "deepseek-coder",
+    "deepseek-llm",
+];
+
+/// The folder holding llama.cpp's `models/ggml-vocab-*` files (`TERN_VOCAB_DIR`; .ci/run fetches
+/// them from the llama-cpp-python sdist). Absent: `None` with a printed reason, or a failure under
+/// `TERN_REQUIRE_VOCAB=1`.
+fn llama_cpp_vocab_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TERN_VOCAB_DIR").map(std::path::PathBuf::from);
+    let required = std::env::var("TERN_REQUIRE_VOCAB").is_ok_and(|v| v == "1");
+    match dir.filter(|d| d.join("ggml-vocab-llama-spm.gguf").is_file()) {
+        Some(dir) => Some(dir),
+        None if required => panic!(
+            "TERN_REQUIRE_VOCAB=1 but TERN_VOCAB_DIR does not hold llama.cpp's ggml-vocab-*.gguf files"
+        ),
+        None => {
+            eprintln!(
+                "skipping llama.cpp's tokenizer test vectors: set TERN_VOCAB_DIR to llama.cpp's \
+                 models/ folder (.ci/run fetches it)"
+            );
+            None
+        }
+    }
+}
+
+/// llama.cpp's test cases of a vocabulary: `.inp` texts separated by `\n__ggml_vocab_test__\n`,
+/// `.out` one line of ids per text (as test-tokenizer-0 reads them).
+fn llama_cpp_cases(dir: &std::path::Path, name: &str) -> Vec<(String, Vec<u32>)> {
+    let base = dir.join(format!("ggml-vocab-{name}.gguf"));
+    let read = |ext: &str| std::fs::read_to_string(base.with_extension(format!("gguf.{ext}")));
+    let (inp, out) = (read("inp").unwrap(), read("out").unwrap());
+    let sep = "\n__ggml_vocab_test__\n";
+    let texts: Vec<&str> = inp.strip_suffix(sep).unwrap_or(&inp).split(sep).collect();
+    let ids: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(texts.len(), ids.len(), "{name}: .inp and .out disagree");
+    texts.iter().map(|t| t.to_string()).zip(ids).collect()
+}
+
+/// The tokenizer llama.cpp's vocabulary file `name` describes.
+fn llama_cpp_tokenizer(dir: &std::path::Path, name: &str) -> Tokenizer {
+    let file = GgufFile::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+    let mut notes = Vec::new();
+    let tok =
+        tokenizer_from_metadata(&file, &mut notes).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    assert!(notes.is_empty(), "{name}: {notes:?}");
+    tok
+}
+
+/// Every case of llama.cpp's vocabulary `name` encodes to llama.cpp's ids and decodes back.
+fn check_llama_cpp_cases(dir: &std::path::Path, name: &str, tok: &Tokenizer) {
+    let cases = llama_cpp_cases(dir, name);
+    assert!(cases.len() > 40, "{name}: {} cases", cases.len());
+    for (text, want) in &cases {
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(&got, want, "{name}: {text:?}");
+        // llama.cpp's decoding gives every text back, except where most byte-level
+        // vocabularies drop spaces (` ,`, ` 's`, ...); without that clean-up, tern's always does.
+        let decoded = tok.decode(&got, false).unwrap();
+        assert_eq!(&decoded, text, "{name}: decoding {got:?}");
+    }
+}
+
+#[test]
+fn llama_cpp_tokenizer_test_vectors() {
+    let Some(dir) = llama_cpp_vocab_dir() else {
+        return;
+    };
+    for name in LLAMA_CPP_VOCABS {
+        check_llama_cpp_cases(&dir, name, &llama_cpp_tokenizer(&dir, name));
+    }
+    // Falcon3's `pre` names Llama-3's rules.
+    let mut file = GgufFile::open(&dir.join("ggml-vocab-llama-bpe.gguf")).unwrap();
+    let pre = tern::gguf::Value::String("falcon3".into());
+    file.metadata.insert("tokenizer.ggml.pre".into(), pre);
+    let tok = tokenizer_from_metadata(&file, &mut vec![]).unwrap();
+    check_llama_cpp_cases(&dir, "llama-bpe", &tok);
+}
+
+/// `host` with `vocab` embedding (and head) rows, the new ones repeating the old, so that a real
+/// vocabulary's ids fit.
+fn grow_vocab(mut host: tern::loader::HostModel, vocab: usize) -> tern::loader::HostModel {
+    use tern::ternary::{DenseData, DenseMatrix};
+    fn tile<T: Copy>(v: &[T], cols: usize, rows: usize) -> Vec<T> {
+        v.chunks_exact(cols)
+            .cycle()
+            .take(rows)
+            .flatten()
+            .copied()
+            .collect()
+    }
+    fn grow(m: &DenseMatrix, rows: usize) -> DenseMatrix {
+        let data = match &m.data {
+            DenseData::F32(v) => DenseData::F32(tile(v, m.cols, rows)),
+            DenseData::F16(v) => DenseData::F16(tile(v, m.cols, rows)),
+            DenseData::Bf16(v) => DenseData::Bf16(tile(v, m.cols, rows)),
+        };
+        DenseMatrix {
+            rows,
+            cols: m.cols,
+            data,
+        }
+    }
+    host.embed = grow(&host.embed, vocab);
+    host.output = host.output.as_ref().map(|m| grow(m, vocab));
+    host.config.vocab = vocab;
+    host
+}
+
+/// Greedy continuation of `prompt` by `n` tokens on the CPU.
+fn greedy(host: &tern::loader::HostModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let cpu = tern::backend::cpu::CpuBackend::new(1).unwrap();
+    let mut e = engine(host, Box::new(cpu), 64);
+    let seq = e.new_sequence().unwrap();
+    let mut logits = e.feed(seq, prompt, LogitsFor::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&logits) as u32;
+        out.push(next);
+        logits = e.feed(seq, &[next], LogitsFor::Last).unwrap();
+    }
+    out
+}
+
+#[test]
+fn one_bit_llm_and_falcon3_style_files_run_with_the_tokenizer_of_their_metadata() {
+    let Some(vocab_dir) = llama_cpp_vocab_dir() else {
+        return;
+    };
+    // 1bitLLM (bitnet.cpp's layout): `bitnet` with sub-norms and SiLU but no
+    // `bitnet.hidden_activation`, the Llama SentencePiece vocabulary. Falcon3-1.58bit: `llama`
+    // with ternary linears and a byte-level BPE vocabulary (llama.cpp's Falcon test vocabulary,
+    // whose `pre` its test cases are for).
+    for (fixture, vocab_name, activation_key) in [
+        ("tiny-packed", "llama-spm", Some("bitnet.hidden_activation")),
+        ("tiny-bitlinear", "falcon", None),
+    ] {
+        let vocab =
+            GgufFile::open(&vocab_dir.join(format!("ggml-vocab-{vocab_name}.gguf"))).unwrap();
+        let n_vocab = vocab
+            .get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len();
+        let mut host = grow_vocab(load(fixture), n_vocab);
+        if activation_key.is_some() {
+            host.config.activation = tern_cpu::elementwise::GateActivation::Silu;
+        }
+        let (writer, _notes) = model_to_gguf(
+            &host,
+            VocabSource::Metadata(&vocab.metadata),
+            TernaryTarget::I2S,
+            vocab_name,
+        )
+        .unwrap();
+        let mut bytes = writer.to_bytes();
+        if let Some(key) = activation_key {
+            let at = bytes
+                .windows(key.len())
+                .position(|w| w == key.as_bytes())
+                .unwrap();
+            bytes[at + key.len() - 1] = b'X';
+        }
+        // A folder of its own: nothing but the GGUF file describes the tokenizer.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).unwrap();
+
+        let (loaded, tok) = load_model_files(&path).unwrap();
+        check_llama_cpp_cases(&vocab_dir, vocab_name, &tok);
+        assert_eq!(
+            loaded.config.activation,
+            tern_cpu::elementwise::GateActivation::Silu
+        );
+        if activation_key.is_some() {
+            assert!(loaded.format.contains("SentencePiece"), "{}", loaded.format);
+        }
+        let prompt = tok.encode("Hello world", true).unwrap();
+        assert_eq!(
+            prompt.first() == tok.bos_id().as_ref(),
+            vocab_name == "llama-spm"
+        );
+        let new = greedy(&loaded, &prompt, 8);
+        assert_eq!(
+            new,
+            greedy(&host, &prompt, 8),
+            "{vocab_name}: same tokens as before writing"
+        );
+        assert!(new.iter().all(|&id| (id as usize) < n_vocab));
+        let mut stream = tok.stream_decoder(true);
+        let streamed: String = new.iter().map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(
+            streamed + &stream.finish().unwrap(),
+            tok.decode(&new, true).unwrap()
+        );
+    }
 }

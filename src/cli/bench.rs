@@ -13,7 +13,7 @@ use tern::engine::Engine;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Model directory or Hugging Face repo id (or use --shape).
+    /// Model directory, GGUF file or Hugging Face repo id (or use --shape).
     #[arg(short, long, conflicts_with = "shape")]
     model: Option<String>,
     /// Random weights in the exact shape of a published model: 2b4t, 700m, 3b, 8b, or one of
@@ -84,7 +84,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             tracing::info!("building a random-weight model of the {shape} shape");
             (preset.random_model(7), shape.clone())
         }
-        (None, Some(model)) => (load_model(model)?.host, model.clone()),
+        (None, Some(model)) => {
+            // A benchmark feeds token ids, not text: a model without a usable tokenizer runs.
+            let loaded = load_model(model)?;
+            loaded.tokenizer_if_any();
+            (loaded.host, model.clone())
+        }
         (None, None) => anyhow::bail!(
             "give a model with -m or a shape with --shape ({})",
             ShapePreset::names()

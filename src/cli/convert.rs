@@ -2,10 +2,11 @@
 //! TQ1_0 for llama.cpp). The mapping is in `tern::gguf::write`.
 
 use super::load_model;
-use anyhow::{Result, ensure};
+use anyhow::{Result, anyhow, ensure};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
-use tern::gguf::write::{TernaryTarget, model_to_gguf};
+use tern::gguf::write::{TernaryTarget, VocabSource, model_to_gguf};
+use tern::gguf::{GgufFile, is_gguf};
 use tern::hub;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -50,7 +51,21 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .path
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-    let (writer, notes) = model_to_gguf(&loaded.host, &loaded.tokenizer, target, &name)?;
+    // A GGUF source keeps its vocabulary exactly (any kind, even one tern cannot build a tokenizer
+    // from); a model directory's tokenizer is serialized.
+    let source = is_gguf(&loaded.path)
+        .then(|| GgufFile::open(&loaded.path))
+        .transpose()?
+        .filter(|file| file.get("tokenizer.ggml.model").is_some());
+    let vocab = match &source {
+        Some(file) => {
+            // Only for its warning: the keys are copied whether or not a tokenizer can be built.
+            loaded.tokenizer_if_any();
+            VocabSource::Metadata(&file.metadata)
+        }
+        None => VocabSource::Tokenizer(loaded.tokenizer.as_ref().map_err(|e| anyhow!("{e:#}"))?),
+    };
+    let (writer, notes) = model_to_gguf(&loaded.host, vocab, target, &name)?;
     for note in &notes {
         tracing::warn!("{note}");
     }

@@ -8,7 +8,7 @@ use tern::hub;
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// Model directory or Hugging Face repo id.
+    /// Model directory, GGUF file or Hugging Face repo id.
     #[arg(short, long, default_value = hub::DEFAULT_MODEL)]
     model: String,
     /// Context length the KV-cache figure is given for (0: the model's maximum).
@@ -20,7 +20,7 @@ pub struct InfoArgs {
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
-    let (m, t) = (&loaded.host, &loaded.tokenizer);
+    let m = &loaded.host;
     let c = &m.config;
     let (ternary_params, ternary_bytes) = m.ternary_size();
     let dense_params =
@@ -74,11 +74,15 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "kv_cache_at_ctx": kv_bytes_per_token * ctx,
             "ctx": ctx,
         },
-        "tokenizer": {
-            "vocab_size": t.vocab_size(),
-            "bos_id": t.bos_id(),
-            "eos_ids": t.eos_ids(),
-            "chat_template": t.chat_template().is_some(),
+        // Shapes and sizes need no tokenizer: one that cannot be built is reported, not an error.
+        "tokenizer": match &loaded.tokenizer {
+            Ok(t) => json!({
+                "vocab_size": t.vocab_size(),
+                "bos_id": t.bos_id(),
+                "eos_ids": t.eos_ids(),
+                "chat_template": t.chat_template().is_some(),
+            }),
+            Err(e) => json!({ "unavailable": format!("{e:#}") }),
         },
     });
     match args.format {

@@ -17,7 +17,7 @@ use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
 use tern::engine::Engine;
 use tern::hub;
-use tern::loader::{HostModel, load_model_files};
+use tern::loader::{HostModel, load_model_parts};
 use tern::sampler::SamplingParams;
 use tern::tokenizer::Tokenizer;
 
@@ -211,14 +211,30 @@ fn auto_wgpu(device: Option<&str>) -> Result<WgpuBackend> {
     Ok(gpu)
 }
 
-/// A model loaded from disk: weights, tokenizer and where they came from.
+/// A model loaded from disk: weights, tokenizer (or why it cannot be built) and where they came
+/// from.
 pub struct LoadedModel {
     pub host: HostModel,
-    pub tokenizer: Tokenizer,
+    /// Only commands that handle text need it: see [`LoadedModel::tokenizer_if_any`].
+    pub tokenizer: Result<Tokenizer>,
     pub path: PathBuf,
 }
 
-/// Resolves `-m` (directory or repo id) and loads weights and tokenizer.
+impl LoadedModel {
+    /// The tokenizer for a command that can do without one (bench, info, convert): `None`, with a
+    /// warning saying why, when it cannot be built.
+    pub fn tokenizer_if_any(&self) -> Option<&Tokenizer> {
+        match &self.tokenizer {
+            Ok(tokenizer) => Some(tokenizer),
+            Err(e) => {
+                tracing::warn!("continuing without a tokenizer: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// Resolves `-m` (directory, GGUF file or repo id) and loads weights and tokenizer.
 pub fn load_model(spec: &str) -> Result<LoadedModel> {
     let path = hub::resolve_model(spec)?;
     let (host, tokenizer) = load_path(&path)?;
@@ -229,9 +245,9 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
     })
 }
 
-fn load_path(path: &Path) -> Result<(HostModel, Tokenizer)> {
+fn load_path(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
     let started = std::time::Instant::now();
-    let (host, tokenizer) = load_model_files(path)?;
+    let (host, tokenizer) = load_model_parts(path)?;
     tracing::info!(
         "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
         host.config.architecture,
@@ -250,10 +266,11 @@ pub fn engine_for(
     top_k_suffices: bool,
 ) -> Result<(Engine, Tokenizer, HostModel)> {
     let loaded = load_model(&args.model)?;
+    let tokenizer = loaded.tokenizer?;
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
     args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
     let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
-    Ok((engine, loaded.tokenizer, loaded.host))
+    Ok((engine, tokenizer, loaded.host))
 }
 
 /// Sampling flags, with llama.cpp's defaults.

@@ -31,7 +31,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         0 => DEFAULT_WINDOW.min(loaded.host.config.max_positions),
         n => n,
     };
-    let ids = loaded.tokenizer.encode(&text, true)?;
+    let ids = loaded.tokenizer?.encode(&text, true)?;
     let mut backend = select_backend(
         args.model.backend,
         args.model.threads,

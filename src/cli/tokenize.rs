@@ -5,11 +5,11 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use tern::hub;
-use tern::tokenizer::Tokenizer;
+use tern::loader::load_tokenizer;
 
 #[derive(Args)]
 pub struct TokenizeArgs {
-    /// Model directory or Hugging Face repo id.
+    /// Model directory, GGUF file (a vocab-only one too) or Hugging Face repo id.
     #[arg(short, long, default_value = hub::DEFAULT_MODEL)]
     model: String,
     /// The text to tokenize.
@@ -23,7 +23,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = Tokenizer::from_dir(&hub::resolve_model(&args.model)?)?;
+    let tokenizer = load_tokenizer(&hub::resolve_model(&args.model)?)?;
     let ids = tokenizer.encode(&args.prompt, !args.no_special)?;
     let pieces: Vec<String> = ids
         .iter()

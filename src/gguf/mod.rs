@@ -10,7 +10,9 @@
 //! string = u64 length + UTF-8 bytes; array = u32 element_type + u64 count + elements
 //! ```
 //! `ne[0]` is the contiguous dimension: a linear `[out, in]` is `ne = [in, out]`. Each tensor's
-//! `offset` is relative to the data section and a multiple of the alignment.
+//! `offset` is relative to the data section and a multiple of the alignment. A file may end before
+//! the padding (llama.cpp's vocab-only files do): its data section is empty, which only tensors of
+//! no bytes fit.
 //!
 //! No allocation is sized by a count the file states before the bytes behind it are known to
 //! exist: an array of `count` elements needs at least `count × (smallest element)` bytes left, so a
@@ -22,6 +24,7 @@
 
 pub mod model;
 pub mod quants;
+pub mod vocab;
 pub mod write;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -490,12 +493,12 @@ pub fn parse(bytes: &[u8]) -> Result<Header> {
         let offset = c.u64(&format!("tensor `{name}` offset"))?;
         raw.push((name, ne, type_id, offset));
     }
-    let data_start = (c.pos as u64).next_multiple_of(alignment);
-    ensure!(
-        data_start <= bytes.len() as u64,
-        "the tensor data section starts at byte {data_start}, past the end of the file ({} bytes)",
-        bytes.len()
-    );
+    // A file may end before the padding that would precede its data (llama.cpp's vocab-only files
+    // do, and llama.cpp reads them): its data section is then empty, so any tensor that has bytes
+    // fails the range check below.
+    let data_start = (c.pos as u64)
+        .next_multiple_of(alignment)
+        .min(bytes.len() as u64);
     let data_len = bytes.len() as u64 - data_start;
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(raw.len());
     for (name, ne, type_id, offset) in raw {

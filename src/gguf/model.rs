@@ -17,10 +17,11 @@
 //! Linears must be ternary types (I2_S, TQ1_0, TQ2_0); embeddings and the head may be any type
 //! [`super::quants::dense_values`] decodes (block-quantized ones are dequantized to f32).
 //!
-//! The tokenizer comes from `tokenizer.ggml.*` (see [`tokenizer_from_metadata`]) unless a
-//! `tokenizer.json` lies beside the file, which wins.
+//! The tokenizer comes from `tokenizer.ggml.*` (see [`super::vocab`]) unless a `tokenizer.json`
+//! lies beside the file, which wins.
 
 use super::quants::{dense_values, ternary_values};
+use super::vocab::tokenizer_from_metadata;
 use super::{GgmlType, GgufFile, TensorInfo, Value};
 use crate::config::ModelConfig;
 use crate::loader::{HostLayer, HostModel};
@@ -28,44 +29,43 @@ use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use half::{bf16, f16};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tern_cpu::bitlinear::reference::pack;
 use tern_cpu::elementwise::GateActivation;
 
-/// The Llama-3 pre-tokenizer split (`tokenizer.ggml.pre = llama-bpe`).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// BitNet b1.58 2B-4T's chat template, used where bitnet.cpp's converter wrote its placeholder.
-const BITNET_2B4T_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}";
-
-/// Loads weights and tokenizer from a GGUF file.
-pub fn load_gguf(path: &Path) -> Result<(HostModel, Tokenizer)> {
+/// Loads the weights of a GGUF file, and its tokenizer, whose failure is returned apart: commands
+/// that need no text run without one. Notes on what was inferred are logged and appended to
+/// [`HostModel::format`].
+pub fn load_gguf(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
     let file = GgufFile::open(path)?;
     let source = path.display().to_string();
     let mut notes = Vec::new();
-    let host = host_model(&file, &mut notes).with_context(|| source.clone())?;
+    let mut host = host_model(&file, &mut notes).with_context(|| source.clone())?;
+    let tokenizer = gguf_tokenizer(path, &file, &mut notes);
+    for note in &notes {
+        tracing::warn!("{source}: {note}");
+    }
+    if !notes.is_empty() {
+        host.format = format!("{}; inferred: {}", host.format, notes.join("; "));
+    }
+    Ok((host, tokenizer))
+}
+
+/// The tokenizer of the GGUF file at `path`: a `tokenizer.json` beside it wins over the metadata.
+pub fn gguf_tokenizer(path: &Path, file: &GgufFile, notes: &mut Vec<String>) -> Result<Tokenizer> {
     let beside = path.parent().map(|d| d.join("tokenizer.json"));
-    let tokenizer = match beside.filter(|p| p.is_file()) {
+    match beside.filter(|p| p.is_file()) {
         Some(json) => {
             notes.push(format!(
                 "tokenizer from {} (wins over GGUF metadata)",
                 json.display()
             ));
-            Tokenizer::from_dir(json.parent().expect("a file has a parent"))?
+            Tokenizer::from_dir(json.parent().expect("a file has a parent"))
         }
-        None => tokenizer_from_metadata(&file, &mut notes)
-            .with_context(|| format!("{source}: tokenizer metadata"))?,
-    };
-    for note in &notes {
-        tracing::warn!("{source}: {note}");
+        None => tokenizer_from_metadata(file, notes)
+            .with_context(|| format!("{}: tokenizer metadata", path.display())),
     }
-    let mut host = host;
-    if !notes.is_empty() {
-        host.format = format!("{}; inferred: {}", host.format, notes.join("; "));
-    }
-    Ok((host, tokenizer))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -388,148 +388,6 @@ pub(super) fn unpermute_rows(
         }
     }
     Ok(out)
-}
-
-/// The tokenizer of `tokenizer.ggml.*`: `model` must be `gpt2` (byte-level BPE); `tokens`,
-/// `merges`, `token_type` (3 = control: special; 4 = user-defined: matched in text), bos/eos ids,
-/// `add_bos_token` (default true), the Llama-3 pre-tokenizer for `pre = llama-bpe` or when `pre`
-/// is missing (with a note), and `tokenizer.chat_template`.
-pub fn tokenizer_from_metadata(file: &GgufFile, notes: &mut Vec<String>) -> Result<Tokenizer> {
-    let get = |key: &str| file.get(key);
-    let model = get("tokenizer.ggml.model").and_then(Value::as_str);
-    ensure!(
-        model == Some("gpt2"),
-        "tokenizer.ggml.model {model:?} is not supported from GGUF metadata (expected \"gpt2\"); \
-         put the model's tokenizer.json beside the file"
-    );
-    match get("tokenizer.ggml.pre").map(|v| v.as_str()) {
-        Some(Some("llama-bpe" | "llama3" | "llama-v3")) => {}
-        None => notes.push(
-            "tokenizer.ggml.pre is missing: using the Llama-3 pre-tokenizer (llama-bpe)".into(),
-        ),
-        Some(other) => bail!(
-            "tokenizer.ggml.pre {other:?} is not supported (expected \"llama-bpe\"); put the \
-             model's tokenizer.json beside the file"
-        ),
-    }
-    let strings = |key: &str| -> Result<Vec<&str>> {
-        get(key)
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("`{key}` is missing or not an array"))?
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| anyhow!("`{key}` holds a non-string"))
-            })
-            .collect()
-    };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<u64> = match get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(types) => types
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| anyhow!("`tokenizer.ggml.token_type` holds a non-integer"))
-            })
-            .collect::<Result<_>>()?,
-        None => vec![1; tokens.len()],
-    };
-    ensure!(
-        types.len() == tokens.len(),
-        "{} token types for {} tokens",
-        types.len(),
-        tokens.len()
-    );
-    let mut vocab = serde_json::Map::with_capacity(tokens.len());
-    let mut added = Vec::new();
-    for (id, (&token, &kind)) in tokens.iter().zip(&types).enumerate() {
-        if vocab.contains_key(token) {
-            notes.push(format!(
-                "token {id} ({token:?}) repeats an earlier token; ignored"
-            ));
-            continue;
-        }
-        vocab.insert(token.to_string(), json!(id));
-        if kind == 3 || kind == 4 {
-            added.push(
-                json!({"id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": kind == 3}),
-            );
-        }
-    }
-    let merges: Vec<[&str; 2]> = merges
-        .iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| [a, b])
-                .ok_or_else(|| anyhow!("merge {m:?} is not two tokens separated by a space"))
-        })
-        .collect::<Result<_>>()?;
-    let spec = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
-             "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-             "use_regex": false}]},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                    "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-                  "byte_fallback": false, "ignore_merges": true, "vocab": vocab, "merges": merges},
-    });
-    let inner: tokenizers::Tokenizer = spec
-        .to_string()
-        .parse()
-        .map_err(|e| anyhow!("cannot build the BPE tokenizer: {e}"))?;
-
-    let bos = token_id(file, "tokenizer.ggml.bos_token_id")?;
-    let mut eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-        .iter()
-        .map(|key| token_id(file, key))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    // llama.cpp's end-of-generation set: Llama-3's end tokens when they are control tokens (the
-    // GGUF names one EOS, the model ends turns with `<|eot_id|>` and documents with the other).
-    for text in ["<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"] {
-        if let Some(id) = tokens.iter().position(|&t| t == text)
-            && types[id] == 3
-        {
-            eos.push(id as u32);
-        }
-    }
-    let add_bos = match get("tokenizer.ggml.add_bos_token") {
-        None => true,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| anyhow!("`tokenizer.ggml.add_bos_token` is not a bool"))?,
-    };
-    let template = match get("tokenizer.chat_template") {
-        None => None,
-        Some(v) => {
-            let t = v
-                .as_str()
-                .ok_or_else(|| anyhow!("`tokenizer.chat_template` is not a string"))?;
-            if t.contains("BITNETAssistant") {
-                notes.push(
-                    "chat template: bitnet.cpp's placeholder replaced by BitNet b1.58 2B-4T's \
-                     template"
-                        .into(),
-                );
-                Some(BITNET_2B4T_TEMPLATE.to_string())
-            } else {
-                Some(t.to_string())
-            }
-        }
-    };
-    Ok(Tokenizer::from_parts(inner, template, bos, eos)
-        .context("`tokenizer.chat_template`")?
-        .with_add_bos_token(add_bos))
 }
 
 #[cfg(test)]

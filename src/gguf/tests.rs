@@ -195,3 +195,49 @@ fn dense_block_types_decode() {
         assert_eq!(*v, 0.25 * (i / 16 + 1) as f32, "element {i}");
     }
 }
+
+#[test]
+fn a_vocab_only_file_may_end_before_the_padding() {
+    // Like llama.cpp's `ggml-vocab-*.gguf`: metadata only, the file ends right after it.
+    let mut w = GgufWriter::default();
+    w.meta("general.architecture", Value::String("llama".into()));
+    w.meta("tokenizer.ggml.model", Value::String("llama".into()));
+    let bytes = w.to_bytes();
+    assert_ne!(bytes.len() % 32, 0, "the sample must end off the alignment");
+    let h = parse(&bytes).unwrap();
+    assert!(h.tensors.is_empty());
+    assert_eq!(h.metadata.len(), 2);
+    for len in 0..bytes.len() {
+        assert!(
+            parse(&bytes[..len]).is_err(),
+            "a file cut at {len} bytes parsed"
+        );
+    }
+    // With the padding present, and with trailing bytes, it reads the same.
+    let mut padded = bytes.clone();
+    padded.resize(bytes.len().next_multiple_of(32) + 7, 0);
+    assert!(parse(&padded).unwrap().tensors.is_empty());
+}
+
+#[test]
+fn an_empty_data_section_holds_only_empty_tensors() {
+    // A tensor with no elements fits an empty data section; one with bytes does not.
+    let mut w = GgufWriter::default();
+    w.tensor("empty", vec![0], GgmlType::F32, vec![]);
+    let bytes = w.to_bytes();
+    let h = parse(&bytes).unwrap();
+    assert_eq!(h.tensors[0].data.len(), 0);
+    let cut = after(&bytes, b"empty") + 4 + 8 + 4 + 8;
+    let h = parse(&bytes[..cut]).unwrap();
+    assert_eq!(h.tensors[0].data, cut..cut);
+
+    let mut w = GgufWriter::default();
+    w.tensor("full", vec![4], GgmlType::F32, vec![0; 16]);
+    let bytes = w.to_bytes();
+    let cut = after(&bytes, b"full") + 4 + 8 + 4 + 8;
+    assert!(
+        error(&bytes[..cut]).contains("past the end"),
+        "{}",
+        error(&bytes[..cut])
+    );
+}

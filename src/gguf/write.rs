@@ -22,6 +22,7 @@ use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use half::f16;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use tern_cpu::elementwise::GateActivation;
@@ -153,11 +154,21 @@ impl TernaryTarget {
     }
 }
 
-/// Builds the GGUF of `model`: weights as `target`, the tokenizer's vocabulary, merges, special ids
-/// and chat template. `name` becomes `general.name`. Returns notes on anything rounded.
+/// Where the tokenizer metadata of a written file comes from.
+pub enum VocabSource<'a> {
+    /// A tokenizer, written as byte-level BPE with the Llama-3 pre-tokenizer (the only kind this
+    /// writer serializes).
+    Tokenizer(&'a Tokenizer),
+    /// The `tokenizer.*` keys of a GGUF file, copied as they are (any kind llama.cpp reads, whether
+    /// or not tern can build a tokenizer from it).
+    Metadata(&'a BTreeMap<String, Value>),
+}
+
+/// Builds the GGUF of `model`: weights as `target`, the vocabulary, merges, special ids and chat
+/// template from `vocab`. `name` becomes `general.name`. Returns notes on anything rounded.
 pub fn model_to_gguf(
     model: &HostModel,
-    tokenizer: &Tokenizer,
+    vocab: VocabSource,
     target: TernaryTarget,
     name: &str,
 ) -> Result<(GgufWriter, Vec<String>)> {
@@ -207,7 +218,15 @@ pub fn model_to_gguf(
     }
     w.meta("general.file_type", Value::U32(target.file_type()));
     w.meta("general.quantization_version", Value::U32(2));
-    tokenizer_metadata(&mut w, tokenizer, target == TernaryTarget::I2S)?;
+    match vocab {
+        VocabSource::Tokenizer(tokenizer) => {
+            tokenizer_metadata(&mut w, tokenizer, target == TernaryTarget::I2S)?
+        }
+        VocabSource::Metadata(metadata) => metadata
+            .iter()
+            .filter(|(key, _)| key.starts_with("tokenizer."))
+            .for_each(|(key, value)| w.meta(key.clone(), value.clone())),
+    }
 
     let (ty, data) = dense_bytes(&model.embed, "token_embd.weight", &mut notes);
     w.tensor(
@@ -351,7 +370,7 @@ fn permute_rows(values: &[i8], rows: usize, cols: usize, heads: usize) -> Vec<i8
 }
 
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` of a byte-level BPE tokenizer with the Llama-3
-/// pre-tokenizer (the only kind [`super::model::tokenizer_from_metadata`] rebuilds).
+/// pre-tokenizer (`gpt2` + `llama-bpe`, which [`super::vocab`] rebuilds).
 fn tokenizer_metadata(w: &mut GgufWriter, tokenizer: &Tokenizer, with_scores: bool) -> Result<()> {
     let inner = tokenizer.inner();
     let json: serde_json::Value = serde_json::from_str(
