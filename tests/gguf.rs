@@ -475,7 +475,7 @@ fn llama_cpp_vocab_dir() -> Option<std::path::PathBuf> {
         ),
         None => {
             eprintln!(
-                "skipping llama.cpp's tokenizer test vectors: set TERN_VOCAB_DIR to llama.cpp's \
+                "skipping a test on llama.cpp's test vocabularies: set TERN_VOCAB_DIR to llama.cpp's \
                  models/ folder (.ci/run fetches it)"
             );
             None

@@ -226,7 +226,7 @@ pub fn tokenizer_from_metadata(file: &GgufFile, notes: &mut Vec<String>) -> Resu
         }
     }
 
-    // (SentencePiece?, whether BOS is added when `add_bos_token` is absent)
+    // (tokenizer, SentencePiece?, whether BOS is added when `add_bos_token` is absent)
     let (mut inner, spm, default_add_bos) = match model {
         "llama" => (
             spm_tokenizer(&meta, &tokens, &types, vocab, notes)?,
