@@ -1,7 +1,5 @@
 // The attention op: RoPE + KV-cache append, then causal GQA attention over the cache.
 //
-// params [rows, heads, kv_heads, head_dim, capacity, 1/sqrt(head_dim) (f32 bits), -, -,
-//         then (slot, position) per row].
 // qkv rows are q‖k‖v (heads + 2·kv_heads heads of head_dim). One layer's cache is two buffers
 // `[slot][position][kv_heads · head_dim]` f32. `rope[position · head_dim + i]` and
 // `rope[position · head_dim + head_dim/2 + i]` hold the cos and sin of pair (i, i + head_dim/2),
@@ -9,9 +7,24 @@
 
 const WG: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u; // four output dims per invocation
-const ROWS_AT: u32 = 8u;
 
-@group(0) @binding(0) var<storage, read> p: array<u32>;
+// Mirrors `SlotPosition` and `AttentionParams` in src/backend/wgpu/params.rs.
+struct SlotPosition {
+    slot: u32,
+    position: u32,
+}
+
+struct AttentionParams {
+    tokens: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    capacity: u32, // positions per slot
+    inv_sqrt_d: f32,
+    rows: array<SlotPosition>, // one per row of the batch
+}
+
+@group(0) @binding(0) var<storage, read> p: AttentionParams;
 
 // ---- rope_append: one workgroup per row -----------------------------------------------------
 // Rotates q in place in qkv, writes rotated k and plain v to the row's cache position.
@@ -23,16 +36,16 @@ const ROWS_AT: u32 = 8u;
 @compute @workgroup_size(64)
 fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wid.x;
-    let heads = p[1];
-    let kv_heads = p[2];
-    let hd = p[3];
+    let heads = p.heads;
+    let kv_heads = p.kv_heads;
+    let hd = p.head_dim;
     let half = hd / 2u;
-    let slot = p[ROWS_AT + 2u * row];
-    let pos = p[ROWS_AT + 2u * row + 1u];
+    let slot = p.rows[row].slot;
+    let pos = p.rows[row].position;
     let q_dim = heads * hd;
     let kv_dim = kv_heads * hd;
     let base = row * (q_dim + 2u * kv_dim);
-    let cache_at = (slot * p[4] + pos) * kv_dim;
+    let cache_at = (slot * p.capacity + pos) * kv_dim;
     for (var idx = lid; idx < (heads + kv_heads) * half; idx += WG) {
         let h = idx / half;
         let i = idx % half;
@@ -98,19 +111,19 @@ fn attend(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let heads = p[1];
-    let kv_heads = p[2];
-    let hd = p[3];
-    let inv_sqrt_d = bitcast<f32>(p[5]);
+    let heads = p.heads;
+    let kv_heads = p.kv_heads;
+    let hd = p.head_dim;
+    let inv_sqrt_d = p.inv_sqrt_d;
     let item = wid.x + wid.y * nwg.x;
-    let valid = item < p[0] * heads;
+    let valid = item < p.tokens * heads;
     let row = select(0u, item / heads, valid);
     let h = item % heads;
-    let slot = p[ROWS_AT + 2u * row];
-    let n_keys = select(0u, p[ROWS_AT + 2u * row + 1u] + 1u, valid);
+    let slot = p.rows[row].slot;
+    let n_keys = select(0u, p.rows[row].position + 1u, valid);
     let kv_dim = kv_heads * hd;
     let kv_off = (h / (heads / kv_heads)) * hd;
-    let slot_at = slot * p[4] * kv_dim;
+    let slot_at = slot * p.capacity * kv_dim;
     let q_at = row * (heads + 2u * kv_heads) * hd + h * hd;
 
     for (var d = lid; d < hd; d += WG) {

@@ -21,9 +21,16 @@ struct RowQuant {
 const WG: u32 = 64u;
 const TILE: u32 = 8u; // tokens per workgroup: each weight word loaded once serves TILE tokens
 
-@group(0) @binding(0) var<storage, read> p: array<u32>;
+// ---- quantize: one workgroup per row ------------------------------------------------------------
 
-// ---- quantize: params [rows, cols, x_words]; one workgroup per row --------------------------
+// Mirrors `QuantizeParams` in src/backend/wgpu/params.rs.
+struct QuantizeParams {
+    tokens: u32,
+    cols: u32,
+    x_words: u32, // words of one quantized row
+}
+
+@group(0) @binding(0) var<storage, read> quantize_p: QuantizeParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> qx_out: array<u32>;
 @group(0) @binding(3) var<storage, read_write> quant_out: array<RowQuant>;
@@ -73,8 +80,8 @@ fn div_rn(a: f32, b: f32) -> f32 {
 @compute @workgroup_size(64)
 fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wid.x;
-    let cols = p[1];
-    let words = p[2];
+    let cols = quantize_p.cols;
+    let words = quantize_p.x_words;
     if lid == 0u {
         atomicStore(&absmax_bits, 0u);
         atomicStore(&code_sum, 0);
@@ -108,24 +115,33 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     }
 }
 
-// ---- the product: params [tokens, n_out, w_words] --------------------------------------------
+// ---- the product ----------------------------------------------------------------------------
 // Two kernels share `accumulate` (one weight word against a tile of up to TILE tokens: each word
 // loaded serves the whole tile) and `store`:
 // - gemv (decode, tokens <= TILE): workgroup per weight row n, invocations split the row's words,
 //   then `tile_sum` reduces across the workgroup;
 // - gemm (prefill): one invocation per (row n, tile of TILE tokens), walking the whole row; no
 //   barriers, so many more rows are in flight.
-@group(0) @binding(4) var<storage, read> w: array<u32>;
-@group(0) @binding(5) var<storage, read> row_scale: array<f32>;
-@group(0) @binding(6) var<storage, read> qx: array<u32>;
-@group(0) @binding(7) var<storage, read> quant: array<RowQuant>;
-@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+
+// Mirrors `BitlinearParams` in src/backend/wgpu/params.rs.
+struct BitlinearParams {
+    tokens: u32,
+    out_features: u32,
+    w_words: u32, // words of one weight row
+}
+
+@group(0) @binding(4) var<storage, read> p: BitlinearParams;
+@group(0) @binding(5) var<storage, read> w: array<u32>;
+@group(0) @binding(6) var<storage, read> row_scale: array<f32>;
+@group(0) @binding(7) var<storage, read> qx: array<u32>;
+@group(0) @binding(8) var<storage, read> quant: array<RowQuant>;
+@group(0) @binding(9) var<storage, read_write> out: array<f32>;
 
 var<workgroup> sums: array<atomic<i32>, TILE>;
 
 fn accumulate(n: u32, j: u32, t0: u32, acc: ptr<function, array<i32, TILE>>) {
-    let tokens = p[0];
-    let w_words = p[2];
+    let tokens = p.tokens;
+    let w_words = p.w_words;
     let word = w[n * w_words + j];
     for (var g = 0u; g < 4u; g++) {
         let lanes = (word >> (2u * g)) & 0x03030303u;
@@ -140,7 +156,7 @@ fn accumulate(n: u32, j: u32, t0: u32, acc: ptr<function, array<i32, TILE>>) {
 // Writes acc / s · scale for row n and token t, where acc = Σ code·x and Σ value·x = acc − Σ x.
 fn store(n: u32, t: u32, code_dot: i32) {
     let q = quant[t];
-    out[t * p[1] + n] = div_rn(f32(code_dot - q.code_sum), q.scale) * row_scale[n];
+    out[t * p.out_features + n] = div_rn(f32(code_dot - q.code_sum), q.scale) * row_scale[n];
 }
 
 @compute @workgroup_size(64)
@@ -150,14 +166,14 @@ fn gemv(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let n = wid.x + wid.y * nwg.x;
-    let valid = n < p[1];
+    let valid = n < p.out_features;
     if lid < TILE {
         atomicStore(&sums[lid], 0);
     }
     workgroupBarrier();
     var acc: array<i32, TILE>;
     if valid {
-        for (var j = lid; j < p[2]; j += WG) {
+        for (var j = lid; j < p.w_words; j += WG) {
             accumulate(n, j, 0u, &acc);
         }
     }
@@ -165,7 +181,7 @@ fn gemv(
         tile_sum(t, acc[t]);
     }
     workgroupBarrier();
-    if valid && lid < p[0] {
+    if valid && lid < p.tokens {
         store(n, lid, atomicLoad(&sums[lid]));
     }
 }
@@ -176,18 +192,18 @@ fn gemm(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let n_out = p[1];
+    let n_out = p.out_features;
     let i = (wid.x + wid.y * nwg.x) * WG + lid;
     let n = i % n_out;
     let t0 = (i / n_out) * TILE;
-    if t0 >= p[0] {
+    if t0 >= p.tokens {
         return;
     }
     var acc: array<i32, TILE>;
-    for (var j = 0u; j < p[2]; j++) {
+    for (var j = 0u; j < p.w_words; j++) {
         accumulate(n, j, t0, &acc);
     }
-    for (var t = 0u; t < TILE && t0 + t < p[0]; t++) {
+    for (var t = 0u; t < TILE && t0 + t < p.tokens; t++) {
         store(n, t0 + t, acc[t]);
     }
 }

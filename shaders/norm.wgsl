@@ -1,10 +1,16 @@
-// RMSNorm: out = weight * (x * 1 / sqrt(mean(x²) + eps)), one workgroup per row.
-// params [rows, width, eps (f32 bits)]. The sum of squares is a workgroup tree reduction in f32
+// RMSNorm: out = weight * (x * 1 / sqrt(mean(x²) + eps)), one workgroup per row. The sum of squares is a workgroup tree reduction in f32
 // (the CPU sums in f64; the difference is far inside the float tolerance).
 
 const WG: u32 = 64u;
 
-@group(0) @binding(0) var<storage, read> p: array<u32>;
+// Mirrors `NormParams` in src/backend/wgpu/params.rs.
+struct NormParams {
+    tokens: u32,
+    width: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<storage, read> p: NormParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
@@ -17,11 +23,9 @@ fn rms_norm(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let rows = p[0];
-    let width = p[1];
-    let eps = bitcast<f32>(p[2]);
+    let width = p.width;
     let row = wid.x + wid.y * nwg.x;
-    let valid = row < rows;
+    let valid = row < p.tokens;
     var s = 0.0;
     if valid {
         for (var k = lid; k < width; k += WG) {
@@ -38,7 +42,7 @@ fn rms_norm(
         workgroupBarrier();
     }
     if valid {
-        let inv = 1.0 / sqrt(partial[0] / f32(width) + eps);
+        let inv = 1.0 / sqrt(partial[0] / f32(width) + p.eps);
         for (var k = lid; k < width; k += WG) {
             out[row * width + k] = weight[k] * (x[row * width + k] * inv);
         }

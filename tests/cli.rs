@@ -750,3 +750,25 @@ fn commands_without_text_run_on_a_model_whose_tokenizer_cannot_be_built() {
         fails_with(&[command, "-m", file, "-p", "x"], &reason);
     }
 }
+
+#[test]
+fn backend_auto_probes_quietly_and_says_what_it_chose() {
+    // Without XDG_RUNTIME_DIR (a server, a CI job) the Vulkan probe must not print the Wayland
+    // client's "XDG_RUNTIME_DIR is invalid or not set" error (Mesa's device-select layer asks
+    // the compositor for the display GPU), and the one info line names the choice and its reason.
+    let dir = fixture_dir("tiny-packed");
+    let o = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["run", "-m", path_str(&dir), "--backend", "auto"])
+        .args(["-n", "1", "--greedy", "-p", "hi"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env("TERN_LOG", "info")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+    assert!(!err.lines().any(|l| l.starts_with("error")), "{err}");
+    let chosen: Vec<&str> = err.lines().filter(|l| l.contains("backend:")).collect();
+    assert_eq!(chosen.len(), 1, "{err}");
+    assert!(chosen[0].contains("chosen by --backend auto: "), "{err}");
+}

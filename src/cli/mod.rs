@@ -148,8 +148,8 @@ impl LmHeadChoice {
     }
 }
 
-/// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU and logs why
-/// it settled where it did.
+/// Creates the backend the user asked for; `auto` tries CUDA, then wgpu, then the CPU, and logs
+/// where it settled and why in one line (the probes' own details go to the debug log).
 pub fn select_backend(
     choice: BackendChoice,
     threads: usize,
@@ -164,21 +164,23 @@ pub fn select_backend(
             WgpuBackend::new(&wgpu_options(device)).map_err(|e| e.context("--backend wgpu"))?,
         ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
-        BackendChoice::Auto => match cuda() {
-            Ok(cuda) => Box::new(cuda),
-            Err(cuda) => match auto_wgpu(device) {
-                Ok(gpu) => {
-                    tracing::info!("backend auto: CUDA skipped ({cuda:#})");
-                    Box::new(gpu)
-                }
-                Err(wgpu) => {
-                    tracing::info!(
-                        "backend auto: CUDA skipped ({cuda:#}); wgpu skipped ({wgpu:#})"
-                    );
-                    Box::new(CpuBackend::new(threads)?)
-                }
-            },
-        },
+        BackendChoice::Auto => {
+            let (backend, why): (Box<dyn Backend>, _) = match cuda() {
+                Ok(cuda) => (Box::new(cuda), "CUDA comes first".to_string()),
+                Err(cuda) => match auto_wgpu(device) {
+                    Ok(gpu) => (Box::new(gpu), format!("CUDA not usable ({cuda:#})")),
+                    Err(wgpu) => (
+                        Box::new(CpuBackend::new(threads)?),
+                        format!("CUDA not usable ({cuda:#}); wgpu not used ({wgpu:#})"),
+                    ),
+                },
+            };
+            tracing::info!(
+                "backend: {}, chosen by --backend auto: {why}",
+                backend.describe()
+            );
+            return Ok(backend);
+        }
     };
     tracing::info!("backend: {}", backend.describe());
     Ok(backend)
@@ -206,7 +208,10 @@ fn wgpu_options(device: Option<&str>) -> WgpuOptions {
 fn auto_wgpu(device: Option<&str>) -> Result<WgpuBackend> {
     let gpu = WgpuBackend::new(&wgpu_options(device))?;
     if gpu.is_software() {
-        bail!("only a software adapter: {}", gpu.describe());
+        bail!(
+            "only a software adapter, {}, slower than the CPU backend",
+            gpu.adapter_name()
+        );
     }
     Ok(gpu)
 }

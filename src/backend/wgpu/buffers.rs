@@ -6,14 +6,15 @@
 //! split by rows into pieces of at most `Gpu::max_binding` bytes, one buffer each.
 //!
 //! # Parameters
-//! Each dispatch's small parameters (shapes, token ids, row positions) are appended to a host
-//! copy of the parameter arena at an offset aligned to the device's storage offset alignment; the
-//! kernel sees them through a fixed `WINDOW`-byte binding at that dynamic offset. The arena is
-//! written to the device once per submission, so the many dispatches of a step cost one upload.
-//! Writes land before the submission's commands and after every earlier submission's, so reusing
-//! the arena for the next submission is safe.
+//! Each dispatch's parameter block (`params`: shapes, then token ids or row positions) is
+//! appended to a host copy of the parameter arena at an offset aligned to the device's storage
+//! offset alignment; the kernel sees it through a fixed `WINDOW`-byte binding at that dynamic
+//! offset. The arena is written to the device once per submission, so the many dispatches of a
+//! step cost one upload. Writes land before the submission's commands and after every earlier
+//! submission's, so reusing the arena for the next submission is safe.
 
 use super::device::Gpu;
+use super::params::KernelParams;
 use crate::backend::insert_in_free_slot;
 use anyhow::{Result, bail};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,7 +76,8 @@ impl GBuf {
     }
 }
 
-/// Bytes of the parameter window each dispatch sees: room for 16,376 token ids or 8,188 rows.
+/// Bytes of the parameter window each dispatch sees: room for over 16,000 token ids or 8,000
+/// attention rows.
 pub const WINDOW: u64 = 64 * 1024;
 /// Bytes of parameters one submission may carry before it is flushed.
 const ARENA_BYTES: u64 = 1024 * 1024;
@@ -95,9 +97,11 @@ impl ParamArena {
         })
     }
 
-    /// Appends `words` and returns their offset, or `None` when the arena is full (flush first).
-    pub fn push(&mut self, words: &[u32]) -> Result<Option<u32>> {
-        let bytes = std::mem::size_of_val(words);
+    /// Appends a parameter block (`header`, then `tail` at [`KernelParams::tail_offset`]) and
+    /// returns its offset, or `None` when the arena is full (flush first).
+    pub fn push<P: KernelParams>(&mut self, header: &P, tail: &[P::Tail]) -> Result<Option<u32>> {
+        let tail_at = P::tail_offset();
+        let bytes = tail_at + size_of_val(tail);
         if bytes as u64 > WINDOW {
             bail!(
                 "a batch needs {bytes} bytes of kernel parameters; the wgpu backend allows {WINDOW} \
@@ -109,7 +113,9 @@ impl ParamArena {
             return Ok(None);
         }
         self.host.resize(offset, 0);
-        self.host.extend_from_slice(bytemuck::cast_slice(words));
+        self.host.extend_from_slice(bytemuck::bytes_of(header));
+        self.host.resize(offset + tail_at, 0);
+        self.host.extend_from_slice(bytemuck::cast_slice(tail));
         Ok(Some(offset as u32))
     }
 

@@ -8,6 +8,9 @@
 //! wgpu reports most failures asynchronously. An uncaptured-error handler and a device-lost
 //! callback collect them into [`Gpu::errors`]; the backend turns them into `Err`s at its next
 //! submission or read ([`Gpu::check`]) instead of wgpu's default panic.
+//!
+//! On Linux, probing first routes libwayland-client's log to debug level where it would only
+//! complain about a missing display session (see `wayland_log`).
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::{Arc, Mutex};
@@ -58,6 +61,8 @@ pub struct Gpu {
 }
 
 fn instance() -> wgpu::Instance {
+    #[cfg(target_os = "linux")]
+    super::wayland_log::quiet_without_runtime_dir();
     // `_from_env` honors WGPU_BACKEND (e.g. `vulkan`) for users who want to restrict backends.
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
@@ -126,8 +131,10 @@ fn pick_adapter(mut all: Vec<wgpu::Adapter>, want: Option<&str>) -> Result<wgpu:
 impl Gpu {
     pub fn open(options: &WgpuOptions) -> Result<Self> {
         let all = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+        tracing::debug!("wgpu adapters: {}", describe_list(&all));
         let adapter = pick_adapter(all, options.adapter.as_deref())?;
         let info = adapter.get_info();
+        tracing::debug!("wgpu adapter chosen: {} ({:?})", info.name, info.backend);
         let available = adapter.features();
         let mut features = wgpu::Features::empty();
         let f16 = !options.no_f16 && available.contains(wgpu::Features::SHADER_F16);

@@ -23,7 +23,11 @@
 
 mod buffers;
 mod device;
+mod params;
 mod pipelines;
+mod reflect;
+#[cfg(target_os = "linux")]
+mod wayland_log;
 
 pub use device::{WgpuOptions, adapters};
 
@@ -36,10 +40,11 @@ use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
 use buffers::{ActivationPool, GBuf, ParamArena, WINDOW};
 use device::Gpu;
-use pipelines::{
-    ATTENTION_ROWS_AT, EMBED_TOKENS_AT, Kernel, MAX_HEAD_DIM, Pipelines, TOKEN_TILE, TableType,
-    WORKGROUP,
+use params::{
+    AddParams, AttentionParams, BitlinearParams, EmbedParams, GatedParams, KernelParams,
+    LogitsParams, NormParams, QuantizeParams, SlotPosition,
 };
+use pipelines::{Kernel, MAX_HEAD_DIM, Pipelines, TOKEN_TILE, TableType, WORKGROUP};
 use tern_cpu::elementwise::GateActivation;
 
 struct Linear {
@@ -115,6 +120,11 @@ impl WgpuBackend {
         self.gpu.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// The adapter's name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub fn adapter_name(&self) -> &str {
+        &self.gpu.info.name
+    }
+
     fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
         self.encoder.get_or_insert_with(|| {
             self.gpu
@@ -135,16 +145,16 @@ impl WgpuBackend {
     }
 
     /// Records one dispatch of `groups` workgroups (spread over x and y beyond the per-dimension
-    /// limit; kernels guard their index) times `z`.
-    fn dispatch(
+    /// limit; kernels guard their index) times `z`, with the parameter block `params` + `tail`
+    /// and each data buffer named as the kernel's WGSL names it.
+    fn dispatch<P: KernelParams>(
         &mut self,
         kernel: Kernel,
-        params: &[u32],
-        buffers: &[GBuf],
+        (params, tail): (&P, &[P::Tail]),
+        buffers: &[(&str, &GBuf)],
         groups: usize,
         z: usize,
     ) -> Result<()> {
-        debug_assert_eq!(buffers.len(), Pipelines::arity(kernel));
         if groups == 0 || z == 0 {
             return Ok(());
         }
@@ -155,19 +165,21 @@ impl WgpuBackend {
             y <= max && z <= max,
             "{kernel:?}: {groups} x {z} workgroups exceed this GPU's dispatch limit"
         );
-        let offset = match self.arena.push(params)? {
+        let offset = match self.arena.push(params, tail)? {
             Some(offset) => offset,
             None => {
                 self.flush()?;
                 self.arena
-                    .push(params)?
+                    .push(params, tail)?
                     .ok_or_else(|| anyhow!("kernel parameters do not fit an empty arena"))?
             }
         };
-        let refs: Vec<&GBuf> = buffers.iter().collect();
-        let (pipeline, group) =
-            self.pipelines
-                .prepare(&self.gpu, kernel, &self.arena.buffer, WINDOW, &refs)?;
+        let (pipeline, group) = self.pipelines.prepare::<P>(
+            &self.gpu,
+            kernel,
+            (&self.arena.buffer, WINDOW),
+            buffers,
+        )?;
         let mut pass = self
             .encoder()
             .begin_compute_pass(&wgpu::ComputePassDescriptor::default());
@@ -427,19 +439,17 @@ impl Backend for WgpuBackend {
             .collect();
         let dst = self.act(out, tokens.len() * cols, "embed")?;
         for (row_start, row_end, buffer) in pieces {
-            let mut params = vec![
-                tokens.len() as u32,
-                cols as u32,
-                row_start as u32,
-                row_end as u32,
-            ];
-            debug_assert_eq!(params.len(), EMBED_TOKENS_AT);
-            params.extend_from_slice(tokens);
+            let params = EmbedParams {
+                tokens: tokens.len() as u32,
+                cols: cols as u32,
+                row_start: row_start as u32,
+                row_end: row_end as u32,
+            };
             let groups = (tokens.len() * cols).div_ceil(WORKGROUP as usize);
             self.dispatch(
                 Kernel::Embed(ty),
-                &params,
-                &[buffer, dst.clone()],
+                (&params, tokens),
+                &[("table", &buffer), ("embed_out", &dst)],
                 groups,
                 1,
             )?;
@@ -459,8 +469,18 @@ impl Backend for WgpuBackend {
         distinct_buffers("rms_norm", x, out)?;
         let src = self.act(x, tokens * width, "rms_norm")?;
         let dst = self.act(out, tokens * width, "rms_norm")?;
-        let params = [tokens as u32, width as u32, eps.to_bits()];
-        self.dispatch(Kernel::RmsNorm, &params, &[src, w, dst], tokens, 1)
+        let params = NormParams {
+            tokens: tokens as u32,
+            width: width as u32,
+            eps,
+        };
+        self.dispatch(
+            Kernel::RmsNorm,
+            (&params, &[]),
+            &[("x", &src), ("weight", &w), ("out", &dst)],
+            tokens,
+            1,
+        )
     }
 
     fn bitlinear(
@@ -486,22 +506,36 @@ impl Backend for WgpuBackend {
         self.check_batch(tokens, "bitlinear")?;
         let w_words = gpu_upload::padded_cols(cols, CODES_PER_WORD) / CODES_PER_WORD;
         let (codes, row_quant) = self.quant_scratch(tokens, 4 * w_words)?;
-        let params = [tokens as u32, cols as u32, 4 * w_words as u32];
+        let params = QuantizeParams {
+            tokens: tokens as u32,
+            cols: cols as u32,
+            x_words: 4 * w_words as u32,
+        };
         self.dispatch(
             Kernel::Quantize,
-            &params,
-            &[src, codes.clone(), row_quant.clone()],
+            (&params, &[]),
+            &[("x", &src), ("qx_out", &codes), ("quant_out", &row_quant)],
             tokens,
             1,
         )?;
-        let params = [tokens as u32, n_out as u32, w_words as u32];
-        let buffers = [weights, scales, codes, row_quant, dst];
+        let params = BitlinearParams {
+            tokens: tokens as u32,
+            out_features: n_out as u32,
+            w_words: w_words as u32,
+        };
+        let buffers = [
+            ("w", &weights),
+            ("row_scale", &scales),
+            ("qx", &codes),
+            ("quant", &row_quant),
+            ("out", &dst),
+        ];
         if tokens <= TOKEN_TILE {
-            self.dispatch(Kernel::Gemv, &params, &buffers, n_out, 1)
+            self.dispatch(Kernel::Gemv, (&params, &[]), &buffers, n_out, 1)
         } else {
             let invocations = n_out * tokens.div_ceil(TOKEN_TILE);
             let groups = invocations.div_ceil(WORKGROUP as usize);
-            self.dispatch(Kernel::Gemm, &params, &buffers, groups, 1)
+            self.dispatch(Kernel::Gemm, (&params, &[]), &buffers, groups, 1)
         }
     }
 
@@ -528,34 +562,42 @@ impl Backend for WgpuBackend {
             return Ok(());
         }
         self.check_batch(tokens.len(), "attention")?;
-        let inv_sqrt_d = 1.0 / (spec.head_dim as f32).sqrt();
-        let mut params = vec![
-            tokens.len() as u32,
-            spec.heads as u32,
-            spec.kv_heads as u32,
-            spec.head_dim as u32,
-            spec.capacity as u32,
-            inv_sqrt_d.to_bits(),
-            0,
-            0,
-        ];
-        debug_assert_eq!(params.len(), ATTENTION_ROWS_AT);
-        params.extend(
-            tokens
-                .iter()
-                .flat_map(|r| [r.slot as u32, r.position as u32]),
-        );
+        let params = AttentionParams {
+            tokens: tokens.len() as u32,
+            heads: spec.heads as u32,
+            kv_heads: spec.kv_heads as u32,
+            head_dim: spec.head_dim as u32,
+            capacity: spec.capacity as u32,
+            inv_sqrt_d: 1.0 / (spec.head_dim as f32).sqrt(),
+        };
+        let rows: Vec<SlotPosition> = tokens
+            .iter()
+            .map(|r| SlotPosition {
+                slot: r.slot as u32,
+                position: r.position as u32,
+            })
+            .collect();
         self.dispatch(
             Kernel::RopeAppend,
-            &params,
-            &[src.clone(), rope, keys.clone(), values.clone()],
+            (&params, &rows),
+            &[
+                ("qkv_rw", &src),
+                ("rope", &rope),
+                ("k_cache_rw", &keys),
+                ("v_cache_rw", &values),
+            ],
             tokens.len(),
             1,
         )?;
         self.dispatch(
             Kernel::Attend,
-            &params,
-            &[src, keys, values, dst],
+            (&params, &rows),
+            &[
+                ("qkv", &src),
+                ("k_cache", &keys),
+                ("v_cache", &values),
+                ("out", &dst),
+            ],
             tokens.len() * spec.heads,
             1,
         )
@@ -572,13 +614,22 @@ impl Backend for WgpuBackend {
         distinct_buffers("gated", gate_up, out)?;
         let src = self.act(gate_up, tokens * 2 * width, "gated")?;
         let dst = self.act(out, tokens * width, "gated")?;
-        let act = match activation {
-            GateActivation::Relu2 => 0,
-            GateActivation::Silu => 1,
+        let params = GatedParams {
+            tokens: tokens as u32,
+            width: width as u32,
+            activation: match activation {
+                GateActivation::Relu2 => 0,
+                GateActivation::Silu => 1,
+            },
         };
-        let params = [tokens as u32, width as u32, act];
         let groups = (tokens * width).div_ceil(WORKGROUP as usize);
-        self.dispatch(Kernel::Gated, &params, &[src, dst], groups, 1)
+        self.dispatch(
+            Kernel::Gated,
+            (&params, &[]),
+            &[("gate_up", &src), ("gated_out", &dst)],
+            groups,
+            1,
+        )
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
@@ -586,7 +637,13 @@ impl Backend for WgpuBackend {
         let dst = self.act(acc, len, "add")?;
         let src = self.act(x, len, "add")?;
         let groups = len.div_ceil(WORKGROUP as usize);
-        self.dispatch(Kernel::Add, &[len as u32], &[dst, src], groups, 1)
+        self.dispatch(
+            Kernel::Add,
+            (&AddParams { len: len as u32 }, &[]),
+            &[("acc", &dst), ("addend", &src)],
+            groups,
+            1,
+        )
     }
 
     fn logits(
@@ -610,17 +667,17 @@ impl Backend for WgpuBackend {
             return Ok(());
         }
         for (row_start, row_end, buffer) in pieces {
-            let params = [
-                tokens as u32,
-                cols as u32,
-                row_start as u32,
-                row_end as u32,
-                vocab as u32,
-            ];
+            let params = LogitsParams {
+                tokens: tokens as u32,
+                cols: cols as u32,
+                row_start: row_start as u32,
+                row_end: row_end as u32,
+                vocab: vocab as u32,
+            };
             self.dispatch(
                 Kernel::Logits(ty),
-                &params,
-                &[buffer, src.clone(), dst.clone()],
+                (&params, &[]),
+                &[("table", &buffer), ("x", &src), ("logits_out", &dst)],
                 ((row_end - row_start) * tokens).div_ceil(WORKGROUP as usize),
                 1,
             )?;

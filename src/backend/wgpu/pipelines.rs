@@ -1,14 +1,19 @@
 //! The WGSL kernels, their bind-group layouts, and caches of compiled pipelines and bind groups.
 //!
-//! Every kernel's binding 0 is its parameter block: a read-only window of the parameter arena
-//! bound with a dynamic offset (see `buffers::ParamArena`), so a bind group depends only on the
-//! kernel and its data buffers and is built once per combination, then reused for every step.
-//! Pipelines are compiled on first use. Shader variants are chosen by text: a feature-specific
-//! snippet (`bitlinear_reduce_*.wgsl`, `table_*.wgsl`) is prepended to the op family's source.
+//! Bindings are declared once, in the WGSL: a kernel's bind-group layout is what its entry point
+//! uses ([`reflect`](super::reflect)), and `dispatch` names each data buffer as the WGSL names it.
+//! Every kernel has one parameter block (a struct of `params`): a read-only window of the
+//! parameter arena bound with a dynamic offset (see `buffers::ParamArena`), so a bind group
+//! depends only on the kernel and its data buffers and is built once per combination, then
+//! reused for every step. Pipelines are compiled on first use. Shader variants are chosen by
+//! text: a feature-specific snippet (`bitlinear_reduce_*.wgsl`, `table_*.wgsl`) is prepended to
+//! the op family's source.
 
 use super::buffers::GBuf;
 use super::device::Gpu;
-use anyhow::{Context, Result};
+use super::params::KernelParams;
+use super::reflect::{Binding, EntryBindings, Reflected};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use std::collections::HashMap;
 
 const BITLINEAR: &str = include_str!("../../../shaders/bitlinear.wgsl");
@@ -29,10 +34,6 @@ pub const WORKGROUP: u32 = 64;
 pub const TOKEN_TILE: usize = 8;
 /// Largest head dimension attention supports (`MAX_HEAD_DIM` in attention.wgsl).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Words of the attention parameter header before the (slot, position) pairs (`ROWS_AT`).
-pub const ATTENTION_ROWS_AT: usize = 8;
-/// Words of the embed parameter header before the token ids.
-pub const EMBED_TOKENS_AT: usize = 4;
 
 /// Element type of a dense table as stored on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,13 +59,6 @@ pub enum Kernel {
     Logits(TableType),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Read,
-    Write,
-}
-use Access::{Read, Write};
-
 impl Kernel {
     fn entry_point(self) -> &'static str {
         match self {
@@ -81,33 +75,17 @@ impl Kernel {
         }
     }
 
-    /// The data bindings after the parameter block, in the order `dispatch` receives buffers.
-    fn bindings(self) -> &'static [(u32, Access)] {
-        match self {
-            Kernel::Quantize => &[(1, Read), (2, Write), (3, Write)],
-            Kernel::Gemv | Kernel::Gemm => {
-                &[(4, Read), (5, Read), (6, Read), (7, Read), (8, Write)]
-            }
-            Kernel::RmsNorm => &[(1, Read), (2, Read), (3, Write)],
-            Kernel::RopeAppend => &[(1, Write), (2, Read), (3, Write), (4, Write)],
-            Kernel::Attend => &[(5, Read), (6, Read), (7, Read), (8, Write)],
-            Kernel::Gated => &[(1, Read), (2, Write)],
-            Kernel::Add => &[(3, Write), (4, Read)],
-            Kernel::Embed(_) => &[(1, Read), (2, Write)],
-            Kernel::Logits(_) => &[(1, Read), (3, Read), (4, Write)],
-        }
-    }
-
-    /// The module source for this kernel on a device with the given features.
-    fn source(self, gpu: &Gpu) -> String {
+    /// The module source for this kernel on a device with (`f16`) shader-f16 and (`subgroups`)
+    /// subgroup operations.
+    fn source(self, f16: bool, subgroups: bool) -> String {
         let table_prelude = |t: TableType| match t {
             TableType::F32 => TABLE_F32,
-            TableType::F16 if gpu.f16 => TABLE_F16,
+            TableType::F16 if f16 => TABLE_F16,
             TableType::F16 => TABLE_F16_PACKED,
             TableType::Bf16 => TABLE_BF16,
         };
         let (prelude, body) = match self {
-            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm if gpu.subgroups => {
+            Kernel::Quantize | Kernel::Gemv | Kernel::Gemm if subgroups => {
                 (REDUCE_SUBGROUP, BITLINEAR)
             }
             Kernel::Quantize | Kernel::Gemv | Kernel::Gemm => (REDUCE_WORKGROUP, BITLINEAR),
@@ -123,6 +101,11 @@ impl Kernel {
 struct Compiled {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
+    /// The parameter block's struct type name and binding.
+    params_type: &'static str,
+    params_binding: u32,
+    /// Data bindings by binding number.
+    data: Vec<Binding>,
 }
 
 /// Compiled pipelines and bind groups, each created once.
@@ -133,39 +116,66 @@ pub struct Pipelines {
 }
 
 impl Pipelines {
-    fn compiled(&mut self, gpu: &Gpu, kernel: Kernel) -> Result<&Compiled> {
+    fn compiled<P: KernelParams>(&mut self, gpu: &Gpu, kernel: Kernel) -> Result<&Compiled> {
+        let params_type = P::LAYOUT.name;
         if let std::collections::hash_map::Entry::Vacant(slot) = self.compiled.entry(kernel) {
             slot.insert(
-                compile(gpu, kernel)
+                compile::<P>(gpu, kernel)
                     .with_context(|| format!("cannot build the `{kernel:?}` GPU kernel"))?,
             );
         }
-        Ok(&self.compiled[&kernel])
+        let compiled = &self.compiled[&kernel];
+        ensure!(
+            compiled.params_type == params_type,
+            "`{kernel:?}` takes {} parameters, not {params_type}",
+            compiled.params_type
+        );
+        Ok(compiled)
     }
 
-    /// The pipeline and a bind group of `params` (a `window`-byte dynamic-offset binding) and
-    /// `buffers` for `kernel`.
-    pub fn prepare(
+    /// The pipeline of `kernel` and a bind group of its parameter block (a `window`-byte
+    /// dynamic-offset binding of `params` holding a `P`) and its data buffers, each named as the
+    /// kernel's WGSL names it.
+    pub fn prepare<P: KernelParams>(
         &mut self,
         gpu: &Gpu,
         kernel: Kernel,
-        params: &GBuf,
-        window: u64,
-        buffers: &[&GBuf],
+        (params, window): (&GBuf, u64),
+        buffers: &[(&str, &GBuf)],
     ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroup)> {
-        let pipeline = self.compiled(gpu, kernel)?.pipeline.clone();
+        self.compiled::<P>(gpu, kernel)?;
+        let compiled = &self.compiled[&kernel];
+        // The given buffers in binding order, each binding named exactly once.
+        let named: Vec<&GBuf> = compiled
+            .data
+            .iter()
+            .map(|b| match buffers.iter().find(|(name, _)| *name == b.name) {
+                Some((_, buf)) => Ok(*buf),
+                None => Err(anyhow!("`{kernel:?}` needs a buffer for `{}`", b.name)),
+            })
+            .collect::<Result<_>>()?;
+        if let Some((name, _)) = buffers
+            .iter()
+            .find(|(name, _)| !compiled.data.iter().any(|b| b.name == *name))
+        {
+            bail!("`{kernel:?}` binds no buffer `{name}`");
+        }
+        ensure!(
+            buffers.len() == compiled.data.len(),
+            "`{kernel:?}`: a buffer is named twice"
+        );
+        let pipeline = compiled.pipeline.clone();
         let key = (
             kernel,
             std::iter::once(params.id)
-                .chain(buffers.iter().map(|b| b.id))
+                .chain(named.iter().map(|b| b.id))
                 .collect::<Vec<_>>(),
         );
         if let Some(group) = self.bind_groups.get(&key) {
             return Ok((pipeline, group.clone()));
         }
-        let layout = &self.compiled[&kernel].layout;
         let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
+            binding: compiled.params_binding,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer: &params.buffer,
                 offset: 0,
@@ -173,19 +183,19 @@ impl Pipelines {
             }),
         }];
         entries.extend(
-            kernel
-                .bindings()
+            compiled
+                .data
                 .iter()
-                .zip(buffers)
-                .map(|(&(binding, _), b)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: b.buffer.as_entire_binding(),
+                .zip(&named)
+                .map(|(b, buf)| wgpu::BindGroupEntry {
+                    binding: b.binding,
+                    resource: buf.buffer.as_entire_binding(),
                 }),
         );
         let group = gpu.scoped(&format!("a bind group for `{kernel:?}`"), |d| {
             d.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(kernel.entry_point()),
-                layout,
+                layout: &compiled.layout,
                 entries: &entries,
             })
         })?;
@@ -196,11 +206,6 @@ impl Pipelines {
     /// Forgets bind groups (e.g. after the buffers they name were dropped).
     pub fn clear_bind_groups(&mut self) {
         self.bind_groups.clear();
-    }
-
-    /// How many data buffers `kernel` takes.
-    pub fn arity(kernel: Kernel) -> usize {
-        kernel.bindings().len()
     }
 }
 
@@ -217,21 +222,21 @@ fn storage(binding: u32, read_only: bool, dynamic: bool) -> wgpu::BindGroupLayou
     }
 }
 
-fn compile(gpu: &Gpu, kernel: Kernel) -> Result<Compiled> {
-    let source = kernel.source(gpu);
+fn compile<P: KernelParams>(gpu: &Gpu, kernel: Kernel) -> Result<Compiled> {
+    let source = kernel.source(gpu.f16, gpu.subgroups);
     let name = kernel.entry_point();
+    let params_type = P::LAYOUT.name;
+    let reflected = Reflected::new(&source)?;
+    reflected.check_mirror(&P::LAYOUT, P::TAIL.as_ref())?;
+    let EntryBindings { params, data } = reflected.bindings(name, params_type)?;
+    ensure!(params.read_only, "`{name}` may write its parameter block");
     gpu.scoped(&format!("the `{name}` shader"), |d| {
         let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let mut entries = vec![storage(0, true, true)];
-        entries.extend(
-            kernel
-                .bindings()
-                .iter()
-                .map(|&(binding, access)| storage(binding, access == Read, false)),
-        );
+        let mut entries = vec![storage(params.binding, true, true)];
+        entries.extend(data.iter().map(|b| storage(b.binding, b.read_only, false)));
         let layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(name),
             entries: &entries,
@@ -249,6 +254,68 @@ fn compile(gpu: &Gpu, kernel: Kernel) -> Result<Compiled> {
             compilation_options: Default::default(),
             cache: None,
         });
-        Compiled { pipeline, layout }
+        Compiled {
+            pipeline,
+            layout,
+            params_type,
+            params_binding: params.binding,
+            data,
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::wgpu::params;
+
+    /// Every kernel in every shader variant (shader-f16 and subgroups on and off).
+    fn every_source() -> Vec<(Kernel, bool, bool, String)> {
+        let tables = [TableType::F32, TableType::F16, TableType::Bf16];
+        let kernels = [
+            Kernel::Quantize,
+            Kernel::Gemv,
+            Kernel::Gemm,
+            Kernel::RmsNorm,
+            Kernel::RopeAppend,
+            Kernel::Attend,
+            Kernel::Gated,
+            Kernel::Add,
+        ]
+        .into_iter()
+        .chain(tables.map(Kernel::Embed))
+        .chain(tables.map(Kernel::Logits));
+        kernels
+            .flat_map(|k| {
+                [(false, false), (true, false), (false, true), (true, true)]
+                    .map(|(f16, sg)| (k, f16, sg, k.source(f16, sg)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rust_and_wgsl_layouts_agree() {
+        let mut seen = std::collections::HashSet::new();
+        for (kernel, f16, sg, source) in every_source() {
+            let module = Reflected::new(&source)
+                .unwrap_or_else(|e| panic!("{kernel:?} (f16 {f16}, subgroups {sg}): {e:#}"));
+            // Each parameter block a kernel binds has a Rust mirror with the same layout.
+            for name in module.bound_struct_types() {
+                let Some((layout, tail)) = params::ALL.iter().find(|(l, _)| l.name == name) else {
+                    panic!("{name} (`{kernel:?}`) has no Rust mirror in params::ALL");
+                };
+                if let Err(e) = module.check_mirror(layout, tail.as_ref()) {
+                    panic!("`{kernel:?}` (f16 {f16}, subgroups {sg}): {e:#}");
+                }
+                seen.insert(layout.name);
+            }
+        }
+        for (layout, _) in params::ALL {
+            assert!(
+                seen.contains(layout.name),
+                "no shader declares {}",
+                layout.name
+            );
+        }
+    }
 }
