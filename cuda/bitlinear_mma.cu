@@ -40,9 +40,10 @@ bitlinear_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const ui
     // 16-byte part threadIdx.x % 4.
     const int w_row = row0 + threadIdx.x;
     const bool w_loader = threadIdx.x < MMA_ROWS;
-    const bool w_valid = w_loader && w_row < n_rows;
+    // chunks == 0 (a linear of zero input width) loads nothing: its buffers hold no chunk.
+    const bool w_valid = w_loader && w_row < n_rows && chunks > 0;
     const int x_tok = threadIdx.x >> 2, x_part = threadIdx.x & 3;
-    const bool x_valid = tok0 + x_tok < tokens;
+    const bool x_valid = tok0 + x_tok < tokens && chunks > 0;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     uint4 w_next = w_valid ? __ldg(w + (size_t)w_row * chunks) : zero;
     uint4 x_next = x_valid ? __ldg(x + (size_t)(tok0 + x_tok) * chunks * 4 + x_part) : zero;

@@ -38,6 +38,8 @@
 pub mod device;
 mod graph;
 pub mod kernels;
+pub mod launch;
+pub mod nvrtc;
 
 use super::gpu_upload::{self, padded_cols};
 use super::{
@@ -55,14 +57,7 @@ use kernels::{DenseDtype, Kernels};
 use std::sync::Arc;
 use tern_cpu::elementwise::GateActivation;
 
-/// Largest batch the GEMV kernel takes (`GEMV_MAX_TOKENS` in cuda/bitlinear.cu).
-const GEMV_MAX_TOKENS: usize = 8;
-/// Codes per 16-byte weight load: rows are padded to a multiple of it (`cuda/bitlinear.cu`).
-const CHUNK: usize = 64;
-/// Largest head dimension of cuda/attention.cu (`ATT_MAX_DIM`).
-const ATT_MAX_DIM: usize = 256;
-/// Threads per block of the row-wise and grid-stride kernels.
-const BLOCK: u32 = 256;
+use launch::{ATT_MAX_DIM, CHUNK, GEMV_MAX_TOKENS, Launch, Product};
 
 struct Linear {
     words: CudaSlice<u32>,
@@ -193,12 +188,10 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{what} = {v} is too large for the CUDA kernels"))
 }
 
-fn grid_1d(n: usize) -> LaunchConfig {
-    // Grid-stride kernels: more blocks than this only add scheduling overhead.
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32;
+fn config(l: Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
+        grid_dim: l.grid,
+        block_dim: l.block,
         shared_mem_bytes: 0,
     }
 }
@@ -237,7 +230,7 @@ impl CudaBackend {
             description: format!(
                 "cuda ({}, {}, W2A8 dp4a{} kernels, f32 KV cache)",
                 dev.name,
-                dev.arch.replace("compute_", "sm_"),
+                format_args!("sm_{}", dev.arch),
                 if mma { " + mma.sync s8" } else { "" }
             ),
             stream,
@@ -461,11 +454,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(f);
         push_table(&mut b, t);
         b.arg(&cols).arg(&self.scratch.tokens).arg(out);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens.len() as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::per_row("embed", tokens.len())?);
         // SAFETY: the table has `vocab × cols` elements, every id is < vocab (checked above),
         // `tokens` holds one id per block and `out` at least tokens × cols values.
         launch(unsafe { b.launch(cfg) }, "embed")
@@ -491,11 +480,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let width = to_i32(width, "rms_norm width")?;
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::per_row("rms_norm", tokens)?);
         let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
         b.arg(src).arg(w).arg(&eps).arg(&width).arg(dst);
         // SAFETY: one block per row; x and out hold tokens × width values, the weight width.
@@ -511,11 +496,17 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let lin = uploaded(&self.linears, linear.0, "linear")?;
         let (n_out, cols) = (lin.out_features, lin.in_features);
-        let padded = padded_cols(cols, CHUNK);
         self.in_out(x, tokens * cols, out, tokens * n_out, "bitlinear")?;
         if tokens == 0 || n_out == 0 {
             return Ok(());
         }
+        let plan = launch::bitlinear(
+            tokens,
+            n_out,
+            cols,
+            self.kernels.bitlinear_gemm_mma.is_some(),
+        )?;
+        let padded = plan.padded;
         let tokens_i32 = to_i32(tokens, "bitlinear tokens")?;
         to_i32(tokens * padded, "bitlinear activation bytes")?;
         self.graphs
@@ -551,22 +542,17 @@ impl Backend for CudaBackend {
             .arg(&s.codes)
             .arg(&s.act_scales)
             .arg(&s.act_sums);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: one block per row; x holds tokens × cols values, codes tokens × padded bytes,
         // scales and sums one value per row (all checked or grown above).
-        launch(unsafe { b.launch(cfg) }, "bitlinear_quantize")?;
+        launch(
+            unsafe { b.launch(config(plan.quantize)) },
+            "bitlinear_quantize",
+        )?;
 
-        let (n_rows, chunks) = (n_out as i32, (padded / CHUNK) as i32);
-        if let (true, Some(mma)) = (tokens > GEMV_MAX_TOKENS, &self.kernels.bitlinear_gemm_mma) {
-            let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(128) as u32, tokens.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+        let (n_rows, chunks) = (n_out as i32, plan.chunks as i32);
+        let cfg = config(plan.product_launch);
+        let k = &self.kernels;
+        if let (Product::GemmMma, Some(mma)) = (plan.product, &k.bitlinear_gemm_mma) {
             let mut b = self.stream.launch_builder(mma);
             b.arg(&lin.words)
                 .arg(&n_rows)
@@ -579,25 +565,10 @@ impl Backend for CudaBackend {
             // SAFETY: as for the kernels below; the tile guards tokens ≥ n_rows and tokens ≥ tokens.
             return launch(unsafe { b.launch(cfg) }, "bitlinear_gemm_mma");
         }
-        let (f, cfg, name) = if tokens <= GEMV_MAX_TOKENS {
-            let blocks = (n_out * 32).div_ceil(BLOCK as usize) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            if tokens == 1 {
-                (&self.kernels.bitlinear_gemv1, cfg, "bitlinear_gemv1")
-            } else {
-                (&self.kernels.bitlinear_gemv, cfg, "bitlinear_gemv")
-            }
-        } else {
-            let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (&self.kernels.bitlinear_gemm, cfg, "bitlinear_gemm")
+        let f = match plan.product {
+            Product::Gemv1 => &k.bitlinear_gemv1,
+            Product::Gemv => &k.bitlinear_gemv,
+            Product::Gemm | Product::GemmMma => &k.bitlinear_gemm,
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(&lin.words)
@@ -612,7 +583,7 @@ impl Backend for CudaBackend {
         // SAFETY: weights hold n_rows × chunks 16-byte chunks (gpu_upload::pack_ternary), codes
         // tokens × chunks × 64 bytes, out tokens × n_rows values; the GEMV takes at most
         // GEMV_MAX_TOKENS tokens and the GEMM guards partial tiles.
-        launch(unsafe { b.launch(cfg) }, name)
+        launch(unsafe { b.launch(cfg) }, plan.product.kernel())
     }
 
     fn attention(
@@ -636,15 +607,7 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        // Splits over the keys: enough blocks to fill the GPU for decode, one split when the batch
-        // alone has plenty of (row, head) blocks (prefill). Sized by the capacity, not the tokens'
-        // positions, so a captured decode step stays valid as positions advance; splits past a
-        // row's last key finish at once.
-        let capacity = spec.capacity;
-        let wanted = 1024usize.div_ceil(tokens.len() * spec.heads);
-        let keys_per_split = capacity.div_ceil(wanted.clamp(1, capacity.div_ceil(32)));
-        let splits = capacity.div_ceil(keys_per_split);
-        to_i32(tokens.len(), "attention tokens")?;
+        let plan = launch::attention(tokens.len(), spec.heads, spec.kv_heads, hd, spec.capacity)?;
         let meta: Vec<u32> = tokens
             .iter()
             .flat_map(|r| [r.slot as u32, r.position as u32])
@@ -657,7 +620,7 @@ impl Backend for CudaBackend {
             &self.stream,
             g,
             &mut s.partial,
-            tokens.len() * spec.heads * splits * (hd + 2),
+            plan.partial_len,
             "attention partial sums",
         )?;
         g.stage(&self.stream, &meta, &mut s.rows)?;
@@ -676,7 +639,6 @@ impl Backend for CudaBackend {
             capacity: spec.capacity as i32,
             layer: layer as i32,
         };
-        let n = tokens.len() as u32;
         let mut b = self.stream.launch_builder(&self.kernels.rope_append);
         b.arg(src)
             .arg(&s.rows)
@@ -684,16 +646,12 @@ impl Backend for CudaBackend {
             .arg(&g)
             .arg(&kv.keys)
             .arg(&kv.values);
-        let cfg = LaunchConfig {
-            grid_dim: (n, (spec.heads + spec.kv_heads) as u32, 1),
-            block_dim: ((hd / 2) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(plan.rope_append);
         // SAFETY: tokens holds (slot, position) pairs inside the cache (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
         launch(unsafe { b.launch(cfg) }, "rope_append")?;
 
-        let kps = keys_per_split as i32;
+        let kps = plan.keys_per_split as i32;
         let mut b = self.stream.launch_builder(&self.kernels.attend_partial);
         b.arg(src)
             .arg(&s.rows)
@@ -702,27 +660,19 @@ impl Backend for CudaBackend {
             .arg(&kv.values)
             .arg(&kps)
             .arg(&s.partial);
-        let cfg = LaunchConfig {
-            grid_dim: (splits as u32, spec.heads as u32, n),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(plan.attend_partial);
         // SAFETY: as above; partial holds tokens × heads × splits × (head_dim + 2) values and every
         // key read is at a position ≤ the row's own, which rope_append has already written.
         launch(unsafe { b.launch(cfg) }, "attend_partial")?;
 
-        let (splits_i, heads_i, hd_i) = (splits as i32, spec.heads as i32, hd as i32);
+        let (splits_i, heads_i, hd_i) = (plan.splits as i32, spec.heads as i32, hd as i32);
         let mut b = self.stream.launch_builder(&self.kernels.attend_combine);
         b.arg(&s.partial)
             .arg(&splits_i)
             .arg(&heads_i)
             .arg(&hd_i)
             .arg(dst);
-        let cfg = LaunchConfig {
-            grid_dim: (spec.heads as u32, n, 1),
-            block_dim: (hd as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(plan.attend_combine);
         // SAFETY: partial was written for every (row, head, split); out holds tokens × q_dim values.
         launch(unsafe { b.launch(cfg) }, "attend_combine")
     }
@@ -755,7 +705,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.kernels.gated);
         b.arg(src).arg(&act).arg(&rows_i).arg(&width_i).arg(dst);
         // SAFETY: grid-stride over tokens × width outputs; gate_up holds 2 × that many values.
-        launch(unsafe { b.launch(grid_1d(n)) }, "gated")
+        launch(unsafe { b.launch(config(launch::grid_stride(n))) }, "gated")
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
@@ -768,7 +718,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.kernels.add);
         b.arg(dst).arg(src).arg(&len_i);
         // SAFETY: grid-stride over len values, which both buffers hold.
-        launch(unsafe { b.launch(grid_1d(len)) }, "add")
+        launch(unsafe { b.launch(config(launch::grid_stride(len))) }, "add")
     }
 
     fn logits(
@@ -791,11 +741,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(f);
         push_table(&mut b, t);
         b.arg(&vocab_i).arg(&cols_i).arg(src).arg(&rows_i).arg(dst);
-        let cfg = LaunchConfig {
-            grid_dim: ((vocab * 32).div_ceil(BLOCK as usize) as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::warp_per_row("logits", vocab)?);
         // SAFETY: one warp per table row; x holds tokens × cols values, out tokens × vocab.
         launch(unsafe { b.launch(cfg) }, "logits")
     }
@@ -823,11 +769,7 @@ impl Backend for CudaBackend {
         let mut ids = alloc::<u32>(&self.stream, tokens, "sampled ids")?;
         let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
         b.arg(src).arg(&width_i).arg(&mut ids);
-        let cfg = LaunchConfig {
-            grid_dim: (to_i32(tokens, "argmax tokens")? as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(launch::argmax(tokens)?);
         // SAFETY: one block per row of `width` values; ids holds one u32 per row.
         launch(unsafe { b.launch(cfg) }, "argmax_rows")?;
         let mut out = vec![0u32; tokens];
