@@ -1,6 +1,9 @@
 //! Shared helpers for the golden-fixture tests: locating fixtures, reading golden arrays, comparing.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cuda_emu;
+pub mod cuda_ops;
+
 use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::{CpuBackend, CpuKernels};
@@ -97,6 +100,16 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
         Ok(cuda) => list.push(("cuda".to_string(), Box::new(cuda))),
         Err(e) => eprintln!("cuda backend skipped: {e:#}"),
     }
+    // The CUDA kernels on the CPU (cuda-emu/): the tensor-core GEMM with threads in order, and the
+    // dp4a GEMM with threads in reverse order (a result that depends on the order is a race).
+    list.push((
+        "cuda-emu".to_string(),
+        Box::new(cuda_emu::backend(true, cuda_emu::Order::Forward)),
+    ));
+    list.push((
+        "cuda-emu-dp4a-reverse".to_string(),
+        Box::new(cuda_emu::backend(false, cuda_emu::Order::Reverse)),
+    ));
     list.extend(
         wgpu_backends()
             .into_iter()

@@ -108,31 +108,9 @@ impl Source {
     }
 }
 
-/// Every kernel, loaded into one context. Dense-table kernels are indexed by [`DenseDtype`].
+/// Every kernel, loaded into one context, by entry-point name.
 pub struct Kernels {
-    pub bitlinear_quantize: CudaFunction,
-    pub bitlinear_gemv1: CudaFunction,
-    pub bitlinear_gemv: CudaFunction,
-    pub bitlinear_gemm: CudaFunction,
-    /// The tensor-core GEMM; `None` below compute capability 8.0 (or with `TERN_CUDA_MMA=0`).
-    pub bitlinear_gemm_mma: Option<CudaFunction>,
-    pub rms_norm: CudaFunction,
-    pub gated: CudaFunction,
-    pub add: CudaFunction,
-    pub embed: [CudaFunction; 3],
-    pub logits: [CudaFunction; 3],
-    pub argmax_rows: CudaFunction,
-    pub rope_append: CudaFunction,
-    pub attend_partial: CudaFunction,
-    pub attend_combine: CudaFunction,
-}
-
-/// Element type of a dense table on the device; the index into [`Kernels::embed`] and `logits`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DenseDtype {
-    F32 = 0,
-    F16 = 1,
-    Bf16 = 2,
+    functions: Vec<(&'static str, CudaFunction)>,
 }
 
 impl Kernels {
@@ -167,31 +145,29 @@ impl Kernels {
             };
             modules.push((s, module));
         }
-        let f = |name: &str| -> Result<CudaFunction> {
-            let (_, module) = modules
-                .iter()
-                .find(|(s, _)| s.entries.contains(&name))
-                .ok_or_else(|| anyhow!("no loaded kernel source defines {name}"))?;
-            module
-                .load_function(name)
-                .with_context(|| format!("cannot load CUDA kernel {name}"))
-        };
-        Ok(Self {
-            bitlinear_quantize: f("bitlinear_quantize")?,
-            bitlinear_gemv1: f("bitlinear_gemv1")?,
-            bitlinear_gemv: f("bitlinear_gemv")?,
-            bitlinear_gemm: f("bitlinear_gemm")?,
-            bitlinear_gemm_mma: mma.then(|| f("bitlinear_gemm_mma")).transpose()?,
-            rms_norm: f("rms_norm")?,
-            gated: f("gated")?,
-            add: f("add")?,
-            embed: [f("embed_f32")?, f("embed_f16")?, f("embed_bf16")?],
-            logits: [f("logits_f32")?, f("logits_f16")?, f("logits_bf16")?],
-            argmax_rows: f("argmax_rows")?,
-            rope_append: f("rope_append")?,
-            attend_partial: f("attend_partial")?,
-            attend_combine: f("attend_combine")?,
-        })
+        let mut functions = Vec::new();
+        for (s, module) in &modules {
+            for &name in s.entries {
+                let f = module
+                    .load_function(name)
+                    .with_context(|| format!("cannot load CUDA kernel {name}"))?;
+                functions.push((name, f));
+            }
+        }
+        Ok(Self { functions })
+    }
+
+    /// True if kernel `name` is loaded (`bitlinear_gemm_mma` is not, below compute capability 8.0).
+    pub fn has(&self, name: &str) -> bool {
+        self.functions.iter().any(|(n, _)| *n == name)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f)
+            .ok_or_else(|| anyhow!("CUDA kernel {name} is not loaded"))
     }
 }
 
