@@ -31,7 +31,13 @@ fn main() {
                 .unwrap_or_else(|| panic!("constant {name} in kernels.rs"));
             def.split('"').nth(1).unwrap().to_string()
         };
-        let list = part.split("entries: &[").nth(1).unwrap().split(']').next().unwrap();
+        let list = part
+            .split("entries: &[")
+            .nth(1)
+            .unwrap()
+            .split(']')
+            .next()
+            .unwrap();
         let entries = list
             .split('"')
             .skip(1)
@@ -40,7 +46,11 @@ fn main() {
             .collect();
         sources.push((file, entries));
     }
-    assert!(sources.len() >= 7, "kernels.rs lists {} sources", sources.len());
+    assert!(
+        sources.len() >= 7,
+        "kernels.rs lists {} sources",
+        sources.len()
+    );
 
     let mut build = cc::Build::new();
     build
@@ -77,7 +87,10 @@ fn main() {
         let path = out.join(format!("{}.cpp", file.trim_end_matches(".cu")));
         std::fs::write(&path, unit).unwrap();
         build.file(&path);
-        println!("cargo:rerun-if-changed={}", repo.join("cuda").join(file).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            repo.join("cuda").join(file).display()
+        );
     }
     write!(
         registry,
@@ -97,7 +110,10 @@ fn main() {
     build.compile("tern_cuda_emu");
     println!("cargo:rustc-link-lib=stdc++");
     for f in ["common.cuh"] {
-        println!("cargo:rerun-if-changed={}", repo.join("cuda").join(f).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            repo.join("cuda").join(f).display()
+        );
     }
     for f in ["emu/emu.h", "emu/dispatch.h", "emu/runtime.cpp"] {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

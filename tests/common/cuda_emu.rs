@@ -90,13 +90,21 @@ impl Gpu for Emulator {
         dst_at: usize,
         len: usize,
     ) -> anyhow::Result<()> {
-        anyhow::ensure!(src_at + len <= src.len && dst_at + len <= dst.len, "copy past a buffer");
+        anyhow::ensure!(
+            src_at + len <= src.len && dst_at + len <= dst.len,
+            "copy past a buffer"
+        );
         // SAFETY: both ranges are inside their buffers (checked), which are distinct allocations.
         unsafe { std::ptr::copy_nonoverlapping(src.at(src_at), dst.at(dst_at), len) };
         Ok(())
     }
 
-    unsafe fn launch(&self, name: &'static str, config: Launch, args: &[Arg]) -> anyhow::Result<()> {
+    unsafe fn launch(
+        &self,
+        name: &'static str,
+        config: Launch,
+        args: &[Arg],
+    ) -> anyhow::Result<()> {
         let ptrs: Vec<*const c_void> = args
             .iter()
             .map(|a| match a {

@@ -78,7 +78,10 @@ fn close(a: f32, b: f32, tol: f32) -> bool {
 
 fn compare(what: &str, g: &[f32], c: &[f32], ok: impl Fn(f32, f32) -> bool) {
     if let Some(i) = (0..g.len()).find(|&i| !ok(g[i], c[i])) {
-        panic!("{what}: value {i} is {} on the GPU and {} on the CPU", g[i], c[i]);
+        panic!(
+            "{what}: value {i} is {} on the GPU and {} on the CPU",
+            g[i], c[i]
+        );
     }
 }
 
@@ -249,7 +252,12 @@ pub fn check_tables(gpu: &mut dyn Backend, vocab: usize, cols: usize, rows: usiz
         gpu.embed(tg, &ids, eg).unwrap();
         cpu.embed(tc, &ids, ec).unwrap();
         let e = get(&mut cpu, ec, rows * cols);
-        compare(&format!("embed, {what}"), &get(gpu, eg, rows * cols), &e, same);
+        compare(
+            &format!("embed, {what}"),
+            &get(gpu, eg, rows * cols),
+            &e,
+            same,
+        );
 
         let (lg, lc) = (
             gpu.alloc(rows * vocab).unwrap(),

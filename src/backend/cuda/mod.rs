@@ -40,8 +40,8 @@
 //! cache.
 
 pub mod device;
-mod graph;
 pub mod gpu;
+mod graph;
 pub mod kernels;
 pub mod launch;
 pub mod nvrtc;
@@ -129,7 +129,10 @@ pub struct CudaBackend<G: Gpu = Cuda> {
 fn grow<G: Gpu, T: Elem>(gpu: &mut G, slot: &mut G::Buf<T>, len: usize, what: &str) -> Result<()> {
     if slot.len() < len {
         // Cannot happen: a shape is captured only after an eager step of it sized the scratch.
-        ensure!(!gpu.capturing(), "CUDA: {what} would grow during graph capture");
+        ensure!(
+            !gpu.capturing(),
+            "CUDA: {what} would grow during graph capture"
+        );
         gpu.invalidate();
         *slot = gpu.alloc(len, what)?;
     }
@@ -359,7 +362,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         }
         let config = launch::per_row("embed", tokens.len())?;
         self.gpu.note("embed", &[table.0, tokens.len(), out.0]);
-        grow(&mut self.gpu, &mut self.scratch.tokens, tokens.len(), "token ids")?;
+        grow(
+            &mut self.gpu,
+            &mut self.scratch.tokens,
+            tokens.len(),
+            "token ids",
+        )?;
         self.gpu.stage(tokens, &mut self.scratch.tokens)?;
         if self.gpu.replaying() {
             return Ok(());
@@ -458,7 +466,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         // (gpu_upload::pack_ternary), codes tokens × chunks × 64 bytes, out tokens × n_rows values;
         // the GEMV takes at most GEMV_MAX_TOKENS tokens and the GEMMs guard partial tiles.
         if plan.product == launch::Product::GemmMma {
-            let args = [words, n_rows, chunks, codes, act_scales, scales, tokens, dst];
+            let args = [
+                words, n_rows, chunks, codes, act_scales, scales, tokens, dst,
+            ];
             unsafe { self.gpu.launch(kernel, plan.product_launch, &args) }
         } else {
             let args = [
@@ -489,13 +499,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if tokens.is_empty() {
             return Ok(());
         }
-        let plan = launch::attention(
-            tokens.len(),
-            spec.heads,
-            spec.kv_heads,
-            hd,
-            spec.capacity,
-        )?;
+        let plan = launch::attention(tokens.len(), spec.heads, spec.kv_heads, hd, spec.capacity)?;
         let meta: Vec<u32> = tokens
             .iter()
             .flat_map(|r| [r.slot as u32, r.position as u32])
@@ -504,7 +508,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             .note("attention", &[layer, qkv.0, tokens.len(), out.0]);
         let (s, g) = (&mut self.scratch, &mut self.gpu);
         grow(g, &mut s.rows, meta.len(), "attention tokens")?;
-        grow(g, &mut s.partial, plan.partial_len, "attention partial sums")?;
+        grow(
+            g,
+            &mut s.partial,
+            plan.partial_len,
+            "attention partial sums",
+        )?;
         g.stage(&meta, &mut s.rows)?;
         if self.gpu.replaying() {
             return Ok(());
@@ -526,8 +535,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         // SAFETY: tokens holds (slot, position) pairs inside the cache (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
         unsafe {
-            self.gpu
-                .launch("rope_append", plan.rope_append, &args)?;
+            self.gpu.launch("rope_append", plan.rope_append, &args)?;
         }
         let kps = Arg::I32(plan.keys_per_split as i32);
         let args = [src, rows, geometry, keys, values, kps, s.partial.ptr()];
