@@ -1,7 +1,7 @@
 // The CUDA device environment, emulated on the CPU, for compiling tern's cuda/*.cu unchanged as C++.
 //
-// Every CUDA thread of a block is a fiber (its own stack, switched with swapcontext on one OS
-// thread); the block's scheduler runs each fiber until it reaches a synchronization point
+// Every CUDA thread of a block is a fiber (its own stack, switched in user space on one OS
+// thread; blocks run on several OS threads); the block's scheduler runs each fiber until it reaches a synchronization point
 // (__syncthreads, a warp shuffle, an mma), then the next one, in thread order (or reversed, see
 // launch.cpp). So the write-then-read order of shared memory is exactly what the barriers allow: a
 // missing barrier makes later threads read what earlier ones left, and a thread waiting at a
