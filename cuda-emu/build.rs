@@ -109,12 +109,10 @@ fn main() {
     build.file(&registry_path);
     build.compile("tern_cuda_emu");
     println!("cargo:rustc-link-lib=stdc++");
-    for f in ["common.cuh"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            repo.join("cuda").join(f).display()
-        );
-    }
+    println!(
+        "cargo:rerun-if-changed={}",
+        repo.join("cuda/common.cuh").display()
+    );
     for f in ["emu/emu.h", "emu/dispatch.h", "emu/runtime.cpp"] {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

@@ -8,7 +8,8 @@ use tern::backend::selftest;
 
 #[test]
 fn every_backend_passes_the_self_test() {
-    for (name, mut backend) in common::backends() {
+    let emulated = common::emulated_cuda_backends();
+    for (name, mut backend) in common::backends().into_iter().chain(emulated) {
         let started = std::time::Instant::now();
         selftest::run(backend.as_mut()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         eprintln!("{name}: self-test passed in {:.1?}", started.elapsed());

@@ -100,22 +100,29 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
         Ok(cuda) => list.push(("cuda".to_string(), Box::new(cuda))),
         Err(e) => eprintln!("cuda backend skipped: {e:#}"),
     }
-    // The CUDA kernels on the CPU (cuda-emu/): the tensor-core GEMM with threads in order, and the
-    // dp4a GEMM with threads in reverse order (a result that depends on the order is a race).
-    list.push((
-        "cuda-emu".to_string(),
-        Box::new(cuda_emu::backend(true, cuda_emu::Order::Forward)),
-    ));
-    list.push((
-        "cuda-emu-dp4a-reverse".to_string(),
-        Box::new(cuda_emu::backend(false, cuda_emu::Order::Reverse)),
-    ));
     list.extend(
         wgpu_backends()
             .into_iter()
             .map(|(name, b)| (name, Box::new(b) as Box<dyn Backend>)),
     );
     list
+}
+
+/// The CUDA backend on the CPU emulation of its kernels (cuda-emu/): the tensor-core GEMM with the
+/// threads of a block in order, and the dp4a GEMM with them in reverse order (a result that depends
+/// on the order is a race). Slower than the other backends, so only the module-level goldens and
+/// the self-test run on them.
+pub fn emulated_cuda_backends() -> Vec<(String, Box<dyn Backend>)> {
+    vec![
+        (
+            "cuda-emu".to_string(),
+            Box::new(cuda_emu::backend(true, cuda_emu::Order::Forward)),
+        ),
+        (
+            "cuda-emu-dp4a-reverse".to_string(),
+            Box::new(cuda_emu::backend(false, cuda_emu::Order::Reverse)),
+        ),
+    ]
 }
 
 /// The wgpu backend with every optional feature the adapter has (`wgpu`), and with none of them

@@ -46,6 +46,9 @@ pub enum Arg {
 /// Device memory of `len()` elements of `T`.
 pub trait Buf {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The device address of element 0.
     fn addr(&self) -> u64;
     fn ptr(&self) -> Arg {
