@@ -40,6 +40,8 @@ section() { printf '\n===== %s\n' "$*"; }
 summary() {
     local rc=$?
     trap - EXIT INT TERM
+    # Any failed step fails the script.
+    if [ "$rc" -eq 0 ] && grep -q '|FAIL' "$status_file"; then rc=1; fi
     section "summary (exit $rc, ${SECONDS}s)"
     for f in bench.json bench-no-graphs.json torch.json; do
         [ -s "$work/$f" ] && cp "$work/$f" "$out/$f"
@@ -139,8 +141,8 @@ tests_step() {
     result=$(grep -oE 'test result: .*' "$logs/$name.log" | tail -1)
     if [ "$rc" -ne 0 ]; then
         status "$name" "FAIL (exit $rc; ${result:-no test result})"
-    elif grep -qiE '^skipped: |cuda backend skipped' "$logs/$name.log"; then
-        status "$name" "SKIPPED CUDA: $(grep -ioE '(skipped: |cuda backend skipped).*' "$logs/$name.log" | head -1)"
+    elif grep -qiE 'skipped: ' "$logs/$name.log"; then
+        status "$name" "SKIPPED CUDA: $(grep -ioE '(cuda backend )?skipped: .*' "$logs/$name.log" | head -1)"
     else
         status "$name" "PASS ($result)"
     fi
@@ -189,6 +191,9 @@ fi
 # the late steps are the ones to lose when the early ones are slow.
 tests_step selftest 60 selftest
 tests_step cuda 90 cuda
+# The goldens on the GPU backends only (the CPU's ran in CI): TERN_TEST_BACKENDS filters
+# tests/common's backend list by name prefix.
+export TERN_TEST_BACKENDS=cuda,wgpu
 tests_step golden 120 golden
 # `to FILE CMD...`: CMD's stdout to FILE, its stderr to the step's log.
 to=(bash -c 'f=$1; shift; exec "$@" > "$f"' to)

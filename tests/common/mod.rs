@@ -75,8 +75,25 @@ pub fn load(name: &str) -> HostModel {
 }
 
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
-/// on this machine is left out with a printed reason, never silently.
+/// on this machine is left out with a printed reason, never silently. `TERN_TEST_BACKENDS` (a
+/// comma-separated list of name prefixes, e.g. `cuda,wgpu` in scripts/gpu-check.sh) keeps only
+/// the backends it names.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
+    let mut list = all_backends();
+    if let Ok(keep) = std::env::var("TERN_TEST_BACKENDS") {
+        list.retain(|(name, _)| {
+            keep.split(',')
+                .any(|p| !p.is_empty() && name.starts_with(p))
+        });
+        eprintln!(
+            "TERN_TEST_BACKENDS={keep}: backends {:?}",
+            list.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+    }
+    list
+}
+
+fn all_backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut list = Vec::new();
     // The CPU backend once per kernel level this CPU has (the default level is one of them), again
     // with the base-3 kernels, and with the lookup-table kernels at the levels that have them.
