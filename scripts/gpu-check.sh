@@ -109,7 +109,8 @@ PY
     exit "$rc"
 }
 trap summary EXIT
-trap 'status interrupted "killed by a signal at ${SECONDS}s"; exit 143' INT TERM
+running=""
+trap '[ -n "$running" ] && kill "$running" 2>/dev/null; status interrupted "killed by a signal at ${SECONDS}s"; exit 143' INT TERM
 
 # Runs "$@" under a timeout of min(cap, what is left of the budget); its output goes to
 # $logs/NAME.log. Returns the command's status, 124 on timeout, or 125 when the step was skipped.
@@ -123,8 +124,13 @@ step() {
     fi
     local limit=$((cap < left ? cap : left))
     section "$name (at most ${limit}s)"
-    timeout -k 5 "$limit" "$@" > "$logs/$name.log" 2>&1
+    # In the background and waited for, so that a signal runs the trap at once (bash runs traps
+    # only between commands); stdin passed on explicitly (a step may read a script from it).
+    timeout -k 5 "$limit" "$@" <&0 > "$logs/$name.log" 2>&1 &
+    running=$!
+    wait "$running"
     local rc=$?
+    running=
     tail -n 15 "$logs/$name.log"
     [ "$rc" -eq 124 ] && status "$name" "FAIL: timed out after ${limit}s"
     return "$rc"
@@ -141,6 +147,8 @@ tests_step() {
     result=$(grep -oE 'test result: .*' "$logs/$name.log" | tail -1)
     if [ "$rc" -ne 0 ]; then
         status "$name" "FAIL (exit $rc; ${result:-no test result})"
+    elif ! echo "$result" | grep -qE 'ok\. [1-9]'; then
+        status "$name" "FAIL: no test ran (${result:-no test result})"
     elif grep -qiE 'skipped: ' "$logs/$name.log"; then
         status "$name" "SKIPPED CUDA: $(grep -ioE '(cuda backend )?skipped: .*' "$logs/$name.log" | head -1)"
     else
