@@ -6,8 +6,9 @@
 // ---- Activation quantization ---------------------------------------------------------------
 // Per-token absmax int8 activation quantization (tern_cpu::bitlinear::quant, bit for bit).
 //
-// One block per row of `cols` f32 values: s = 127 / max(max|x|, 1e-5),
-// q = clamp(round_half_even(x * s), -128, 127). Codes are written with a row stride of `padded`
+// One block per row of `cols` f32 values: s = 127 / max(max|x|, 1e-5) (fmaxf skips NaN, as the
+// CPU's f32::max does; a row holding ±Inf has s = 0), q = clamp(round_half_even(x * s), -128, 127),
+// and q = 0 where x * s is NaN. Codes are written with a row stride of `padded`
 // bytes (a multiple of 64, so the ternary kernels can read 16 bytes at a time); the padding is zero.
 // sums[row] = Σ q, which the ternary kernels subtract because they multiply by code = value + 1.
 
@@ -27,7 +28,12 @@ extern "C" __global__ void bitlinear_quantize(const float* __restrict__ x, int c
     int sum = 0;
     for (int i = threadIdx.x; i < padded; i += blockDim.x) {
         int q = 0;
-        if (i < cols) q = (int)fminf(fmaxf(rintf(__fmul_rn(row[i], s)), -128.0f), 127.0f);
+        if (i < cols) {
+            // NaN (a NaN input, or ±Inf times the zero scale of a row holding ±Inf) gives code 0,
+            // like the CPU's `as i8`; fmaxf alone would turn it into -128.
+            const float r = rintf(__fmul_rn(row[i], s));
+            q = r != r ? 0 : (int)fminf(fmaxf(r, -128.0f), 127.0f);
+        }
         out[i] = (i8)q;
         sum += q;
     }

@@ -11,19 +11,11 @@
 // Fragments (PTX ISA, mma.m16n8k32 .s8; g = lane / 4, t = lane % 4; words of 4 int8 along k):
 // A regs 0..3 = (row g, k 4t), (row g+8, k 4t), (row g, k 16+4t), (row g+8, k 16+4t);
 // B regs 0..1 = (token g, k 4t), (token g, k 16+4t); C regs 0..3 = (row g, token 2t), (g, 2t+1),
-// (g+8, 2t), (g+8, 2t+1).
+// (g+8, 2t), (g+8, 2t+1). The product itself is common.cuh's mma_s8.
 
 #define MMA_ROWS 128
 #define MMA_TOKENS 64
 #define STRIDE 20
-
-__device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 extern "C" __global__ void __launch_bounds__(256)
 bitlinear_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
@@ -40,9 +32,10 @@ bitlinear_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const ui
     // 16-byte part threadIdx.x % 4.
     const int w_row = row0 + threadIdx.x;
     const bool w_loader = threadIdx.x < MMA_ROWS;
-    const bool w_valid = w_loader && w_row < n_rows;
+    // chunks == 0 (a linear of zero input width) loads nothing: its buffers hold no chunk.
+    const bool w_valid = w_loader && w_row < n_rows && chunks > 0;
     const int x_tok = threadIdx.x >> 2, x_part = threadIdx.x & 3;
-    const bool x_valid = tok0 + x_tok < tokens;
+    const bool x_valid = tok0 + x_tok < tokens && chunks > 0;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     uint4 w_next = w_valid ? __ldg(w + (size_t)w_row * chunks) : zero;
     uint4 x_next = x_valid ? __ldg(x + (size_t)(tok0 + x_tok) * chunks * 4 + x_part) : zero;

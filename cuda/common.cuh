@@ -7,6 +7,25 @@ typedef unsigned short u16;
 typedef signed char i8;
 
 #define FULL_MASK 0xffffffffu
+
+// The only inline PTX of the kernels. The CPU emulation harness (cuda-emu/) compiles these sources
+// as C++ with TERN_CUDA_EMU defined and its own versions of both (cuda-emu/emu/emu.h).
+#ifndef TERN_CUDA_EMU
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// c += a · b on int8 tensor cores (compute capability 8.0+), fragments as bitlinear_mma.cu says.
+__device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
@@ -64,11 +83,7 @@ __device__ __forceinline__ float dequantize(int acc, float act_scale, float row_
 
 // Dense-table element types (the DenseDtype discriminants on the Rust side).
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load_f16(const u16* p, size_t i) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
-    return f;
-}
+__device__ __forceinline__ float load_f16(const u16* p, size_t i) { return f16_to_f32(p[i]); }
 __device__ __forceinline__ float load_bf16(const u16* p, size_t i) {
     return __uint_as_float(((u32)p[i]) << 16);
 }

@@ -16,9 +16,17 @@ use tern::ternary::TernaryMatrix;
 
 /// Runs `check(fixture, label, backend)` for every Hugging Face fixture on every backend; `label`
 /// names both in assertion messages.
-fn on_every_backend(mut check: impl FnMut(&str, &str, Box<dyn Backend>)) {
+fn on_every_backend(check: impl FnMut(&str, &str, Box<dyn Backend>)) {
+    on_backends(backends, check);
+}
+
+/// As [`on_every_backend`], on the backends `list` gives.
+fn on_backends(
+    list: impl Fn() -> Vec<(String, Box<dyn Backend>)>,
+    mut check: impl FnMut(&str, &str, Box<dyn Backend>),
+) {
     for fixture in all_fixtures() {
-        for (backend_name, backend) in backends() {
+        for (backend_name, backend) in list() {
             check(fixture, &format!("{fixture} on {backend_name}"), backend);
         }
     }
@@ -154,165 +162,172 @@ impl ModuleCheck {
 
 #[test]
 fn every_module_matches_on_the_recorded_inputs() {
+    on_every_backend(check_modules);
+}
+
+/// The module-level goldens on the CUDA kernels under CPU emulation (tests/common/cuda_emu.rs).
+#[test]
+fn every_module_matches_on_the_emulated_cuda_kernels() {
+    on_backends(emulated_cuda_backends, check_modules);
+}
+
+fn check_modules(fixture: &str, name: &str, backend: Box<dyn Backend>) {
     const T: usize = 7;
-    on_every_backend(|fixture, name, backend| {
-        let model = load(fixture);
-        let c = model.config.clone();
-        let mut m = ModuleCheck::new(fixture, backend);
-        let ids = ids(&m.golden["modules"]["input_ids"]);
+    let model = load(fixture);
+    let c = model.config.clone();
+    let mut m = ModuleCheck::new(fixture, backend);
+    let ids = ids(&m.golden["modules"]["input_ids"]);
 
-        let table = m.backend.upload_table(&model.embed).unwrap();
-        let out = m.backend.alloc(T * c.hidden).unwrap();
-        m.backend.embed(table, &ids, out).unwrap();
-        m.compare(out, "embed_tokens.out");
+    let table = m.backend.upload_table(&model.embed).unwrap();
+    let out = m.backend.alloc(T * c.hidden).unwrap();
+    m.backend.embed(table, &ids, out).unwrap();
+    m.compare(out, "embed_tokens.out");
 
-        for l in [0, c.layers - 1] {
-            let layer = &model.layers[l];
-            let p = format!("layers.{l}");
-            let norm = |m: &mut ModuleCheck, w: &[f32], input: &str, output: &str| {
-                let data = m.tensor(input);
-                let x = m.upload(&data);
-                let w = m.backend.upload_vector(w).unwrap();
-                let out = m.backend.alloc(data.len()).unwrap();
-                m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
-                m.compare(out, output);
-            };
-            norm(
-                &mut m,
-                &layer.attn_norm,
-                &format!("{p}.in"),
-                &format!("{p}.input_layernorm.out"),
-            );
-            norm(
-                &mut m,
-                &layer.ffn_norm,
-                &format!("{p}.post_attention_layernorm.in"),
-                &format!("{p}.post_attention_layernorm.out"),
-            );
-            // Inputs of o_proj and down_proj: the sub-norm outputs where the block has sub-norms
-            // (checked here from their recorded inputs), else the attention output and act(g) * u.
-            let (attn_out, o_in, ffn_act, down_in) =
-                match (&layer.attn_sub_norm, &layer.ffn_sub_norm) {
-                    (Some(attn_sub), Some(ffn_sub)) => {
-                        norm(
-                            &mut m,
-                            attn_sub,
-                            &format!("{p}.self_attn.attn_sub_norm.in"),
-                            &format!("{p}.self_attn.attn_sub_norm.out"),
-                        );
-                        norm(
-                            &mut m,
-                            ffn_sub,
-                            &format!("{p}.mlp.ffn_sub_norm.in"),
-                            &format!("{p}.mlp.ffn_sub_norm.out"),
-                        );
-                        (
-                            "self_attn.attn_sub_norm.in",
-                            "self_attn.attn_sub_norm.out",
-                            "mlp.ffn_sub_norm.in",
-                            "mlp.ffn_sub_norm.out",
-                        )
-                    }
-                    (None, None) => (
-                        "self_attn.o_proj.in",
-                        "self_attn.o_proj.in",
-                        "mlp.down_proj.in",
-                        "mlp.down_proj.in",
-                    ),
-                    _ => panic!("{name}: a layer with only one sub-norm"),
-                };
-
-            let projections = [
-                ("self_attn.q_proj", "input_layernorm.out"),
-                ("self_attn.k_proj", "input_layernorm.out"),
-                ("self_attn.v_proj", "input_layernorm.out"),
-                ("self_attn.o_proj", o_in),
-                ("mlp.gate_proj", "post_attention_layernorm.out"),
-                ("mlp.up_proj", "post_attention_layernorm.out"),
-                ("mlp.down_proj", down_in),
-            ];
-            for (proj, input) in projections {
-                let w = linear(layer, proj);
-                let id = m.backend.upload_linear(&[w]).unwrap();
-                let x = m.upload(&m.tensor(&format!("{p}.{input}")));
-                let out = m.backend.alloc(T * w.rows).unwrap();
-                m.backend.bitlinear(x, id, T, out).unwrap();
-                m.compare(out, &format!("{p}.{proj}.out"));
+    for l in [0, c.layers - 1] {
+        let layer = &model.layers[l];
+        let p = format!("layers.{l}");
+        let norm = |m: &mut ModuleCheck, w: &[f32], input: &str, output: &str| {
+            let data = m.tensor(input);
+            let x = m.upload(&data);
+            let w = m.backend.upload_vector(w).unwrap();
+            let out = m.backend.alloc(data.len()).unwrap();
+            m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
+            m.compare(out, output);
+        };
+        norm(
+            &mut m,
+            &layer.attn_norm,
+            &format!("{p}.in"),
+            &format!("{p}.input_layernorm.out"),
+        );
+        norm(
+            &mut m,
+            &layer.ffn_norm,
+            &format!("{p}.post_attention_layernorm.in"),
+            &format!("{p}.post_attention_layernorm.out"),
+        );
+        // Inputs of o_proj and down_proj: the sub-norm outputs where the block has sub-norms
+        // (checked here from their recorded inputs), else the attention output and act(g) * u.
+        let (attn_out, o_in, ffn_act, down_in) = match (&layer.attn_sub_norm, &layer.ffn_sub_norm) {
+            (Some(attn_sub), Some(ffn_sub)) => {
+                norm(
+                    &mut m,
+                    attn_sub,
+                    &format!("{p}.self_attn.attn_sub_norm.in"),
+                    &format!("{p}.self_attn.attn_sub_norm.out"),
+                );
+                norm(
+                    &mut m,
+                    ffn_sub,
+                    &format!("{p}.mlp.ffn_sub_norm.in"),
+                    &format!("{p}.mlp.ffn_sub_norm.out"),
+                );
+                (
+                    "self_attn.attn_sub_norm.in",
+                    "self_attn.attn_sub_norm.out",
+                    "mlp.ffn_sub_norm.in",
+                    "mlp.ffn_sub_norm.out",
+                )
             }
+            (None, None) => (
+                "self_attn.o_proj.in",
+                "self_attn.o_proj.in",
+                "mlp.down_proj.in",
+                "mlp.down_proj.in",
+            ),
+            _ => panic!("{name}: a layer with only one sub-norm"),
+        };
 
-            // gate‖up fused, then the gated activation.
-            let id = m.backend.upload_linear(&[&layer.gate, &layer.up]).unwrap();
-            let x = m.upload(&m.tensor(&format!("{p}.post_attention_layernorm.out")));
-            let gu = m.backend.alloc(T * 2 * c.intermediate).unwrap();
-            m.backend.bitlinear(x, id, T, gu).unwrap();
-            let out = m.backend.alloc(T * c.intermediate).unwrap();
-            m.backend
-                .gated(gu, c.activation, T, c.intermediate, out)
-                .unwrap();
-            m.compare(out, &format!("{p}.{ffn_act}"));
-
-            // Attention from the recorded q, k, v: as one prefill, then as a decode of position 6.
-            let (q, k, v) = (
-                m.tensor(&format!("{p}.self_attn.q_proj.out")),
-                m.tensor(&format!("{p}.self_attn.k_proj.out")),
-                m.tensor(&format!("{p}.self_attn.v_proj.out")),
-            );
-            let (qd, kd) = (c.q_dim(), c.kv_dim());
-            let qkv: Vec<f32> = (0..T)
-                .flat_map(|t| {
-                    [
-                        &q[t * qd..(t + 1) * qd],
-                        &k[t * kd..(t + 1) * kd],
-                        &v[t * kd..(t + 1) * kd],
-                    ]
-                    .concat()
-                })
-                .collect();
-            let spec = KvSpec {
-                layers: 1,
-                slots: 2,
-                capacity: 16,
-                heads: c.heads,
-                kv_heads: c.kv_heads,
-                head_dim: c.head_dim,
-                rope_theta: c.rope_theta,
-            };
-            m.backend.alloc_kv(&spec).unwrap();
-            let rows: Vec<TokenPosition> = (0..T)
-                .map(|position| TokenPosition { slot: 1, position })
-                .collect();
-            let x = m.upload(&qkv);
-            let out = m.backend.alloc(T * qd).unwrap();
-            m.backend.attention(0, x, &rows, out).unwrap();
-            m.compare(out, &format!("{p}.{attn_out}"));
-
-            let width = qd + 2 * kd;
-            let first = m.upload(&qkv[..(T - 1) * width]);
-            let out_first = m.backend.alloc((T - 1) * qd).unwrap();
-            m.backend
-                .attention(0, first, &rows[..T - 1], out_first)
-                .unwrap();
-            let last = m.upload(&qkv[(T - 1) * width..]);
-            let out_last = m.backend.alloc(qd).unwrap();
-            m.backend
-                .attention(0, last, &rows[T - 1..], out_last)
-                .unwrap();
-            let mut got = vec![0f32; qd];
-            m.backend.read(out_last, &mut got).unwrap();
-            let want = m.tensor(&format!("{p}.{attn_out}"));
-            let (max, _) = diff(&got, &want[(T - 1) * qd..]);
-            assert!(
-                max <= m.strict,
-                "{name} {p}: decode-form attention differs by {max}"
-            );
+        let projections = [
+            ("self_attn.q_proj", "input_layernorm.out"),
+            ("self_attn.k_proj", "input_layernorm.out"),
+            ("self_attn.v_proj", "input_layernorm.out"),
+            ("self_attn.o_proj", o_in),
+            ("mlp.gate_proj", "post_attention_layernorm.out"),
+            ("mlp.up_proj", "post_attention_layernorm.out"),
+            ("mlp.down_proj", down_in),
+        ];
+        for (proj, input) in projections {
+            let w = linear(layer, proj);
+            let id = m.backend.upload_linear(&[w]).unwrap();
+            let x = m.upload(&m.tensor(&format!("{p}.{input}")));
+            let out = m.backend.alloc(T * w.rows).unwrap();
+            m.backend.bitlinear(x, id, T, out).unwrap();
+            m.compare(out, &format!("{p}.{proj}.out"));
         }
 
-        let w = m.backend.upload_vector(&model.final_norm).unwrap();
-        let x = m.upload(&m.tensor("norm.in"));
-        let out = m.backend.alloc(T * c.hidden).unwrap();
-        m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
-        m.compare(out, "norm.out");
-    });
+        // gate‖up fused, then the gated activation.
+        let id = m.backend.upload_linear(&[&layer.gate, &layer.up]).unwrap();
+        let x = m.upload(&m.tensor(&format!("{p}.post_attention_layernorm.out")));
+        let gu = m.backend.alloc(T * 2 * c.intermediate).unwrap();
+        m.backend.bitlinear(x, id, T, gu).unwrap();
+        let out = m.backend.alloc(T * c.intermediate).unwrap();
+        m.backend
+            .gated(gu, c.activation, T, c.intermediate, out)
+            .unwrap();
+        m.compare(out, &format!("{p}.{ffn_act}"));
+
+        // Attention from the recorded q, k, v: as one prefill, then as a decode of position 6.
+        let (q, k, v) = (
+            m.tensor(&format!("{p}.self_attn.q_proj.out")),
+            m.tensor(&format!("{p}.self_attn.k_proj.out")),
+            m.tensor(&format!("{p}.self_attn.v_proj.out")),
+        );
+        let (qd, kd) = (c.q_dim(), c.kv_dim());
+        let qkv: Vec<f32> = (0..T)
+            .flat_map(|t| {
+                [
+                    &q[t * qd..(t + 1) * qd],
+                    &k[t * kd..(t + 1) * kd],
+                    &v[t * kd..(t + 1) * kd],
+                ]
+                .concat()
+            })
+            .collect();
+        let spec = KvSpec {
+            layers: 1,
+            slots: 2,
+            capacity: 16,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            rope_theta: c.rope_theta,
+        };
+        m.backend.alloc_kv(&spec).unwrap();
+        let rows: Vec<TokenPosition> = (0..T)
+            .map(|position| TokenPosition { slot: 1, position })
+            .collect();
+        let x = m.upload(&qkv);
+        let out = m.backend.alloc(T * qd).unwrap();
+        m.backend.attention(0, x, &rows, out).unwrap();
+        m.compare(out, &format!("{p}.{attn_out}"));
+
+        let width = qd + 2 * kd;
+        let first = m.upload(&qkv[..(T - 1) * width]);
+        let out_first = m.backend.alloc((T - 1) * qd).unwrap();
+        m.backend
+            .attention(0, first, &rows[..T - 1], out_first)
+            .unwrap();
+        let last = m.upload(&qkv[(T - 1) * width..]);
+        let out_last = m.backend.alloc(qd).unwrap();
+        m.backend
+            .attention(0, last, &rows[T - 1..], out_last)
+            .unwrap();
+        let mut got = vec![0f32; qd];
+        m.backend.read(out_last, &mut got).unwrap();
+        let want = m.tensor(&format!("{p}.{attn_out}"));
+        let (max, _) = diff(&got, &want[(T - 1) * qd..]);
+        assert!(
+            max <= m.strict,
+            "{name} {p}: decode-form attention differs by {max}"
+        );
+    }
+
+    let w = m.backend.upload_vector(&model.final_norm).unwrap();
+    let x = m.upload(&m.tensor("norm.in"));
+    let out = m.backend.alloc(T * c.hidden).unwrap();
+    m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
+    m.compare(out, "norm.out");
 }
 
 fn check_argmax(name: &str, what: &str, logits: &[f32], top: &serde_json::Value, gap: f32) {

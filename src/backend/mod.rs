@@ -26,6 +26,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod gpu_upload;
+pub mod selftest;
 pub mod wgpu;
 
 use crate::ternary::{DenseMatrix, TernaryMatrix};

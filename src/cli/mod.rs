@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
+use tern::backend::selftest;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
 use tern::engine::Engine;
@@ -155,13 +156,19 @@ pub fn select_backend(
     threads: usize,
     device: Option<&str>,
 ) -> Result<Box<dyn Backend>> {
-    let cuda = || cuda_ordinal(device).and_then(CudaBackend::new);
+    let cuda = || {
+        cuda_ordinal(device)
+            .and_then(CudaBackend::new)
+            .and_then(self_tested)
+    };
     let backend: Box<dyn Backend> = match choice {
         BackendChoice::Cuda => {
             Box::new(cuda().context("--backend cuda: CUDA is not usable on this machine")?)
         }
         BackendChoice::Wgpu => Box::new(
-            WgpuBackend::new(&wgpu_options(device)).map_err(|e| e.context("--backend wgpu"))?,
+            WgpuBackend::new(&wgpu_options(device))
+                .and_then(self_tested)
+                .map_err(|e| e.context("--backend wgpu"))?,
         ),
         BackendChoice::Cpu => Box::new(CpuBackend::new(threads)?),
         BackendChoice::Auto => {
@@ -183,6 +190,20 @@ pub fn select_backend(
         }
     };
     tracing::info!("backend: {}", backend.describe());
+    Ok(backend)
+}
+
+/// `backend` once it has passed the start-up self-test (src/backend/selftest.rs), which runs a few
+/// small ops against the CPU reference; the error names the op that differs.
+fn self_tested<B: Backend>(mut backend: B) -> Result<B> {
+    let started = std::time::Instant::now();
+    selftest::run(&mut backend).with_context(|| {
+        format!(
+            "the start-up self-test failed on {}: its kernels give wrong results on this device",
+            backend.describe()
+        )
+    })?;
+    tracing::debug!("self-test passed in {:.1?}", started.elapsed());
     Ok(backend)
 }
 
@@ -213,7 +234,7 @@ fn auto_wgpu(device: Option<&str>) -> Result<WgpuBackend> {
             gpu.adapter_name()
         );
     }
-    Ok(gpu)
+    self_tested(gpu)
 }
 
 /// A model loaded from disk: weights, tokenizer (or why it cannot be built) and where they came

@@ -1,6 +1,9 @@
 //! Shared helpers for the golden-fixture tests: locating fixtures, reading golden arrays, comparing.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cuda_emu;
+pub mod cuda_ops;
+
 use std::path::PathBuf;
 use tern::backend::Backend;
 use tern::backend::cpu::{CpuBackend, CpuKernels};
@@ -72,8 +75,25 @@ pub fn load(name: &str) -> HostModel {
 }
 
 /// Every backend (and kernel variant) the golden checks run on, by name. A backend that cannot run
-/// on this machine is left out with a printed reason, never silently.
+/// on this machine is left out with a printed reason, never silently. `TERN_TEST_BACKENDS` (a
+/// comma-separated list of name prefixes, e.g. `cuda,wgpu` in scripts/gpu-check.sh) keeps only
+/// the backends it names.
 pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
+    let mut list = all_backends();
+    if let Ok(keep) = std::env::var("TERN_TEST_BACKENDS") {
+        list.retain(|(name, _)| {
+            keep.split(',')
+                .any(|p| !p.is_empty() && name.starts_with(p))
+        });
+        eprintln!(
+            "TERN_TEST_BACKENDS={keep}: backends {:?}",
+            list.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+    }
+    list
+}
+
+fn all_backends() -> Vec<(String, Box<dyn Backend>)> {
     let mut list = Vec::new();
     // The CPU backend once per kernel level this CPU has (the default level is one of them), again
     // with the base-3 kernels, and with the lookup-table kernels at the levels that have them.
@@ -103,6 +123,23 @@ pub fn backends() -> Vec<(String, Box<dyn Backend>)> {
             .map(|(name, b)| (name, Box::new(b) as Box<dyn Backend>)),
     );
     list
+}
+
+/// The CUDA backend on the CPU emulation of its kernels (cuda-emu/): the tensor-core GEMM with the
+/// threads of a block in order, and the dp4a GEMM with them in reverse order (a result that depends
+/// on the order is a race). Slower than the other backends, so only the module-level goldens and
+/// the self-test run on them.
+pub fn emulated_cuda_backends() -> Vec<(String, Box<dyn Backend>)> {
+    vec![
+        (
+            "cuda-emu".to_string(),
+            Box::new(cuda_emu::backend(true, cuda_emu::Order::Forward)),
+        ),
+        (
+            "cuda-emu-dp4a-reverse".to_string(),
+            Box::new(cuda_emu::backend(false, cuda_emu::Order::Reverse)),
+        ),
+    ]
 }
 
 /// The wgpu backend with every optional feature the adapter has (`wgpu`), and with none of them

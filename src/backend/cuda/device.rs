@@ -1,13 +1,13 @@
-//! Finding the CUDA driver and NVRTC, opening the device, and the on-disk PTX cache.
+//! Finding the CUDA driver and NVRTC, opening the device, and the on-disk kernel cache.
 //!
-//! Both libraries are loaded dynamically (cudarc's dynamic loading), so tern builds and starts
-//! without CUDA; every entry point here checks that the library is present before the first call
-//! into it, because cudarc panics when a call needs a library that is missing.
+//! Both libraries are loaded dynamically (the driver through cudarc, NVRTC by [`super::nvrtc`]), so
+//! tern builds and starts without CUDA; every entry point here checks that the library is present
+//! before the first call into it, because cudarc panics when a call needs a library that is missing.
 //!
-//! PTX cache: `$TERN_CUDA_CACHE`, else `$XDG_CACHE_HOME/tern/cuda`, else `~/.cache/tern/cuda`;
-//! one file per kernel source, named `<source>-<arch>-<hash>.ptx`, where the hash covers the full
-//! source text, the NVRTC options and the NVRTC version. A cache that cannot be written is not an
-//! error (the kernels are compiled again next time).
+//! Kernel cache: `$TERN_CUDA_CACHE`, else `$XDG_CACHE_HOME/tern/cuda`, else `~/.cache/tern/cuda`;
+//! one file per kernel source and target, named `<source>-<target>-<hash>.{cubin,ptx}`, where the
+//! hash covers the full source text, the NVRTC options and the NVRTC version. A cache that cannot
+//! be written is not an error (the kernels are compiled again next time).
 
 use super::kernels::Source;
 use anyhow::{Context, Result, bail};
@@ -21,17 +21,11 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// True if the NVRTC library (`libnvrtc.so`) can be loaded.
-pub fn nvrtc_present() -> bool {
-    // SAFETY: as for `driver_present`.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
 /// An opened device: its context, name and the NVRTC architecture to compile for.
 pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub name: String,
-    /// `compute_XY` for compute capability X.Y.
+    /// `XY` for compute capability X.Y (NVRTC targets `sm_XY` and `compute_XY`).
     pub arch: String,
     /// Compute capability 8.0 or newer: int8 tensor cores through `mma.sync`.
     pub has_int8_mma: bool,
@@ -44,13 +38,7 @@ pub fn open(ordinal: usize) -> Result<Device> {
             "no CUDA driver (libcuda.so not found): this machine has no usable NVIDIA GPU driver"
         );
     }
-    if !nvrtc_present() {
-        bail!(
-            "the CUDA driver is present but NVRTC (libnvrtc.so) is not: install the CUDA runtime \
-             compiler (e.g. `pip install nvidia-cuda-nvrtc-cu12`) and put its lib directory on \
-             LD_LIBRARY_PATH"
-        );
-    }
+    super::nvrtc::version().context("the CUDA driver is present but NVRTC is not")?;
     let count = CudaContext::device_count().context("CUDA driver: cannot count devices")?;
     if ordinal as i32 >= count {
         bail!("CUDA device {ordinal} does not exist ({count} devices)");
@@ -65,7 +53,7 @@ pub fn open(ordinal: usize) -> Result<Device> {
     }
     Ok(Device {
         name: ctx.name()?,
-        arch: format!("compute_{major}{minor}"),
+        arch: format!("{major}{minor}"),
         has_int8_mma: major >= 8,
         ctx,
     })
@@ -95,27 +83,28 @@ pub fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// The PTX of `source` for `arch`: from the cache when present, else compiled (and cached).
-pub fn cached_ptx(source: &Source, arch: &str, cache: Option<&Path>) -> Result<String> {
-    // SAFETY: NVRTC's presence was checked by `open`; nvrtcVersion only writes two ints.
-    let version = unsafe {
-        let (mut major, mut minor) = (0, 0);
-        cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor);
-        format!("{major}.{minor}")
-    };
+/// The compiled image of `source` for `target` (`sm_XY`: a CUBIN; `compute_XY`: PTX text): from
+/// the cache when present, else compiled (and cached).
+pub fn cached_image(source: &Source, target: &str, cache: Option<&Path>) -> Result<Vec<u8>> {
+    let (version, _) = super::nvrtc::version()?;
     let text = source.text();
-    let options = Source::options(arch).join(" ");
+    let options = Source::options(target).join(" ");
     let hash = fnv1a(&[text.as_bytes(), options.as_bytes(), version.as_bytes()]);
     let stem = source.file.trim_end_matches(".cu");
-    let path = cache.map(|d| d.join(format!("{stem}-{arch}-{hash:016x}.ptx")));
-    if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        tracing::debug!("cuda/{}: PTX from the cache", source.file);
-        return Ok(ptx);
+    let ext = if target.starts_with("sm_") {
+        "cubin"
+    } else {
+        "ptx"
+    };
+    let path = cache.map(|d| d.join(format!("{stem}-{target}-{hash:016x}.{ext}")));
+    if let Some(image) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        tracing::debug!("cuda/{}: {target} image from the cache", source.file);
+        return Ok(image);
     }
     let started = std::time::Instant::now();
-    let ptx = source.compile(arch)?;
+    let image = source.compile(target)?;
     tracing::debug!(
-        "cuda/{}: compiled for {arch} with NVRTC {version} in {:.2?}",
+        "cuda/{}: compiled for {target} with NVRTC {version} in {:.2?}",
         source.file,
         started.elapsed()
     );
@@ -125,13 +114,13 @@ pub fn cached_ptx(source: &Source, arch: &str, cache: Option<&Path>) -> Result<S
         let stored = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, &ptx))
+            .and_then(|()| std::fs::write(&tmp, &image))
             .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = stored {
-            tracing::debug!("cannot cache PTX at {}: {e}", path.display());
+            tracing::debug!("cannot cache a kernel image at {}: {e}", path.display());
         }
     }
-    Ok(ptx)
+    Ok(image)
 }
 
 #[cfg(test)]

@@ -141,7 +141,10 @@ impl Graphs {
                 Ok(())
             }
             Mode::Replay(key) => {
-                let (graph, fingerprint) = &self.graphs[&key];
+                let (graph, fingerprint) = self
+                    .graphs
+                    .get(&key)
+                    .context("CUDA graph replay: the captured graph was dropped during the step")?;
                 if *fingerprint != self.fingerprint {
                     bail!(
                         "CUDA graph replay: this step's ops differ from the captured step of the \

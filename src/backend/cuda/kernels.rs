@@ -1,13 +1,16 @@
 //! The kernel sources (`cuda/*.cu`), their NVRTC compilation, and the loaded functions.
 //!
 //! Every `.cu` file is compiled with `cuda/common.cuh` prepended (no include paths, no toolkit
-//! headers), for the device's own virtual architecture (`compute_XY`), with `--fmad=false` and
-//! IEEE division and square root so float results follow the CPU reference operation by operation.
-//! Compiled PTX is cached on disk by source hash and architecture (see [`super::device`]).
+//! headers), with `--fmad=false` and IEEE division and square root so float results follow the CPU
+//! reference operation by operation. Each is compiled to a CUBIN for the device's own architecture
+//! (`sm_XY`), which any driver of the device loads whatever NVRTC made it; PTX for `compute_XY` is
+//! the fallback when NVRTC cannot make that CUBIN or the driver rejects it. Compiled images are
+//! cached on disk by source hash and target (see [`super::device`]).
 
+use super::nvrtc::{self, Output};
 use anyhow::{Context, Result, anyhow};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+use cudarc::nvrtc::Ptx;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -81,10 +84,10 @@ impl Source {
         format!("{PRELUDE}\n#line 1 \"{}\"\n{}", self.file, self.code)
     }
 
-    /// NVRTC options for `arch` (e.g. `compute_90`).
-    pub fn options(arch: &str) -> Vec<String> {
+    /// NVRTC options for `target` (`compute_90` for PTX, `sm_90` for a CUBIN).
+    pub fn options(target: &str) -> Vec<String> {
         vec![
-            format!("--gpu-architecture={arch}"),
+            format!("--gpu-architecture={target}"),
             "--fmad=false".into(),
             "--prec-div=true".into(),
             "--prec-sqrt=true".into(),
@@ -92,54 +95,27 @@ impl Source {
         ]
     }
 
-    /// Compiles to PTX text; the error carries NVRTC's log.
-    pub fn compile(&self, arch: &str) -> Result<String> {
-        let opts = CompileOptions {
-            options: Self::options(arch),
-            name: Some(self.file.to_string()),
-            ..Default::default()
+    /// Compiles for `target`: PTX text for `compute_XY`, a CUBIN for `sm_XY`; the error carries
+    /// NVRTC's log.
+    pub fn compile(&self, target: &str) -> Result<Vec<u8>> {
+        let output = if target.starts_with("sm_") {
+            Output::Cubin
+        } else {
+            Output::Ptx
         };
-        let ptx = compile_ptx_with_opts(self.text(), opts).map_err(|e| match e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => anyhow!(
-                "NVRTC could not compile cuda/{} for {arch}:\n{}",
-                self.file,
-                log.to_string_lossy()
-            ),
-            other => anyhow!("NVRTC failed on cuda/{} for {arch}: {other:?}", self.file),
-        })?;
-        Ok(ptx.to_src())
+        nvrtc::compile(&self.text(), self.file, &Self::options(target), output)
+            .with_context(|| format!("NVRTC could not compile cuda/{} for {target}", self.file))
     }
 }
 
-/// Every kernel, loaded into one context. Dense-table kernels are indexed by [`DenseDtype`].
+/// Every kernel, loaded into one context, by entry-point name.
 pub struct Kernels {
-    pub bitlinear_quantize: CudaFunction,
-    pub bitlinear_gemv1: CudaFunction,
-    pub bitlinear_gemv: CudaFunction,
-    pub bitlinear_gemm: CudaFunction,
-    /// The tensor-core GEMM; `None` below compute capability 8.0 (or with `TERN_CUDA_MMA=0`).
-    pub bitlinear_gemm_mma: Option<CudaFunction>,
-    pub rms_norm: CudaFunction,
-    pub gated: CudaFunction,
-    pub add: CudaFunction,
-    pub embed: [CudaFunction; 3],
-    pub logits: [CudaFunction; 3],
-    pub argmax_rows: CudaFunction,
-    pub rope_append: CudaFunction,
-    pub attend_partial: CudaFunction,
-    pub attend_combine: CudaFunction,
-}
-
-/// Element type of a dense table on the device; the index into [`Kernels::embed`] and `logits`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DenseDtype {
-    F32 = 0,
-    F16 = 1,
-    Bf16 = 2,
+    functions: Vec<(&'static str, CudaFunction)>,
 }
 
 impl Kernels {
-    /// Compiles (or reads from `cache`) every source for `arch` and loads it into `ctx`;
+    /// Compiles (or reads from `cache`) every source for compute capability `arch` (`"90"` for
+    /// 9.0) and loads it into `ctx`: the CUBIN for `sm_<arch>`, else the PTX for `compute_<arch>`;
     /// `bitlinear_mma.cu` only when `mma` (the device has int8 `mma.sync`, compute capability 8.0+).
     pub fn load(
         ctx: &Arc<CudaContext>,
@@ -149,41 +125,49 @@ impl Kernels {
     ) -> Result<Self> {
         let mut modules: Vec<(&Source, Arc<CudaModule>)> = Vec::new();
         for s in SOURCES.iter().filter(|s| mma || s.file != MMA_SOURCE) {
-            let ptx = super::device::cached_ptx(s, arch, cache)?;
-            let module = ctx.load_module(Ptx::from_src(ptx)).with_context(|| {
-                format!(
-                    "the CUDA driver rejected the PTX of cuda/{} (an NVRTC newer than the driver? \
-                     use the libnvrtc of the driver's CUDA version)",
-                    s.file
-                )
-            })?;
+            let cubin = super::device::cached_image(s, &format!("sm_{arch}"), cache)
+                .and_then(|image| Ok(ctx.load_module(Ptx::from_binary(image))?));
+            let module = match cubin {
+                Ok(module) => module,
+                Err(e) => {
+                    tracing::debug!("cuda/{}: no CUBIN for sm_{arch} ({e:#}); using PTX", s.file);
+                    let ptx = super::device::cached_image(s, &format!("compute_{arch}"), cache)?;
+                    let ptx =
+                        String::from_utf8(ptx).context("NVRTC returned PTX that is not UTF-8")?;
+                    ctx.load_module(Ptx::from_src(ptx)).with_context(|| {
+                        format!(
+                            "the CUDA driver rejected the CUBIN and the PTX of cuda/{} (an NVRTC \
+                             newer than the driver? use the libnvrtc of the driver's CUDA version)",
+                            s.file
+                        )
+                    })?
+                }
+            };
             modules.push((s, module));
         }
-        let f = |name: &str| -> Result<CudaFunction> {
-            let (_, module) = modules
-                .iter()
-                .find(|(s, _)| s.entries.contains(&name))
-                .ok_or_else(|| anyhow!("no loaded kernel source defines {name}"))?;
-            module
-                .load_function(name)
-                .with_context(|| format!("cannot load CUDA kernel {name}"))
-        };
-        Ok(Self {
-            bitlinear_quantize: f("bitlinear_quantize")?,
-            bitlinear_gemv1: f("bitlinear_gemv1")?,
-            bitlinear_gemv: f("bitlinear_gemv")?,
-            bitlinear_gemm: f("bitlinear_gemm")?,
-            bitlinear_gemm_mma: mma.then(|| f("bitlinear_gemm_mma")).transpose()?,
-            rms_norm: f("rms_norm")?,
-            gated: f("gated")?,
-            add: f("add")?,
-            embed: [f("embed_f32")?, f("embed_f16")?, f("embed_bf16")?],
-            logits: [f("logits_f32")?, f("logits_f16")?, f("logits_bf16")?],
-            argmax_rows: f("argmax_rows")?,
-            rope_append: f("rope_append")?,
-            attend_partial: f("attend_partial")?,
-            attend_combine: f("attend_combine")?,
-        })
+        let mut functions = Vec::new();
+        for (s, module) in &modules {
+            for &name in s.entries {
+                let f = module
+                    .load_function(name)
+                    .with_context(|| format!("cannot load CUDA kernel {name}"))?;
+                functions.push((name, f));
+            }
+        }
+        Ok(Self { functions })
+    }
+
+    /// True if kernel `name` is loaded (`bitlinear_gemm_mma` is not, below compute capability 8.0).
+    pub fn has(&self, name: &str) -> bool {
+        self.functions.iter().any(|(n, _)| *n == name)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f)
+            .ok_or_else(|| anyhow!("CUDA kernel {name} is not loaded"))
     }
 }
 
@@ -191,16 +175,16 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    /// Compiles every kernel for Ampere and Hopper with the real NVRTC library, so a kernel that
-    /// does not compile fails the tests on machines without a GPU. NVRTC is loaded dynamically: put
-    /// `libnvrtc.so.12` on `LD_LIBRARY_PATH` (the `nvidia-cuda-nvrtc-cu12` wheel has it; `.ci/run`
-    /// installs it). Without it the test is skipped with a message, unless `TERN_REQUIRE_NVRTC=1`.
+    /// Compiles every kernel for Ampere and Hopper with the real NVRTC library, to PTX and to
+    /// CUBIN, so a kernel that does not compile fails the tests on machines without a GPU. NVRTC is
+    /// loaded dynamically ([`nvrtc::candidates`]; the `nvidia-cuda-nvrtc-cu12` wheel has it and
+    /// `.ci/run` installs it). Without it the test is skipped with a message, unless `TERN_REQUIRE_NVRTC=1`.
     /// With `TERN_PTXAS` naming a `ptxas` binary (the `nvidia-cuda-nvcc-cu12` wheel has one), the
     /// PTX is also assembled for sm_80 and sm_90, which must succeed without register spills.
     #[test]
     fn every_kernel_compiles_with_nvrtc() {
-        if !super::super::device::nvrtc_present() {
-            let msg = "NVRTC (libnvrtc.so) not found on LD_LIBRARY_PATH";
+        if !nvrtc::present() {
+            let msg = "NVRTC (libnvrtc.so) not found";
             assert!(
                 std::env::var_os("TERN_REQUIRE_NVRTC").is_none(),
                 "{msg}, and TERN_REQUIRE_NVRTC is set"
@@ -211,6 +195,7 @@ mod tests {
         for arch in ["compute_80", "compute_90"] {
             for s in &SOURCES {
                 let ptx = s.compile(arch).unwrap_or_else(|e| panic!("{e:#}"));
+                let ptx = String::from_utf8(ptx).unwrap();
                 for entry in s.entries {
                     assert!(
                         ptx.contains(&format!(".entry {entry}(")),
@@ -224,8 +209,15 @@ mod tests {
                     "{arch} cuda/{} uses local memory",
                     s.file
                 );
+                let sm = arch.replace("compute_", "sm_");
+                let cubin = s.compile(&sm).unwrap_or_else(|e| panic!("{e:#}"));
+                assert!(
+                    cubin.starts_with(b"\x7fELF"),
+                    "{sm} cuda/{}: not a CUBIN",
+                    s.file
+                );
                 if let Some(ptxas) = std::env::var_os("TERN_PTXAS") {
-                    assemble(&ptxas, &ptx, &arch.replace("compute_", "sm_"), s.file);
+                    assemble(&ptxas, &ptx, &sm, s.file);
                 }
             }
         }

@@ -5,7 +5,7 @@
 //!   [`gpu_upload`](super::gpu_upload) (2-bit codes, rows padded to 64 columns, u32 words decoded by
 //!   shift and mask into four int8 lanes), plus one f32 scale per output row, so fused q‖k‖v and
 //!   gate‖up keep each part's scale.
-//! - Activations: `CudaSlice<f32>`, row-major. Tables (embedding, head) keep the checkpoint's
+//! - Activations: f32 device buffers, row-major. Tables (embedding, head) keep the checkpoint's
 //!   dtype (f32, f16 or bf16). Vectors: f32.
 //! - KV cache: **f32** (so the golden tolerances of the CPU reference hold unchanged), one array
 //!   per K and V, `[layer][slot][position][kv_head · head_dim]`, plus the RoPE cos/sin table of
@@ -27,17 +27,24 @@
 //! the host before launching, so a kernel never sees an out-of-range index.
 //!
 //! Steps of at most `GEMV_MAX_TOKENS` rows (decode, batched decode) are captured as CUDA graphs
-//! and replayed ([`graph`]); the ops below therefore stage host inputs through
-//! [`Graphs::stage`], skip their launches while a graph is replayed, and fingerprint their
-//! parameters.
+//! and replayed ([`graph`]); the ops below therefore stage host inputs through [`Gpu::stage`],
+//! skip their launches while a graph is replayed, and fingerprint their parameters.
+//!
+//! The backend is generic over the device ([`Gpu`]): [`Cuda`] is the CUDA driver, and the tests'
+//! CPU emulation of the kernels (`cuda-emu/`) is another, so all of the host code below (argument
+//! checks, scratch sizes, launch configurations of [`launch`], argument lists) is what the
+//! emulation harness runs too.
 //!
 //! Not here yet (see README, CUDA section): greedy sampling on the device wired into the engine
 //! (`argmax` exists, the engine reads logits back), RMSNorm fused with quantization, an f16 KV
 //! cache.
 
 pub mod device;
+pub mod gpu;
 mod graph;
 pub mod kernels;
+pub mod launch;
+pub mod nvrtc;
 
 use super::gpu_upload::{self, padded_cols};
 use super::{
@@ -45,146 +52,89 @@ use super::{
     distinct_buffers, insert_in_free_slot, uploaded,
 };
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits, sys,
-};
+use anyhow::{Result, anyhow, bail, ensure};
+use gpu::{Arg, Buf, Cuda, Elem, Geometry, Gpu};
 use graph::Graphs;
-use kernels::{DenseDtype, Kernels};
-use std::sync::Arc;
+use kernels::Kernels;
+use launch::{ATT_MAX_DIM, CHUNK, GEMV_MAX_TOKENS};
 use tern_cpu::elementwise::GateActivation;
 
-/// Largest batch the GEMV kernel takes (`GEMV_MAX_TOKENS` in cuda/bitlinear.cu).
-const GEMV_MAX_TOKENS: usize = 8;
-/// Codes per 16-byte weight load: rows are padded to a multiple of it (`cuda/bitlinear.cu`).
-const CHUNK: usize = 64;
-/// Largest head dimension of cuda/attention.cu (`ATT_MAX_DIM`).
-const ATT_MAX_DIM: usize = 256;
-/// Threads per block of the row-wise and grid-stride kernels.
-const BLOCK: u32 = 256;
-
-struct Linear {
-    words: CudaSlice<u32>,
-    row_scales: CudaSlice<f32>,
+struct Linear<G: Gpu> {
+    words: G::Buf<u32>,
+    row_scales: G::Buf<f32>,
     out_features: usize,
     in_features: usize,
 }
 
-enum TableData {
-    F32(CudaSlice<f32>),
-    F16(CudaSlice<half::f16>),
-    Bf16(CudaSlice<half::bf16>),
+enum TableData<G: Gpu> {
+    F32(G::Buf<f32>),
+    F16(G::Buf<half::f16>),
+    Bf16(G::Buf<half::bf16>),
 }
 
-struct Table {
-    data: TableData,
+struct Table<G: Gpu> {
+    data: TableData<G>,
     rows: usize,
     cols: usize,
 }
 
-/// `Geometry` of cuda/attention.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Geometry {
-    heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    slots: i32,
-    capacity: i32,
-    layer: i32,
+impl<G: Gpu> Table<G> {
+    /// The table's device address, and its kernel (`embed_*`, `logits_*`) for its dtype.
+    fn kernel(&self, op: &'static str) -> (Arg, &'static str) {
+        let (ptr, suffix) = match &self.data {
+            TableData::F32(b) => (b.ptr(), 0),
+            TableData::F16(b) => (b.ptr(), 1),
+            TableData::Bf16(b) => (b.ptr(), 2),
+        };
+        let names = match op {
+            "embed" => ["embed_f32", "embed_f16", "embed_bf16"],
+            _ => ["logits_f32", "logits_f16", "logits_bf16"],
+        };
+        (ptr, names[suffix])
+    }
 }
 
-// SAFETY: a plain #[repr(C)] struct of i32 fields, matching `struct Geometry` in cuda/attention.cu.
-unsafe impl DeviceRepr for Geometry {}
-
-struct KvStorage {
+struct KvStorage<G: Gpu> {
     spec: KvSpec,
-    keys: CudaSlice<f32>,
-    values: CudaSlice<f32>,
-    rope: CudaSlice<f32>,
+    keys: G::Buf<f32>,
+    values: G::Buf<f32>,
+    rope: G::Buf<f32>,
 }
 
 /// Device scratch that grows with the largest batch seen (never shrinks).
-struct Scratch {
-    codes: CudaSlice<i8>,
-    act_scales: CudaSlice<f32>,
-    act_sums: CudaSlice<i32>,
+struct Scratch<G: Gpu> {
+    codes: G::Buf<i8>,
+    act_scales: G::Buf<f32>,
+    act_sums: G::Buf<i32>,
     /// (slot, position) pairs of the current attention batch.
-    rows: CudaSlice<u32>,
-    tokens: CudaSlice<u32>,
-    partial: CudaSlice<f32>,
+    rows: G::Buf<u32>,
+    tokens: G::Buf<u32>,
+    partial: G::Buf<f32>,
 }
 
-pub struct CudaBackend {
-    stream: Arc<CudaStream>,
-    kernels: Kernels,
-    description: String,
-    linears: Vec<Linear>,
-    vectors: Vec<CudaSlice<f32>>,
-    tables: Vec<Table>,
+/// The CUDA backend on device `G` (the CUDA driver unless a test says otherwise).
+pub struct CudaBackend<G: Gpu = Cuda> {
+    gpu: G,
+    linears: Vec<Linear<G>>,
+    vectors: Vec<G::Buf<f32>>,
+    tables: Vec<Table<G>>,
     /// `None` marks a freed handle.
-    buffers: Vec<Option<CudaSlice<f32>>>,
-    kv: Option<KvStorage>,
-    scratch: Scratch,
-    graphs: Graphs,
-}
-
-/// A driver error with a clear message for running out of device memory.
-fn alloc_error(e: DriverError, ctx: &CudaContext, bytes: usize, what: &str) -> anyhow::Error {
-    if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
-        let free = ctx.mem_get_info().map_or(0, |(free, _)| free);
-        anyhow!(
-            "GPU out of memory allocating {} MiB for {what} ({} MiB free); lower --ctx, or use \
-             --backend cpu",
-            bytes >> 20,
-            free >> 20
-        )
-    } else {
-        anyhow!("CUDA error allocating {} MiB for {what}: {e}", bytes >> 20)
-    }
-}
-
-fn alloc<T: DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    len: usize,
-    what: &str,
-) -> Result<CudaSlice<T>> {
-    let bytes = len * std::mem::size_of::<T>();
-    stream
-        .alloc_zeros::<T>(len.max(1))
-        .map_err(|e| alloc_error(e, stream.context(), bytes, what))
-}
-
-fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, data: &[T], what: &str) -> Result<CudaSlice<T>> {
-    let bytes = std::mem::size_of_val(data);
-    if data.is_empty() {
-        // SAFETY: a one-element allocation that is never read before it is written.
-        return unsafe { stream.alloc::<T>(1) }
-            .map_err(|e| alloc_error(e, stream.context(), bytes, what));
-    }
-    stream
-        .clone_htod(data)
-        .map_err(|e| alloc_error(e, stream.context(), bytes, what))
+    buffers: Vec<Option<G::Buf<f32>>>,
+    kv: Option<KvStorage<G>>,
+    scratch: Scratch<G>,
 }
 
 /// Grows `slot` to at least `len` elements (contents are not kept); graphs pointing to the old
 /// allocation are dropped.
-fn grow<T: DeviceRepr + ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    graphs: &mut Graphs,
-    slot: &mut CudaSlice<T>,
-    len: usize,
-    what: &str,
-) -> Result<()> {
+fn grow<G: Gpu, T: Elem>(gpu: &mut G, slot: &mut G::Buf<T>, len: usize, what: &str) -> Result<()> {
     if slot.len() < len {
         // Cannot happen: a shape is captured only after an eager step of it sized the scratch.
         ensure!(
-            !graphs.capturing(),
+            !gpu.capturing(),
             "CUDA: {what} would grow during graph capture"
         );
-        graphs.invalidate();
-        *slot = alloc(stream, len, what)?;
+        gpu.invalidate();
+        *slot = gpu.alloc(len, what)?;
     }
     Ok(())
 }
@@ -193,26 +143,9 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{what} = {v} is too large for the CUDA kernels"))
 }
 
-fn grid_1d(n: usize) -> LaunchConfig {
-    // Grid-stride kernels: more blocks than this only add scheduling overhead.
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// A launch's result (its optional timing events are not requested) as an error naming the kernel.
-fn launch<T>(result: std::result::Result<T, DriverError>, kernel: &str) -> Result<()> {
-    result
-        .map(drop)
-        .with_context(|| format!("CUDA kernel {kernel} failed to launch"))
-}
-
-impl CudaBackend {
+impl CudaBackend<Cuda> {
     /// Opens CUDA device `ordinal` and compiles (or loads from the cache) every kernel; errors say
-    /// why CUDA is unusable here (no driver, no NVRTC, no device, PTX rejected).
+    /// why CUDA is unusable here (no driver, no NVRTC, no device, kernels rejected).
     pub fn new(ordinal: usize) -> Result<Self> {
         let dev = device::open(ordinal)?;
         // SAFETY: this backend issues all work on one stream, so cudarc's per-buffer events
@@ -224,36 +157,45 @@ impl CudaBackend {
         let kernels = Kernels::load(&dev.ctx, &dev.arch, cache.as_deref(), mma)?;
         // A stream of its own (not the legacy default stream), so a step can be captured in a graph.
         let stream = dev.ctx.new_stream()?;
-        let scratch = Scratch {
-            codes: alloc(&stream, 1, "scratch")?,
-            act_scales: alloc(&stream, 1, "scratch")?,
-            act_sums: alloc(&stream, 1, "scratch")?,
-            rows: alloc(&stream, 2, "scratch")?,
-            tokens: alloc(&stream, 1, "scratch")?,
-            partial: alloc(&stream, 1, "scratch")?,
-        };
         let graphs = Graphs::new(&stream)?;
-        Ok(Self {
+        Self::with_gpu(Cuda {
             description: format!(
-                "cuda ({}, {}, W2A8 dp4a{} kernels, f32 KV cache)",
+                "cuda ({}, sm_{}, W2A8 dp4a{} kernels, f32 KV cache)",
                 dev.name,
-                dev.arch.replace("compute_", "sm_"),
+                dev.arch,
                 if mma { " + mma.sync s8" } else { "" }
             ),
             stream,
             kernels,
+            graphs,
+        })
+    }
+}
+
+impl<G: Gpu> CudaBackend<G> {
+    /// The backend on an opened device.
+    pub fn with_gpu(gpu: G) -> Result<Self> {
+        let scratch = Scratch {
+            codes: gpu.alloc(1, "scratch")?,
+            act_scales: gpu.alloc(1, "scratch")?,
+            act_sums: gpu.alloc(1, "scratch")?,
+            rows: gpu.alloc(2, "scratch")?,
+            tokens: gpu.alloc(1, "scratch")?,
+            partial: gpu.alloc(1, "scratch")?,
+        };
+        Ok(Self {
+            gpu,
             linears: Vec::new(),
             vectors: Vec::new(),
             tables: Vec::new(),
             buffers: Vec::new(),
             kv: None,
             scratch,
-            graphs,
         })
     }
 
     /// Buffer `a`, checked to hold at least `needed` values.
-    fn buf(&self, a: Activations, needed: usize, what: &str) -> Result<&CudaSlice<f32>> {
+    fn buf(&self, a: Activations, needed: usize, what: &str) -> Result<&G::Buf<f32>> {
         let b = self
             .buffers
             .get(a.0)
@@ -268,7 +210,8 @@ impl CudaBackend {
         Ok(b)
     }
 
-    /// Input and output buffers of an op, which must be distinct.
+    /// The device addresses of an op's input and output buffers, which must be distinct and hold
+    /// `in_len` and `out_len` values.
     fn in_out(
         &self,
         x: Activations,
@@ -276,37 +219,22 @@ impl CudaBackend {
         out: Activations,
         out_len: usize,
         what: &str,
-    ) -> Result<(&CudaSlice<f32>, &CudaSlice<f32>)> {
+    ) -> Result<(Arg, Arg)> {
         distinct_buffers(what, x, out)?;
-        Ok((self.buf(x, in_len, what)?, self.buf(out, out_len, what)?))
+        Ok((
+            self.buf(x, in_len, what)?.ptr(),
+            self.buf(out, out_len, what)?.ptr(),
+        ))
     }
 
-    fn table(&self, id: TableId) -> Result<&Table> {
+    fn table(&self, id: TableId) -> Result<&Table<G>> {
         uploaded(&self.tables, id.0, "table")
     }
-
-    fn dense_kernel<'a>(&'a self, set: &'a [CudaFunction; 3], t: &Table) -> &'a CudaFunction {
-        let dtype = match t.data {
-            TableData::F32(_) => DenseDtype::F32,
-            TableData::F16(_) => DenseDtype::F16,
-            TableData::Bf16(_) => DenseDtype::Bf16,
-        };
-        &set[dtype as usize]
-    }
 }
 
-/// Pushes a table's device pointer, whatever its dtype.
-fn push_table<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, t: &'a Table) {
-    match &t.data {
-        TableData::F32(s) => b.arg(s),
-        TableData::F16(s) => b.arg(s),
-        TableData::Bf16(s) => b.arg(s),
-    };
-}
-
-impl Backend for CudaBackend {
+impl<G: Gpu> Backend for CudaBackend<G> {
     fn describe(&self) -> String {
-        self.description.clone()
+        self.gpu.describe()
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
@@ -314,8 +242,8 @@ impl Backend for CudaBackend {
         to_i32(padded_cols(cols, CHUNK), "linear input width")?;
         to_i32(row_scales.len(), "linear output width")?;
         self.linears.push(Linear {
-            words: upload(&self.stream, &words, "ternary weights")?,
-            row_scales: upload(&self.stream, &row_scales, "weight scales")?,
+            words: self.gpu.upload(&words, "ternary weights")?,
+            row_scales: self.gpu.upload(&row_scales, "weight scales")?,
             out_features: row_scales.len(),
             in_features: cols,
         });
@@ -323,8 +251,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId> {
-        self.vectors
-            .push(upload(&self.stream, values, "a norm weight")?);
+        self.vectors.push(self.gpu.upload(values, "a norm weight")?);
         Ok(VectorId(self.vectors.len() - 1))
     }
 
@@ -334,9 +261,9 @@ impl Backend for CudaBackend {
         to_i32(table.cols, "table columns")?;
         let what = "an embedding or output-head table";
         let data = match &table.data {
-            DenseData::F32(v) => TableData::F32(upload(&self.stream, v, what)?),
-            DenseData::F16(v) => TableData::F16(upload(&self.stream, v, what)?),
-            DenseData::Bf16(v) => TableData::Bf16(upload(&self.stream, v, what)?),
+            DenseData::F32(v) => TableData::F32(self.gpu.upload(v, what)?),
+            DenseData::F16(v) => TableData::F16(self.gpu.upload(v, what)?),
+            DenseData::Bf16(v) => TableData::Bf16(self.gpu.upload(v, what)?),
         };
         self.tables.push(Table {
             data,
@@ -347,13 +274,13 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&mut self, len: usize) -> Result<Activations> {
-        let buf = alloc(&self.stream, len, "activations")?;
+        let buf = self.gpu.alloc(len, "activations")?;
         Ok(Activations(insert_in_free_slot(&mut self.buffers, buf)))
     }
 
     fn free(&mut self, buffer: Activations) {
         if let Some(slot) = self.buffers.get_mut(buffer.0) {
-            self.graphs.invalidate();
+            self.gpu.invalidate();
             *slot = None;
         }
     }
@@ -364,9 +291,7 @@ impl Backend for CudaBackend {
         }
         self.buf(dst, data.len(), "write")?;
         let buf = self.buffers[dst.0].as_mut().expect("checked above");
-        self.stream
-            .memcpy_htod(data, &mut buf.slice_mut(..data.len()))
-            .context("CUDA: copying activations to the device")
+        self.gpu.write(buf, data)
     }
 
     fn read(&mut self, src: Activations, out: &mut [f32]) -> Result<()> {
@@ -374,10 +299,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let buf = self.buf(src, out.len(), "read")?;
-        self.stream
-            .memcpy_dtoh(&buf.slice(..out.len()), out)
-            .and_then(|()| self.stream.synchronize())
-            .context("CUDA: reading activations back (or an earlier kernel failed)")
+        self.gpu.read(buf, out)
     }
 
     fn copy(
@@ -391,24 +313,21 @@ impl Backend for CudaBackend {
         distinct_buffers("copy", src, dst)?;
         self.buf(src, src_offset + len, "copy source")?;
         self.buf(dst, dst_offset + len, "copy destination")?;
-        self.graphs
+        self.gpu
             .note("copy", &[src.0, src_offset, dst.0, dst_offset, len]);
-        if len == 0 || self.graphs.replaying() {
+        if len == 0 || self.gpu.replaying() {
             return Ok(());
         }
         // Moved out so the source can be borrowed while the destination is written.
         let mut to = self.buffers[dst.0].take().expect("checked above");
         let from = self.buffers[src.0].as_ref().expect("checked above");
-        let result = self.stream.memcpy_dtod(
-            &from.slice(src_offset..src_offset + len),
-            &mut to.slice_mut(dst_offset..dst_offset + len),
-        );
+        let result = self.gpu.copy(from, src_offset, &mut to, dst_offset, len);
         self.buffers[dst.0] = Some(to);
-        result.context("CUDA: device copy")
+        result
     }
 
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
-        self.graphs.invalidate();
+        self.gpu.invalidate();
         self.kv = None; // release the old cache before allocating the new one
         spec.check_geometry(ATT_MAX_DIM)?;
         to_i32(spec.bytes(1) / 2, "KV cache values per K or V")?;
@@ -416,9 +335,9 @@ impl Backend for CudaBackend {
         let rope = gpu_upload::rope_table(spec)?;
         self.kv = Some(KvStorage {
             spec: *spec,
-            keys: alloc(&self.stream, len, "the KV cache's keys")?,
-            values: alloc(&self.stream, len, "the KV cache's values")?,
-            rope: upload(&self.stream, &rope, "the RoPE table")?,
+            keys: self.gpu.alloc(len, "the KV cache's keys")?,
+            values: self.gpu.alloc(len, "the KV cache's values")?,
+            rope: self.gpu.upload(&rope, "the RoPE table")?,
         });
         Ok(())
     }
@@ -435,34 +354,29 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        self.graphs.note("embed", &[table.0, tokens.len(), out.0]);
+        let config = launch::per_row("embed", tokens.len())?;
+        self.gpu.note("embed", &[table.0, tokens.len(), out.0]);
         grow(
-            &self.stream,
-            &mut self.graphs,
+            &mut self.gpu,
             &mut self.scratch.tokens,
             tokens.len(),
             "token ids",
         )?;
-        self.graphs
-            .stage(&self.stream, tokens, &mut self.scratch.tokens)?;
-        if self.graphs.replaying() {
+        self.gpu.stage(tokens, &mut self.scratch.tokens)?;
+        if self.gpu.replaying() {
             return Ok(());
         }
-        let t = self.table(table)?;
-        let f = self.dense_kernel(&self.kernels.embed, t);
-        let out = self.buf(out, 0, "embed")?;
-        let cols = cols as i32;
-        let mut b = self.stream.launch_builder(f);
-        push_table(&mut b, t);
-        b.arg(&cols).arg(&self.scratch.tokens).arg(out);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens.len() as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (t, out) = (self.table(table)?, self.buf(out, 0, "embed")?);
+        let (ptr, kernel) = t.kernel("embed");
+        let args = [
+            ptr,
+            Arg::I32(cols as i32),
+            self.scratch.tokens.ptr(),
+            out.ptr(),
+        ];
         // SAFETY: the table has `vocab × cols` elements, every id is < vocab (checked above),
         // `tokens` holds one id per block and `out` at least tokens × cols values.
-        launch(unsafe { b.launch(cfg) }, "embed")
+        unsafe { self.gpu.launch(kernel, config, &args) }
     }
 
     fn rms_norm(
@@ -473,7 +387,7 @@ impl Backend for CudaBackend {
         tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        self.graphs.note(
+        self.gpu.note(
             "rms_norm",
             &[x.0, weight.0, eps.to_bits() as usize, tokens, out.0],
         );
@@ -481,19 +395,19 @@ impl Backend for CudaBackend {
         let width = w.len();
         let n = tokens * width;
         let (src, dst) = self.in_out(x, n, out, n, "rms_norm")?;
-        if n == 0 || self.graphs.replaying() {
+        if n == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let width = to_i32(width, "rms_norm width")?;
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.kernels.rms_norm);
-        b.arg(src).arg(w).arg(&eps).arg(&width).arg(dst);
+        let args = [
+            src,
+            w.ptr(),
+            Arg::F32(eps),
+            Arg::I32(to_i32(width, "rms_norm width")?),
+            dst,
+        ];
+        let config = launch::per_row("rms_norm", tokens)?;
         // SAFETY: one block per row; x and out hold tokens × width values, the weight width.
-        launch(unsafe { b.launch(cfg) }, "rms_norm")
+        unsafe { self.gpu.launch("rms_norm", config, &args) }
     }
 
     fn bitlinear(
@@ -505,108 +419,57 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let lin = uploaded(&self.linears, linear.0, "linear")?;
         let (n_out, cols) = (lin.out_features, lin.in_features);
-        let padded = padded_cols(cols, CHUNK);
         self.in_out(x, tokens * cols, out, tokens * n_out, "bitlinear")?;
         if tokens == 0 || n_out == 0 {
             return Ok(());
         }
+        let plan = launch::bitlinear(tokens, n_out, cols, self.gpu.has_mma())?;
         let tokens_i32 = to_i32(tokens, "bitlinear tokens")?;
-        to_i32(tokens * padded, "bitlinear activation bytes")?;
-        self.graphs
-            .note("bitlinear", &[x.0, linear.0, tokens, out.0]);
-        let (s, g) = (&mut self.scratch, &mut self.graphs);
-        grow(
-            &self.stream,
-            g,
-            &mut s.codes,
-            tokens * padded,
-            "activation codes",
-        )?;
-        grow(
-            &self.stream,
-            g,
-            &mut s.act_scales,
-            tokens,
-            "activation scales",
-        )?;
-        grow(&self.stream, g, &mut s.act_sums, tokens, "activation sums")?;
-        if self.graphs.replaying() {
+        to_i32(tokens * plan.padded, "bitlinear activation bytes")?;
+        self.gpu.note("bitlinear", &[x.0, linear.0, tokens, out.0]);
+        let (s, g) = (&mut self.scratch, &mut self.gpu);
+        grow(g, &mut s.codes, tokens * plan.padded, "activation codes")?;
+        grow(g, &mut s.act_scales, tokens, "activation scales")?;
+        grow(g, &mut s.act_sums, tokens, "activation sums")?;
+        if self.gpu.replaying() {
             return Ok(());
         }
 
         let lin = &self.linears[linear.0];
         let (src, dst) = self.in_out(x, 0, out, 0, "bitlinear")?;
-        let (cols_i, padded_i) = (cols as i32, padded as i32);
         let s = &self.scratch;
-        let mut b = self.stream.launch_builder(&self.kernels.bitlinear_quantize);
-        b.arg(src)
-            .arg(&cols_i)
-            .arg(&padded_i)
-            .arg(&s.codes)
-            .arg(&s.act_scales)
-            .arg(&s.act_sums);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let args = [
+            src,
+            Arg::I32(cols as i32),
+            Arg::I32(plan.padded as i32),
+            s.codes.ptr(),
+            s.act_scales.ptr(),
+            s.act_sums.ptr(),
+        ];
         // SAFETY: one block per row; x holds tokens × cols values, codes tokens × padded bytes,
         // scales and sums one value per row (all checked or grown above).
-        launch(unsafe { b.launch(cfg) }, "bitlinear_quantize")?;
-
-        let (n_rows, chunks) = (n_out as i32, (padded / CHUNK) as i32);
-        if let (true, Some(mma)) = (tokens > GEMV_MAX_TOKENS, &self.kernels.bitlinear_gemm_mma) {
-            let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(128) as u32, tokens.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = self.stream.launch_builder(mma);
-            b.arg(&lin.words)
-                .arg(&n_rows)
-                .arg(&chunks)
-                .arg(&s.codes)
-                .arg(&s.act_scales)
-                .arg(&lin.row_scales)
-                .arg(&tokens_i32)
-                .arg(dst);
-            // SAFETY: as for the kernels below; the tile guards tokens ≥ n_rows and tokens ≥ tokens.
-            return launch(unsafe { b.launch(cfg) }, "bitlinear_gemm_mma");
+        unsafe {
+            self.gpu
+                .launch("bitlinear_quantize", plan.quantize, &args)?;
         }
-        let (f, cfg, name) = if tokens <= GEMV_MAX_TOKENS {
-            let blocks = (n_out * 32).div_ceil(BLOCK as usize) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            if tokens == 1 {
-                (&self.kernels.bitlinear_gemv1, cfg, "bitlinear_gemv1")
-            } else {
-                (&self.kernels.bitlinear_gemv, cfg, "bitlinear_gemv")
-            }
+        let (n_rows, chunks) = (Arg::I32(n_out as i32), Arg::I32(plan.chunks as i32));
+        let (words, scales, tokens) = (lin.words.ptr(), lin.row_scales.ptr(), Arg::I32(tokens_i32));
+        let (codes, act_scales, act_sums) = (s.codes.ptr(), s.act_scales.ptr(), s.act_sums.ptr());
+        let kernel = plan.product.kernel();
+        // SAFETY (both launches): weights hold n_rows × chunks 16-byte chunks
+        // (gpu_upload::pack_ternary), codes tokens × chunks × 64 bytes, out tokens × n_rows values;
+        // the GEMV takes at most GEMV_MAX_TOKENS tokens and the GEMMs guard partial tiles.
+        if plan.product == launch::Product::GemmMma {
+            let args = [
+                words, n_rows, chunks, codes, act_scales, scales, tokens, dst,
+            ];
+            unsafe { self.gpu.launch(kernel, plan.product_launch, &args) }
         } else {
-            let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (&self.kernels.bitlinear_gemm, cfg, "bitlinear_gemm")
-        };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&lin.words)
-            .arg(&n_rows)
-            .arg(&chunks)
-            .arg(&s.codes)
-            .arg(&s.act_scales)
-            .arg(&s.act_sums)
-            .arg(&lin.row_scales)
-            .arg(&tokens_i32)
-            .arg(dst);
-        // SAFETY: weights hold n_rows × chunks 16-byte chunks (gpu_upload::pack_ternary), codes
-        // tokens × chunks × 64 bytes, out tokens × n_rows values; the GEMV takes at most
-        // GEMV_MAX_TOKENS tokens and the GEMM guards partial tiles.
-        launch(unsafe { b.launch(cfg) }, name)
+            let args = [
+                words, n_rows, chunks, codes, act_scales, act_sums, scales, tokens, dst,
+            ];
+            unsafe { self.gpu.launch(kernel, plan.product_launch, &args) }
+        }
     }
 
     fn attention(
@@ -630,95 +493,64 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        // Splits over the keys: enough blocks to fill the GPU for decode, one split when the batch
-        // alone has plenty of (row, head) blocks (prefill). Sized by the capacity, not the tokens'
-        // positions, so a captured decode step stays valid as positions advance; splits past a
-        // row's last key finish at once.
-        let capacity = spec.capacity;
-        let wanted = 1024usize.div_ceil(tokens.len() * spec.heads);
-        let keys_per_split = capacity.div_ceil(wanted.clamp(1, capacity.div_ceil(32)));
-        let splits = capacity.div_ceil(keys_per_split);
-        to_i32(tokens.len(), "attention tokens")?;
+        let plan = launch::attention(tokens.len(), spec.heads, spec.kv_heads, hd, spec.capacity)?;
         let meta: Vec<u32> = tokens
             .iter()
             .flat_map(|r| [r.slot as u32, r.position as u32])
             .collect();
-        self.graphs
+        self.gpu
             .note("attention", &[layer, qkv.0, tokens.len(), out.0]);
-        let (s, g) = (&mut self.scratch, &mut self.graphs);
-        grow(&self.stream, g, &mut s.rows, meta.len(), "attention tokens")?;
+        let (s, g) = (&mut self.scratch, &mut self.gpu);
+        grow(g, &mut s.rows, meta.len(), "attention tokens")?;
         grow(
-            &self.stream,
             g,
             &mut s.partial,
-            tokens.len() * spec.heads * splits * (hd + 2),
+            plan.partial_len,
             "attention partial sums",
         )?;
-        g.stage(&self.stream, &meta, &mut s.rows)?;
-        if self.graphs.replaying() {
+        g.stage(&meta, &mut s.rows)?;
+        if self.gpu.replaying() {
             return Ok(());
         }
 
         let kv = self.kv.as_ref().expect("checked above");
         let (src, dst) = self.in_out(qkv, 0, out, 0, "attention")?;
         let s = &self.scratch;
-        let g = Geometry {
+        let geometry = Arg::Geometry(Geometry {
             heads: spec.heads as i32,
             kv_heads: spec.kv_heads as i32,
             head_dim: hd as i32,
             slots: spec.slots as i32,
             capacity: spec.capacity as i32,
             layer: layer as i32,
-        };
-        let n = tokens.len() as u32;
-        let mut b = self.stream.launch_builder(&self.kernels.rope_append);
-        b.arg(src)
-            .arg(&s.rows)
-            .arg(&kv.rope)
-            .arg(&g)
-            .arg(&kv.keys)
-            .arg(&kv.values);
-        let cfg = LaunchConfig {
-            grid_dim: (n, (spec.heads + spec.kv_heads) as u32, 1),
-            block_dim: ((hd / 2) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        });
+        let (rows, keys, values) = (s.rows.ptr(), kv.keys.ptr(), kv.values.ptr());
+        let args = [src, rows, kv.rope.ptr(), geometry, keys, values];
         // SAFETY: tokens holds (slot, position) pairs inside the cache (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
-        launch(unsafe { b.launch(cfg) }, "rope_append")?;
-
-        let kps = keys_per_split as i32;
-        let mut b = self.stream.launch_builder(&self.kernels.attend_partial);
-        b.arg(src)
-            .arg(&s.rows)
-            .arg(&g)
-            .arg(&kv.keys)
-            .arg(&kv.values)
-            .arg(&kps)
-            .arg(&s.partial);
-        let cfg = LaunchConfig {
-            grid_dim: (splits as u32, spec.heads as u32, n),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        unsafe {
+            self.gpu.launch("rope_append", plan.rope_append, &args)?;
+        }
+        let kps = Arg::I32(plan.keys_per_split as i32);
+        let args = [src, rows, geometry, keys, values, kps, s.partial.ptr()];
         // SAFETY: as above; partial holds tokens × heads × splits × (head_dim + 2) values and every
         // key read is at a position ≤ the row's own, which rope_append has already written.
-        launch(unsafe { b.launch(cfg) }, "attend_partial")?;
-
-        let (splits_i, heads_i, hd_i) = (splits as i32, spec.heads as i32, hd as i32);
-        let mut b = self.stream.launch_builder(&self.kernels.attend_combine);
-        b.arg(&s.partial)
-            .arg(&splits_i)
-            .arg(&heads_i)
-            .arg(&hd_i)
-            .arg(dst);
-        let cfg = LaunchConfig {
-            grid_dim: (spec.heads as u32, n, 1),
-            block_dim: (hd as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        unsafe {
+            self.gpu
+                .launch("attend_partial", plan.attend_partial, &args)?;
+        }
+        let args = [
+            s.partial.ptr(),
+            Arg::I32(plan.splits as i32),
+            Arg::I32(spec.heads as i32),
+            Arg::I32(hd as i32),
+            dst,
+        ];
         // SAFETY: partial was written for every (row, head, split); out holds tokens × q_dim values.
-        launch(unsafe { b.launch(cfg) }, "attend_combine")
+        unsafe {
+            self.gpu
+                .launch("attend_combine", plan.attend_combine, &args)
+        }
     }
 
     fn gated(
@@ -729,40 +561,39 @@ impl Backend for CudaBackend {
         width: usize,
         out: Activations,
     ) -> Result<()> {
-        self.graphs.note(
+        self.gpu.note(
             "gated",
             &[gate_up.0, activation as usize, tokens, width, out.0],
         );
         let n = tokens * width;
         let (src, dst) = self.in_out(gate_up, 2 * n, out, n, "gated")?;
-        if n == 0 || self.graphs.replaying() {
+        if n == 0 || self.gpu.replaying() {
             return Ok(());
         }
         let act: i32 = match activation {
             GateActivation::Relu2 => 0,
             GateActivation::Silu => 1,
         };
-        let (rows_i, width_i) = (
-            to_i32(tokens, "gated tokens")?,
-            to_i32(width, "gated width")?,
-        );
-        let mut b = self.stream.launch_builder(&self.kernels.gated);
-        b.arg(src).arg(&act).arg(&rows_i).arg(&width_i).arg(dst);
+        let args = [
+            src,
+            Arg::I32(act),
+            Arg::I32(to_i32(tokens, "gated tokens")?),
+            Arg::I32(to_i32(width, "gated width")?),
+            dst,
+        ];
         // SAFETY: grid-stride over tokens × width outputs; gate_up holds 2 × that many values.
-        launch(unsafe { b.launch(grid_1d(n)) }, "gated")
+        unsafe { self.gpu.launch("gated", launch::grid_stride(n), &args) }
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
-        self.graphs.note("add", &[acc.0, x.0, len]);
+        self.gpu.note("add", &[acc.0, x.0, len]);
         let (src, dst) = self.in_out(x, len, acc, len, "add")?;
-        if len == 0 || self.graphs.replaying() {
+        if len == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let len_i = to_i32(len, "add length")?;
-        let mut b = self.stream.launch_builder(&self.kernels.add);
-        b.arg(dst).arg(src).arg(&len_i);
+        let args = [dst, src, Arg::I32(to_i32(len, "add length")?)];
         // SAFETY: grid-stride over len values, which both buffers hold.
-        launch(unsafe { b.launch(grid_1d(len)) }, "add")
+        unsafe { self.gpu.launch("add", launch::grid_stride(len), &args) }
     }
 
     fn logits(
@@ -772,63 +603,49 @@ impl Backend for CudaBackend {
         tokens: usize,
         out: Activations,
     ) -> Result<()> {
-        self.graphs.note("logits", &[x.0, table.0, tokens, out.0]);
+        self.gpu.note("logits", &[x.0, table.0, tokens, out.0]);
         let t = self.table(table)?;
         let (vocab, cols) = (t.rows, t.cols);
         let (src, dst) = self.in_out(x, tokens * cols, out, tokens * vocab, "logits")?;
-        if tokens == 0 || vocab == 0 || self.graphs.replaying() {
+        if tokens == 0 || vocab == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let (vocab_i, cols_i, rows_i) =
-            (vocab as i32, cols as i32, to_i32(tokens, "logits tokens")?);
-        let f = self.dense_kernel(&self.kernels.logits, t);
-        let mut b = self.stream.launch_builder(f);
-        push_table(&mut b, t);
-        b.arg(&vocab_i).arg(&cols_i).arg(src).arg(&rows_i).arg(dst);
-        let cfg = LaunchConfig {
-            grid_dim: ((vocab * 32).div_ceil(BLOCK as usize) as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (ptr, kernel) = t.kernel("logits");
+        let args = [
+            ptr,
+            Arg::I32(vocab as i32),
+            Arg::I32(cols as i32),
+            src,
+            Arg::I32(to_i32(tokens, "logits tokens")?),
+            dst,
+        ];
+        let config = launch::warp_per_row("logits", vocab)?;
         // SAFETY: one warp per table row; x holds tokens × cols values, out tokens × vocab.
-        launch(unsafe { b.launch(cfg) }, "logits")
+        unsafe { self.gpu.launch(kernel, config, &args) }
     }
 
     fn begin_step(&mut self, tokens: usize, logits_tokens: usize) -> Result<()> {
-        self.graphs.begin(
-            &self.stream,
-            tokens,
-            logits_tokens,
-            tokens <= GEMV_MAX_TOKENS,
-        )
+        self.gpu
+            .begin_step(tokens, logits_tokens, tokens <= GEMV_MAX_TOKENS)
     }
 
     fn end_step(&mut self) -> Result<()> {
-        self.graphs.end(&self.stream)
+        self.gpu.end_step()
     }
 
     fn argmax(&mut self, x: Activations, tokens: usize, width: usize) -> Result<Vec<u32>> {
-        let src = self.buf(x, tokens * width, "argmax")?;
+        let src = self.buf(x, tokens * width, "argmax")?.ptr();
         if tokens == 0 {
             return Ok(Vec::new());
         }
         ensure!(width > 0, "argmax: tokens of zero width");
-        let width_i = to_i32(width, "argmax width")?;
-        let mut ids = alloc::<u32>(&self.stream, tokens, "sampled ids")?;
-        let mut b = self.stream.launch_builder(&self.kernels.argmax_rows);
-        b.arg(src).arg(&width_i).arg(&mut ids);
-        let cfg = LaunchConfig {
-            grid_dim: (to_i32(tokens, "argmax tokens")? as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = launch::argmax(tokens)?;
+        let ids = self.gpu.alloc::<u32>(tokens, "sampled ids")?;
+        let args = [src, Arg::I32(to_i32(width, "argmax width")?), ids.ptr()];
         // SAFETY: one block per row of `width` values; ids holds one u32 per row.
-        launch(unsafe { b.launch(cfg) }, "argmax_rows")?;
+        unsafe { self.gpu.launch("argmax_rows", config, &args)? };
         let mut out = vec![0u32; tokens];
-        self.stream
-            .memcpy_dtoh(&ids, &mut out)
-            .and_then(|()| self.stream.synchronize())
-            .context("CUDA: reading sampled ids")?;
+        self.gpu.read(&ids, &mut out)?;
         Ok(out)
     }
 }
