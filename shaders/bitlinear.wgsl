@@ -42,12 +42,23 @@ var<workgroup> code_sum: atomic<i32>;
 // which would move codes across rounding boundaries. Valid for normal or zero `a`, normal `b` and a
 // normal quotient, which holds for the scale 127 / absmax and for acc / scale.
 fn div_rn(a: f32, b: f32) -> f32 {
-    if a == 0.0 {
-        return 0.0;
-    }
     let ua = bitcast<u32>(a);
     let ub = bitcast<u32>(b);
     let sign = (ua ^ ub) & 0x80000000u;
+    // IEEE special cases (a is always finite here; b is 0 only for a row holding ±Inf, whose
+    // scale 127 / Inf is 0): 0 / 0 = NaN, x / 0 = ±Inf, x / ±Inf = ±0.
+    if (ub & 0x7fffffffu) == 0u {
+        if a == 0.0 {
+            return bitcast<f32>(0x7fc00000u);
+        }
+        return bitcast<f32>(sign | 0x7f800000u);
+    }
+    if a == 0.0 {
+        return 0.0;
+    }
+    if (ub & 0x7fffffffu) == 0x7f800000u {
+        return bitcast<f32>(sign);
+    }
     var ma = (ua & 0x7fffffu) | 0x800000u;
     let mb = (ub & 0x7fffffu) | 0x800000u;
     var e = i32((ua >> 23u) & 0xffu) - i32((ub >> 23u) & 0xffu) + 127;
@@ -89,7 +100,11 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     workgroupBarrier();
     var m = 0.0;
     for (var k = lid; k < cols; k += WG) {
-        m = max(m, abs(x[row * cols + k]));
+        // NaN is skipped (a NaN compares unequal to itself), as the CPU's f32::max does.
+        let v = abs(x[row * cols + k]);
+        if v == v {
+            m = max(m, v);
+        }
     }
     // Non-negative floats order like their bit patterns.
     atomicMax(&absmax_bits, bitcast<u32>(m));
@@ -101,7 +116,13 @@ fn quantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         for (var b = 0u; b < 4u; b++) {
             let k = 4u * w + b;
             if k < cols {
-                let q = i32(clamp(round(x[row * cols + k] * s), -128.0, 127.0));
+                // NaN (a NaN input, or ±Inf times the scale 0 of a row holding ±Inf) gives code 0,
+                // like the CPU's saturating conversion.
+                let p = x[row * cols + k] * s;
+                var q = 0;
+                if p == p {
+                    q = i32(clamp(round(p), -128.0, 127.0));
+                }
                 sum += q;
                 packed |= (u32(q) & 0xffu) << (8u * b);
             }
