@@ -6,6 +6,7 @@
 //! [`FinishReason::ContextFull`]. Nothing is truncated silently.
 
 use crate::backend::Backend;
+use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SequenceId};
 use crate::loader::HostModel;
@@ -104,6 +105,11 @@ impl Engine {
 
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    /// [`Model::set_capture`]: named intermediates of the following passes go to `capture`.
+    pub fn set_capture(&mut self, capture: Option<Box<dyn Capture>>) -> Option<Box<dyn Capture>> {
+        self.model.set_capture(capture)
     }
 
     pub fn backend_description(&self) -> String {

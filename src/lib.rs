@@ -5,13 +5,15 @@
 //!   ternary representation. They know nothing of backends.
 //! - [`backend`]: the [`backend::Backend`] trait every device implements, and the CPU backend.
 //! - [`kv_cache`] and [`model`]: the KV-cache manager and the BitNet transformer graph, written only
-//!   against the `Backend` trait.
+//!   against the `Backend` trait; [`capture`]: the names of the graph's intermediates and a way to
+//!   read them.
 //! - [`tokenizer`], [`chat`], [`sampler`]: text in, token ids out, and back.
 //! - [`engine`], [`perplexity`], [`bench`]: generation, evaluation and benchmarking on top of the model.
 //! - The `tern` binary (`src/main.rs`) is the only place that chooses a backend.
 
 pub mod backend;
 pub mod bench;
+pub mod capture;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -16,9 +16,11 @@
 //!
 //! A call to [`Model::forward`] runs one batch of rows (tokens with their KV slot and position);
 //! prefill, decode and batched decode are all just batches. Scratch activations are allocated on
-//! the backend once and grown only when a larger batch arrives.
+//! the backend once and grown only when a larger batch arrives. Every intermediate has a name
+//! (`blk.3.attn_out`, see [`crate::capture`]) under which a [`Capture`] can read it.
 
 use crate::backend::{Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId};
+use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::loader::HostModel;
 use anyhow::{Result, ensure};
@@ -81,6 +83,7 @@ pub struct Model {
     final_norm: VectorId,
     layers: Vec<Layer>,
     scratch: Option<Scratch>,
+    capture: Option<Box<dyn Capture>>,
 }
 
 impl Model {
@@ -116,6 +119,7 @@ impl Model {
             final_norm: backend.upload_vector(&host.final_norm)?,
             layers,
             scratch: None,
+            capture: None,
         })
     }
 
@@ -135,6 +139,12 @@ impl Model {
             head_dim: c.head_dim,
             rope_theta: c.rope_theta,
         }
+    }
+
+    /// Hands the named intermediates of the following passes to `capture` (`None`: to nobody);
+    /// returns the previous capture.
+    pub fn set_capture(&mut self, capture: Option<Box<dyn Capture>>) -> Option<Box<dyn Capture>> {
+        std::mem::replace(&mut self.capture, capture)
     }
 
     /// Runs one batch and returns logits, row-major `[rows with logits, vocab]`.
@@ -164,34 +174,56 @@ impl Model {
             LogitsFor::Last => 1,
         };
 
-        backend.begin_step(n, out_rows)?;
+        // A captured pass reads buffers between ops, so it is not one recorded step.
+        let step = self.capture.is_none();
+        let mut tap = Tap {
+            capture: self.capture.as_deref_mut(),
+            rows: n,
+        };
+        if step {
+            backend.begin_step(n, out_rows)?;
+        }
         backend.embed(self.embed, tokens, s.residual)?;
+        tap.at(backend, || "inp_embd".into(), s.residual, hidden)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            let name = |what: &'static str| move || format!("blk.{l}.{what}");
             backend.rms_norm(s.residual, layer.attn_norm, eps, n, s.normed)?;
+            tap.at(backend, name("attn_norm"), s.normed, hidden)?;
             backend.bitlinear(s.normed, layer.qkv, n, s.qkv)?;
+            tap.at(backend, name("qkv"), s.qkv, c.q_dim() + 2 * c.kv_dim())?;
             backend.attention(l, s.qkv, rows, s.attn)?;
+            tap.at(backend, name("kqv_out"), s.attn, c.q_dim())?;
             let attn_out = match layer.attn_sub_norm {
                 Some(w) => {
                     backend.rms_norm(s.attn, w, eps, n, s.normed)?;
+                    tap.at(backend, name("attn_sub_norm"), s.normed, c.q_dim())?;
                     s.normed
                 }
                 None => s.attn,
             };
             backend.bitlinear(attn_out, layer.o, n, s.projected)?;
+            tap.at(backend, name("attn_out"), s.projected, hidden)?;
             backend.add(s.residual, s.projected, n * hidden)?;
+            tap.at(backend, name("ffn_inp"), s.residual, hidden)?;
 
             backend.rms_norm(s.residual, layer.ffn_norm, eps, n, s.normed)?;
+            tap.at(backend, name("ffn_norm"), s.normed, hidden)?;
             backend.bitlinear(s.normed, layer.gate_up, n, s.gate_up)?;
+            tap.at(backend, name("ffn_gate_up"), s.gate_up, 2 * c.intermediate)?;
             backend.gated(s.gate_up, c.activation, n, c.intermediate, s.ffn)?;
+            tap.at(backend, name("ffn_act"), s.ffn, c.intermediate)?;
             let ffn_out = match layer.ffn_sub_norm {
                 Some(w) => {
                     backend.rms_norm(s.ffn, w, eps, n, s.ffn_normed)?;
+                    tap.at(backend, name("ffn_sub_norm"), s.ffn_normed, c.intermediate)?;
                     s.ffn_normed
                 }
                 None => s.ffn,
             };
             backend.bitlinear(ffn_out, layer.down, n, s.projected)?;
+            tap.at(backend, name("ffn_out"), s.projected, hidden)?;
             backend.add(s.residual, s.projected, n * hidden)?;
+            tap.at(backend, name("l_out"), s.residual, hidden)?;
         }
 
         let final_in = match logits_for {
@@ -201,9 +233,14 @@ impl Model {
                 s.projected
             }
         };
+        tap.rows = out_rows;
         backend.rms_norm(final_in, self.final_norm, eps, out_rows, s.normed)?;
+        tap.at(backend, || "result_norm".into(), s.normed, hidden)?;
         backend.logits(s.normed, self.head, out_rows, s.logits)?;
-        backend.end_step()?;
+        tap.at(backend, || "logits".into(), s.logits, c.vocab)?;
+        if step {
+            backend.end_step()?;
+        }
         let mut logits = vec![0f32; out_rows * c.vocab];
         backend.read(s.logits, &mut logits)?;
         Ok(logits)
@@ -232,5 +269,35 @@ impl Model {
             });
         }
         Ok(self.scratch.expect("allocated above"))
+    }
+}
+
+/// Hands intermediates to the model's [`Capture`], if it has one.
+struct Tap<'a> {
+    capture: Option<&'a mut (dyn Capture + 'static)>,
+    /// Rows of the values tapped next.
+    rows: usize,
+}
+
+impl Tap<'_> {
+    /// Offers `name()` (built only when there is a capture) and, if wanted, reads the first rows
+    /// of `buffer` (`width` values each) back for it.
+    fn at(
+        &mut self,
+        backend: &mut dyn Backend,
+        name: impl FnOnce() -> String,
+        buffer: Activations,
+        width: usize,
+    ) -> Result<()> {
+        let Some(capture) = self.capture.as_deref_mut() else {
+            return Ok(());
+        };
+        let name = name();
+        if capture.wants(&name) {
+            let mut values = vec![0f32; self.rows * width];
+            backend.read(buffer, &mut values)?;
+            capture.record(&name, width, &values)?;
+        }
+        Ok(())
     }
 }

@@ -772,3 +772,75 @@ fn backend_auto_probes_quietly_and_says_what_it_chose() {
     assert_eq!(chosen.len(), 1, "{err}");
     assert!(chosen[0].contains("chosen by --backend auto: "), "{err}");
 }
+
+#[test]
+fn run_dumps_named_intermediates_and_refuses_unknown_names() {
+    let dir = fixture_dir("tiny-packed");
+    let out = tempfile::tempdir().unwrap();
+    let (model, dump_dir) = (path_str(&dir), path_str(out.path()));
+    let common = [
+        "run",
+        "-m",
+        model,
+        "--backend",
+        "cpu",
+        "-p",
+        "Once upon",
+        "--greedy",
+    ];
+    let text = ok(&[
+        &common[..],
+        &[
+            "-n",
+            "3",
+            "--format",
+            "jsonl",
+            "--dump",
+            "blk.*.l_out,logits",
+        ],
+        &["--dump-dir", dump_dir],
+    ]
+    .concat());
+    let generated = jsonl_ids(&text);
+    let tokenized: serde_json::Value = serde_json::from_str(&ok(&[
+        "tokenize",
+        "-m",
+        model,
+        "-p",
+        "Once upon",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let prompt_len = tokenized["ids"].as_array().unwrap().len();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("index.json")).unwrap()).unwrap();
+    let c = load("tiny-packed").config;
+    // A prefill, then one decode step per generated token but the last.
+    let steps = generated.len() - 1;
+    assert_eq!(
+        index["logits"]["shape"],
+        serde_json::json!([1 + steps, c.vocab])
+    );
+    for l in 0..c.layers {
+        let shape = &index[format!("blk.{l}.l_out")]["shape"];
+        assert_eq!(*shape, serde_json::json!([prompt_len + steps, c.hidden]));
+    }
+    assert!(index.get("blk.0.qkv").is_none());
+    let logits: Vec<f32> = std::fs::read(out.path().join("logits.f32.bin"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    for (row, &id) in logits.chunks_exact(c.vocab).zip(&generated) {
+        assert_eq!(argmax(row), id as usize);
+    }
+    fails_with(
+        &[
+            &common[..],
+            &["--dump", "blk.99.qkv", "--dump-dir", dump_dir],
+        ]
+        .concat(),
+        &["--dump blk.99.qkv", "no such intermediate"],
+    );
+}

@@ -6,7 +6,10 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use tern::backend::{Activations, Backend, KvSpec, TokenPosition};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tern::backend::Backend;
+use tern::capture::Capture;
 use tern::engine::GenerateOptions;
 use tern::loader::{HostLayer, HostModel};
 use tern::model::LogitsFor;
@@ -107,22 +110,43 @@ fn weights_unpack_or_ternarize_to_the_golden_matrices() {
     }
 }
 
-/// Runs single backend ops on recorded module inputs and compares the recorded outputs.
-struct ModuleCheck {
-    backend: Box<dyn Backend>,
-    values: Vec<f32>,
-    golden: serde_json::Value,
-    strict: f32,
+/// Records the named intermediates of a forward pass (see `tern::capture`).
+#[derive(Clone, Default)]
+struct Recorded(Arc<Mutex<HashMap<String, Vec<f32>>>>);
+
+impl Capture for Recorded {
+    fn wants(&self, _: &str) -> bool {
+        true
+    }
+
+    fn record(&mut self, name: &str, _: usize, values: &[f32]) -> anyhow::Result<()> {
+        let mut map = self.0.lock().unwrap();
+        map.insert(name.to_string(), values.to_vec());
+        Ok(())
+    }
 }
 
-impl ModuleCheck {
-    fn new(name: &str, backend: Box<dyn Backend>) -> Self {
+impl Recorded {
+    fn take(&self, name: &str) -> Vec<f32> {
+        let map = self.0.lock().unwrap();
+        map.get(name)
+            .unwrap_or_else(|| panic!("no intermediate {name}"))
+            .clone()
+    }
+}
+
+/// The recorded module tensors of a fixture (tests/fixtures/README.md: `modules`).
+struct Modules {
+    values: Vec<f32>,
+    golden: serde_json::Value,
+}
+
+impl Modules {
+    fn new(name: &str) -> Self {
         let golden = golden(name);
         let file = golden["modules"]["file"].as_str().unwrap().to_string();
         Self {
-            backend,
             values: read_f32(name, &file),
-            strict: tolerance(&golden, "strict_atol"),
             golden,
         }
     }
@@ -140,194 +164,114 @@ impl ModuleCheck {
             .product();
         self.values[offset..offset + len].to_vec()
     }
+}
 
-    fn upload(&mut self, data: &[f32]) -> Activations {
-        let a = self.backend.alloc(data.len()).unwrap();
-        self.backend.write(a, data).unwrap();
-        a
-    }
-
-    fn compare(&mut self, got: Activations, key: &str) {
-        let want = self.tensor(key);
-        let mut out = vec![0f32; want.len()];
-        self.backend.read(got, &mut out).unwrap();
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let (max, _) = diff(&out, &want);
-        assert!(
-            max / scale <= self.strict,
-            "{key}: max |diff| {max} (scale {scale})"
-        );
-    }
+/// Columns `range` of each row of `width` values.
+fn columns(values: &[f32], width: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    values
+        .chunks_exact(width)
+        .flat_map(|row| row[range.clone()].to_vec())
+        .collect()
 }
 
 #[test]
-fn every_module_matches_on_the_recorded_inputs() {
-    on_every_backend(check_modules);
+fn every_named_intermediate_matches_the_recorded_modules() {
+    on_every_backend(check_named_intermediates);
 }
 
-/// The module-level goldens on the CUDA kernels under CPU emulation (tests/common/cuda_emu.rs).
+/// The same on the CUDA kernels under CPU emulation (tests/common/cuda_emu.rs).
 #[test]
-fn every_module_matches_on_the_emulated_cuda_kernels() {
-    on_backends(emulated_cuda_backends, check_modules);
+fn every_named_intermediate_matches_on_the_emulated_cuda_kernels() {
+    on_backends(emulated_cuda_backends, check_named_intermediates);
 }
 
-fn check_modules(fixture: &str, name: &str, backend: Box<dyn Backend>) {
-    const T: usize = 7;
+fn check_named_intermediates(fixture: &str, name: &str, backend: Box<dyn Backend>) {
     let model = load(fixture);
     let c = model.config.clone();
-    let mut m = ModuleCheck::new(fixture, backend);
-    let ids = ids(&m.golden["modules"]["input_ids"]);
-
-    let table = m.backend.upload_table(&model.embed).unwrap();
-    let out = m.backend.alloc(T * c.hidden).unwrap();
-    m.backend.embed(table, &ids, out).unwrap();
-    m.compare(out, "embed_tokens.out");
-
-    for l in [0, c.layers - 1] {
-        let layer = &model.layers[l];
-        let p = format!("layers.{l}");
-        let norm = |m: &mut ModuleCheck, w: &[f32], input: &str, output: &str| {
-            let data = m.tensor(input);
-            let x = m.upload(&data);
-            let w = m.backend.upload_vector(w).unwrap();
-            let out = m.backend.alloc(data.len()).unwrap();
-            m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
-            m.compare(out, output);
-        };
-        norm(
-            &mut m,
-            &layer.attn_norm,
-            &format!("{p}.in"),
-            &format!("{p}.input_layernorm.out"),
-        );
-        norm(
-            &mut m,
-            &layer.ffn_norm,
-            &format!("{p}.post_attention_layernorm.in"),
-            &format!("{p}.post_attention_layernorm.out"),
-        );
-        // Inputs of o_proj and down_proj: the sub-norm outputs where the block has sub-norms
-        // (checked here from their recorded inputs), else the attention output and act(g) * u.
-        let (attn_out, o_in, ffn_act, down_in) = match (&layer.attn_sub_norm, &layer.ffn_sub_norm) {
-            (Some(attn_sub), Some(ffn_sub)) => {
-                norm(
-                    &mut m,
-                    attn_sub,
-                    &format!("{p}.self_attn.attn_sub_norm.in"),
-                    &format!("{p}.self_attn.attn_sub_norm.out"),
-                );
-                norm(
-                    &mut m,
-                    ffn_sub,
-                    &format!("{p}.mlp.ffn_sub_norm.in"),
-                    &format!("{p}.mlp.ffn_sub_norm.out"),
-                );
-                (
-                    "self_attn.attn_sub_norm.in",
-                    "self_attn.attn_sub_norm.out",
-                    "mlp.ffn_sub_norm.in",
-                    "mlp.ffn_sub_norm.out",
-                )
-            }
-            (None, None) => (
-                "self_attn.o_proj.in",
-                "self_attn.o_proj.in",
-                "mlp.down_proj.in",
-                "mlp.down_proj.in",
-            ),
-            _ => panic!("{name}: a layer with only one sub-norm"),
-        };
-
-        let projections = [
-            ("self_attn.q_proj", "input_layernorm.out"),
-            ("self_attn.k_proj", "input_layernorm.out"),
-            ("self_attn.v_proj", "input_layernorm.out"),
-            ("self_attn.o_proj", o_in),
-            ("mlp.gate_proj", "post_attention_layernorm.out"),
-            ("mlp.up_proj", "post_attention_layernorm.out"),
-            ("mlp.down_proj", down_in),
-        ];
-        for (proj, input) in projections {
-            let w = linear(layer, proj);
-            let id = m.backend.upload_linear(&[w]).unwrap();
-            let x = m.upload(&m.tensor(&format!("{p}.{input}")));
-            let out = m.backend.alloc(T * w.rows).unwrap();
-            m.backend.bitlinear(x, id, T, out).unwrap();
-            m.compare(out, &format!("{p}.{proj}.out"));
-        }
-
-        // gate‖up fused, then the gated activation.
-        let id = m.backend.upload_linear(&[&layer.gate, &layer.up]).unwrap();
-        let x = m.upload(&m.tensor(&format!("{p}.post_attention_layernorm.out")));
-        let gu = m.backend.alloc(T * 2 * c.intermediate).unwrap();
-        m.backend.bitlinear(x, id, T, gu).unwrap();
-        let out = m.backend.alloc(T * c.intermediate).unwrap();
-        m.backend
-            .gated(gu, c.activation, T, c.intermediate, out)
-            .unwrap();
-        m.compare(out, &format!("{p}.{ffn_act}"));
-
-        // Attention from the recorded q, k, v: as one prefill, then as a decode of position 6.
-        let (q, k, v) = (
-            m.tensor(&format!("{p}.self_attn.q_proj.out")),
-            m.tensor(&format!("{p}.self_attn.k_proj.out")),
-            m.tensor(&format!("{p}.self_attn.v_proj.out")),
-        );
-        let (qd, kd) = (c.q_dim(), c.kv_dim());
-        let qkv: Vec<f32> = (0..T)
-            .flat_map(|t| {
-                [
-                    &q[t * qd..(t + 1) * qd],
-                    &k[t * kd..(t + 1) * kd],
-                    &v[t * kd..(t + 1) * kd],
-                ]
-                .concat()
-            })
-            .collect();
-        let spec = KvSpec {
-            layers: 1,
-            slots: 2,
-            capacity: 16,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-            rope_theta: c.rope_theta,
-        };
-        m.backend.alloc_kv(&spec).unwrap();
-        let rows: Vec<TokenPosition> = (0..T)
-            .map(|position| TokenPosition { slot: 1, position })
-            .collect();
-        let x = m.upload(&qkv);
-        let out = m.backend.alloc(T * qd).unwrap();
-        m.backend.attention(0, x, &rows, out).unwrap();
-        m.compare(out, &format!("{p}.{attn_out}"));
-
-        let width = qd + 2 * kd;
-        let first = m.upload(&qkv[..(T - 1) * width]);
-        let out_first = m.backend.alloc((T - 1) * qd).unwrap();
-        m.backend
-            .attention(0, first, &rows[..T - 1], out_first)
-            .unwrap();
-        let last = m.upload(&qkv[(T - 1) * width..]);
-        let out_last = m.backend.alloc(qd).unwrap();
-        m.backend
-            .attention(0, last, &rows[T - 1..], out_last)
-            .unwrap();
-        let mut got = vec![0f32; qd];
-        m.backend.read(out_last, &mut got).unwrap();
-        let want = m.tensor(&format!("{p}.{attn_out}"));
-        let (max, _) = diff(&got, &want[(T - 1) * qd..]);
+    let modules = Modules::new(fixture);
+    let strict = tolerance(&modules.golden, "strict_atol");
+    let ids = ids(&modules.golden["modules"]["input_ids"]);
+    let t = ids.len();
+    let mut engine = engine(&model, backend, 0);
+    let recorded = Recorded::default();
+    engine.set_capture(Some(Box::new(recorded.clone())));
+    let seq = engine.new_sequence().unwrap();
+    engine.feed(seq, &ids, LogitsFor::All).unwrap();
+    // Relative to max(1, max |ref|), as the fixtures' tolerance says.
+    let check = |got: &[f32], key: &str| {
+        let want = modules.tensor(key);
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let (max, _) = diff(got, &want);
         assert!(
-            max <= m.strict,
-            "{name} {p}: decode-form attention differs by {max}"
+            max / scale <= strict,
+            "{name} {key}: max |diff| {max} (scale {scale})"
+        );
+    };
+    check(&recorded.take("inp_embd"), "embed_tokens.out");
+    let (qd, kd, ff) = (c.q_dim(), c.kv_dim(), c.intermediate);
+    for l in 0..c.layers {
+        let blk = |what: &str| recorded.take(&format!("blk.{l}.{what}"));
+        let qkv = blk("qkv");
+        let gate_up = blk("ffn_gate_up");
+        // Without sub-norms, the attention output and act(g)·u are the projections' inputs.
+        let (kqv_out, ffn_act) = if c.sub_norms {
+            ("self_attn.attn_sub_norm.in", "mlp.ffn_sub_norm.in")
+        } else {
+            ("self_attn.o_proj.in", "mlp.down_proj.in")
+        };
+        let mut pairs = vec![
+            (blk("attn_norm"), "input_layernorm.out"),
+            (columns(&qkv, qd + 2 * kd, 0..qd), "self_attn.q_proj.out"),
+            (
+                columns(&qkv, qd + 2 * kd, qd..qd + kd),
+                "self_attn.k_proj.out",
+            ),
+            (
+                columns(&qkv, qd + 2 * kd, qd + kd..qd + 2 * kd),
+                "self_attn.v_proj.out",
+            ),
+            (blk("kqv_out"), kqv_out),
+            (blk("attn_out"), "self_attn.o_proj.out"),
+            (blk("ffn_inp"), "post_attention_layernorm.in"),
+            (blk("ffn_norm"), "post_attention_layernorm.out"),
+            (columns(&gate_up, 2 * ff, 0..ff), "mlp.gate_proj.out"),
+            (columns(&gate_up, 2 * ff, ff..2 * ff), "mlp.up_proj.out"),
+            (blk("ffn_act"), ffn_act),
+            (blk("ffn_out"), "mlp.down_proj.out"),
+            (blk("l_out"), "out"),
+        ];
+        if c.sub_norms {
+            pairs.push((blk("attn_sub_norm"), "self_attn.attn_sub_norm.out"));
+            pairs.push((blk("ffn_sub_norm"), "mlp.ffn_sub_norm.out"));
+        }
+        for (got, key) in pairs {
+            check(&got, &format!("layers.{l}.{key}"));
+        }
+    }
+    check(&recorded.take("result_norm"), "norm.out");
+
+    // Attention in decode form: the last token alone after the others, through the cache.
+    engine.clear(seq).unwrap();
+    engine.set_capture(None);
+    engine.feed(seq, &ids[..t - 1], LogitsFor::Last).unwrap();
+    engine.set_capture(Some(Box::new(recorded.clone())));
+    engine.feed(seq, &ids[t - 1..], LogitsFor::Last).unwrap();
+    for l in 0..c.layers {
+        let key = if c.sub_norms {
+            "self_attn.attn_sub_norm.in"
+        } else {
+            "self_attn.o_proj.in"
+        };
+        let want = modules.tensor(&format!("layers.{l}.{key}"));
+        let (max, _) = diff(
+            &recorded.take(&format!("blk.{l}.kqv_out")),
+            &want[(t - 1) * qd..],
+        );
+        assert!(
+            max <= strict,
+            "{name} layer {l}: decode-form attention differs by {max}"
         );
     }
-
-    let w = m.backend.upload_vector(&model.final_norm).unwrap();
-    let x = m.upload(&m.tensor("norm.in"));
-    let out = m.backend.alloc(T * c.hidden).unwrap();
-    m.backend.rms_norm(x, w, c.rms_norm_eps, T, out).unwrap();
-    m.compare(out, "norm.out");
 }
 
 fn check_argmax(name: &str, what: &str, logits: &[f32], top: &serde_json::Value, gap: f32) {

@@ -1,18 +1,17 @@
 //! The CPU backend: `tern_cpu` kernels spread over one persistent thread pool.
 //!
 //! Kernels run at one [`Isa`] level, chosen at construction ([`Isa::selected`]: the widest this CPU
-//! has, or `TERN_CPU_ISA`). Layouts: a linear is repacked at upload (the fused parts' rows one after
-//! another, one scale per output row, so fused parts keep their own scales) into the layout of the
-//! backend's kernel family ([`CpuKernels`]): the multiply-add kernels' [`PackedTernary`] (or
-//! [`PackedBase3`], five weights per byte) or the lookup-table kernels' [`PackedLut`]. Activations
-//! are `Vec<f32>`. The KV cache is one f32 array per K and V, indexed
+//! has, or `TERN_CPU_ISA`), and linears in one kernel [`Family`] ([`Family::selected`]: the measured
+//! default, or `TERN_CPU_KERNELS`). A linear is repacked at upload (the fused parts' rows one after
+//! another, one scale per output row, so fused parts keep their own scales) into a
+//! [`tern_cpu::bitlinear::Linear`], which runs the whole op on the pool. Activations are
+//! `Vec<f32>`. The KV cache is one f32 array per K and V, indexed
 //! `[layer][slot][position][kv_head · head_dim]`.
 //!
-//! Parallelism: matrix products split the weight rows into chunks on row-group boundaries (each
-//! chunk writes its own contiguous slice of a `[weight row][token]` accumulator, transposed and
-//! scaled afterwards); attention splits over (row, head); the output head over vocabulary chunks.
-//! Threads live as long as the backend, and the quantized activations, accumulators and head
-//! outputs are scratch owned by the backend, so a decode step allocates nothing once they have grown.
+//! Parallelism: linears split their weight rows (see `tern_cpu::bitlinear::linear`); attention
+//! splits over (row, head); the output head over vocabulary chunks. Threads live as long as the
+//! backend, and the linears' scratch, attention scratch and head outputs are owned by the backend,
+//! so a decode step allocates nothing once they have grown.
 
 use super::{
     Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, TableId, TokenPosition,
@@ -23,29 +22,13 @@ use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::attention;
 use tern_cpu::attention::rope;
-use tern_cpu::bitlinear::base3::{self, PackedBase3};
-use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
-use tern_cpu::bitlinear::mad::{self, PackedTernary, ROW_GROUP};
-use tern_cpu::bitlinear::quant::QuantizedRows;
 use tern_cpu::bitlinear::reference::TernaryView;
+use tern_cpu::bitlinear::{Family, Linear, LinearScratch};
 use tern_cpu::elementwise::{self, GateActivation};
 use tern_cpu::isa::Isa;
 use tern_cpu::norm;
 use tern_cpu::pool::ThreadPool;
 use tern_cpu::table::q8::{Q8Head, Q8Input, top_candidates};
-
-/// Output rows per parallel task: a multiple of the kernels' row group, at least this many.
-const MIN_ROWS_PER_TASK: usize = 16 * ROW_GROUP;
-
-/// Tasks per thread a linear is split into: each thread streams a few long contiguous runs of
-/// weights (which the hardware prefetchers follow) while a slow thread still gets fewer runs.
-const TASKS_PER_THREAD: usize = 4;
-
-/// Tokens per task when the products are transposed into the output (a cache line of i32).
-const TOKENS_PER_TASK: usize = 16;
-
-/// Weight rows per block of that transposition.
-const TRANSPOSE_ROWS: usize = 16;
 
 /// Prompt rows per attention task: every cached key and value is read once for this many rows
 /// (times the heads sharing it).
@@ -57,78 +40,10 @@ const MIN_VOCAB_PER_TASK: usize = 256;
 /// Re-scored output-head candidates per parallel task (one full-precision row each).
 const CANDIDATES_PER_TASK: usize = 64;
 
-/// Which ternary kernel family runs the matrix products (`TERN_CPU_KERNELS`).
-///
-/// The rule ([`CpuKernels::default_for`]): base 3 at AVX-512 with two threads or more, multiply-add
-/// otherwise; lookup tables never by default. Base 3 reads 20% fewer bytes, which pays where threads
-/// share a core's memory bandwidth, while one thread is compute-bound on its GEMV and the levels
-/// without AVX-512 VNNI would decode base 3 for every product; lookup tables stream about the same
-/// weights per second as multiply-add from memory and their tables outgrow the caches in prompts.
-/// A linear wider than [`base3::MAX_COLS`] columns stays 2-bit. The measurements behind the rule
-/// are in `scripts/benchmark-log.md`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CpuKernels {
-    /// Multiply-add ([`PackedTernary`], 2 bits per weight).
-    Mad,
-    /// Lookup tables ([`PackedLut`], 1.78 bits per weight; an error at a level without them).
-    Lut,
-    /// Multiply-add on five weights per byte ([`PackedBase3`], 1.6 bits per weight).
-    Base3,
-}
-
-/// Environment variable that picks a [`CpuKernels`] (`mad`, `base3` or `lut`; unset or `auto`:
-/// [`CpuKernels::default_for`]).
-pub const KERNELS_ENV: &str = "TERN_CPU_KERNELS";
-
-impl CpuKernels {
-    /// `TERN_CPU_KERNELS`, `None` where it is unset or `auto`.
-    pub fn from_env() -> Result<Option<Self>> {
-        match std::env::var(KERNELS_ENV).as_deref() {
-            Err(_) | Ok("auto") => Ok(None),
-            Ok("mad") => Ok(Some(Self::Mad)),
-            Ok("lut") => Ok(Some(Self::Lut)),
-            Ok("base3") => Ok(Some(Self::Base3)),
-            Ok(other) => bail!("{KERNELS_ENV}={other}: expected auto, mad, base3 or lut"),
-        }
-    }
-
-    /// The measured choice at `isa` with `threads` threads (see the type's documentation).
-    pub fn default_for(isa: Isa, threads: usize) -> Self {
-        if isa == Isa::Avx512 && threads >= 2 {
-            Self::Base3
-        } else {
-            Self::Mad
-        }
-    }
-}
-
-/// A BitLinear output from its exact product, its token's activation scale and its row's weight
-/// scale (the reference's order of operations: divide, then multiply).
-#[inline(always)]
-fn dequantize(acc: i32, token_scale: f32, row_scale: f32) -> f32 {
-    acc as f32 / token_scale * row_scale
-}
-
-/// A linear in its backend's kernel layout.
-enum Packed {
-    Mad(PackedTernary),
-    Lut(PackedLut),
-    Base3(PackedBase3),
-}
-
-struct CpuLinear {
-    packed: Packed,
-    in_features: usize,
-    /// One per output feature.
-    row_scales: Vec<f32>,
-}
-
 /// Per-op buffers kept between calls.
 #[derive(Default)]
 struct Scratch {
-    quantized: QuantizedRows,
-    lut_tables: LutTables,
-    acc: Vec<i32>,
+    linear: LinearScratch,
     head: Vec<f32>,
     /// `LmHead::Q8`: one row's quantized input, the error bounds of its approximate logits, and
     /// the candidates to re-score.
@@ -166,12 +81,12 @@ impl KvStorage {
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
-    kernels: CpuKernels,
+    family: Family,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
     q8_tables: Vec<Option<Q8Head>>,
     scratch: Scratch,
-    linears: Vec<CpuLinear>,
+    linears: Vec<Linear>,
     vectors: Vec<Vec<f32>>,
     tables: Vec<DenseMatrix>,
     /// `None` marks a freed handle.
@@ -182,38 +97,29 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend running on `threads` threads (0: one per available core) at the default ISA
     /// level ([`Isa::selected`]: `TERN_CPU_ISA`, else the widest this CPU supports) and kernel
-    /// family (`TERN_CPU_KERNELS`, else [`CpuKernels::default_for`]).
+    /// family ([`Family::selected`]: `TERN_CPU_KERNELS`, else [`Family::default_for`]).
     pub fn new(threads: usize) -> Result<Self> {
         let isa = Isa::selected()?;
-        let kernels = match CpuKernels::from_env()? {
-            Some(kernels) => kernels,
-            None => CpuKernels::default_for(isa, resolve_threads(threads)),
-        };
-        Self::with_kernels(threads, isa, kernels)
+        let family = Family::selected(isa, resolve_threads(threads))?;
+        Self::with_family(threads, isa, family)
     }
 
     /// A backend whose multiply-add kernels run at `isa` (an error if this CPU does not support
     /// it).
     pub fn with_isa(threads: usize, isa: Isa) -> Result<Self> {
-        Self::with_kernels(threads, isa, CpuKernels::Mad)
+        Self::with_family(threads, isa, Family::Mad)
     }
 
-    /// A backend whose kernels run at `isa`, products by the `kernels` families (an error if this
-    /// CPU does not support the level, or the level has no lookup-table kernels and `Lut` asks for
-    /// them).
-    pub fn with_kernels(threads: usize, isa: Isa, kernels: CpuKernels) -> Result<Self> {
-        isa.check()?;
-        ensure!(
-            kernels != CpuKernels::Lut || lut::supports(isa),
-            "{KERNELS_ENV}=lut: the lookup-table kernels need AVX-512 (or the scalar level), not \
-             `{isa}`"
-        );
+    /// A backend whose kernels run at `isa`, linears in the `family` layout (an error if this CPU
+    /// does not support the level, or the family does not run at it).
+    pub fn with_family(threads: usize, isa: Isa, family: Family) -> Result<Self> {
+        family.check(isa)?;
         let threads = resolve_threads(threads);
         let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
             pool,
             isa,
-            kernels,
+            family,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
             scratch: Scratch::default(),
@@ -223,14 +129,6 @@ impl CpuBackend {
             buffers: Vec::new(),
             kv: None,
         })
-    }
-
-    /// Rows per parallel task for a product over `total` weight rows: [`TASKS_PER_THREAD`] runs
-    /// per thread, a multiple of `multiple`, at least `min`.
-    fn rows_per_task(&self, total: usize, min: usize, multiple: usize) -> usize {
-        (total / (TASKS_PER_THREAD * self.pool.threads()))
-            .next_multiple_of(multiple)
-            .max(min)
     }
 
     fn buffer(&self, a: Activations) -> Result<&Vec<f32>> {
@@ -327,7 +225,7 @@ impl CpuBackend {
             |me, src, dst| {
                 let q8 = me.q8_tables[table.0].as_ref().expect("built above");
                 let view = me.tables[table.0].view();
-                let per_task = me.rows_per_task(vocab, MIN_VOCAB_PER_TASK, 1);
+                let per_task = me.pool.chunk_len(vocab, MIN_VOCAB_PER_TASK, 1);
                 scratch.bounds.resize(vocab, 0.0);
                 for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
                     scratch.q8_input.prepare(me.isa, xt)?;
@@ -377,25 +275,16 @@ impl Backend for CpuBackend {
             LmHead::Full => "",
             LmHead::Q8 => ", 8-bit head with exact top-k",
         };
-        let kernels = match self.kernels {
-            CpuKernels::Mad => "multiply-add",
-            CpuKernels::Lut => "lookup-table",
-            CpuKernels::Base3 => "base-3 multiply-add",
-        };
         format!(
-            "cpu ({} {kernels} kernels{head}, {} threads)",
+            "cpu ({} {} kernels{head}, {} threads)",
             self.isa,
+            self.family.describe(),
             self.pool.threads()
         )
     }
 
     fn linear_weight_bytes(&self) -> Option<usize> {
-        let bytes = |l: &CpuLinear| match &l.packed {
-            Packed::Mad(w) => w.bytes(),
-            Packed::Lut(w) => w.bytes(),
-            Packed::Base3(w) => w.bytes(),
-        };
-        Some(self.linears.iter().map(bytes).sum())
+        Some(self.linears.iter().map(Linear::bytes).sum())
     }
 
     fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
@@ -412,21 +301,8 @@ impl Backend for CpuBackend {
             row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
         }
         let canonical = TernaryView::new(&codes, row_scales.len(), cols)?;
-        let packed = match self.kernels {
-            CpuKernels::Lut => Packed::Lut(PackedLut::from_canonical(canonical)),
-            // Wider linears than base 3 takes (none in BitNet b1.58 2B-4T) stay 2-bit.
-            CpuKernels::Base3 if cols <= base3::MAX_COLS => {
-                Packed::Base3(PackedBase3::from_canonical(canonical)?)
-            }
-            CpuKernels::Mad | CpuKernels::Base3 => {
-                Packed::Mad(PackedTernary::from_canonical(canonical))
-            }
-        };
-        self.linears.push(CpuLinear {
-            packed,
-            in_features: cols,
-            row_scales,
-        });
+        self.linears
+            .push(Linear::new(self.family, canonical, row_scales)?);
         Ok(LinearId(self.linears.len() - 1))
     }
 
@@ -554,103 +430,20 @@ impl Backend for CpuBackend {
         out: Activations,
     ) -> Result<()> {
         let lin = uploaded(&self.linears, linear.0, "linear")?;
-        let (n_out, cols) = (lin.row_scales.len(), lin.in_features);
-        let mut scratch = std::mem::take(&mut self.scratch);
+        let (n_in, n_out) = (lin.in_features(), lin.out_features());
+        let mut scratch = std::mem::take(&mut self.scratch.linear);
         let result = self.map_buffers(
             x,
-            tokens * cols,
+            tokens * n_in,
             out,
             tokens * n_out,
             "bitlinear",
             |me, src, dst| {
                 let lin = &me.linears[linear.0];
-                let Scratch {
-                    quantized,
-                    lut_tables,
-                    acc,
-                    ..
-                } = &mut scratch;
-                quantized.quantize(me.isa, src, tokens, cols)?;
-                if let Packed::Lut(_) = lin.packed {
-                    lut_tables.build(me.isa, quantized)?;
-                }
-                // acc[n * tokens + t]: each task owns a contiguous block of weight tokens.
-                acc.resize(n_out * tokens, 0);
-                let (lut_tables, quantized) = (&*lut_tables, &*quantized);
-                let row_multiple = match lin.packed {
-                    Packed::Mad(_) | Packed::Base3(_) => ROW_GROUP,
-                    Packed::Lut(_) => lut::TILE_ROWS,
-                };
-                let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, row_multiple);
-                let gemm = |chunk: usize, acc: &mut [i32]| {
-                    let start = chunk * per_task;
-                    let range = start..start + acc.len() / tokens;
-                    match &lin.packed {
-                        Packed::Mad(w) => mad::gemm(me.isa, w, range, quantized, acc),
-                        Packed::Lut(w) => lut::gemm(me.isa, w, range, lut_tables, acc),
-                        Packed::Base3(w) => base3::gemm(me.isa, w, range, quantized, acc),
-                    }
-                    .map(|()| start)
-                };
-                if tokens == 1 {
-                    // Decode: the outputs are the weight tokens in order, so each task scales its
-                    // own (no second pass over `acc`).
-                    let scale = quantized.scales()[0];
-                    return me.pool.try_for_each(
-                        acc.chunks_mut(per_task)
-                            .zip(dst.chunks_mut(per_task))
-                            .enumerate(),
-                        |(chunk, (acc, out))| {
-                            let start = gemm(chunk, acc)?;
-                            let row_scales = &lin.row_scales[start..start + acc.len()];
-                            for ((o, &a), &row_scale) in out.iter_mut().zip(&*acc).zip(row_scales) {
-                                *o = dequantize(a, scale, row_scale);
-                            }
-                            Ok(())
-                        },
-                    );
-                }
-                me.pool.try_for_each(
-                    acc.chunks_mut(per_task * tokens).enumerate(),
-                    |(chunk, acc)| gemm(chunk, acc).map(drop),
-                )?;
-                // Transposed and scaled in tasks of TOKENS_PER_TASK tokens, so each task reads
-                // whole cache lines of `acc` (a weight row's consecutive tokens), through a block
-                // of TRANSPOSE_ROWS tokens in L1 so that the writes are contiguous runs too.
-                let (scales, acc) = (quantized.scales(), &*acc);
-                me.pool.try_for_each(
-                    dst.chunks_mut(TOKENS_PER_TASK * n_out).enumerate(),
-                    |(chunk, part)| {
-                        let t0 = chunk * TOKENS_PER_TASK;
-                        let scales = &scales[t0..t0 + part.len() / n_out];
-                        me.isa.vectorized(
-                            #[inline(always)]
-                            || {
-                                let mut block = [[0i32; TOKENS_PER_TASK]; TRANSPOSE_ROWS];
-                                for n0 in (0..n_out).step_by(TRANSPOSE_ROWS) {
-                                    let n1 = (n0 + TRANSPOSE_ROWS).min(n_out);
-                                    for (n, b) in (n0..n1).zip(&mut block) {
-                                        let from = &acc[n * tokens + t0..];
-                                        b[..scales.len()].copy_from_slice(&from[..scales.len()]);
-                                    }
-                                    let row_scales = &lin.row_scales[n0..n1];
-                                    let tokens = part.chunks_exact_mut(n_out).zip(scales);
-                                    for (i, (out, &scale)) in tokens.enumerate() {
-                                        for ((o, b), &r) in
-                                            out[n0..n1].iter_mut().zip(&block).zip(row_scales)
-                                        {
-                                            *o = dequantize(b[i], scale, r);
-                                        }
-                                    }
-                                }
-                            },
-                        )
-                    },
-                )?;
-                Ok(())
+                Ok(lin.forward(&me.pool, me.isa, src, tokens, dst, &mut scratch)?)
             },
         );
-        self.scratch = scratch;
+        self.scratch.linear = scratch;
         result
     }
 
@@ -800,7 +593,7 @@ impl Backend for CpuBackend {
             "logits",
             |me, src, dst| {
                 let view = me.tables[table.0].view();
-                let per_task = me.rows_per_task(vocab, MIN_VOCAB_PER_TASK, 1);
+                let per_task = me.pool.chunk_len(vocab, MIN_VOCAB_PER_TASK, 1);
                 // by_vocab[v * tokens + t]: vocabulary chunks write disjoint slices. With one row
                 // that is already the output's layout.
                 let by_vocab = if tokens == 1 {
@@ -838,13 +631,13 @@ mod tests {
 
     #[test]
     fn a_linear_wider_than_base_3_takes_stays_two_bit_and_agrees() {
-        let (rows, cols) = (4, base3::MAX_COLS + 1);
+        let (rows, cols) = (4, tern_cpu::bitlinear::base3::MAX_COLS + 1);
         let values: Vec<i8> = (0..rows * cols).map(|i| (i % 3) as i8 - 1).collect();
         let codes = tern_cpu::bitlinear::reference::pack(&values, rows, cols).unwrap();
         let m = TernaryMatrix::new("wide", rows, cols, codes, 0.5).unwrap();
         let x: Vec<f32> = (0..cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
         let run = |kernels| {
-            let mut b = CpuBackend::with_kernels(1, Isa::Scalar, kernels).unwrap();
+            let mut b = CpuBackend::with_family(1, Isa::Scalar, kernels).unwrap();
             let id = b.upload_linear(&[&m]).unwrap();
             let (input, out) = (b.alloc(cols).unwrap(), b.alloc(rows).unwrap());
             b.write(input, &x).unwrap();
@@ -853,12 +646,12 @@ mod tests {
             b.read(out, &mut y).unwrap();
             (y, b.linear_weight_bytes())
         };
-        assert_eq!(run(CpuKernels::Base3), run(CpuKernels::Mad));
+        assert_eq!(run(Family::Base3), run(Family::Mad));
     }
 
     #[test]
     fn shared_argument_checks_refuse_bad_uploads_and_ops() {
-        let mut b = CpuBackend::with_kernels(1, Isa::Scalar, CpuKernels::Mad).unwrap();
+        let mut b = CpuBackend::with_family(1, Isa::Scalar, Family::Mad).unwrap();
         let bad = DenseMatrix {
             rows: 2,
             cols: 3,

@@ -5,7 +5,9 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::io::Write;
+use std::path::PathBuf;
 use tern::backend::Q8_EXACT_TOP_K;
+use tern::capture::DumpDir;
 use tern::chat::ChatMessage;
 use tern::engine::{Engine, GenerateOptions, GenerationStats};
 use tern::kv_cache::SequenceId;
@@ -36,6 +38,13 @@ pub struct RunArgs {
     /// `text` streams the completion; `jsonl` prints one JSON object per generated token.
     #[arg(long, value_enum, default_value_t = RunFormat::Text)]
     format: RunFormat,
+    /// Write these intermediates of every forward pass to --dump-dir (comma-separated names such
+    /// as blk.3.attn_out or blk.*.qkv; see README).
+    #[arg(long, value_delimiter = ',', requires = "dump_dir")]
+    dump: Vec<String>,
+    /// Directory for --dump: NAME.f32.bin (rows of little-endian f32) and index.json (shapes).
+    #[arg(long, requires = "dump")]
+    dump_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -50,6 +59,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     // JSON lines carry each token's log-probability, which needs every logit.
     let top_k_suffices = args.format == RunFormat::Text && sampling.reads_only_top(Q8_EXACT_TOP_K);
     let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
+    if let Some(dir) = &args.dump_dir {
+        let dump = DumpDir::new(dir, &args.dump, engine.config())?;
+        engine.set_capture(Some(Box::new(dump)));
+    }
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

@@ -6,12 +6,12 @@ pub mod cuda_ops;
 
 use std::path::PathBuf;
 use tern::backend::Backend;
-use tern::backend::cpu::{CpuBackend, CpuKernels};
+use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::engine::Engine;
 use tern::loader::{HostModel, load_model_files};
-use tern_cpu::bitlinear::lut;
+use tern_cpu::bitlinear::{Family, lut};
 use tern_cpu::isa::Isa;
 
 /// The Hugging Face-format fixtures every backend must reproduce.
@@ -102,12 +102,12 @@ fn all_backends() -> Vec<(String, Box<dyn Backend>)> {
             Ok(b) => list.push((format!("cpu-{isa}"), Box::new(b) as Box<dyn Backend>)),
             Err(e) => eprintln!("skipping backend cpu-{isa}: {e}"),
         }
-        match CpuBackend::with_kernels(2, isa, CpuKernels::Base3) {
+        match CpuBackend::with_family(2, isa, Family::Base3) {
             Ok(b) => list.push((format!("cpu-{isa}-base3"), Box::new(b))),
             Err(e) => eprintln!("skipping backend cpu-{isa}-base3: {e}"),
         }
         if lut::supports(isa) {
-            let b = CpuBackend::with_kernels(2, isa, CpuKernels::Lut).unwrap();
+            let b = CpuBackend::with_family(2, isa, Family::Lut).unwrap();
             list.push((format!("cpu-{isa}-lut"), Box::new(b)));
         } else {
             eprintln!("no backend cpu-{isa}-lut: no lookup-table kernels at this level or CPU");

@@ -12,12 +12,19 @@
 //!   - [`base3`]: multiply-add on five weights per byte (1.6 bits per weight);
 //!   - [`lut`]: lookup tables of the 27 dot products of a weight triple (1.78 bits per weight).
 //! - [`grouped`]: the weight storage the two multiply-add families share.
+//! - [`dequantize`]: the integer products, by weight row, to scaled outputs, by token.
+//! - [`linear`]: one whole BitLinear over the thread pool ([`Linear::forward`]: quantize, the
+//!   parallel product of one [`Family`], dequantize), and the rule that picks the family.
 
 pub mod base3;
+pub mod dequantize;
 pub mod grouped;
+pub mod linear;
 pub mod lut;
 pub mod mad;
 pub mod quant;
 pub mod reference;
 #[cfg(test)]
 mod testing;
+
+pub use linear::{Family, Linear, LinearScratch};
