@@ -5,12 +5,14 @@
 
 mod common;
 
-use common::{fixture_dir, golden};
+use common::{backends, diff, fixture_dir, golden, load};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tern::engine::Engine;
+use tern::model::LogitsFor;
 
 struct Server {
     child: Child,
@@ -670,4 +672,45 @@ fn openai_python_client() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("openai client: all checks passed"), "{text}");
+}
+
+/// The scheduler's batched decode: rows of several sequences (different slots and positions) in one
+/// batch give each sequence the logits it gets when fed alone, on every backend; a batch with a full
+/// sequence is refused and changes no sequence.
+#[test]
+fn feed_rows_gives_each_sequence_its_own_logits() {
+    let model = load("tiny-packed");
+    for (name, backend) in backends() {
+        let mut engine = Engine::new(&model, backend, 24, 3).unwrap();
+        let seqs: Vec<_> = (0..3).map(|_| engine.new_sequence().unwrap()).collect();
+        let prompts: [&[u32]; 3] = [
+            &[1008, 50, 968],
+            &[1008, 7],
+            &[1008, 300, 301, 302, 303, 304],
+        ];
+        for (&s, p) in seqs.iter().zip(prompts) {
+            engine.feed(s, p, LogitsFor::Last).unwrap();
+        }
+        let next = [11, 12, 13];
+        let items: Vec<_> = seqs.iter().copied().zip(next).collect();
+        let batched = engine.feed_rows(&items).unwrap();
+        let vocab = batched.len() / 3;
+        for (i, (&s, &t)) in seqs.iter().zip(&next).enumerate() {
+            let len = engine.sequence_len(s).unwrap();
+            engine.truncate(s, len - 1).unwrap();
+            let alone = engine.feed(s, &[t], LogitsFor::Last).unwrap();
+            let (max, _) = diff(&batched[i * vocab..(i + 1) * vocab], &alone);
+            assert!(max < 1e-3, "{name}: sequence {i} differs by {max}");
+        }
+        let lens: Vec<_> = seqs
+            .iter()
+            .map(|&s| engine.sequence_len(s).unwrap())
+            .collect();
+        let fill = vec![5; 24 - lens[2]];
+        engine.feed(seqs[2], &fill, LogitsFor::Last).unwrap();
+        let err = engine.feed_rows(&items).unwrap_err().to_string();
+        assert!(err.contains("context"), "{name}: {err}");
+        assert_eq!(engine.sequence_len(seqs[0]).unwrap(), lens[0], "{name}");
+        assert_eq!(engine.sequence_len(seqs[1]).unwrap(), lens[1], "{name}");
+    }
 }
