@@ -12,7 +12,7 @@
 //! ones finish or are cancelled after the grace period), then the process exits 0.
 
 pub mod api;
-mod metrics;
+pub mod metrics;
 pub mod scheduler;
 mod stops;
 
