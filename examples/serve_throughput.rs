@@ -70,21 +70,32 @@ fn main() -> anyhow::Result<()> {
                 rx
             })
             .collect();
+        // One reader per stream, so each first token is timed when it arrives.
+        let readers: Vec<_> = receivers
+            .into_iter()
+            .map(|mut rx| {
+                std::thread::spawn(move || -> anyhow::Result<(Duration, usize)> {
+                    let (mut first, mut count) = (None, 0);
+                    while let Some(e) = rx.blocking_recv() {
+                        match e {
+                            Event::Token(_) => {
+                                first.get_or_insert_with(|| started.elapsed());
+                                count += 1;
+                            }
+                            Event::Done { .. } => break,
+                            Event::Error { message, .. } => anyhow::bail!(message),
+                        }
+                    }
+                    Ok((first.unwrap_or_default(), count))
+                })
+            })
+            .collect();
         let mut ttft = Vec::new();
         let mut generated = 0;
-        for mut rx in receivers {
-            let mut first = None;
-            while let Some(e) = rx.blocking_recv() {
-                match e {
-                    Event::Token(_) => {
-                        first.get_or_insert_with(|| started.elapsed());
-                        generated += 1;
-                    }
-                    Event::Done { .. } => break,
-                    Event::Error { message, .. } => anyhow::bail!(message),
-                }
-            }
-            ttft.push(first.unwrap_or_default());
+        for r in readers {
+            let (first, count) = r.join().expect("reader panicked")?;
+            ttft.push(first);
+            generated += count;
         }
         let secs = started.elapsed().as_secs_f64();
         let mean = ttft.iter().sum::<Duration>().as_secs_f64() / n as f64;
