@@ -5,9 +5,9 @@
 //! 1. takes new jobs from the channel (blocking only when there is nothing to do) and drops those
 //!    whose client has gone (its event receiver is closed), freeing their KV slots;
 //! 2. gives free KV slots to waiting jobs, oldest first;
-//! 3. feeds one chunk of at most [`PREFILL_CHUNK`] prompt tokens of the oldest sequence still in
-//!    prefill (chunked prefill: a long prompt never stalls the running streams for more than a
-//!    chunk), sampling its first token when the prompt is complete;
+//! 3. feeds at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest first
+//!    (chunked prefill: a long prompt never stalls the running streams for more than a chunk),
+//!    sampling each one's first token when its prompt is complete;
 //! 4. feeds the last sampled token of every decoding sequence as one batch (one row each) and
 //!    samples each row with the sequence's own sampler, so a seed gives the same text alone or
 //!    batched;
@@ -31,7 +31,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Prompt tokens fed per step for one sequence in prefill.
+/// Prompt tokens fed per step, over all sequences in prefill.
 pub const PREFILL_CHUNK: usize = 128;
 
 /// What a request asks the scheduler to generate.
@@ -215,31 +215,39 @@ impl Scheduler {
         }
     }
 
-    /// Feeds one chunk of the oldest prompt still in prefill; samples its first token at the end.
+    /// Feeds at most [`PREFILL_CHUNK`] prompt tokens in all, oldest prompts first; a prompt that
+    /// completes samples its first token.
     fn prefill_step(&mut self) {
-        let Some(i) = self.running.iter().position(Running::in_prefill) else {
-            return;
-        };
-        let r = &mut self.running[i];
-        let end = (r.fed + PREFILL_CHUNK).min(r.job.prompt.len());
-        let chunk = &r.job.prompt[r.fed..end];
-        match self.engine.feed(r.seq, chunk, LogitsFor::Last) {
-            Ok(logits) => {
-                r.fed = end;
-                self.metrics
-                    .prompt_tokens
-                    .fetch_add(chunk.len() as u64, Relaxed);
-                if !r.in_prefill() {
-                    self.sample(i, &logits);
-                    self.retire();
+        let mut budget = PREFILL_CHUNK;
+        let mut i = 0;
+        while budget > 0 && i < self.running.len() {
+            let r = &mut self.running[i];
+            if !r.in_prefill() {
+                i += 1;
+                continue;
+            }
+            let end = (r.fed + budget).min(r.job.prompt.len());
+            let chunk = &r.job.prompt[r.fed..end];
+            match self.engine.feed(r.seq, chunk, LogitsFor::Last) {
+                Ok(logits) => {
+                    budget -= chunk.len();
+                    r.fed = end;
+                    self.metrics
+                        .prompt_tokens
+                        .fetch_add(chunk.len() as u64, Relaxed);
+                    if !r.in_prefill() {
+                        self.sample(i, &logits);
+                    }
+                    i += 1;
+                }
+                Err(e) => {
+                    let r = self.running.remove(i);
+                    fail(&r.job, &e);
+                    self.engine.release(r.seq);
                 }
             }
-            Err(e) => {
-                let r = self.running.remove(i);
-                fail(&r.job, &e);
-                self.engine.release(r.seq);
-            }
         }
+        self.retire();
     }
 
     /// One batched decode row for every sequence with a token to feed.
