@@ -135,6 +135,16 @@ impl Engine {
         self.max_batch = rows.max(1);
     }
 
+    /// Sequences the KV cache holds at once.
+    pub fn slots(&self) -> usize {
+        self.kv.slots()
+    }
+
+    /// Slots held by live sequences.
+    pub fn slots_in_use(&self) -> usize {
+        self.kv.slots_in_use()
+    }
+
     pub fn new_sequence(&mut self) -> Result<SequenceId> {
         self.kv.acquire()
     }
@@ -172,6 +182,37 @@ impl Engine {
         let result = self.run_batches(tokens, &rows, logits_for);
         if result.is_err() {
             self.kv.truncate(seq, start)?;
+        }
+        result
+    }
+
+    /// One decode step for several sequences at once: appends `token` to each `seq` (one row per
+    /// sequence, each sequence at most once) in a single batch and returns every row's logits,
+    /// `[items, vocab]` in the order of `items`. Refuses, changing nothing, if any sequence is full.
+    pub fn feed_rows(&mut self, items: &[(SequenceId, u32)]) -> Result<Vec<f32>> {
+        ensure!(!items.is_empty(), "nothing to feed: no rows");
+        let mut rows = Vec::with_capacity(items.len());
+        let mut reserved: Vec<(SequenceId, usize)> = Vec::with_capacity(items.len());
+        let mut result = Ok(());
+        for &(seq, _) in items {
+            let start = self.kv.len(seq);
+            match start.and_then(|start| Ok((start, self.kv.reserve(seq, 1)?))) {
+                Ok((start, row)) => {
+                    reserved.push((seq, start));
+                    rows.extend(row);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let tokens: Vec<u32> = items.iter().map(|&(_, t)| t).collect();
+        let result = result.and_then(|()| self.run_batches(&tokens, &rows, LogitsFor::All));
+        if result.is_err() {
+            for (seq, start) in reserved {
+                self.kv.truncate(seq, start)?;
+            }
         }
         result
     }

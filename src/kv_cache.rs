@@ -44,6 +44,16 @@ impl KvCache {
         self.spec.capacity
     }
 
+    /// Slots in the cache (sequences it can hold at once).
+    pub fn slots(&self) -> usize {
+        self.spec.slots
+    }
+
+    /// Slots held by live sequences.
+    pub fn slots_in_use(&self) -> usize {
+        self.lengths.iter().filter(|l| l.is_some()).count()
+    }
+
     /// Takes a free slot for a new, empty sequence.
     pub fn acquire(&mut self) -> Result<SequenceId> {
         let Some(slot) = self.lengths.iter().position(Option::is_none) else {
@@ -140,7 +150,9 @@ mod tests {
         let b = kv.acquire().unwrap();
         assert_ne!(a, b);
         assert!(kv.acquire().is_err());
+        assert_eq!((kv.slots(), kv.slots_in_use()), (2, 2));
         kv.release(a);
+        assert_eq!(kv.slots_in_use(), 1);
         assert_eq!(kv.acquire().unwrap().slot(), a.slot());
         assert!(kv.len(b).is_ok());
     }

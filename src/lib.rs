@@ -9,6 +9,7 @@
 //!   read them.
 //! - [`tokenizer`], [`chat`], [`sampler`]: text in, token ids out, and back.
 //! - [`engine`], [`perplexity`], [`bench`]: generation, evaluation and benchmarking on top of the model.
+//! - [`server`]: `tern serve`, an OpenAI-compatible HTTP server with a continuously batching scheduler.
 //! - The `tern` binary (`src/main.rs`) is the only place that chooses a backend.
 
 pub mod backend;
@@ -24,5 +25,6 @@ pub mod loader;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
+pub mod server;
 pub mod ternary;
 pub mod tokenizer;

@@ -6,6 +6,7 @@ mod convert;
 mod info;
 mod perplexity;
 mod run;
+mod serve;
 mod tokenize;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +53,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a model as a ternary GGUF file (I2_S, TQ2_0 or TQ1_0).
     Convert(convert::ConvertArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API (continuous batching).
+    Serve(serve::ServeArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -63,6 +66,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -1,0 +1,369 @@
+//! The scheduler: one thread that owns the [`Engine`] (backends are not shared across threads) and
+//! runs every request through it with continuous batching.
+//!
+//! Each step:
+//! 1. takes new jobs from the channel (blocking only when there is nothing to do) and drops those
+//!    whose client has gone (its event receiver is closed), freeing their KV slots;
+//! 2. gives free KV slots to waiting jobs, oldest first;
+//! 3. feeds at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest first
+//!    (chunked prefill: a long prompt never stalls the running streams for more than a chunk),
+//!    sampling each one's first token when its prompt is complete;
+//! 4. feeds the last sampled token of every decoding sequence as one batch (one row each) and
+//!    samples each row with the sequence's own sampler, so a seed gives the same text alone or
+//!    batched;
+//! 5. retires finished sequences and publishes the gauges.
+//!
+//! Invariants: a job holds a slot from admission until it finishes, fails or is cancelled, and then
+//! releases it in the same step; every job gets exactly one terminal event ([`Event::Done`] or
+//! [`Event::Error`]) unless its receiver is gone. An engine error fails only the sequences of that
+//! batch. On [`Command::Shutdown`] waiting jobs are refused, running ones continue until they finish
+//! or the grace period ends, then are cancelled, and the thread returns.
+
+use super::metrics::Metrics;
+use crate::engine::{Engine, FinishReason, GeneratedToken};
+use crate::kv_cache::SequenceId;
+use crate::model::LogitsFor;
+use crate::sampler::{Sampler, SamplingParams, logprob_of, top_logprobs};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Prompt tokens fed per step, over all sequences in prefill.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// What a request asks the scheduler to generate.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Ids that end generation (reported, not fed back).
+    pub stop_ids: Vec<u32>,
+    /// Whether to compute each token's log-probability.
+    pub logprobs: bool,
+    /// Alternatives reported per token.
+    pub top_logprobs: usize,
+    pub arrived: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the scheduler tells a request.
+#[derive(Debug)]
+pub enum Event {
+    Token(GeneratedToken),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed; the message says why. `retry`: the server is shutting down (503).
+    Error {
+        message: String,
+        retry: bool,
+    },
+}
+
+pub enum Command {
+    Generate(Box<Job>),
+    /// Stop admitting; cancel what is still running after the grace period.
+    Shutdown {
+        grace: Duration,
+    },
+}
+
+/// A job holding a KV slot.
+struct Running {
+    job: Box<Job>,
+    seq: SequenceId,
+    sampler: Sampler,
+    /// Prompt and generated ids (the repetition penalty's history).
+    history: Vec<u32>,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    generated: usize,
+    /// The sampled token still to be fed (decode phase).
+    pending: Option<u32>,
+    last_token_at: Option<Instant>,
+    /// Why the sequence ended, once it has.
+    finish: Option<FinishReason>,
+}
+
+impl Running {
+    fn in_prefill(&self) -> bool {
+        self.fed < self.job.prompt.len()
+    }
+}
+
+pub struct Scheduler {
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Box<Job>>,
+    running: Vec<Running>,
+    /// Set by [`Command::Shutdown`]: when running sequences are cancelled.
+    deadline: Option<Instant>,
+}
+
+impl Scheduler {
+    pub fn new(engine: Engine, metrics: Arc<Metrics>) -> Self {
+        let s = Self {
+            engine,
+            metrics,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            deadline: None,
+        };
+        s.publish();
+        s
+    }
+
+    /// Runs until shutdown (or until every sender of `commands` is gone) and nothing is left.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            let idle = self.waiting.is_empty() && self.running.is_empty();
+            if idle && self.deadline.is_some() {
+                return;
+            }
+            let first = if idle {
+                commands.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                commands.try_recv()
+            };
+            match first {
+                Ok(c) => self.command(c),
+                Err(TryRecvError::Disconnected) if idle => return,
+                Err(_) => {}
+            }
+            while let Ok(c) = commands.try_recv() {
+                self.command(c);
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                for r in std::mem::take(&mut self.running) {
+                    self.finish(r, FinishReason::Cancelled);
+                }
+            }
+            self.drop_abandoned();
+            self.admit();
+            self.prefill_step();
+            self.decode_step();
+            self.publish();
+            if self.waiting.is_empty() && self.running.is_empty() && self.deadline.is_some() {
+                // Wait briefly for the last commands of a draining server, then stop.
+                match commands.recv_timeout(Duration::from_millis(10)) {
+                    Ok(c) => self.command(c),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Generate(job) if self.deadline.is_some() => {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                refuse(&job, "the server is shutting down");
+            }
+            Command::Generate(job) => self.waiting.push_back(job),
+            Command::Shutdown { grace } => {
+                self.deadline = Some(Instant::now() + grace);
+                for job in std::mem::take(&mut self.waiting) {
+                    self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                    refuse(&job, "the server is shutting down");
+                }
+            }
+        }
+    }
+
+    /// Forgets jobs whose client disconnected, freeing their slots.
+    fn drop_abandoned(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|j| !j.events.is_closed());
+        let gone = before - self.waiting.len();
+        self.metrics.queue_depth.fetch_sub(gone as u64, Relaxed);
+        self.metrics.cancelled.fetch_add(gone as u64, Relaxed);
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| r.job.events.is_closed());
+        self.running = kept;
+        for r in gone {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            self.engine.release(r.seq);
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.engine.slots_in_use() < self.engine.slots() {
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            self.metrics.queue_depth.fetch_sub(1, Relaxed);
+            match self.engine.new_sequence() {
+                Ok(seq) => self.running.push(Running {
+                    seq,
+                    sampler: Sampler::new(job.sampling),
+                    history: job.prompt.clone(),
+                    fed: 0,
+                    generated: 0,
+                    pending: None,
+                    last_token_at: None,
+                    finish: None,
+                    job,
+                }),
+                Err(e) => fail(&job, &e),
+            }
+        }
+    }
+
+    /// Feeds at most [`PREFILL_CHUNK`] prompt tokens in all, oldest prompts first; a prompt that
+    /// completes samples its first token.
+    fn prefill_step(&mut self) {
+        let mut budget = PREFILL_CHUNK;
+        let mut i = 0;
+        while budget > 0 && i < self.running.len() {
+            let r = &mut self.running[i];
+            if !r.in_prefill() {
+                i += 1;
+                continue;
+            }
+            let end = (r.fed + budget).min(r.job.prompt.len());
+            let chunk = &r.job.prompt[r.fed..end];
+            match self.engine.feed(r.seq, chunk, LogitsFor::Last) {
+                Ok(logits) => {
+                    budget -= chunk.len();
+                    r.fed = end;
+                    self.metrics
+                        .prompt_tokens
+                        .fetch_add(chunk.len() as u64, Relaxed);
+                    if !r.in_prefill() {
+                        self.sample(i, &logits);
+                    }
+                    i += 1;
+                }
+                Err(e) => {
+                    let r = self.running.remove(i);
+                    fail(&r.job, &e);
+                    self.engine.release(r.seq);
+                }
+            }
+        }
+        self.retire();
+    }
+
+    /// One batched decode row for every sequence with a token to feed.
+    fn decode_step(&mut self) {
+        let rows: Vec<(usize, (SequenceId, u32))> = self
+            .running
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.pending.map(|t| (i, (r.seq, t))))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let items: Vec<(SequenceId, u32)> = rows.iter().map(|&(_, item)| item).collect();
+        match self.engine.feed_rows(&items) {
+            Ok(logits) => {
+                let vocab = logits.len() / rows.len();
+                for (&(i, (_, token)), row) in rows.iter().zip(logits.chunks_exact(vocab)) {
+                    let r = &mut self.running[i];
+                    r.pending = None;
+                    r.history.push(token);
+                    self.sample(i, row);
+                }
+            }
+            Err(e) => {
+                // Indices shift as sequences are removed: remove from the back.
+                for &(i, _) in rows.iter().rev() {
+                    let r = self.running.remove(i);
+                    fail(&r.job, &e);
+                    self.engine.release(r.seq);
+                }
+                return;
+            }
+        }
+        self.retire();
+    }
+
+    /// Samples the next token of running sequence `i` from its `logits`, sends it, and leaves it
+    /// pending for the next decode step or records why the sequence is finished.
+    fn sample(&mut self, i: usize, logits: &[f32]) {
+        let r = &mut self.running[i];
+        let id = r.sampler.sample(logits, &r.history);
+        let token = GeneratedToken {
+            id,
+            logprob: if r.job.logprobs {
+                logprob_of(logits, id)
+            } else {
+                0.0
+            },
+            top: top_logprobs(logits, r.job.top_logprobs),
+        };
+        let now = Instant::now();
+        match r.last_token_at {
+            None => self.metrics.observe_ttft(now - r.job.arrived),
+            Some(t) => self.metrics.observe_itl(now - t),
+        }
+        r.last_token_at = Some(now);
+        r.generated += 1;
+        self.metrics.generated_tokens.fetch_add(1, Relaxed);
+        // A closed receiver is noticed (and the slot freed) by the next `drop_abandoned`.
+        let _ = r.job.events.send(Event::Token(token));
+        let full = self.engine.sequence_len(r.seq).unwrap_or(0) >= self.engine.context();
+        r.finish = if r.job.stop_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if r.generated >= r.job.max_tokens {
+            Some(FinishReason::Length)
+        } else if full {
+            Some(FinishReason::ContextFull)
+        } else {
+            r.pending = Some(id);
+            None
+        };
+    }
+
+    /// Finishes every sequence whose last token ended it.
+    fn retire(&mut self) {
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| r.finish.is_some());
+        self.running = kept;
+        for r in done {
+            let reason = r.finish.unwrap_or(FinishReason::Cancelled);
+            self.finish(r, reason);
+        }
+    }
+
+    fn finish(&mut self, r: Running, finish: FinishReason) {
+        let _ = r.job.events.send(Event::Done {
+            finish,
+            prompt_tokens: r.job.prompt.len(),
+            completion_tokens: r.generated,
+        });
+        self.engine.release(r.seq);
+    }
+
+    fn publish(&self) {
+        let used = self.engine.slots_in_use();
+        let m = &self.metrics;
+        m.active.store(self.running.len() as u64, Relaxed);
+        m.slots_used.store(used as u64, Relaxed);
+        m.slots_free
+            .store((self.engine.slots() - used) as u64, Relaxed);
+    }
+}
+
+fn refuse(job: &Job, message: &str) {
+    let _ = job.events.send(Event::Error {
+        message: message.into(),
+        retry: true,
+    });
+}
+
+fn fail(job: &Job, e: &anyhow::Error) {
+    tracing::warn!("request failed: {e:#}");
+    let _ = job.events.send(Event::Error {
+        message: format!("{e:#}"),
+        retry: false,
+    });
+}
