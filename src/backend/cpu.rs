@@ -23,6 +23,7 @@ use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::attention;
 use tern_cpu::attention::rope;
+use tern_cpu::bitlinear::amx;
 use tern_cpu::bitlinear::base3::{self, PackedBase3};
 use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
 use tern_cpu::bitlinear::mad::{self, PackedTernary, ROW_GROUP};
@@ -102,6 +103,55 @@ impl CpuKernels {
     }
 }
 
+/// When the AMX-INT8 kernels ([`amx`]) run a batch's multiply-add and base-3 products
+/// (`TERN_CPU_AMX`): never (`off`); at the AVX-512 level, for batches of at least
+/// [`AMX_MIN_TOKENS`] tokens, where the CPU and OS allow it (`auto`, the default); for every
+/// batch of two tokens or more at any level (`on`, an error where AMX is unavailable). The lookup
+/// tables have no AMX path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmxUse {
+    Off,
+    Auto,
+    On,
+}
+
+/// Environment variable that picks an [`AmxUse`] (`auto`, `on` or `off`).
+pub const AMX_ENV: &str = "TERN_CPU_AMX";
+
+/// Tokens a batch needs before `auto` runs its products on AMX: one whole step of the AMX kernel
+/// (2 tiles of 16 tokens); the measurements are in `scripts/benchmark-log.md`.
+pub const AMX_MIN_TOKENS: usize = 32;
+
+impl AmxUse {
+    /// `TERN_CPU_AMX` (unset: `auto`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(AMX_ENV).as_deref() {
+            Err(_) | Ok("auto") => Ok(Self::Auto),
+            Ok("on") => Ok(Self::On),
+            Ok("off") => Ok(Self::Off),
+            Ok(other) => bail!("{AMX_ENV}={other}: expected auto, on or off"),
+        }
+    }
+
+    /// The smallest batch whose products run on AMX with `kernels` at `isa` (`None`: never), and
+    /// a note for the backend's description.
+    fn min_tokens(self, isa: Isa, kernels: CpuKernels) -> Result<(Option<usize>, String)> {
+        let unavailable = |why: &str| format!("AMX-INT8 unavailable: {why}");
+        Ok(match (self, amx::status()) {
+            (Self::Off, _) => (None, String::new()),
+            (_, _) if kernels == CpuKernels::Lut => (None, String::new()),
+            (Self::On, Ok(())) => (Some(2), ", AMX-INT8 for every batch".to_string()),
+            (Self::On, Err(why)) => bail!("{AMX_ENV}=on: {}", unavailable(why)),
+            (Self::Auto, Ok(())) if isa == Isa::Avx512 => (
+                Some(AMX_MIN_TOKENS),
+                format!(", AMX-INT8 for batches of {AMX_MIN_TOKENS}+ tokens"),
+            ),
+            (Self::Auto, Ok(())) => (None, String::new()),
+            (Self::Auto, Err(why)) => (None, format!(", {}", unavailable(why))),
+        })
+    }
+}
+
 /// A BitLinear output from its exact product, its token's activation scale and its row's weight
 /// scale (the reference's order of operations: divide, then multiply).
 #[inline(always)]
@@ -167,6 +217,9 @@ pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
     kernels: CpuKernels,
+    /// The smallest batch whose products run on AMX ([`AmxUse`]), and what the description says.
+    amx_min_tokens: Option<usize>,
+    amx_note: String,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
     q8_tables: Vec<Option<Q8Head>>,
@@ -198,11 +251,17 @@ impl CpuBackend {
         Self::with_kernels(threads, isa, CpuKernels::Mad)
     }
 
-    /// A backend whose kernels run at `isa`, products by the `kernels` families (an error if this
-    /// CPU does not support the level, or the level has no lookup-table kernels and `Lut` asks for
-    /// them).
+    /// A backend whose kernels run at `isa`, products by the `kernels` families, batches on AMX
+    /// as `TERN_CPU_AMX` says (an error if this CPU does not support the level, or the level has
+    /// no lookup-table kernels and `Lut` asks for them).
     pub fn with_kernels(threads: usize, isa: Isa, kernels: CpuKernels) -> Result<Self> {
+        Self::with_amx(threads, isa, kernels, AmxUse::from_env()?)
+    }
+
+    /// [`Self::with_kernels`] with batches on AMX as `amx` says.
+    pub fn with_amx(threads: usize, isa: Isa, kernels: CpuKernels, amx: AmxUse) -> Result<Self> {
         isa.check()?;
+        let (amx_min_tokens, amx_note) = amx.min_tokens(isa, kernels)?;
         ensure!(
             kernels != CpuKernels::Lut || lut::supports(isa),
             "{KERNELS_ENV}=lut: the lookup-table kernels need AVX-512 (or the scalar level), not \
@@ -214,6 +273,8 @@ impl CpuBackend {
             pool,
             isa,
             kernels,
+            amx_min_tokens,
+            amx_note,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
             scratch: Scratch::default(),
@@ -383,8 +444,9 @@ impl Backend for CpuBackend {
             CpuKernels::Base3 => "base-3 multiply-add",
         };
         format!(
-            "cpu ({} {kernels} kernels{head}, {} threads)",
+            "cpu ({} {kernels} kernels{head}{}, {} threads)",
             self.isa,
+            self.amx_note,
             self.pool.threads()
         )
     }
@@ -588,10 +650,13 @@ impl Backend for CpuBackend {
                     Packed::Lut(_) => lut::TILE_ROWS,
                 };
                 let per_task = me.rows_per_task(n_out, MIN_ROWS_PER_TASK, row_multiple);
+                let on_amx = me.amx_min_tokens.is_some_and(|min| tokens >= min);
                 let gemm = |chunk: usize, acc: &mut [i32]| {
                     let start = chunk * per_task;
                     let range = start..start + acc.len() / tokens;
                     match &lin.packed {
+                        Packed::Mad(w) if on_amx => amx::gemm(w, range, quantized, acc),
+                        Packed::Base3(w) if on_amx => amx::gemm_base3(w, range, quantized, acc),
                         Packed::Mad(w) => mad::gemm(me.isa, w, range, quantized, acc),
                         Packed::Lut(w) => lut::gemm(me.isa, w, range, lut_tables, acc),
                         Packed::Base3(w) => base3::gemm(me.isa, w, range, quantized, acc),
