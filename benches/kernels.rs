@@ -1,13 +1,14 @@
 //! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
-//! GEMV (1 token, decode) and GEMM (128 tokens, prefill) of the three families (`mad`, `base3`,
-//! `lut`), plus the scalar reference and the output head (bf16, and the 8-bit copy with its
-//! bounds). The `gemv` rows read one matrix again and again, from L2/L3; the `dram` rows cycle
-//! through copies of it totalling at least 512 MB, so the weights come from memory as in a decode
-//! step. Each family's timing includes preparing the activations (quantization, and for `lut` the
-//! tables, also timed alone). Prints the median time of several runs, the weight bandwidth it
-//! implies (GB/s of packed weights read, each family's own layout), G weights/s (rows · cols per
-//! second) and int8 GOPS (2 · rows · cols · tokens). The `attention` rows time one kv head's
-//! attention (a prefill block and a decode row) in f32 FLOP/s.
+//! GEMV (1 token, decode) and GEMM (128 tokens, prefill; 512 at the widest level only) of the three
+//! families (`mad`, `base3`, `lut`) at every level they support, the AMX-INT8 GEMM over the first
+//! two's layouts where this CPU and OS allow it, plus the scalar reference and the output head (bf16, and the 8-bit copy
+//! with its bounds). The `gemv` rows read one matrix again and again, from L2/L3; the `dram` rows
+//! cycle through copies of it totalling at least 512 MB, so the weights come from memory as in a
+//! decode step. Each family's timing includes preparing the activations (quantization, and for
+//! `lut` the tables, also timed alone). Prints the median time of several runs, the weight
+//! bandwidth it implies (GB/s of packed weights read, each family's own layout), G weights/s
+//! (rows · cols per second) and int8 GOPS (2 · rows · cols · tokens). The `attention` rows time
+//! one kv head's attention (a prefill block and a decode row) in f32 FLOP/s.
 //!
 //! `cargo bench --bench kernels` runs the quick set: `gemv` and `gemm` of the families and
 //! `attention`, at the widest level this CPU has. `-- all` runs every row at every level;
@@ -18,6 +19,7 @@ use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
 use tern_cpu::attention::{HeadGroup, attend};
+use tern_cpu::bitlinear::amx;
 use tern_cpu::bitlinear::base3::{self, PackedBase3};
 use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
 use tern_cpu::bitlinear::mad::{self, PackedTernary};
@@ -106,7 +108,13 @@ fn main() {
         let packed = PackedTernary::from_canonical(view);
         let packed_lut = PackedLut::from_canonical(view);
         let packed_base3 = PackedBase3::from_canonical(view).unwrap();
-        for (kernel, tokens) in [("gemv", 1), ("gemm", 128), ("dram gemv", 1), ("tables", 1)] {
+        for (kernel, tokens) in [
+            ("gemv", 1),
+            ("gemm", 128),
+            ("gemm", 512),
+            ("dram gemv", 1),
+            ("tables", 1),
+        ] {
             if !wanted(kernel) {
                 continue;
             }
@@ -147,6 +155,12 @@ fn main() {
                     1
                 }
             };
+            // 512 tokens: the widest level only (the others take minutes), against AMX.
+            let isas: Vec<Isa> = if tokens > 128 {
+                vec![Isa::best()]
+            } else {
+                isas.clone()
+            };
             let mads = vec![packed.clone(); copies(packed.bytes())];
             let timed = time_family(&mads, &isas, runs, |isa, w| {
                 q.quantize(isa, black_box(&x), tokens, cols).unwrap();
@@ -167,6 +181,22 @@ fn main() {
                 report(&format!("base3 {isa}"), secs, packed_base3.bytes());
             }
             drop(base3s);
+            if tokens > 1 && amx::status().is_ok() {
+                let secs = median_secs(runs, || {
+                    q.quantize(Isa::best(), black_box(&x), tokens, cols)
+                        .unwrap();
+                    amx::gemm(&packed, 0..rows, &q, &mut acc).unwrap();
+                    black_box(&acc);
+                });
+                report("mad amx", secs, packed.bytes());
+                let secs = median_secs(runs, || {
+                    q.quantize(Isa::best(), black_box(&x), tokens, cols)
+                        .unwrap();
+                    amx::gemm_base3(&packed_base3, 0..rows, &q, &mut acc).unwrap();
+                    black_box(&acc);
+                });
+                report("base3 amx", secs, packed_base3.bytes());
+            }
             let luts = vec![packed_lut.clone(); copies(packed_lut.bytes())];
             let lut_isas: Vec<Isa> = isas.iter().copied().filter(|&i| lut::supports(i)).collect();
             let timed = time_family(&luts, &lut_isas, runs, |isa, w| {
@@ -179,8 +209,8 @@ fn main() {
                 report(&format!("lut {isa}"), secs, packed_lut.bytes());
             }
             drop(luts);
-            // The reference is slow: not in the quick set.
-            if kernel.starts_with("dram") || filter.is_none() {
+            // The reference is slow: not in the quick set, nor at 512 tokens.
+            if kernel.starts_with("dram") || filter.is_none() || tokens > 128 {
                 continue;
             }
             let x_codes: Vec<i8> = (0..tokens)

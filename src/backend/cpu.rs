@@ -22,6 +22,7 @@ use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tern_cpu::attention;
 use tern_cpu::attention::rope;
+use tern_cpu::bitlinear::amx::AmxUse;
 use tern_cpu::bitlinear::reference::TernaryView;
 use tern_cpu::bitlinear::{Family, Linear, LinearScratch};
 use tern_cpu::elementwise::{self, GateActivation};
@@ -82,6 +83,9 @@ pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
     family: Family,
+    /// The smallest batch whose products run on AMX ([`AmxUse`]), and what the description says.
+    amx_from: Option<usize>,
+    amx_note: String,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
     q8_tables: Vec<Option<Q8Head>>,
@@ -110,16 +114,25 @@ impl CpuBackend {
         Self::with_family(threads, isa, Family::Mad)
     }
 
-    /// A backend whose kernels run at `isa`, linears in the `family` layout (an error if this CPU
-    /// does not support the level, or the family does not run at it).
+    /// A backend whose kernels run at `isa`, linears in the `family` layout, batches on AMX as
+    /// `TERN_CPU_AMX` says (an error if this CPU does not support the level, or the family does
+    /// not run at it).
     pub fn with_family(threads: usize, isa: Isa, family: Family) -> Result<Self> {
+        Self::with_amx(threads, isa, family, AmxUse::from_env()?)
+    }
+
+    /// [`Self::with_family`] with batches on AMX as `amx` says.
+    pub fn with_amx(threads: usize, isa: Isa, family: Family, amx: AmxUse) -> Result<Self> {
         family.check(isa)?;
+        let (amx_from, amx_note) = amx.min_tokens(isa, family)?;
         let threads = resolve_threads(threads);
         let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
             pool,
             isa,
             family,
+            amx_from,
+            amx_note,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
             scratch: Scratch::default(),
@@ -276,9 +289,10 @@ impl Backend for CpuBackend {
             LmHead::Q8 => ", 8-bit head with exact top-k",
         };
         format!(
-            "cpu ({} {} kernels{head}, {} threads)",
+            "cpu ({} {} kernels{head}{}, {} threads)",
             self.isa,
             self.family.describe(),
+            self.amx_note,
             self.pool.threads()
         )
     }
@@ -440,7 +454,15 @@ impl Backend for CpuBackend {
             "bitlinear",
             |me, src, dst| {
                 let lin = &me.linears[linear.0];
-                Ok(lin.forward(&me.pool, me.isa, src, tokens, dst, &mut scratch)?)
+                Ok(lin.forward(
+                    &me.pool,
+                    me.isa,
+                    me.amx_from,
+                    src,
+                    tokens,
+                    dst,
+                    &mut scratch,
+                )?)
             },
         );
         self.scratch.linear = scratch;

@@ -92,6 +92,25 @@ impl<C: Coding> Grouped<C> {
         acc: &mut [i32],
         mut product: impl FnMut(usize, &mut [i32]) -> Result<(), Error>,
     ) -> Result<(), Error> {
+        self.check_product(isa, rows.clone(), x, acc)?;
+        let tokens = x.rows();
+        for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
+            let first = g * ROW_GROUP - rows.start;
+            let n = (rows.len() - first).min(ROW_GROUP);
+            product(g, &mut acc[first * tokens..][..n * tokens])?;
+        }
+        Ok(())
+    }
+
+    /// The checks of [`Self::for_each_group`]: the level, the activations' width, the row range
+    /// and the accumulators' length.
+    pub(crate) fn check_product(
+        &self,
+        isa: Isa,
+        rows: Range<usize>,
+        x: &QuantizedRows,
+        acc: &[i32],
+    ) -> Result<(), Error> {
         isa.check()?;
         if x.cols() != self.cols {
             return Err(Error::Shape(format!(
@@ -109,13 +128,10 @@ impl<C: Coding> Grouped<C> {
                 self.rows
             )));
         }
-        let tokens = x.rows();
-        check_len("ternary gemm accumulators", acc.len(), rows.len() * tokens)?;
-        for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
-            let first = g * ROW_GROUP - rows.start;
-            let n = (rows.len() - first).min(ROW_GROUP);
-            product(g, &mut acc[first * tokens..][..n * tokens])?;
-        }
-        Ok(())
+        check_len(
+            "ternary gemm accumulators",
+            acc.len(),
+            rows.len() * x.rows(),
+        )
     }
 }

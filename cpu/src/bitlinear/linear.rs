@@ -14,6 +14,7 @@
 //! a second parallel pass transposes and dequantizes chunks of
 //! [`TOKENS_BLOCK`] tokens. Outputs are the same bits at every thread count.
 
+use crate::bitlinear::amx;
 use crate::bitlinear::base3::{self, PackedBase3};
 use crate::bitlinear::dequantize::{TOKENS_BLOCK, dequantize};
 use crate::bitlinear::lut::{self, LutTables, PackedLut};
@@ -194,11 +195,14 @@ impl Linear {
     }
 
     /// `out[t · out_features + n] = BitLinear(x[t])[n]` for `tokens` rows of `in_features`
-    /// activations in `x`, on `pool` at `isa` (see the module documentation).
+    /// activations in `x`, on `pool` at `isa` (see the module documentation); batches of at least
+    /// `amx_from` tokens run their products on AMX ([`amx::AmxUse::min_tokens`] gives it).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         pool: &ThreadPool,
         isa: Isa,
+        amx_from: Option<usize>,
         x: &[f32],
         tokens: usize,
         out: &mut [f32],
@@ -226,10 +230,13 @@ impl Linear {
         };
         let per_task = pool.chunk_len(n_out, MIN_ROWS_PER_TASK, row_multiple);
         // acc[n · tokens + t]: chunk `i` of weight rows is rows `i · per_task..`, tokens each.
+        let on_amx = amx_from.is_some_and(|min| tokens >= min);
         let product = |chunk: usize, acc: &mut [i32]| {
             let start = chunk * per_task;
             let rows = start..start + acc.len() / tokens;
             match &self.packed {
+                Packed::Mad(w) if on_amx => amx::gemm(w, rows, quantized, acc),
+                Packed::Base3(w) if on_amx => amx::gemm_base3(w, rows, quantized, acc),
                 Packed::Mad(w) => mad::gemm(isa, w, rows, quantized, acc),
                 Packed::Lut(w) => lut::gemm(isa, w, rows, lut_tables, acc),
                 Packed::Base3(w) => base3::gemm(isa, w, rows, quantized, acc),
@@ -316,16 +323,29 @@ mod tests {
                     for family in Family::ALL.into_iter().filter(|f| f.check(isa).is_ok()) {
                         let linear = Linear::new(family, view, scales.clone()).unwrap();
                         assert_eq!(linear.family(), family);
-                        let mut scratch = LinearScratch::default();
-                        let mut out = vec![f32::NAN; tokens * rows];
-                        linear
-                            .forward(&pool, isa, &x, tokens, &mut out, &mut scratch)
-                            .unwrap();
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert!(
-                            bits(&out) == bits(&want),
-                            "{family:?} at {isa}, {threads} threads: {rows}x{cols}, {tokens} tokens"
-                        );
+                        // AMX where this CPU and OS run it (for the families it serves): every
+                        // batch of two tokens or more on it.
+                        let amx = amx::AmxUse::On
+                            .min_tokens(isa, family)
+                            .ok()
+                            .and_then(|a| a.0);
+                        for amx_from in [None, amx]
+                            .into_iter()
+                            .collect::<std::collections::BTreeSet<_>>()
+                        {
+                            let mut scratch = LinearScratch::default();
+                            let mut out = vec![f32::NAN; tokens * rows];
+                            linear
+                                .forward(&pool, isa, amx_from, &x, tokens, &mut out, &mut scratch)
+                                .unwrap();
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert!(
+                                bits(&out) == bits(&want),
+                                "{family:?} at {isa} (AMX from {amx_from:?}), {threads} threads: \
+                                 {rows}x{cols}, {tokens} tokens"
+                            );
+                        }
                     }
                 }
             }
@@ -355,23 +375,23 @@ mod tests {
         let x = [1.0f32; 6];
         assert!(
             linear
-                .forward(&pool, Isa::Scalar, &x, 2, &mut out, &mut scratch)
+                .forward(&pool, Isa::Scalar, None, &x, 2, &mut out, &mut scratch)
                 .is_ok()
         );
         assert_eq!(out, [0.0, 4.0, 0.0, 4.0]);
         assert!(
             linear
-                .forward(&pool, Isa::Scalar, &x[..5], 2, &mut out, &mut scratch)
+                .forward(&pool, Isa::Scalar, None, &x[..5], 2, &mut out, &mut scratch)
                 .is_err()
         );
         assert!(
             linear
-                .forward(&pool, Isa::Scalar, &x, 2, &mut out[..3], &mut scratch)
+                .forward(&pool, Isa::Scalar, None, &x, 2, &mut out[..3], &mut scratch)
                 .is_err()
         );
         assert!(
             linear
-                .forward(&pool, Isa::Scalar, &[], 0, &mut [], &mut scratch)
+                .forward(&pool, Isa::Scalar, None, &[], 0, &mut [], &mut scratch)
                 .is_ok()
         );
     }

@@ -103,6 +103,11 @@ impl QuantizedRows {
         self.padded_cols
     }
 
+    /// Every row's codes, one after another, each `padded_cols` long.
+    pub fn codes(&self) -> &[i8] {
+        &self.codes[..self.rows * self.padded_cols]
+    }
+
     /// Row `t`'s codes, `padded_cols` long.
     pub fn row(&self, t: usize) -> &[i8] {
         &self.codes[t * self.padded_cols..(t + 1) * self.padded_cols]

@@ -1,0 +1,735 @@
+//! AMX-INT8 ternary GEMM for prompts (W1.58A8): `tdpbssd` on tiles of int8 weight values and int8
+//! activations, int32 accumulation, integer-exact like every kernel of [`crate::bitlinear`].
+//!
+//! # When it runs
+//! Intel Xeon 4th generation (Sapphire Rapids) and later have AMX: eight tile registers of up to
+//! 16 rows × 64 bytes and `tdpbssd`, which adds a 16 × 64 int8 tile times a 64 × 16 one into a
+//! 16 × 16 int32 tile (16 384 multiply-adds per instruction). [`status`] decides once per process
+//! whether this module may run: the CPU must report AMX-TILE and AMX-INT8 (CPUID leaf 7), the OS
+//! must enable tile state in XCR0, Linux must grant the tile data permission
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once for the whole process), the
+//! AVX-512 level must be there (the weight expansion uses it), and a known-answer product against
+//! [`gemm_reference`] must come out exact. Otherwise [`status`] says why, and every product is an
+//! [`Error::Unsupported`] carrying that reason; nothing falls back silently.
+//!
+//! # Weights
+//! No layout of its own: it reads [`crate::bitlinear::mad`]'s [`PackedTernary`] or
+//! [`crate::bitlinear::base3`]'s [`PackedBase3`] directly, so a backend keeps one copy of its
+//! weights for decode and prompts alike. A call expands the weights of one *panel* of 32 rows (8
+//! groups) at a time into int8 values in the tile layout `tdpbssd` takes as its second operand, in a
+//! per-thread buffer that stays in L2 (`32 · cols` bytes), and multiplies that panel with a chunk of
+//! the batch's tokens (as many steps of 32 as fit [`x86::CHUNK_BYTES`] of activations, so that they
+//! too stay in L2) before moving on: each weight is expanded once per chunk, and read from cache once
+//! per 32 tokens.
+//!
+//! Second-operand tile of k-step `s` for 16 weight rows: row `r` (0..16) holds, for each weight row
+//! `n` (0..16), the values of the k-step's columns `4 r .. 4 r + 4` at bytes `4 n .. 4 n + 4`. Both
+//! layouts store a row's block as a 64-byte chunk whose byte `j` holds, for each plane `i`, the code
+//! of the block's column `64 i + j` (4 planes of 2-bit codes in the multiply-add layout, 5 base-3
+//! digits in the other). So one gather of the 32-bit word at byte `4 r` of 16 rows' chunks gives row
+//! `r` of the tiles of all the block's planes: plane `i` of a 2-bit word is a shift by `2 i` and a
+//! mask; of a base-3 word, the digit `⌊3 x_i / 256⌋` (two unsigned comparisons) with
+//! `x_{i+1} = 3 x_i mod 256` (two byte additions); then minus 1 per byte.
+//!
+//! # Activations
+//! The first operand is 16 tokens × 64 codes, loaded straight from [`QuantizedRows`] with the row
+//! length as stride (rows are zero-padded past `cols`, and columns past the matrix hold weight value
+//! 0). A final step of fewer than 32 tokens reads a zero-padded copy of its rows.
+//!
+//! # Products
+//! Each step keeps 2 × 2 accumulator tiles (tokens 0..16 and 16..32 × weight rows 0..16 and
+//! 16..32), loading two activation and two weight tiles per k-step for four `tdpbssd`. Values are
+//! −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact in int32. The accumulators come out
+//! token-major and are written transposed into the row-major output of [`crate::bitlinear::mad::gemm`]'s contract,
+//! which this module's [`gemm`] and [`gemm_base3`] share (same arguments, same errors, same
+//! row-range splitting on multiples of [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)).
+
+use crate::Error;
+use crate::bitlinear::Family;
+use crate::bitlinear::base3::PackedBase3;
+use crate::bitlinear::grouped::{Coding, Grouped};
+use crate::bitlinear::mad::PackedTernary;
+use crate::bitlinear::quant::QuantizedRows;
+use crate::isa::Isa;
+use std::ops::Range;
+
+/// When [`Linear::forward`](crate::bitlinear::Linear::forward) runs a batch's multiply-add and
+/// base-3 products on AMX (`TERN_CPU_AMX`): never (`off`); at the AVX-512 level, for batches of at
+/// least [`AMX_MIN_TOKENS`] tokens, where [`status`] allows it (`auto`, the default); for every
+/// batch of two tokens or more (`on`, an error where AMX is unavailable). The lookup tables have no
+/// AMX path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmxUse {
+    Off,
+    Auto,
+    On,
+}
+
+/// Environment variable that picks an [`AmxUse`] (`auto`, `on` or `off`; unset or empty: `auto`).
+pub const AMX_ENV: &str = "TERN_CPU_AMX";
+
+/// Tokens a batch needs before `auto` runs its products on AMX: one whole step of the kernel (2
+/// tiles of 16 tokens); the measurements are in `scripts/benchmark-log.md`.
+pub const AMX_MIN_TOKENS: usize = 32;
+
+impl AmxUse {
+    /// `TERN_CPU_AMX`.
+    pub fn from_env() -> Result<Self, Error> {
+        match std::env::var(AMX_ENV).as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("auto") => Ok(Self::Auto),
+            Ok("on") => Ok(Self::On),
+            Ok("off") => Ok(Self::Off),
+            Ok(other) => Err(Error::Unsupported(format!(
+                "{AMX_ENV}={other}: expected auto, on or off"
+            ))),
+        }
+    }
+
+    /// The smallest batch whose products run on AMX for linears of `family` at `isa` (`None`:
+    /// never), and a note for a backend's description (why AMX is off, where it could have run).
+    pub fn min_tokens(self, isa: Isa, family: Family) -> Result<(Option<usize>, String), Error> {
+        let unavailable = |why: &str| format!("AMX-INT8 unavailable: {why}");
+        Ok(match (self, status()) {
+            (Self::Off, _) => (None, String::new()),
+            (_, _) if family == Family::Lut => (None, String::new()),
+            (Self::On, Ok(())) => (Some(2), ", AMX-INT8 for every batch".to_string()),
+            (Self::On, Err(why)) => {
+                return Err(Error::Unsupported(format!(
+                    "{AMX_ENV}=on: {}",
+                    unavailable(why)
+                )));
+            }
+            (Self::Auto, Ok(())) if isa == Isa::Avx512 => (
+                Some(AMX_MIN_TOKENS),
+                format!(", AMX-INT8 for batches of {AMX_MIN_TOKENS}+ tokens"),
+            ),
+            (Self::Auto, Ok(())) => (None, String::new()),
+            (Self::Auto, Err(why)) => (None, format!(", {}", unavailable(why))),
+        })
+    }
+}
+
+/// Whether AMX products can run in this process: `Ok`, or why not (decided once, see the module
+/// documentation).
+pub fn status() -> &'static Result<(), String> {
+    static STATUS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STATUS.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            x86::enable()?;
+            known_answer()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        Err("AMX kernels exist for x86-64 Linux only".to_string())
+    })
+}
+
+/// [`status`] as an error for a product to return.
+fn check() -> Result<(), Error> {
+    status()
+        .as_ref()
+        .map(|_| ())
+        .map_err(|why| Error::Unsupported(format!("AMX-INT8 kernels unavailable: {why}")))
+}
+
+/// `acc[(n - rows.start) · tokens + t] = Σ_k W[n][k] · x[t][k]` for `n` in `rows`, exactly: the
+/// contract of [`crate::bitlinear::mad::gemm`].
+pub fn gemm(
+    w: &PackedTernary,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    acc: &mut [i32],
+) -> Result<(), Error> {
+    product(w, Digits::TwoBit, rows, x, acc)
+}
+
+/// As [`gemm`], for weights in the base-3 layout.
+pub fn gemm_base3(
+    w: &PackedBase3,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    acc: &mut [i32],
+) -> Result<(), Error> {
+    product(w, Digits::Base3, rows, x, acc)
+}
+
+/// How a layout's chunk byte holds its codes (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Digits {
+    /// [`crate::bitlinear::mad`]'s: four 2-bit codes, plane `i` at bits `2 i`.
+    TwoBit,
+    /// [`crate::bitlinear::base3`]'s: five base-3 digits, plane `i` read from `x_i`.
+    Base3,
+}
+
+/// Checks the arguments, then runs the panels.
+fn product<C: Coding>(
+    w: &Grouped<C>,
+    digits: Digits,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    acc: &mut [i32],
+) -> Result<(), Error> {
+    check()?;
+    w.check_product(Isa::Avx512, rows.clone(), x, acc)?;
+    if rows.is_empty() || x.rows() == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::panels(w, digits, rows, x, acc);
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = digits;
+        unreachable!("status() is an error on other architectures")
+    }
+}
+
+/// A small product against the reference, run once before the first use.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn known_answer() -> Result<(), String> {
+    use crate::bitlinear::reference::{TernaryView, gemm_reference, pack};
+    // 41 rows (a partial panel and group), 300 columns (a partial block), 37 tokens (a partial
+    // step), values and activations from a fixed generator with the extremes mixed in.
+    let (rows, cols, tokens) = (41, 300, 37);
+    let mut seed = 0x5eed_u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let values: Vec<i8> = (0..rows * cols).map(|_| (next() % 3) as i8 - 1).collect();
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|i| match i % 7 {
+            0 => -128.0,
+            1 => 127.0,
+            _ => (next() % 256) as f32 - 128.0,
+        })
+        .collect();
+    let codes = pack(&values, rows, cols).map_err(|e| e.to_string())?;
+    let view = TernaryView::new(&codes, rows, cols).map_err(|e| e.to_string())?;
+    let mut q = QuantizedRows::default();
+    q.quantize(Isa::Scalar, &x, tokens, cols)
+        .map_err(|e| e.to_string())?;
+    let flat: Vec<i8> = (0..tokens)
+        .flat_map(|t| q.row(t)[..cols].to_vec())
+        .collect();
+    let mut want = vec![0; rows * tokens];
+    gemm_reference(view, &flat, tokens, &mut want).map_err(|e| e.to_string())?;
+    let mut got = vec![i32::MIN; rows * tokens];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let two_bit = PackedTernary::from_canonical(view);
+        x86::panels(&two_bit, Digits::TwoBit, 0..rows, &q, &mut got);
+        if got == want {
+            let base3 = PackedBase3::from_canonical(view).map_err(|e| e.to_string())?;
+            got.fill(i32::MIN);
+            x86::panels(&base3, Digits::Base3, 0..rows, &q, &mut got);
+        }
+    }
+    if got == want {
+        Ok(())
+    } else {
+        let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        Err(format!(
+            "the start-up known-answer product differs from the reference (output {at}: {} \
+             instead of {})",
+            got[at], want[at]
+        ))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Coding, Digits, Grouped};
+    use crate::bitlinear::grouped::{CHUNK, ROW_GROUP};
+    use crate::bitlinear::quant::QuantizedRows;
+    use crate::isa::Isa;
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+    use std::ops::Range;
+
+    /// Weight rows per panel: two tiles of 16.
+    const PANEL_ROWS: usize = 32;
+    const PANEL_GROUPS: usize = PANEL_ROWS / ROW_GROUP;
+    /// Tokens per step: two tiles of 16.
+    const STEP_TOKENS: usize = 32;
+    /// Bytes of one tile (16 rows of 64).
+    const TILE_BYTES: usize = 1024;
+    /// Activation bytes a chunk of tokens may take: each panel's weights are expanded once per
+    /// chunk, and the chunk's activation rows, read once per panel, stay in L2 beside the panel's
+    /// expanded weights (at least one step of 32 tokens).
+    pub(super) const CHUNK_BYTES: usize = 512 << 10;
+
+    /// One 64-byte line, so that tiles and tile configurations sit on cache-line boundaries.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
+    /// Per-thread buffers: the panel's groups in the multiply-add layout, its expanded weight
+    /// tiles, and a zero-padded copy of a final partial step's activation rows.
+    #[derive(Default)]
+    struct Scratch {
+        groups: Vec<u8>,
+        tiles: Vec<Line>,
+        tail: Vec<Line>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+
+    /// Linux's `arch_prctl` requests (`asm/prctl.h`) and the tile data state component.
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_GET_XCOMP_PERM: i64 = 0x1022;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+
+    /// Checks the CPU and OS support and asks Linux for the tile data permission.
+    pub(super) fn enable() -> Result<(), String> {
+        let leaf7 = __cpuid_count(7, 0);
+        let (tile, int8) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 25 & 1 == 1);
+        if !tile || !int8 {
+            return Err("the CPU does not report AMX-TILE and AMX-INT8".to_string());
+        }
+        if !Isa::Avx512.is_supported() {
+            return Err("the CPU lacks the AVX-512 level the weight expansion uses".to_string());
+        }
+        let osxsave = __cpuid(1).ecx >> 27 & 1 == 1;
+        if !osxsave {
+            return Err("the OS does not enable XSAVE".to_string());
+        }
+        // SAFETY: OSXSAVE is set, so XGETBV is available.
+        let xcr0 = unsafe { xgetbv0() };
+        if xcr0 >> 17 & 3 != 3 {
+            return Err(format!(
+                "the OS does not enable tile state (XCR0 = {xcr0:#x})"
+            ));
+        }
+        // SAFETY: `arch_prctl` with these requests reads and changes only this process's
+        // permission mask; it touches no memory of ours.
+        let granted = unsafe { arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        if granted != 0 {
+            return Err(format!(
+                "Linux refused the tile data permission (arch_prctl(ARCH_REQ_XCOMP_PERM) = \
+                 {granted})"
+            ));
+        }
+        let mut mask = 0u64;
+        // SAFETY: the kernel writes the permitted feature mask into `mask`, which lives on.
+        let got = unsafe { arch_prctl(ARCH_GET_XCOMP_PERM, (&raw mut mask) as i64) };
+        if got != 0 || mask >> XFEATURE_XTILEDATA & 1 == 0 {
+            return Err(format!(
+                "Linux does not report the tile data permission (mask {mask:#x})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// OSXSAVE must be set (CPUID leaf 1).
+    unsafe fn xgetbv0() -> u64 {
+        let (lo, hi): (u32, u32);
+        // SAFETY: XGETBV with ECX = 0 reads XCR0 (the caller checked OSXSAVE).
+        unsafe {
+            asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack));
+        }
+        u64::from(hi) << 32 | u64::from(lo)
+    }
+
+    /// # Safety
+    /// `arg` must be what `code` expects (an address for the GET requests).
+    unsafe fn arch_prctl(code: i64, arg: i64) -> i64 {
+        let ret: i64;
+        // SAFETY: a Linux x86-64 system call: number in rax, arguments in rdi and rsi, rcx and
+        // r11 clobbered by `syscall`; the caller vouches for the arguments.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") code,
+                in("rsi") arg,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    /// Palette 1, all eight tiles 16 rows of 64 bytes.
+    fn tile_config() -> Line {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        Line(c)
+    }
+
+    /// The product of the module documentation over `rows` (starting at a multiple of 4, inside
+    /// the matrix whose groups `group` writes), after the caller checked the arguments and
+    /// [`super::status`]'s CPU and OS support (the known-answer check itself calls it before).
+    pub(super) fn panels<C: Coding>(
+        w: &Grouped<C>,
+        digits: Digits,
+        rows: Range<usize>,
+        x: &QuantizedRows,
+        acc: &mut [i32],
+    ) {
+        let (tokens, blocks) = (x.rows(), w.blocks());
+        let planes = C::BLOCK_COLS / CHUNK;
+        let steps = blocks * planes;
+        let pc = x.padded_cols();
+        assert!(
+            rows.start.is_multiple_of(ROW_GROUP)
+                && acc.len() == rows.len() * tokens
+                && pc >= steps * 64
+                && x.codes().len() == tokens * pc,
+            "AMX panels: unchecked arguments"
+        );
+        if steps == 0 || tokens == 0 {
+            acc.fill(0);
+            return;
+        }
+        let group_len = blocks * ROW_GROUP * CHUNK;
+        SCRATCH.with_borrow_mut(|s| {
+            s.groups.resize(PANEL_GROUPS * group_len, 0);
+            s.tiles.resize(2 * steps * 16, Line([0; 64]));
+            let full_steps = tokens / STEP_TOKENS;
+            let tail = tokens % STEP_TOKENS;
+            if tail > 0 {
+                // The final partial step's rows, zero-padded to 32 (stride `pc` bytes).
+                s.tail.clear();
+                s.tail.resize(STEP_TOKENS * pc / 64, Line([0; 64]));
+                let codes = &x.codes()[full_steps * STEP_TOKENS * pc..];
+                for (line, &c) in s.tail.iter_mut().flat_map(|l| l.0.iter_mut()).zip(codes) {
+                    *line = c as u8;
+                }
+            }
+            let config = tile_config();
+            // SAFETY: `enable` found AMX-TILE with the OS's and Linux's permission (the caller's
+            // contract); the configuration is 64 valid bytes (palette 1, 8 tiles of 16 × 64).
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
+            };
+            let _release = TileRelease;
+            let first_group = rows.start / ROW_GROUP;
+            let last_group = rows.end.div_ceil(ROW_GROUP);
+            let mut out = [[[0i32; 16]; 16]; 4];
+            let all_steps = full_steps + usize::from(tail > 0);
+            let chunk_steps = (CHUNK_BYTES / (STEP_TOKENS * pc)).max(1);
+            for chunk in (0..all_steps).step_by(chunk_steps) {
+                let chunk = chunk..all_steps.min(chunk + chunk_steps);
+                for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
+                    s.groups.fill(0);
+                    for (g, part) in (p0..last_group.min(p0 + PANEL_GROUPS))
+                        .zip(s.groups.chunks_exact_mut(group_len))
+                    {
+                        part.copy_from_slice(w.group(g));
+                    }
+                    // SAFETY: AVX-512 is checked by `enable`; `groups` holds 8 groups of `blocks`
+                    // blocks and `tiles` 2 · `steps` tiles.
+                    unsafe { expand_avx512(&s.groups, blocks, digits, &mut s.tiles) };
+                    let n0 = p0 * ROW_GROUP - rows.start; // panel's first row in `acc`
+                    let n_rows = (rows.len() - n0).min(PANEL_ROWS);
+                    for step in chunk.clone() {
+                        let a = if step < full_steps {
+                            &x.codes()[step * STEP_TOKENS * pc..][..STEP_TOKENS * pc]
+                        } else {
+                            // SAFETY: `Line` is 64 plain bytes; the tail holds `32 · pc` of them.
+                            unsafe {
+                                std::slice::from_raw_parts(
+                                    s.tail.as_ptr().cast::<i8>(),
+                                    s.tail.len() * 64,
+                                )
+                            }
+                        };
+                        // SAFETY: `a` holds 32 rows of `pc ≥ 64 · steps` bytes, `tiles` two panels
+                        // of `steps` tiles of 1024 bytes, `out` four tiles of 16 × 16 i32, and the
+                        // configuration above is loaded on this thread.
+                        unsafe {
+                            step_tiles(a.as_ptr(), pc, s.tiles.as_ptr().cast(), steps, &mut out)
+                        };
+                        let t0 = step * STEP_TOKENS;
+                        let n_tokens = (tokens - t0).min(STEP_TOKENS);
+                        // out[2 · token half + row half][token][row].
+                        for r in 0..n_rows {
+                            let row = &mut acc[(n0 + r) * tokens + t0..][..n_tokens];
+                            for (t, a) in row.iter_mut().enumerate() {
+                                *a = out[2 * (t / 16) + r / 16][t % 16][r % 16];
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Releases this thread's tile state when dropped (on every return and unwind of a product
+    /// that loaded a configuration).
+    struct TileRelease;
+
+    impl Drop for TileRelease {
+        fn drop(&mut self) {
+            // SAFETY: only made after a tile configuration was loaded on this thread, so AMX-TILE
+            // is usable; `tilerelease` returns the tiles to their initial state.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    /// One step: `out[2 h + p] = A_h · B_p` over all k-steps, `A_h` being tokens `16 h .. 16 h + 16`
+    /// of `a` (rows of `stride` bytes) and `B_p` panel half `p` of `tiles`.
+    ///
+    /// # Safety
+    /// The tile configuration of [`tile_config`] is loaded on this thread; `a` points to 32 rows
+    /// of `stride ≥ 64 · steps` readable bytes, `tiles` to `2 · steps · 1024` and `steps > 0`.
+    unsafe fn step_tiles(
+        a: *const i8,
+        stride: usize,
+        tiles: *const u8,
+        steps: usize,
+        out: &mut [[[i32; 16]; 16]; 4],
+    ) {
+        // SAFETY: every address read lies in `a`'s 32 rows (first 64 · steps bytes of each) or in
+        // the `tiles` (contract); the stores write the four 1 KiB tiles of `out`.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tdpbssd tmm1, tmm4, tmm7",
+                "tdpbssd tmm2, tmm5, tmm6",
+                "tdpbssd tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{c} + {s64}*1], tmm0",
+                "tilestored [{c} + {s64}*1 + 1024], tmm1",
+                "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                "tilestored [{c} + {s64}*1 + 3072], tmm3",
+                a0 = inout(reg) a => _,
+                a1 = inout(reg) a.add(16 * stride) => _,
+                b0 = inout(reg) tiles => _,
+                b1 = inout(reg) tiles.add(steps * TILE_BYTES) => _,
+                n = inout(reg) steps => _,
+                sa = in(reg) stride,
+                s64 = in(reg) 64usize,
+                c = in(reg) out.as_mut_ptr(),
+                options(nostack),
+            );
+        }
+    }
+
+    /// Expands a panel of 8 groups (`blocks` blocks each, codes as `digits` says) into
+    /// `2 · steps` weight tiles (see the module documentation): panel half `p`'s tile of k-step
+    /// `s` at `tiles[(p · steps + s) · 16 ..][..16]`, `steps` being `blocks` times the planes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F + BW; `groups` holds 8 groups of `blocks · 256` bytes and `tiles`
+    /// `2 · steps · 16` lines.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn expand_avx512(groups: &[u8], blocks: usize, digits: Digits, tiles: &mut [Line]) {
+        let group_len = blocks * ROW_GROUP * CHUNK;
+        let planes = match digits {
+            Digits::TwoBit => 4,
+            Digits::Base3 => 5,
+        };
+        let steps = blocks * planes;
+        assert!(groups.len() >= PANEL_GROUPS * group_len && tiles.len() >= 2 * steps * 16);
+        // Offset of weight row `n`'s chunk of block 0 within its panel half.
+        let offsets: [i32; 16] =
+            std::array::from_fn(|n| ((n / ROW_GROUP) * group_len + (n % ROW_GROUP) * CHUNK) as i32);
+        // SAFETY: `offsets` is 64 readable bytes.
+        let index = unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) };
+        let (mask, one, minus_one) = (
+            _mm512_set1_epi8(3),
+            _mm512_set1_epi8(1),
+            _mm512_set1_epi8(-1),
+        );
+        let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
+        for half in 0..2 {
+            let panel = &groups[half * 4 * group_len..][..4 * group_len];
+            for b in 0..blocks {
+                for r in 0..16 {
+                    let base = panel[b * ROW_GROUP * CHUNK + 4 * r..].as_ptr();
+                    // SAFETY: the largest offset read is 3 · group_len + 3 · 64 + b · 256 + 4 r
+                    // + 3 < 4 · group_len, inside `panel`.
+                    let mut words = unsafe { _mm512_i32gather_epi32::<1>(index, base.cast()) };
+                    for i in 0..planes {
+                        let values = match digits {
+                            Digits::TwoBit => {
+                                let v = _mm512_sub_epi8(_mm512_and_si512(words, mask), one);
+                                words = _mm512_srli_epi32::<2>(words);
+                                v
+                            }
+                            Digits::Base3 => {
+                                // ⌊3 x / 256⌋ = (x > 85) + (x > 170), minus 1; then 3 x mod 256.
+                                let above = _mm512_cmpgt_epu8_mask(words, third);
+                                let v = _mm512_mask_add_epi8(minus_one, above, minus_one, one);
+                                let above = _mm512_cmpgt_epu8_mask(words, two_thirds);
+                                let v = _mm512_mask_add_epi8(v, above, v, one);
+                                words = _mm512_add_epi8(_mm512_add_epi8(words, words), words);
+                                v
+                            }
+                        };
+                        let line = &mut tiles[(half * steps + planes * b + i) * 16 + r];
+                        // SAFETY: `line` is 64 writable bytes.
+                        unsafe { _mm512_storeu_si512(line.0.as_mut_ptr().cast(), values) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitlinear::grouped::ROW_GROUP;
+    use crate::bitlinear::reference::TernaryView;
+    use crate::bitlinear::testing::{
+        case, check_bad_arguments, check_extremes, raw_codes, real_shape_cases, reference,
+    };
+
+    /// Whether this machine skips the AMX tests (the reason printed): where the CPU, OS or Linux
+    /// do not allow AMX. Where they do, a failed start-up known-answer check is a test failure.
+    fn skip() -> bool {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let allowed = x86::enable();
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let allowed = Err("not x86-64 Linux".to_string());
+        match allowed {
+            Ok(()) => {
+                if let Err(why) = status() {
+                    panic!("AMX is allowed here but unusable: {why}");
+                }
+                false
+            }
+            Err(why) => {
+                println!("skipped: AMX-INT8 kernels unavailable here: {why}");
+                true
+            }
+        }
+    }
+
+    /// Both layouts against the reference: whole, and split at a multiple of 4 near the middle
+    /// into poisoned halves, as threads split it.
+    fn check(codes: &[u8], rows: usize, cols: usize, q: &QuantizedRows) {
+        let view = TernaryView::new(codes, rows, cols).unwrap();
+        let want = reference(view, q);
+        let tokens = q.rows();
+        let mad = PackedTernary::from_canonical(view);
+        let base3 = PackedBase3::from_canonical(view).unwrap();
+        let run = |range: Range<usize>, acc: &mut [i32], which: usize| match which {
+            0 => gemm(&mad, range, q, acc),
+            _ => gemm_base3(&base3, range, q, acc),
+        };
+        for which in 0..2 {
+            let mut got = vec![i32::MIN; rows * tokens];
+            run(0..rows, &mut got, which).unwrap();
+            assert!(
+                got == want,
+                "layout {which}: {rows}x{cols}, {tokens} tokens"
+            );
+            let mid = (rows / 2) / ROW_GROUP * ROW_GROUP;
+            got.fill(i32::MIN);
+            let (lo, hi) = got.split_at_mut(mid * tokens);
+            run(0..mid, lo, which).unwrap();
+            run(mid..rows, hi, which).unwrap();
+            assert!(
+                got == want,
+                "layout {which}: split {rows}x{cols}, {tokens} tokens"
+            );
+        }
+    }
+
+    #[test]
+    fn integer_exact_on_the_real_shapes() {
+        if skip() {
+            return;
+        }
+        for (rows, cols, tokens, seed) in real_shape_cases().chain([(2560, 6912, 70, 9)]) {
+            let (codes, q) = case(rows, cols, tokens, seed);
+            check(&codes, rows, cols, &q);
+        }
+    }
+
+    #[test]
+    fn integer_exact_on_awkward_shapes() {
+        if skip() {
+            return;
+        }
+        for (rows, cols, tokens) in [
+            (4, 256, 1),
+            (1, 1, 1),
+            (3, 5, 2),
+            (7, 300, 33),
+            (13, 512, 17),
+            (36, 768, 64),
+            (5, 1000, 31),
+            (256, 256, 9),
+            (100, 1300, 128),
+        ] {
+            let (codes, q) = case(rows, cols, tokens, (rows * cols + tokens) as u64);
+            check(&codes, rows, cols, &q);
+        }
+    }
+
+    #[test]
+    fn invalid_codes_and_padding_pairs_read_as_zero_like_the_reference() {
+        if skip() {
+            return;
+        }
+        let (rows, cols) = (9, 301);
+        let codes = raw_codes(rows, cols, 3);
+        let (_, q) = case(0, cols, 35, 4);
+        check(&codes, rows, cols, &q);
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        if skip() {
+            return;
+        }
+        check_extremes(6912, PackedTernary::from_canonical, |_, w, r, q, acc| {
+            gemm(w, r, q, acc)
+        });
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        if skip() {
+            return;
+        }
+        check_bad_arguments(256, PackedTernary::from_canonical, |isa, w, r, q, acc| {
+            isa.check()?;
+            gemm(w, r, q, acc)
+        });
+    }
+
+    #[test]
+    fn unavailable_is_an_error_naming_the_reason() {
+        if let Err(why) = status() {
+            let (codes, q) = case(4, 256, 2, 1);
+            let view = TernaryView::new(&codes, 4, 256).unwrap();
+            let e = gemm(&PackedTernary::from_canonical(view), 0..4, &q, &mut [0; 8]).unwrap_err();
+            assert!(e.to_string().contains(why.as_str()), "{e}");
+        }
+    }
+}
