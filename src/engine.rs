@@ -1,5 +1,5 @@
 //! An [`Engine`] owns a backend, the model uploaded to it and the KV cache, and runs sequences:
-//! feeding tokens (prefill in batches of at most [`Engine::max_batch`] rows) and generating.
+//! feeding tokens (prefill in batches of at most [`MAX_BATCH`] rows) and generating.
 //!
 //! Context policy: a prompt that does not fit in the context (with room for one new token) is an
 //! error before any work is done; a generation that reaches the end of the context stops there with
@@ -16,13 +16,12 @@ use anyhow::{Result, ensure};
 use std::time::{Duration, Instant};
 
 /// Rows per forward pass when feeding a long prompt.
-pub const DEFAULT_MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = 256;
 
 pub struct Engine {
     backend: Box<dyn Backend>,
     model: Model,
     kv: KvCache,
-    max_batch: usize,
 }
 
 /// One generated token as the engine reports it.
@@ -95,12 +94,7 @@ impl Engine {
         );
         let model = Model::upload(host, backend.as_mut())?;
         let kv = KvCache::new(backend.as_mut(), model.kv_spec(slots, ctx))?;
-        Ok(Self {
-            backend,
-            model,
-            kv,
-            max_batch: DEFAULT_MAX_BATCH,
-        })
+        Ok(Self { backend, model, kv })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -124,15 +118,6 @@ impl Engine {
     /// Context length per sequence.
     pub fn context(&self) -> usize {
         self.kv.capacity()
-    }
-
-    /// Rows per forward pass.
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
-    }
-
-    pub fn set_max_batch(&mut self, rows: usize) {
-        self.max_batch = rows.max(1);
     }
 
     /// Sequences the KV cache holds at once.
@@ -224,10 +209,10 @@ impl Engine {
         logits_for: LogitsFor,
     ) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
-        let chunks = tokens.len().div_ceil(self.max_batch);
+        let chunks = tokens.len().div_ceil(MAX_BATCH);
         for (i, (t, r)) in tokens
-            .chunks(self.max_batch)
-            .zip(rows.chunks(self.max_batch))
+            .chunks(MAX_BATCH)
+            .zip(rows.chunks(MAX_BATCH))
             .enumerate()
         {
             let want = match logits_for {
