@@ -509,17 +509,17 @@ mod tests {
 
     #[test]
     fn random_weights_are_ternary_with_padding_zero() {
-        let mut c = ShapePreset::parse("700m").unwrap().config();
-        (
-            c.hidden,
-            c.intermediate,
-            c.layers,
-            c.heads,
-            c.kv_heads,
-            c.head_dim,
-            c.vocab,
-        ) = (18, 10, 1, 2, 1, 9, 7);
-        c.sub_norms = false;
+        let c = ShapePreset {
+            hidden: 18,
+            intermediate: 10,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            vocab: 7,
+            sub_norms: false,
+            ..ShapePreset::parse("700m").unwrap()
+        }
+        .config();
         let m = random_model(c, 3);
         let values = m.layers[0].down.to_i8();
         assert!(values.contains(&-1) && values.contains(&1));

@@ -184,16 +184,16 @@ mod tests {
 
     #[test]
     fn a_pass_offers_every_name_in_order_and_a_capture_changes_no_bit() {
-        let mut c = ShapePreset::parse("700m").unwrap().config();
-        (
-            c.hidden,
-            c.intermediate,
-            c.layers,
-            c.heads,
-            c.kv_heads,
-            c.head_dim,
-            c.vocab,
-        ) = (32, 48, 2, 4, 2, 8, 50);
+        let c = ShapePreset {
+            hidden: 32,
+            intermediate: 48,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 50,
+            ..ShapePreset::parse("700m").unwrap()
+        }
+        .config();
         let model = random_model(c.clone(), 5);
         let mut engine = Engine::new(&model, Box::new(CpuBackend::new(2).unwrap()), 16, 1).unwrap();
         let tokens = [3, 1, 4, 1, 5];
