@@ -22,6 +22,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 // Shared memory: one copy per OS thread, which runs one block at a time.
 #define __shared__ static thread_local
