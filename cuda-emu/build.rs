@@ -4,6 +4,11 @@
 //! written once. The C structs of the kernel sources (`struct Name {` ... `};`, one field per
 //! declarator) are exported with their sizes and field offsets (`tern_emu_layout`), which a test
 //! compares with the Rust mirrors in src/backend/cuda/params.rs.
+//!
+//! `TERN_CUDA_EMU_SANITIZE=address` or `=thread` builds the kernels with AddressSanitizer or
+//! ThreadSanitizer (the runtime, emu/runtime.cpp, uninstrumented but telling the sanitizer of its
+//! fibers and barriers) and links the sanitizer's runtime library into whatever links this crate.
+//! The Rust code is not instrumented.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -54,6 +59,12 @@ fn main() {
         sources.len()
     );
 
+    println!("cargo:rerun-if-env-changed=TERN_CUDA_EMU_SANITIZE");
+    let sanitize = match std::env::var("TERN_CUDA_EMU_SANITIZE").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok(s @ ("address" | "thread")) => Some(s.to_string()),
+        Ok(other) => panic!("TERN_CUDA_EMU_SANITIZE={other}: expected `address` or `thread`"),
+    };
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -69,8 +80,20 @@ fn main() {
         .flag("-pthread")
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-unused-function")
-        .file(root.join("emu/runtime.cpp"));
+        .flag_if_supported("-Wno-unused-function");
+    if let Some(s) = &sanitize {
+        build
+            .define(&format!("TERN_EMU_SANITIZE_{}", s.to_uppercase()), None)
+            // Reports with whole stacks and lines.
+            .opt_level(1)
+            .debug(true)
+            .flag("-fno-omit-frame-pointer");
+    }
+    let mut runtime = build.clone();
+    runtime.file(root.join("emu/runtime.cpp"));
+    if let Some(s) = &sanitize {
+        build.flag(&format!("-fsanitize={s}"));
+    }
     let mut registry = String::from("#include <cstddef>\n#include <cstring>\n");
     let mut table = String::new();
     let mut layouts = String::new();
@@ -135,6 +158,13 @@ fn main() {
     std::fs::write(&registry_path, registry).unwrap();
     build.file(&registry_path);
     build.compile("tern_cuda_emu");
+    // After the kernels, which call it.
+    runtime.compile("tern_cuda_emu_runtime");
+    if let Some(s) = &sanitize {
+        // libasan / libtsan of the C++ compiler (shared: the interceptors must be in the process).
+        let lib = if s == "address" { "asan" } else { "tsan" };
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
     println!("cargo:rustc-link-lib=stdc++");
     println!(
         "cargo:rerun-if-changed={}",
