@@ -92,7 +92,7 @@ fn main() {
     let mut runtime = build.clone();
     runtime.file(root.join("emu/runtime.cpp"));
     if let Some(s) = &sanitize {
-        build.flag(&format!("-fsanitize={s}"));
+        build.flag(format!("-fsanitize={s}"));
     }
     let mut registry = String::from("#include <cstddef>\n#include <cstring>\n");
     let mut table = String::new();
