@@ -69,17 +69,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (Some(shape), _) => {
             let preset = ShapePreset::parse(shape)?;
             // Random weights stream into the backend a layer at a time: what must fit is the
-            // backend's copy (about the canonical size; the base-3 layout is smaller) plus one
-            // layer being generated, plus the 8-bit head. Refuse what cannot, rather than be
-            // killed.
+            // backend's copy, one layer being generated, and the 8-bit head. The copy is counted at
+            // the canonical 2 bits per weight: exact for the multiply-add layout, an upper bound
+            // for base 3 (1.6 bits where a linear has at most 32768 inputs). Refuse what cannot
+            // fit, rather than be killed.
             let c = preset.config();
             let layer = c.ternary_size().1 / c.layers;
             let needed = preset.host_bytes() + layer as u64 + (c.vocab * (c.hidden + 8)) as u64;
             if let Some(available) = available_memory() {
                 ensure!(
                     needed <= available,
-                    "--shape {}: needs about {:.1} GB (the weights in the backend's layout, one \
-                     layer being generated and the 8-bit head), {:.1} GB are available",
+                    "--shape {}: needs about {:.1} GB (the weights at 2 bits, one layer being \
+                     generated, the tables and the 8-bit head), {:.1} GB are available",
                     preset.name,
                     needed as f64 / 1e9,
                     available as f64 / 1e9
