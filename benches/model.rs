@@ -75,8 +75,13 @@ fn setup(backend: &str) -> (Engine, tern::kv_cache::SequenceId, Vec<u32>, u64) {
         Ok(()) => LmHead::Q8,
         Err(_) => LmHead::Full,
     };
-    let mut engine = Engine::new(&MODEL, backend, PROMPT + 1, 1).unwrap();
-    let bytes = decode_weight_bytes(&MODEL, engine.linear_weight_bytes(), head);
+    let mut engine = Engine::new(&*MODEL, backend, PROMPT + 1, 1).unwrap();
+    let bytes = decode_weight_bytes(
+        &MODEL.config,
+        engine.linear_weight_bytes(),
+        engine.head_bytes(),
+        head,
+    );
     let seq = engine.new_sequence().unwrap();
     let vocab = MODEL.config.vocab as u32;
     let tokens = (0..PROMPT as u32).map(|i| i * 7919 % vocab).collect();

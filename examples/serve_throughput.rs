@@ -29,10 +29,10 @@ fn main() -> anyhow::Result<()> {
     let scheduler_metrics = metrics.clone();
     // The engine is built on the thread that runs it: backends are not shared across threads.
     let thread = std::thread::spawn(move || -> anyhow::Result<()> {
-        let host = shape.random_model(7);
+        let source = shape.random_source(7);
         let mut backend = Box::new(CpuBackend::new(threads)?);
         tern::backend::Backend::set_lm_head(backend.as_mut(), LmHead::Full)?;
-        let engine = Engine::new(&host, backend, prompt_len + tokens + 1, 16)?;
+        let engine = Engine::new(&source, backend, prompt_len + tokens + 1, 16)?;
         let _ = ready.send(engine.backend_description());
         Scheduler::new(engine, scheduler_metrics).run(rx);
         Ok(())

@@ -5,21 +5,22 @@
 //! logits). Each test runs once untimed (warm-up), then `repetitions` times; tokens/s is reported as
 //! mean ± sample standard deviation over the repetitions. Tokenization and sampling are excluded.
 //!
-//! A [`ShapePreset`] builds a [`HostModel`] of the exact shape of a published model with random
-//! ternary weights, so anyone can benchmark without downloading weights, through the same upload and
-//! forward paths as a loaded checkpoint.
+//! A [`ShapePreset`] gives a [`RandomSource`]: the exact shape of a published model with random
+//! ternary weights, generated layer by layer as the backend takes them, so anyone can benchmark
+//! without downloading weights, through the same upload and forward paths as a loaded checkpoint.
 
 use crate::backend::LmHead;
 use crate::config::ModelConfig;
 use crate::engine::Engine;
-use crate::loader::{HostLayer, HostModel};
 use crate::model::LogitsFor;
+use crate::source::{HostLayer, HostModel, ModelSource};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use half::bf16;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::time::Instant;
 use tern_cpu::bitlinear::reference::row_bytes;
 use tern_cpu::elementwise::GateActivation;
@@ -191,36 +192,96 @@ impl ShapePreset {
         }
     }
 
-    /// Bytes of the random model in host memory: 2-bit ternary codes and bf16 tables.
+    /// Bytes of the random model in the canonical layout: 2-bit ternary codes and bf16 tables.
     pub fn host_bytes(self) -> u64 {
         let c = self.config();
-        let per_layer =
-            2 * c.hidden * c.q_dim() + 2 * c.hidden * c.kv_dim() + 3 * c.hidden * c.intermediate;
         let tables = if c.tied_embeddings { 1 } else { 2 } * c.vocab * c.hidden;
-        (c.layers * per_layer / 4 + 2 * tables) as u64
+        (c.ternary_size().1 + 2 * tables) as u64
     }
 
-    /// A model of this shape with random ternary weights (about a third each of -1, 0, +1),
-    /// random bf16 embeddings and unit norm weights.
+    /// A streaming source of this shape with random weights ([`RandomSource`]).
+    pub fn random_source(self, seed: u64) -> RandomSource {
+        RandomSource::new(self.config(), seed)
+    }
+
+    /// [`Self::random_source`], whole in memory.
     pub fn random_model(self, seed: u64) -> HostModel {
         random_model(self.config(), seed)
     }
 }
 
-/// A random-weight model for `config` (also used by tests at small shapes).
+/// A random-weight model for `config`, whole in memory (tests at small shapes).
 pub fn random_model(config: ModelConfig, seed: u64) -> HostModel {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let c = &config;
-    let mut ternary = |rows: usize, cols: usize| -> TernaryMatrix {
-        // Every byte of four valid codes (3^4 = 81 of them), drawn uniformly; a partial last byte per
-        // row keeps its padding codes at value 0 when cols is not a multiple of 4.
+    HostModel::collect(&RandomSource::new(config, seed)).expect("a random source cannot fail")
+}
+
+/// Random weights generated on demand, a layer at a time: ternary codes uniform over the 81 bytes
+/// of four valid codes (about a third each of -1, 0, +1; padding codes of a partial last byte are
+/// 0), a scale in [0.5, 2) per tensor, bf16 tables uniform in ±0.05, unit norm weights.
+///
+/// Deterministic per seed and tensor, whatever the thread count: every chunk of
+/// [`RANDOM_CHUNK`] values draws from its own ChaCha8 stream, numbered by (tensor, layer, chunk),
+/// so the chunks are generated in parallel on every core and layer 70 needs nothing of layer 69.
+pub struct RandomSource {
+    config: ModelConfig,
+    seed: u64,
+}
+
+/// Values (code bytes or table entries) per random stream.
+const RANDOM_CHUNK: usize = 1 << 20;
+
+/// Stream tags of the tables and of the per-tensor scales (linears are tagged 0..7 by position).
+const EMBED_TAG: u64 = 8;
+const OUTPUT_TAG: u64 = 9;
+const SCALE_CHUNK: u64 = u32::MAX as u64;
+
+impl RandomSource {
+    pub fn new(config: ModelConfig, seed: u64) -> Self {
+        Self { config, seed }
+    }
+
+    /// A ChaCha8 generator for chunk `chunk` of tensor `tag` in layer `layer`.
+    fn rng(&self, tag: u64, layer: usize, chunk: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream((tag << 48) | ((layer as u64) << 32) | chunk);
+        rng
+    }
+
+    /// Fills `out` chunk by chunk on every core, chunk `i` from stream `(tag, layer, i)`.
+    fn fill<T: Send>(
+        &self,
+        out: &mut [T],
+        tag: u64,
+        layer: usize,
+        f: impl Fn(&mut ChaCha8Rng, &mut [T]) + Sync,
+    ) {
+        let chunks = std::sync::Mutex::new(out.chunks_mut(RANDOM_CHUNK).enumerate());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    loop {
+                        let next = chunks.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some((i, chunk)) = next else { break };
+                        f(&mut self.rng(tag, layer, i as u64), chunk);
+                    }
+                });
+            }
+        });
+    }
+
+    fn ternary(&self, tag: u64, layer: usize, rows: usize, cols: usize) -> TernaryMatrix {
+        // The 81 bytes made of four valid codes; a random byte picks one by multiply-shift.
         let valid: Vec<u8> = (0..=255u8)
             .filter(|b| (0..4).all(|i| (b >> (2 * i)) & 3 != 3))
             .collect();
         let mut codes = vec![0u8; rows * row_bytes(cols)];
-        codes
-            .iter_mut()
-            .for_each(|b| *b = valid[rng.random_range(0..valid.len())]);
+        self.fill(&mut codes, tag, layer, |rng, chunk| {
+            rng.fill_bytes(chunk);
+            chunk
+                .iter_mut()
+                .for_each(|b| *b = valid[(usize::from(*b) * valid.len()) >> 8]);
+        });
         if !cols.is_multiple_of(4) {
             let keep = 2 * (cols % 4);
             for row in codes.chunks_exact_mut(row_bytes(cols)) {
@@ -228,42 +289,76 @@ pub fn random_model(config: ModelConfig, seed: u64) -> HostModel {
                 *last = (*last & ((1 << keep) - 1)) | (0x55 & !((1u8 << keep) - 1));
             }
         }
-        let scale = rng.random_range(0.5..2.0f32);
+        let scale = self.rng(tag, layer, SCALE_CHUNK).random_range(0.5..2.0f32);
         TernaryMatrix::new("random", rows, cols, codes, scale).expect("valid by construction")
-    };
-    let layers = (0..c.layers)
-        .map(|_| HostLayer {
+    }
+
+    fn table(&self, tag: u64) -> DenseMatrix {
+        let c = &self.config;
+        let mut values = vec![bf16::ZERO; c.vocab * c.hidden];
+        self.fill(&mut values, tag, 0, |rng, chunk| {
+            chunk
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(rng.random_range(-0.05..0.05f32)));
+        });
+        DenseMatrix {
+            rows: c.vocab,
+            cols: c.hidden,
+            data: DenseData::Bf16(values),
+        }
+    }
+}
+
+impl ModelSource for RandomSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn format(&self) -> &str {
+        "random ternary weights, bf16 embeddings"
+    }
+
+    fn embed(&self) -> Result<Cow<'_, DenseMatrix>> {
+        Ok(Cow::Owned(self.table(EMBED_TAG)))
+    }
+
+    fn output(&self) -> Result<Option<Cow<'_, DenseMatrix>>> {
+        let untied = !self.config.tied_embeddings;
+        Ok(untied.then(|| Cow::Owned(self.table(OUTPUT_TAG))))
+    }
+
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Owned(vec![1.0; self.config.hidden]))
+    }
+
+    fn layer(&self, index: usize) -> Result<Cow<'_, HostLayer>> {
+        let c = &self.config;
+        ensure!(
+            index < c.layers,
+            "layer {index} of a model with {} layers",
+            c.layers
+        );
+        let [q, k, v, o, gate, up, down] = c
+            .linear_shapes()
+            .iter()
+            .zip(0..)
+            .map(|(&(rows, cols), tag)| self.ternary(tag, index, rows, cols))
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("seven linears");
+        Ok(Cow::Owned(HostLayer {
             attn_norm: vec![1.0; c.hidden],
-            q: ternary(c.q_dim(), c.hidden),
-            k: ternary(c.kv_dim(), c.hidden),
-            v: ternary(c.kv_dim(), c.hidden),
+            q,
+            k,
+            v,
             attn_sub_norm: c.sub_norms.then(|| vec![1.0; c.q_dim()]),
-            o: ternary(c.hidden, c.q_dim()),
+            o,
             ffn_norm: vec![1.0; c.hidden],
-            gate: ternary(c.intermediate, c.hidden),
-            up: ternary(c.intermediate, c.hidden),
+            gate,
+            up,
             ffn_sub_norm: c.sub_norms.then(|| vec![1.0; c.intermediate]),
-            down: ternary(c.hidden, c.intermediate),
-        })
-        .collect();
-    let mut dense = || DenseMatrix {
-        rows: c.vocab,
-        cols: c.hidden,
-        data: DenseData::Bf16(
-            (0..c.vocab * c.hidden)
-                .map(|_| bf16::from_f32(rng.random_range(-0.05..0.05f32)))
-                .collect(),
-        ),
-    };
-    let embed = dense();
-    let output = (!c.tied_embeddings).then(&mut dense);
-    HostModel {
-        format: "random ternary weights, bf16 embeddings".to_string(),
-        final_norm: vec![1.0; c.hidden],
-        layers,
-        embed,
-        output,
-        config,
+            down,
+        }))
     }
 }
 
@@ -382,13 +477,19 @@ pub struct BenchPlan {
 }
 
 /// Weight bytes a single decode step reads: every linear's weights (`linear_bytes` in the backend's
-/// layout, else the canonical codes) and the whole output head in the form `head` reads (the 8-bit
-/// copy: codes and two f32 per row; the few re-scored rows are left out).
-pub fn decode_weight_bytes(model: &HostModel, linear_bytes: Option<usize>, head: LmHead) -> u64 {
-    let linears = linear_bytes.unwrap_or(model.ternary_size().1);
+/// layout, else the canonical codes) and the whole output head in the form `head` reads (the
+/// full-precision table of `head_bytes`, or the 8-bit copy: codes and two f32 per row; the few
+/// re-scored rows are left out).
+pub fn decode_weight_bytes(
+    config: &ModelConfig,
+    linear_bytes: Option<usize>,
+    head_bytes: usize,
+    head: LmHead,
+) -> u64 {
+    let linears = linear_bytes.unwrap_or(config.ternary_size().1);
     let head = match head {
-        LmHead::Full => model.head().bytes(),
-        LmHead::Q8 => model.head().rows * (model.head().cols + 8),
+        LmHead::Full => head_bytes,
+        LmHead::Q8 => config.vocab * (config.hidden + 8),
     };
     (linears + head) as u64
 }

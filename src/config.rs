@@ -8,6 +8,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::path::Path;
+use tern_cpu::bitlinear::reference::row_bytes;
 use tern_cpu::elementwise::GateActivation;
 
 /// The transformer's shape and numerics, independent of the file format it came from.
@@ -40,6 +41,23 @@ impl ModelConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// `(outputs, inputs)` of each layer's ternary linears: q, k, v, o, gate, up, down.
+    pub fn linear_shapes(&self) -> [(usize, usize); 7] {
+        let (h, q, kv, ff) = (self.hidden, self.q_dim(), self.kv_dim(), self.intermediate);
+        [(q, h), (kv, h), (kv, h), (h, q), (ff, h), (ff, h), (h, ff)]
+    }
+
+    /// Ternary weights of the whole model: parameters, and bytes in the canonical 2-bit layout.
+    pub fn ternary_size(&self) -> (usize, usize) {
+        let (params, bytes) = self
+            .linear_shapes()
+            .iter()
+            .fold((0, 0), |(p, b), &(rows, cols)| {
+                (p + rows * cols, b + rows * row_bytes(cols))
+            });
+        (self.layers * params, self.layers * bytes)
     }
 
     /// Checks the invariants the graph relies on; `source` names the file in errors.

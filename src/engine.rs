@@ -9,9 +9,9 @@ use crate::backend::Backend;
 use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SequenceId};
-use crate::loader::HostModel;
 use crate::model::{LogitsFor, Model};
 use crate::sampler::{Sampler, logprob_of, top_logprobs};
+use crate::source::ModelSource;
 use anyhow::{Result, ensure};
 use std::time::{Duration, Instant};
 
@@ -87,21 +87,22 @@ pub struct GenerationStats {
 }
 
 impl Engine {
-    /// Uploads `host` to `backend` and allocates a KV cache of `slots` sequences × `ctx` positions
+    /// Uploads the weights of `source` to `backend` ([`Model::upload`]: streaming, one layer at a
+    /// time) and allocates a KV cache of `slots` sequences × `ctx` positions
     /// (`ctx` 0: the model's maximum).
     pub fn new(
-        host: &HostModel,
+        source: &dyn ModelSource,
         mut backend: Box<dyn Backend>,
         ctx: usize,
         slots: usize,
     ) -> Result<Self> {
-        let max = host.config.max_positions;
+        let max = source.config().max_positions;
         let ctx = if ctx == 0 { max } else { ctx };
         ensure!(
             ctx <= max,
             "context length {ctx} exceeds the model's maximum of {max} positions"
         );
-        let model = Model::upload(host, backend.as_mut())?;
+        let model = Model::upload(source, backend.as_mut())?;
         let kv = KvCache::new(backend.as_mut(), model.kv_spec(slots, ctx))?;
         Ok(Self { backend, model, kv })
     }
@@ -117,6 +118,11 @@ impl Engine {
 
     pub fn backend_description(&self) -> String {
         self.backend.describe()
+    }
+
+    /// [`Model::head_bytes`].
+    pub fn head_bytes(&self) -> usize {
+        self.model.head_bytes()
     }
 
     /// [`Backend::linear_weight_bytes`] of the backend.

@@ -26,5 +26,6 @@ pub mod model;
 pub mod perplexity;
 pub mod sampler;
 pub mod server;
+pub mod source;
 pub mod ternary;
 pub mod tokenizer;

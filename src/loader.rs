@@ -20,78 +20,44 @@
 //! Embeddings and the output head stay in their stored dtype; norm weights become f32.
 
 use crate::config::{HfConfig, ModelConfig, WeightFormat};
-use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+pub use crate::source::{HostLayer, HostModel, ModelSource};
+use crate::ternary::{DenseData, DenseMatrix, MappedValues, TableDtype, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
 use half::{bf16, f16};
-use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use tern_cpu::bitlinear::reference::pack;
+use std::sync::Arc;
+use tern_cpu::bitlinear::reference::{pack, row_bytes};
 
-/// One transformer block's weights.
-#[derive(Clone, Debug)]
-pub struct HostLayer {
-    pub attn_norm: Vec<f32>,
-    pub q: TernaryMatrix,
-    pub k: TernaryMatrix,
-    pub v: TernaryMatrix,
-    pub attn_sub_norm: Option<Vec<f32>>,
-    pub o: TernaryMatrix,
-    pub ffn_norm: Vec<f32>,
-    pub gate: TernaryMatrix,
-    pub up: TernaryMatrix,
-    pub ffn_sub_norm: Option<Vec<f32>>,
-    pub down: TernaryMatrix,
-}
-
-/// A whole model in host memory, ready for a backend to upload.
-#[derive(Clone, Debug)]
-pub struct HostModel {
-    pub config: ModelConfig,
-    /// Where the weights came from and how they were stored, for `tern info` and logs.
-    pub format: String,
-    /// Token embedding, `[vocab, hidden]`.
-    pub embed: DenseMatrix,
-    /// Output head `[vocab, hidden]`; `None` when tied to the embedding.
-    pub output: Option<DenseMatrix>,
-    pub final_norm: Vec<f32>,
-    pub layers: Vec<HostLayer>,
-}
-
-impl HostModel {
-    /// The matrix the logits are computed with.
-    pub fn head(&self) -> &DenseMatrix {
-        self.output.as_ref().unwrap_or(&self.embed)
-    }
-
-    /// Ternary weights, in parameters and in packed bytes.
-    pub fn ternary_size(&self) -> (usize, usize) {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .fold((0, 0), |(p, b), m| {
-                (p + m.rows * m.cols, b + m.packed_bytes())
-            })
-    }
-}
-
-/// Loads weights and tokenizer from `path`: a Hugging Face model directory, or a GGUF file.
+/// Loads weights and tokenizer from `path` whole into memory (tests and tools that inspect
+/// tensors; inference streams through [`open_model`]).
 pub fn load_model_files(path: &Path) -> Result<(HostModel, Tokenizer)> {
     let (host, tokenizer) = load_model_parts(path)?;
     Ok((host, tokenizer?))
 }
 
 /// Like [`load_model_files`], but a tokenizer that cannot be built is returned as its error beside
-/// the weights, for commands that need no text (bench, info, convert).
+/// the weights.
 pub fn load_model_parts(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
+    let (source, tokenizer) = open_model(path)?;
+    Ok((HostModel::collect(source.as_ref())?, tokenizer))
+}
+
+/// Opens `path`, a Hugging Face model directory or a GGUF file, as a streaming [`ModelSource`]
+/// (headers and config are read and checked; tensors are read when asked for), with its tokenizer,
+/// whose failure is returned apart: commands that need no text (bench, info, convert) run without
+/// one.
+pub fn open_model(path: &Path) -> Result<(Box<dyn ModelSource>, Result<Tokenizer>)> {
     if is_gguf_file(path)? {
-        return crate::gguf::model::load_gguf(path);
+        let (source, tokenizer) = crate::gguf::model::GgufSource::open(path)?;
+        return Ok((Box::new(source), tokenizer));
     }
-    Ok((load_hf_dir(path)?, Tokenizer::from_dir(path)))
+    Ok((Box::new(HfSource::open(path)?), Tokenizer::from_dir(path)))
 }
 
 /// The tokenizer alone, without reading weights: a model directory's, or a GGUF file's (also a
@@ -122,53 +88,77 @@ fn is_gguf_file(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Loads a model directory in Hugging Face layout.
+/// Loads a model directory in Hugging Face layout whole into memory.
 pub fn load_hf_dir(dir: &Path) -> Result<HostModel> {
-    ensure!(
-        dir.is_dir(),
-        "{} is not a model directory (expected config.json and model.safetensors inside)",
-        dir.display()
-    );
-    let config = HfConfig::from_dir(dir)?;
-    let files = SafetensorsFiles::open(dir)?;
-    let c = &config.model;
-    let progress = load_progress(c.layers as u64);
-    let embed = files.dense("model.embed_tokens.weight", [c.vocab, c.hidden])?;
-    let output = if c.tied_embeddings {
-        None
-    } else {
-        Some(files.dense("lm_head.weight", [c.vocab, c.hidden])?)
-    };
-    let final_norm = files.vector("model.norm.weight", c.hidden)?;
-    // Not `with_capacity`: the count comes from config.json; each layer needs its tensors.
-    let mut layers = Vec::new();
-    for l in 0..c.layers {
-        layers.push(load_layer(&files, &config, l)?);
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    let format = format!(
-        "safetensors, {}: {}",
-        config.family.describe(),
-        config.weight_format.describe()
-    );
-    Ok(HostModel {
-        config: config.model,
-        format,
-        embed,
-        output,
-        final_norm,
-        layers,
-    })
+    HostModel::collect(&HfSource::open(dir)?)
 }
 
-fn load_progress(layers: u64) -> ProgressBar {
-    let bar = ProgressBar::new(layers);
-    bar.set_style(
-        ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
-            .expect("static template"),
-    );
-    bar
+/// A model directory in Hugging Face layout, read tensor by tensor from its mapped files.
+pub struct HfSource {
+    config: HfConfig,
+    files: SafetensorsFiles,
+    format: String,
+}
+
+impl HfSource {
+    /// Reads and checks `config.json` and every safetensors header.
+    pub fn open(dir: &Path) -> Result<Self> {
+        ensure!(
+            dir.is_dir(),
+            "{} is not a model directory (expected config.json and model.safetensors inside)",
+            dir.display()
+        );
+        let config = HfConfig::from_dir(dir)?;
+        let files = SafetensorsFiles::open(dir)?;
+        let format = format!(
+            "safetensors, {}: {}",
+            config.family.describe(),
+            config.weight_format.describe()
+        );
+        Ok(Self {
+            config,
+            files,
+            format,
+        })
+    }
+}
+
+impl ModelSource for HfSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config.model
+    }
+
+    fn format(&self) -> &str {
+        &self.format
+    }
+
+    fn embed(&self) -> Result<Cow<'_, DenseMatrix>> {
+        let c = &self.config.model;
+        let embed = self
+            .files
+            .dense("model.embed_tokens.weight", [c.vocab, c.hidden])?;
+        Ok(Cow::Owned(embed))
+    }
+
+    fn output(&self) -> Result<Option<Cow<'_, DenseMatrix>>> {
+        let c = &self.config.model;
+        if c.tied_embeddings {
+            return Ok(None);
+        }
+        let head = self.files.dense("lm_head.weight", [c.vocab, c.hidden])?;
+        Ok(Some(Cow::Owned(head)))
+    }
+
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        let c = &self.config.model;
+        Ok(Cow::Owned(
+            self.files.vector("model.norm.weight", c.hidden)?,
+        ))
+    }
+
+    fn layer(&self, index: usize) -> Result<Cow<'_, HostLayer>> {
+        Ok(Cow::Owned(load_layer(&self.files, &self.config, index)?))
+    }
 }
 
 fn load_layer(files: &SafetensorsFiles, config: &HfConfig, l: usize) -> Result<HostLayer> {
@@ -198,11 +188,21 @@ fn load_layer(files: &SafetensorsFiles, config: &HfConfig, l: usize) -> Result<H
     })
 }
 
-/// The memory-mapped safetensors files of a checkpoint and which file holds each tensor.
+/// One tensor of a checkpoint, located by [`SafetensorsFiles::open`].
+struct TensorEntry {
+    /// Index into `SafetensorsFiles::maps`.
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the mapped file.
+    bytes: std::ops::Range<usize>,
+}
+
+/// The memory-mapped safetensors files of a checkpoint and where each tensor lies in them (every
+/// header parsed once, at open).
 struct SafetensorsFiles {
-    maps: Vec<(PathBuf, Mmap)>,
-    /// Tensor name -> index into `maps`.
-    location: BTreeMap<String, usize>,
+    maps: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: BTreeMap<String, TensorEntry>,
 }
 
 impl SafetensorsFiles {
@@ -220,7 +220,7 @@ impl SafetensorsFiles {
             );
         };
         let mut maps = Vec::new();
-        let mut location = BTreeMap::new();
+        let mut entries = BTreeMap::new();
         for (i, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
             let file =
@@ -235,17 +235,27 @@ impl SafetensorsFiles {
                     path.display()
                 )
             })?;
-            for tensor_name in tensors.names() {
-                location.insert(tensor_name.to_string(), i);
+            for (tensor_name, view) in tensors.tensors() {
+                let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+                let entry = TensorEntry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                };
+                entries.insert(tensor_name, entry);
             }
-            maps.push((path, map));
+            maps.push((path, Arc::new(map)));
         }
-        Ok(Self { maps, location })
+        Ok(Self {
+            maps,
+            tensors: entries,
+        })
     }
 
     /// The raw tensor: its file, dtype, shape and bytes.
-    fn raw(&self, name: &str) -> Result<(&Path, Dtype, Vec<usize>, &[u8])> {
-        let Some(&i) = self.location.get(name) else {
+    fn raw(&self, name: &str) -> Result<(&Path, Dtype, &[usize], &[u8])> {
+        let Some(t) = self.tensors.get(name) else {
             bail!(
                 "tensor `{name}` is missing from {}",
                 self.maps
@@ -255,10 +265,13 @@ impl SafetensorsFiles {
                     .join(", ")
             );
         };
-        let (path, map) = &self.maps[i];
-        let tensors = SafeTensors::deserialize(map).expect("validated in open");
-        let view = tensors.tensor(name).expect("listed in open");
-        Ok((path, view.dtype(), view.shape().to_vec(), view.data()))
+        let (path, map) = &self.maps[t.file];
+        Ok((path, t.dtype, &t.shape, &map[t.bytes.clone()]))
+    }
+
+    /// The map a tensor's bytes lie in.
+    fn map_of(&self, name: &str) -> &Arc<Mmap> {
+        &self.maps[self.tensors[name].file].1
     }
 
     fn expect_shape(&self, name: &str, want: &[usize]) -> Result<(&Path, Dtype, &[u8])> {
@@ -276,8 +289,22 @@ impl SafetensorsFiles {
         float_values(data, dtype).with_context(|| format!("{}: tensor `{name}`", path.display()))
     }
 
+    /// A table, served from the mapped file where its dtype and alignment allow, else copied.
     fn dense(&self, name: &str, [rows, cols]: [usize; 2]) -> Result<DenseMatrix> {
         let (path, dtype, data) = self.expect_shape(name, &[rows, cols])?;
+        let in_place = match dtype {
+            Dtype::BF16 => Some(TableDtype::Bf16),
+            Dtype::F16 => Some(TableDtype::F16),
+            Dtype::F32 => Some(TableDtype::F32),
+            _ => None,
+        };
+        if let Some(mapped) = in_place.and_then(|t| MappedValues::new(self.map_of(name), data, t)) {
+            return Ok(DenseMatrix {
+                rows,
+                cols,
+                data: DenseData::Mapped(mapped),
+            });
+        }
         let data = match dtype {
             Dtype::BF16 => DenseData::Bf16(le_u16(data).map(bf16::from_bits).collect()),
             Dtype::F16 => DenseData::F16(le_u16(data).map(f16::from_bits).collect()),
@@ -322,9 +349,9 @@ impl SafetensorsFiles {
                 } else {
                     stored
                 };
-                let values = unpack_output_blocks(data, rows, cols)
+                let codes = output_blocks_to_canonical(data, rows, cols)
                     .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
-                TernaryMatrix::new(&name, rows, cols, pack(&values, rows, cols)?, scale)
+                TernaryMatrix::new(&name, rows, cols, codes, scale)
             }
             WeightFormat::MasterWeights => {
                 let (path, dtype, data) = self.expect_shape(&name, &[rows, cols])?;
@@ -365,10 +392,13 @@ fn shards_of_index(index: &Path) -> Result<Vec<String>> {
     Ok(shards)
 }
 
-/// Decodes the HF packed layout (see the module doc) to row-major int8 values.
-fn unpack_output_blocks(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>> {
+/// Moves the codes of the HF packed layout (see the module doc) into the canonical one (rows by
+/// output, four codes per byte along the input), without an unpacked copy: both store
+/// `code = value + 1`.
+fn output_blocks_to_canonical(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
     let block = rows / 4;
-    let mut values = vec![0i8; rows * cols];
+    let stride = row_bytes(cols);
+    let mut codes = vec![0u8; rows * stride];
     for j in 0..block {
         for k in 0..cols {
             let byte = packed[j * cols + k];
@@ -378,11 +408,18 @@ fn unpack_output_blocks(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i
                     code != 3,
                     "packed byte ({j}, {k}) holds the 2-bit code 3, which is not a ternary value"
                 );
-                values[(i * block + j) * cols + k] = code as i8 - 1;
+                codes[(i * block + j) * stride + k / 4] |= code << (2 * (k % 4));
             }
         }
     }
-    Ok(values)
+    // Padding codes of a last partial byte stand for 0 (code 1), as `pack` writes them.
+    if !cols.is_multiple_of(4) {
+        let pad = 0x55u8 << (2 * (cols % 4));
+        codes
+            .chunks_exact_mut(stride)
+            .for_each(|row| row[stride - 1] |= pad);
+    }
+    Ok(codes)
 }
 
 /// Per-tensor absmean ternarization; returns the values and the scale `m` that multiplies them.
@@ -424,9 +461,15 @@ mod tests {
     #[test]
     fn unpacks_the_documented_example() {
         // out = 8, in = 1: byte 0b10_01_00_10 gives rows 0, 2, 4, 6 = +1, -1, 0, +1.
-        let values = unpack_output_blocks(&[0b1001_0010, 0b0101_0101], 8, 1).unwrap();
-        assert_eq!(values, vec![1, 0, -1, 0, 0, 0, 1, 0]);
-        assert!(unpack_output_blocks(&[0b11, 0], 8, 1).is_err());
+        let codes = output_blocks_to_canonical(&[0b1001_0010, 0b0101_0101], 8, 1).unwrap();
+        let m = TernaryMatrix::new("t", 8, 1, codes.clone(), 1.0).unwrap();
+        assert_eq!(m.to_i8(), vec![1, 0, -1, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            codes,
+            pack(&m.to_i8(), 8, 1).unwrap(),
+            "padding as pack writes it"
+        );
+        assert!(output_blocks_to_canonical(&[0b11, 0], 8, 1).is_err());
     }
 
     #[test]

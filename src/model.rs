@@ -22,8 +22,9 @@
 use crate::backend::{Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId};
 use crate::capture::Capture;
 use crate::config::ModelConfig;
-use crate::loader::HostModel;
-use anyhow::{Result, ensure};
+use crate::source::ModelSource;
+use anyhow::{Context, Result, ensure};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Which rows of a fed run of tokens need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,7 @@ pub struct Model {
     config: ModelConfig,
     embed: TableId,
     head: TableId,
+    head_bytes: usize,
     final_norm: VectorId,
     layers: Vec<Layer>,
     scratch: Option<Scratch>,
@@ -87,40 +89,69 @@ pub struct Model {
 }
 
 impl Model {
-    /// Uploads the weights to `backend` (fusing q‖k‖v and gate‖up).
-    pub fn upload(host: &HostModel, backend: &mut dyn Backend) -> Result<Self> {
-        let c = &host.config;
-        let embed = backend.upload_table(&host.embed)?;
-        let head = match &host.output {
-            Some(output) => backend.upload_table(output)?,
-            None => embed,
+    /// Uploads the weights of `source` to `backend` (fusing q‖k‖v and gate‖up), streaming: the
+    /// tables first, then one layer at a time, each dropped once the backend holds it in its own
+    /// layout, so that no more than one layer exists twice (see [`crate::source`]). A progress
+    /// bar on stderr (only when it is a terminal) counts the layers and their ternary bytes.
+    pub fn upload(source: &dyn ModelSource, backend: &mut dyn Backend) -> Result<Self> {
+        let c = source.config().clone();
+        let embed_table = source.embed()?;
+        let embed = backend.upload_table(&embed_table)?;
+        let (head, head_bytes) = match source.output()? {
+            Some(output) => (backend.upload_table(&output)?, output.bytes()),
+            None => (embed, embed_table.bytes()),
         };
-        let mut layers = Vec::with_capacity(host.layers.len());
-        for l in &host.layers {
+        drop(embed_table);
+        let final_norm = backend.upload_vector(&source.final_norm()?)?;
+        let progress = load_progress(&c);
+        let mut layers = Vec::with_capacity(c.layers);
+        for l in 0..c.layers {
+            let host = source.layer(l)?;
             let sub_norm =
                 |b: &mut dyn Backend, w: &Option<Vec<f32>>| -> Result<Option<VectorId>> {
                     w.as_ref().map(|w| b.upload_vector(w)).transpose()
                 };
+            let linears = backend
+                .upload_linears(&[
+                    &[&host.q, &host.k, &host.v],
+                    &[&host.o],
+                    &[&host.gate, &host.up],
+                    &[&host.down],
+                ])
+                .with_context(|| format!("layer {l}"))?;
+            let [qkv, o, gate_up, down] = linears[..] else {
+                anyhow::bail!("the backend returned {} linears for 4", linears.len());
+            };
             layers.push(Layer {
-                attn_norm: backend.upload_vector(&l.attn_norm)?,
-                qkv: backend.upload_linear(&[&l.q, &l.k, &l.v])?,
-                attn_sub_norm: sub_norm(backend, &l.attn_sub_norm)?,
-                o: backend.upload_linear(&[&l.o])?,
-                ffn_norm: backend.upload_vector(&l.ffn_norm)?,
-                gate_up: backend.upload_linear(&[&l.gate, &l.up])?,
-                ffn_sub_norm: sub_norm(backend, &l.ffn_sub_norm)?,
-                down: backend.upload_linear(&[&l.down])?,
+                attn_norm: backend.upload_vector(&host.attn_norm)?,
+                qkv,
+                attn_sub_norm: sub_norm(backend, &host.attn_sub_norm)?,
+                o,
+                ffn_norm: backend.upload_vector(&host.ffn_norm)?,
+                gate_up,
+                ffn_sub_norm: sub_norm(backend, &host.ffn_sub_norm)?,
+                down,
             });
+            let bytes: usize = host.linears().iter().map(|m| m.packed_bytes()).sum();
+            progress.inc(bytes as u64);
+            progress.set_message(format!("layer {}/{}", l + 1, c.layers));
         }
+        progress.finish_and_clear();
         Ok(Self {
-            config: c.clone(),
+            config: c,
             embed,
             head,
-            final_norm: backend.upload_vector(&host.final_norm)?,
+            head_bytes,
+            final_norm,
             layers,
             scratch: None,
             capture: None,
         })
+    }
+
+    /// Bytes of the full-precision output head (the embedding when tied) in its stored dtype.
+    pub fn head_bytes(&self) -> usize {
+        self.head_bytes
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -282,6 +313,19 @@ impl Model {
         }
         Ok(self.scratch.expect("allocated above"))
     }
+}
+
+/// A bar over the ternary bytes of every layer, drawn on stderr only when it is a terminal.
+fn load_progress(c: &ModelConfig) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(c.ternary_size().1 as u64),
+        ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {msg} {elapsed}")
+            .expect("static template"),
+    );
+    bar
 }
 
 /// Hands intermediates to the model's [`Capture`], if it has one.

@@ -4,9 +4,17 @@
 //! A [`TernaryMatrix`] uses the packed 2-bit layout of [`tern_cpu::bitlinear::reference`] (row-major by output,
 //! `code = value + 1`, four codes per byte, least significant pair first) with one per-tensor scale
 //! that **multiplies**: `W_eff = W_ternary * scale`.
+//!
+//! A [`DenseMatrix`] either owns its values or, when a loader finds them in a memory-mapped file in
+//! a dtype a backend reads as is (f32, f16, bf16, little endian, aligned to the element), serves
+//! them from the map ([`DenseData::Mapped`]): the pages are read on demand and belong to the page
+//! cache, not to the process's heap, and cloning the matrix copies no values.
 
 use anyhow::{Result, bail};
 use half::{bf16, f16};
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::Arc;
 use tern_cpu::bitlinear::reference::{TernaryView, row_bytes};
 use tern_cpu::table::DenseView;
 
@@ -66,6 +74,78 @@ pub enum DenseData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// Values read in place from a memory-mapped file.
+    Mapped(MappedValues),
+}
+
+/// The element types a table can be served in from a file as is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl TableDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            TableDtype::F32 => 4,
+            TableDtype::F16 | TableDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A range of a memory-mapped file holding little-endian values of one [`TableDtype`], aligned to
+/// the element size (checked in [`MappedValues::new`], so [`MappedValues::view`] cannot fail).
+#[derive(Clone)]
+pub struct MappedValues {
+    map: Arc<Mmap>,
+    range: Range<usize>,
+    dtype: TableDtype,
+}
+
+impl MappedValues {
+    /// The values in `bytes`, which must lie inside `map`; `None` where they cannot be read in
+    /// place (misaligned for the dtype, a length that is not a whole number of elements, or a
+    /// big-endian machine), so the caller copies them instead.
+    pub fn new(map: &Arc<Mmap>, bytes: &[u8], dtype: TableDtype) -> Option<Self> {
+        let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
+        let range = start..start + bytes.len();
+        let inside = range.end <= map.len();
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.bytes())
+            && bytes.len().is_multiple_of(dtype.bytes());
+        (inside && aligned && cfg!(target_endian = "little")).then(|| Self {
+            map: Arc::clone(map),
+            range,
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> TableDtype {
+        self.dtype
+    }
+
+    pub fn view(&self) -> DenseView<'_> {
+        let bytes = &self.map[self.range.clone()];
+        let cast = "length and alignment checked in MappedValues::new";
+        match self.dtype {
+            TableDtype::F32 => DenseView::F32(bytemuck::try_cast_slice(bytes).expect(cast)),
+            TableDtype::F16 => DenseView::F16(bytemuck::try_cast_slice(bytes).expect(cast)),
+            TableDtype::Bf16 => DenseView::Bf16(bytemuck::try_cast_slice(bytes).expect(cast)),
+        }
+    }
+}
+
+impl std::fmt::Debug for MappedValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedValues({:?} bytes {:?})", self.dtype, self.range)
+    }
+}
+
+impl PartialEq for MappedValues {
+    fn eq(&self, other: &Self) -> bool {
+        self.dtype == other.dtype && self.map[self.range.clone()] == other.map[other.range.clone()]
+    }
 }
 
 /// A full-precision row-major matrix (token embeddings, output heads).
@@ -82,7 +162,22 @@ impl DenseMatrix {
             DenseData::F32(v) => DenseView::F32(v),
             DenseData::F16(v) => DenseView::F16(v),
             DenseData::Bf16(v) => DenseView::Bf16(v),
+            DenseData::Mapped(m) => m.view(),
         }
+    }
+
+    pub fn dtype(&self) -> TableDtype {
+        match &self.data {
+            DenseData::F32(_) => TableDtype::F32,
+            DenseData::F16(_) => TableDtype::F16,
+            DenseData::Bf16(_) => TableDtype::Bf16,
+            DenseData::Mapped(m) => m.dtype(),
+        }
+    }
+
+    /// Whether the values are served from a memory-mapped file rather than held in memory.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, DenseData::Mapped(_))
     }
 
     /// An error unless the data holds exactly `rows × cols` values (what a backend checks before
@@ -96,18 +191,14 @@ impl DenseMatrix {
     }
 
     pub fn bytes(&self) -> usize {
-        let per = match self.data {
-            DenseData::F32(_) => 4,
-            DenseData::F16(_) | DenseData::Bf16(_) => 2,
-        };
-        self.rows * self.cols * per
+        self.rows * self.cols * self.dtype().bytes()
     }
 
     pub fn dtype_name(&self) -> &'static str {
-        match self.data {
-            DenseData::F32(_) => "f32",
-            DenseData::F16(_) => "f16",
-            DenseData::Bf16(_) => "bf16",
+        match self.dtype() {
+            TableDtype::F32 => "f32",
+            TableDtype::F16 => "f16",
+            TableDtype::Bf16 => "bf16",
         }
     }
 }

@@ -844,3 +844,32 @@ fn run_dumps_named_intermediates_and_refuses_unknown_names() {
         &["--dump blk.99.qkv", "no such intermediate"],
     );
 }
+
+#[test]
+fn convert_shape_writes_a_random_model_that_info_reads_with_its_table_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("125m-i2_s.gguf");
+    let args = ["convert", "--shape", "125m", "--to", "i2_s", "-o"];
+    ok(&[&args[..], &[path_str(&out)]].concat());
+    let info = ok(&["info", "-m", path_str(&out), "--format", "json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        (&info["layers"], &info["hidden_size"], &info["vocab_size"]),
+        (&11.into(), &768.into(), &32002.into())
+    );
+    let embedding = info["tables"]["embedding"].as_str().unwrap();
+    assert!(embedding.starts_with("mapped"), "{embedding}");
+    assert_eq!(info["tokenizer"]["vocab_size"], 32002, "{info}");
+    fails_with(
+        &[
+            "convert",
+            "--shape",
+            "12b",
+            "--to",
+            "i2_s",
+            "-o",
+            path_str(&out),
+        ],
+        &["unknown shape `12b`"],
+    );
+}

@@ -276,7 +276,7 @@ fn formats_and_architectures_are_reported() {
 /// Converts `model` (a fixture name) to `target` in memory and parses the result.
 fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, GgufFile) {
     let (host, tokenizer) = load_model_files(&fixture_dir(model)).unwrap();
-    let (writer, _notes) = model_to_gguf(
+    let (bytes, _notes) = model_to_gguf(
         &host,
         VocabSource::Tokenizer(&tokenizer),
         target,
@@ -284,7 +284,7 @@ fn convert(model: &str, target: TernaryTarget) -> (tempfile::NamedTempFile, Gguf
     )
     .unwrap();
     let out = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
-    writer.write(out.path()).unwrap();
+    std::fs::write(out.path(), bytes).unwrap();
     let file = GgufFile::open(out.path()).unwrap();
     (out, file)
 }
@@ -543,6 +543,7 @@ fn llama_cpp_tokenizer_test_vectors() {
 /// vocabulary's ids fit.
 fn grow_vocab(mut host: tern::loader::HostModel, vocab: usize) -> tern::loader::HostModel {
     use tern::ternary::{DenseData, DenseMatrix};
+    use tern_cpu::table::DenseView;
     fn tile<T: Copy>(v: &[T], cols: usize, rows: usize) -> Vec<T> {
         v.chunks_exact(cols)
             .cycle()
@@ -552,10 +553,10 @@ fn grow_vocab(mut host: tern::loader::HostModel, vocab: usize) -> tern::loader::
             .collect()
     }
     fn grow(m: &DenseMatrix, rows: usize) -> DenseMatrix {
-        let data = match &m.data {
-            DenseData::F32(v) => DenseData::F32(tile(v, m.cols, rows)),
-            DenseData::F16(v) => DenseData::F16(tile(v, m.cols, rows)),
-            DenseData::Bf16(v) => DenseData::Bf16(tile(v, m.cols, rows)),
+        let data = match m.view() {
+            DenseView::F32(v) => DenseData::F32(tile(v, m.cols, rows)),
+            DenseView::F16(v) => DenseData::F16(tile(v, m.cols, rows)),
+            DenseView::Bf16(v) => DenseData::Bf16(tile(v, m.cols, rows)),
         };
         DenseMatrix {
             rows,
@@ -609,14 +610,13 @@ fn one_bit_llm_and_falcon3_style_files_run_with_the_tokenizer_of_their_metadata(
         if activation_key.is_some() {
             host.config.activation = tern_cpu::elementwise::GateActivation::Silu;
         }
-        let (writer, _notes) = model_to_gguf(
+        let (mut bytes, _notes) = model_to_gguf(
             &host,
             VocabSource::Metadata(&vocab.metadata),
             TernaryTarget::I2S,
             vocab_name,
         )
         .unwrap();
-        let mut bytes = writer.to_bytes();
         if let Some(key) = activation_key {
             let at = bytes
                 .windows(key.len())
@@ -656,5 +656,74 @@ fn one_bit_llm_and_falcon3_style_files_run_with_the_tokenizer_of_their_metadata(
             streamed + &stream.finish().unwrap(),
             tok.decode(&new, true).unwrap()
         );
+    }
+}
+
+/// `tern convert --shape`'s path: random weights streamed to a GGUF file with a dummy vocabulary
+/// load back (tokenizer included) as the very weights the random source generates.
+#[test]
+fn random_shapes_written_as_gguf_load_back_as_the_same_weights() {
+    use tern::bench::{RandomSource, ShapePreset};
+    use tern::gguf::write::write_model_gguf_file;
+    use tern::loader::ModelSource;
+    let config = ShapePreset {
+        hidden: 256,
+        intermediate: 512,
+        layers: 3,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 300,
+        ..ShapePreset::parse("7b").unwrap()
+    }
+    .config();
+    let source = RandomSource::new(config.clone(), 11);
+    let dir = tempfile::tempdir().unwrap();
+    for target in [TernaryTarget::I2S, TernaryTarget::Tq2_0] {
+        let path = dir.path().join(format!("{target:?}.gguf"));
+        write_model_gguf_file(&source, VocabSource::Dummy, target, "random", &path).unwrap();
+        let (loaded, tokenizer) = load_model_files(&path).unwrap();
+        assert_eq!(tokenizer.vocab_size(), 300, "{target:?}");
+        assert_eq!(tokenizer.bos_id(), Some(298), "{target:?}");
+        assert!(
+            !tokenizer
+                .encode("ternary weights", false)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(loaded.config.layers, 3);
+        for l in 0..config.layers {
+            let want = source.layer(l).unwrap();
+            for (i, (got, want)) in loaded.layers[l]
+                .linears()
+                .iter()
+                .zip(want.linears())
+                .enumerate()
+            {
+                assert!(
+                    got.codes == want.codes,
+                    "{target:?} layer {l} linear {i}: codes differ"
+                );
+                // TQ2_0 stores the scale as its f16 block scale.
+                let scale = match target {
+                    TernaryTarget::I2S => want.scale,
+                    _ => half::f16::from_f32(want.scale).to_f32(),
+                };
+                assert_eq!(got.scale, scale, "{target:?} layer {l} linear {i}");
+            }
+        }
+        // bf16 tables are written as f16, exactly for values in ±0.05 above f16's normal range.
+        let (got, want) = (loaded.embed.view(), source.embed().unwrap());
+        let want = want.view();
+        let mut row = (vec![0f32; 256], vec![0f32; 256]);
+        for r in [0, 150, 299] {
+            got.row_to_f32(r, 256, &mut row.0).unwrap();
+            want.row_to_f32(r, 256, &mut row.1).unwrap();
+            let rounded: Vec<f32> = row
+                .1
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(row.0, rounded, "{target:?} embedding row {r}");
+        }
     }
 }

@@ -282,6 +282,27 @@ impl CpuBackend {
     }
 }
 
+/// A linear of fused `parts` in the `family` layout (the parts' rows one after another, each with
+/// its part's scale).
+fn repack(family: Family, parts: &[&TernaryMatrix]) -> Result<Linear> {
+    let cols = fused_in_features(parts)?;
+    let row_scales: Vec<f32> = parts
+        .iter()
+        .flat_map(|part| std::iter::repeat_n(part.scale, part.rows))
+        .collect();
+    // A single part is read in place; fused ones are concatenated (rows one after another).
+    let fused: Vec<u8>;
+    let codes = match parts {
+        [one] => &one.codes[..],
+        _ => {
+            fused = parts.iter().flat_map(|p| p.codes.iter().copied()).collect();
+            &fused[..]
+        }
+    };
+    let canonical = TernaryView::new(codes, row_scales.len(), cols)?;
+    Ok(Linear::new(family, canonical, row_scales)?)
+}
+
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
         let head = match self.lm_head {
@@ -307,17 +328,26 @@ impl Backend for CpuBackend {
     }
 
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId> {
-        let cols = fused_in_features(parts)?;
-        let mut codes = Vec::new();
-        let mut row_scales = Vec::new();
-        for part in parts {
-            codes.extend_from_slice(&part.codes);
-            row_scales.extend(std::iter::repeat_n(part.scale, part.rows));
-        }
-        let canonical = TernaryView::new(&codes, row_scales.len(), cols)?;
-        self.linears
-            .push(Linear::new(self.family, canonical, row_scales)?);
+        let linear = repack(self.family, parts)?;
+        self.linears.push(linear);
         Ok(LinearId(self.linears.len() - 1))
+    }
+
+    /// Repacks the linears in parallel, one per pool thread (a layer's four linears at a load).
+    fn upload_linears(&mut self, linears: &[&[&TernaryMatrix]]) -> Result<Vec<LinearId>> {
+        let mut built: Vec<Option<Result<Linear>>> = linears.iter().map(|_| None).collect();
+        let family = self.family;
+        self.pool
+            .for_each(linears.iter().zip(built.iter_mut()), |(parts, slot)| {
+                *slot = Some(repack(family, parts));
+            });
+        built
+            .into_iter()
+            .map(|linear| {
+                self.linears.push(linear.expect("every item ran")?);
+                Ok(LinearId(self.linears.len() - 1))
+            })
+            .collect()
     }
 
     fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId> {

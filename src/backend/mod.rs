@@ -227,6 +227,14 @@ pub trait Backend {
     /// Uploads ternary matrices with equal input width as one linear whose outputs are the parts'
     /// outputs concatenated.
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId>;
+    /// Uploads several linears, each as [`Backend::upload_linear`] would; a backend may repack
+    /// them in parallel.
+    fn upload_linears(&mut self, linears: &[&[&TernaryMatrix]]) -> Result<Vec<LinearId>> {
+        linears
+            .iter()
+            .map(|parts| self.upload_linear(parts))
+            .collect()
+    }
     fn upload_vector(&mut self, values: &[f32]) -> Result<VectorId>;
     fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId>;
 

@@ -10,6 +10,7 @@ use tern::bench::{
     read_bandwidth, run as run_plan,
 };
 use tern::engine::Engine;
+use tern::loader::ModelSource;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -64,37 +65,41 @@ enum BenchFormat {
 pub fn run(args: BenchArgs) -> Result<()> {
     PeakRss::reset();
     let started = Instant::now();
-    let (host, name) = match (&args.shape, &args.model) {
+    let (source, name): (Box<dyn ModelSource>, String) = match (&args.shape, &args.model) {
         (Some(shape), _) => {
             let preset = ShapePreset::parse(shape)?;
-            // The random model is built whole in host memory and the backend then holds its own
-            // layout (plus the 8-bit head): refuse what cannot fit rather than be killed.
+            // Random weights stream into the backend a layer at a time: what must fit is the
+            // backend's copy, one layer being generated, and the 8-bit head. The copy is counted at
+            // the canonical 2 bits per weight: exact for the multiply-add layout, an upper bound
+            // for base 3 (1.6 bits where a linear has at most 32768 inputs). Refuse what cannot
+            // fit, rather than be killed.
             let c = preset.config();
-            let needed = 2 * preset.host_bytes() + (c.vocab * c.hidden) as u64;
+            let layer = c.ternary_size().1 / c.layers;
+            let needed = preset.host_bytes() + layer as u64 + (c.vocab * (c.hidden + 8)) as u64;
             if let Some(available) = available_memory() {
                 ensure!(
                     needed <= available,
-                    "--shape {}: needs about {:.1} GB (the weights in host memory and in the \
-                     backend's layout), {:.1} GB are available",
+                    "--shape {}: needs about {:.1} GB (the weights at 2 bits, one layer being \
+                     generated, the tables and the 8-bit head), {:.1} GB are available",
                     preset.name,
                     needed as f64 / 1e9,
                     available as f64 / 1e9
                 );
             }
-            tracing::info!("building a random-weight model of the {shape} shape");
-            (preset.random_model(7), shape.clone())
+            (Box::new(preset.random_source(7)), shape.clone())
         }
         (None, Some(model)) => {
             // A benchmark feeds token ids, not text: a model without a usable tokenizer runs.
             let loaded = load_model(model)?;
             loaded.tokenizer_if_any();
-            (loaded.host, model.clone())
+            (loaded.source, model.clone())
         }
         (None, None) => anyhow::bail!(
             "give a model with -m or a shape with --shape ({})",
             ShapePreset::names()
         ),
     };
+    let config = source.config().clone();
     let longest = args
         .prompt
         .iter()
@@ -104,22 +109,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .unwrap_or(0);
     ensure!(longest > 0, "nothing to measure: every -p and -n is 0");
     ensure!(
-        longest <= host.config.max_positions,
+        longest <= config.max_positions,
         "a test of {longest} tokens exceeds the model's context of {}",
-        host.config.max_positions
+        config.max_positions
     );
-    let ternary_params = host.ternary_size().0 as f64;
-    // The first thread count's load includes reading (or generating) the weights.
-    let mut model_ready_s = started.elapsed().as_secs_f64();
+    let ternary_params = config.ternary_size().0 as f64;
+    // Opening the source (headers, config) counts towards the first thread count's load; each
+    // thread count reads (or generates) the weights again as its backend takes them.
+    let mut opened_s = started.elapsed().as_secs_f64();
     let mut rows: Vec<BenchRow> = Vec::new();
     for &threads in &args.threads {
         let upload_started = Instant::now();
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
         let head = args.lm_head.apply(backend.as_mut(), true)?;
-        let mut engine = Engine::new(&host, backend, longest, 1)?;
-        let load_s = std::mem::take(&mut model_ready_s) + upload_started.elapsed().as_secs_f64();
-        let weight_bytes = decode_weight_bytes(&host, engine.linear_weight_bytes(), head);
+        let mut engine = Engine::new(source.as_ref(), backend, longest, 1)?;
+        let load_s = std::mem::take(&mut opened_s) + upload_started.elapsed().as_secs_f64();
+        let weight_bytes = decode_weight_bytes(
+            &config,
+            engine.linear_weight_bytes(),
+            engine.head_bytes(),
+            head,
+        );
         let threads = resolve_threads(threads);
         for &p in &args.prompt {
             let plan = BenchPlan {
@@ -147,7 +158,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             row.load_s = Some(load_s);
             row.peak_rss_bytes = peak_rss_bytes;
         }
-        PeakRss::reset(); // the next thread count's peak: the host model plus its own upload
+        PeakRss::reset(); // the next thread count's peak: its own load
     }
     match args.format {
         BenchFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),

@@ -32,7 +32,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     // One call: a seed drawn from the clock is drawn (and logged) once.
     let sampling = args.sampling.params();
     let top_k_suffices = sampling.reads_only_top(Q8_EXACT_TOP_K);
-    let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
+    let (mut engine, tokenizer) = engine_for(&args.model, top_k_suffices)?;
     let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use tern::hub;
+use tern::ternary::DenseMatrix;
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -20,22 +21,28 @@ pub struct InfoArgs {
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
-    let m = &loaded.host;
-    let c = &m.config;
-    let (ternary_params, ternary_bytes) = m.ternary_size();
-    let dense_params =
-        m.embed.rows * m.embed.cols + m.output.as_ref().map_or(0, |o| o.rows * o.cols);
-    let norm_params = m.final_norm.len()
-        + m.layers
-            .iter()
-            .map(|l| {
-                l.attn_norm.len()
-                    + l.ffn_norm.len()
-                    + l.attn_sub_norm.as_ref().map_or(0, Vec::len)
-                    + l.ffn_sub_norm.as_ref().map_or(0, Vec::len)
-            })
-            .sum::<usize>();
-    let dense_bytes = m.embed.bytes() + m.output.as_ref().map_or(0, |o| o.bytes());
+    let source = loaded.source.as_ref();
+    let c = source.config();
+    let (ternary_params, ternary_bytes) = c.ternary_size();
+    // Shapes are fixed by the config, which the loaders check every tensor against; the tables
+    // are opened (mapped or decoded) to say where they live.
+    let embed = source.embed()?;
+    let output = source.output()?;
+    let dense_params = c.vocab * c.hidden * if output.is_some() { 2 } else { 1 };
+    let norm_params = c.hidden * (1 + 2 * c.layers)
+        + if c.sub_norms {
+            c.layers * (c.q_dim() + c.intermediate)
+        } else {
+            0
+        };
+    let dense_bytes = embed.bytes() + output.as_ref().map_or(0, |o| o.bytes());
+    let storage = |m: &DenseMatrix| {
+        if m.is_mapped() {
+            "mapped from the file (read in place, not copied)"
+        } else {
+            "resident (decoded into memory)"
+        }
+    };
     let ctx = if args.ctx == 0 {
         c.max_positions
     } else {
@@ -45,7 +52,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     let kv_bytes_per_token = 2 * c.layers * c.kv_dim() * 4;
     let info = json!({
         "path": loaded.path.display().to_string(),
-        "format": m.format,
+        "format": source.format(),
         "architecture": c.architecture,
         "hidden_size": c.hidden,
         "intermediate_size": c.intermediate,
@@ -60,7 +67,12 @@ pub fn run(args: InfoArgs) -> Result<()> {
         "activation": format!("{:?}", c.activation).to_lowercase(),
         "sub_norms": c.sub_norms,
         "tied_embeddings": c.tied_embeddings,
-        "embedding_dtype": m.embed.dtype_name(),
+        "embedding_dtype": embed.dtype_name(),
+        "tables": {
+            "embedding": storage(&embed),
+            "output_head": output.as_ref().map_or("tied to the embedding", |o| storage(o)),
+            "ternary_weights": "resident in the backend's layout (repacked a layer at a time)",
+        },
         "parameters": {
             "ternary": ternary_params,
             "embedding_and_head": dense_params,

@@ -11,7 +11,7 @@ mod tokenize;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
 use tern::backend::selftest;
@@ -19,7 +19,7 @@ use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
 use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
 use tern::engine::Engine;
 use tern::hub;
-use tern::loader::{HostModel, load_model_parts};
+use tern::loader::{ModelSource, open_model};
 use tern::sampler::SamplingParams;
 use tern::tokenizer::Tokenizer;
 
@@ -241,10 +241,10 @@ fn auto_wgpu(device: Option<&str>) -> Result<WgpuBackend> {
     self_tested(gpu)
 }
 
-/// A model loaded from disk: weights, tokenizer (or why it cannot be built) and where they came
-/// from.
+/// A model opened from disk: its weights as a streaming source (read when uploaded), tokenizer (or
+/// why it cannot be built) and where they came from.
 pub struct LoadedModel {
-    pub host: HostModel,
+    pub source: Box<dyn ModelSource>,
     /// Only commands that handle text need it: see [`LoadedModel::tokenizer_if_any`].
     pub tokenizer: Result<Tokenizer>,
     pub path: PathBuf,
@@ -264,43 +264,40 @@ impl LoadedModel {
     }
 }
 
-/// Resolves `-m` (directory, GGUF file or repo id) and loads weights and tokenizer.
+/// Resolves `-m` (directory, GGUF file or repo id) and opens weights and tokenizer.
 pub fn load_model(spec: &str) -> Result<LoadedModel> {
     let path = hub::resolve_model(spec)?;
-    let (host, tokenizer) = load_path(&path)?;
+    let (source, tokenizer) = open_model(&path)?;
+    let c = source.config();
+    tracing::info!(
+        "opened {} ({} layers, hidden {}) from {}",
+        c.architecture,
+        c.layers,
+        c.hidden,
+        path.display(),
+    );
     Ok(LoadedModel {
-        host,
+        source,
         tokenizer,
         path,
     })
 }
 
-fn load_path(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
-    let started = std::time::Instant::now();
-    let (host, tokenizer) = load_model_parts(path)?;
-    tracing::info!(
-        "loaded {} ({} layers, hidden {}) from {} in {:.1} s",
-        host.config.architecture,
-        host.config.layers,
-        host.config.hidden,
-        path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok((host, tokenizer))
-}
-
 /// Loads the model and builds an engine with one sequence slot on the chosen backend.
 /// `top_k_suffices`: see [`LmHeadChoice::apply`].
-pub fn engine_for(
-    args: &ModelArgs,
-    top_k_suffices: bool,
-) -> Result<(Engine, Tokenizer, HostModel)> {
+pub fn engine_for(args: &ModelArgs, top_k_suffices: bool) -> Result<(Engine, Tokenizer)> {
     let loaded = load_model(&args.model)?;
     let tokenizer = loaded.tokenizer?;
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
     args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
-    let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
-    Ok((engine, tokenizer, loaded.host))
+    let started = std::time::Instant::now();
+    let engine = Engine::new(loaded.source.as_ref(), backend, args.ctx, 1)?;
+    tracing::info!(
+        "loaded {} in {:.1} s",
+        loaded.path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((engine, tokenizer))
 }
 
 /// Sampling flags, with llama.cpp's defaults.

@@ -28,7 +28,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let loaded = load_model(&args.model.model)?;
     let window = match args.model.ctx {
-        0 => DEFAULT_WINDOW.min(loaded.host.config.max_positions),
+        0 => DEFAULT_WINDOW.min(loaded.source.config().max_positions),
         n => n,
     };
     let ids = loaded.tokenizer?.encode(&text, true)?;
@@ -38,7 +38,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         args.model.device.as_deref(),
     )?;
     args.model.lm_head.apply(backend.as_mut(), false)?;
-    let mut engine = Engine::new(&loaded.host, backend, window, 1)?;
+    let mut engine = Engine::new(loaded.source.as_ref(), backend, window, 1)?;
     let bar = ProgressBar::new((ids.len() / window) as u64);
     bar.set_style(ProgressStyle::with_template(
         "perplexity {bar:30} {pos}/{len} windows {elapsed}",

@@ -58,7 +58,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let sampling = args.sampling.params();
     // JSON lines carry each token's log-probability, which needs every logit.
     let top_k_suffices = args.format == RunFormat::Text && sampling.reads_only_top(Q8_EXACT_TOP_K);
-    let (mut engine, tokenizer, _) = engine_for(&args.model, top_k_suffices)?;
+    let (mut engine, tokenizer) = engine_for(&args.model, top_k_suffices)?;
     if let Some(dir) = &args.dump_dir {
         let dump = DumpDir::new(dir, &args.dump, engine.config())?;
         engine.set_capture(Some(Box::new(dump)));

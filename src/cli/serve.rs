@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 select_backend(model.backend, model.threads, model.device.as_deref())?;
             // Requests may sample any way and ask for log-probabilities: `auto` keeps the full head.
             model.lm_head.apply(backend.as_mut(), false)?;
-            let engine = Engine::new(&loaded.host, backend, model.ctx, parallel)?;
+            let engine = Engine::new(loaded.source.as_ref(), backend, model.ctx, parallel)?;
             let stops = stop_ids(&tokenizer, &engine);
             Ok((engine, tokenizer, stops))
         }),

@@ -32,6 +32,7 @@ use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
@@ -301,7 +302,7 @@ pub struct Header {
 /// A parsed, memory-mapped GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     pub version: u32,
     pub alignment: u64,
     pub metadata: BTreeMap<String, Value>,
@@ -319,7 +320,7 @@ impl GgufFile {
             parse(&map).with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             version: header.version,
             alignment: header.alignment,
             metadata: header.metadata,
@@ -338,6 +339,11 @@ impl GgufFile {
     /// The bytes of a tensor (its range was checked against the file at parse time).
     pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
         &self.map[tensor.data.clone()]
+    }
+
+    /// The file's memory map, for values served from it in place.
+    pub fn map(&self) -> &Arc<Mmap> {
+        &self.map
     }
 }
 

@@ -1,4 +1,5 @@
-//! A GGUF file to the canonical [`HostModel`] and a [`Tokenizer`].
+//! A GGUF file as a streaming [`ModelSource`] (tensors decoded to the canonical layout when asked
+//! for, F16/BF16/F32 tables served from the mapped file) and a [`Tokenizer`].
 //!
 //! Architectures (`general.architecture`), decided from metadata, never from tensor names alone:
 //! - `bitnet-b1.58`, `bitnet-25` (bitnet.cpp's names for the 2B-4T graph): ReLU² FFN, sub-norms.
@@ -24,32 +25,89 @@ use super::quants::{dense_values, ternary_values};
 use super::vocab::tokenizer_from_metadata;
 use super::{GgmlType, GgufFile, TensorInfo, Value};
 use crate::config::ModelConfig;
-use crate::loader::{HostLayer, HostModel};
-use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::source::{HostLayer, ModelSource};
+use crate::ternary::{DenseData, DenseMatrix, MappedValues, TableDtype, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use half::{bf16, f16};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tern_cpu::bitlinear::reference::pack;
 use tern_cpu::elementwise::GateActivation;
 
-/// Loads the weights of a GGUF file, and its tokenizer, whose failure is returned apart: commands
-/// that need no text run without one. Notes on what was inferred are logged and appended to
-/// [`HostModel::format`].
-pub fn load_gguf(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
-    let file = GgufFile::open(path)?;
-    let source = path.display().to_string();
-    let mut notes = Vec::new();
-    let mut host = host_model(&file, &mut notes).with_context(|| source.clone())?;
-    let tokenizer = gguf_tokenizer(path, &file, &mut notes);
-    for note in &notes {
-        tracing::warn!("{source}: {note}");
+/// A GGUF file read tensor by tensor from its memory map.
+pub struct GgufSource {
+    file: GgufFile,
+    config: ModelConfig,
+    arch: Arch,
+    format: String,
+}
+
+impl GgufSource {
+    /// Parses and checks the file's header and metadata, and builds its tokenizer, whose failure
+    /// is returned apart: commands that need no text run without one. Notes on what was inferred
+    /// are logged and appended to the format description.
+    pub fn open(path: &Path) -> Result<(Self, Result<Tokenizer>)> {
+        let file = GgufFile::open(path)?;
+        let source = path.display().to_string();
+        let mut notes = Vec::new();
+        let (config, arch, mut format) =
+            model_config(&file, &mut notes).with_context(|| source.clone())?;
+        let tokenizer = gguf_tokenizer(path, &file, &mut notes);
+        for note in &notes {
+            tracing::warn!("{source}: {note}");
+        }
+        if !notes.is_empty() {
+            format = format!("{format}; inferred: {}", notes.join("; "));
+        }
+        let me = Self {
+            file,
+            config,
+            arch,
+            format,
+        };
+        Ok((me, tokenizer))
     }
-    if !notes.is_empty() {
-        host.format = format!("{}; inferred: {}", host.format, notes.join("; "));
+
+    fn in_file<T>(&self, value: Result<T>) -> Result<T> {
+        value.with_context(|| self.file.path.display().to_string())
     }
-    Ok((host, tokenizer))
+}
+
+impl ModelSource for GgufSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn format(&self) -> &str {
+        &self.format
+    }
+
+    fn embed(&self) -> Result<Cow<'_, DenseMatrix>> {
+        let c = &self.config;
+        let embed = dense(&self.file, "token_embd.weight", c.vocab, c.hidden);
+        self.in_file(embed).map(Cow::Owned)
+    }
+
+    fn output(&self) -> Result<Option<Cow<'_, DenseMatrix>>> {
+        let c = &self.config;
+        if c.tied_embeddings {
+            return Ok(None);
+        }
+        let head = dense(&self.file, "output.weight", c.vocab, c.hidden);
+        self.in_file(head).map(|h| Some(Cow::Owned(h)))
+    }
+
+    fn final_norm(&self) -> Result<Cow<'_, [f32]>> {
+        let norm = vector(&self.file, "output_norm.weight", self.config.hidden);
+        self.in_file(norm).map(Cow::Owned)
+    }
+
+    fn layer(&self, index: usize) -> Result<Cow<'_, HostLayer>> {
+        let layer = layer(&self.file, &self.config, self.arch, index);
+        self.in_file(layer).map(Cow::Owned)
+    }
 }
 
 /// The tokenizer of the GGUF file at `path`: a `tokenizer.json` beside it wins over the metadata.
@@ -112,7 +170,8 @@ impl Meta<'_> {
     }
 }
 
-fn host_model(file: &GgufFile, notes: &mut Vec<String>) -> Result<HostModel> {
+/// The model's configuration, architecture and a description of the file, from the metadata.
+fn model_config(file: &GgufFile, notes: &mut Vec<String>) -> Result<(ModelConfig, Arch, String)> {
     let arch_name = file
         .get("general.architecture")
         .and_then(Value::as_str)
@@ -227,61 +286,48 @@ fn host_model(file: &GgufFile, notes: &mut Vec<String>) -> Result<HostModel> {
             .collect(),
     };
     config.validate(&format!("{arch_name} metadata"))?;
-    let c = &config;
 
     let mut types: BTreeMap<&str, usize> = BTreeMap::new();
     for t in &file.tensors {
         *types.entry(t.ggml_type.name()).or_default() += 1;
-    }
-    let embed = dense(file, "token_embd.weight", c.vocab, c.hidden)?;
-    let output = if c.tied_embeddings {
-        None
-    } else {
-        Some(dense(file, "output.weight", c.vocab, c.hidden)?)
-    };
-    // Not `with_capacity(c.layers)`: the count comes from metadata; each layer needs its tensors.
-    let mut layers = Vec::new();
-    for l in 0..c.layers {
-        let p = format!("blk.{l}");
-        let linear = |name: &str, rows: usize, cols: usize, heads: Option<usize>| {
-            ternary(file, &format!("{p}.{name}"), rows, cols, heads)
-        };
-        // llama.cpp permutes Q/K rows of `llama` files for its interleaved RoPE.
-        let permuted = |h: usize| (arch == Arch::Llama).then_some(h);
-        let sub_norm = |name: &str, len: usize| {
-            c.sub_norms
-                .then(|| vector(file, &format!("{p}.{name}.weight"), len))
-                .transpose()
-        };
-        layers.push(HostLayer {
-            attn_norm: vector(file, &format!("{p}.attn_norm.weight"), c.hidden)?,
-            q: linear("attn_q", c.q_dim(), c.hidden, permuted(c.heads))?,
-            k: linear("attn_k", c.kv_dim(), c.hidden, permuted(c.kv_heads))?,
-            v: linear("attn_v", c.kv_dim(), c.hidden, None)?,
-            attn_sub_norm: sub_norm("attn_sub_norm", c.q_dim())?,
-            o: linear("attn_output", c.hidden, c.q_dim(), None)?,
-            ffn_norm: vector(file, &format!("{p}.ffn_norm.weight"), c.hidden)?,
-            gate: linear("ffn_gate", c.intermediate, c.hidden, None)?,
-            up: linear("ffn_up", c.intermediate, c.hidden, None)?,
-            ffn_sub_norm: sub_norm("ffn_sub_norm", c.intermediate)?,
-            down: linear("ffn_down", c.hidden, c.intermediate, None)?,
-        });
     }
     let types = types
         .iter()
         .map(|(name, n)| format!("{name} ×{n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    Ok(HostModel {
-        format: format!(
-            "GGUF v{}, architecture {arch_name}, tensor types {types}",
-            file.version
-        ),
-        final_norm: vector(file, "output_norm.weight", c.hidden)?,
-        config,
-        embed,
-        output,
-        layers,
+    let format = format!(
+        "GGUF v{}, architecture {arch_name}, tensor types {types}",
+        file.version
+    );
+    Ok((config, arch, format))
+}
+
+/// Layer `l`'s tensors, decoded to the canonical layout.
+fn layer(file: &GgufFile, c: &ModelConfig, arch: Arch, l: usize) -> Result<HostLayer> {
+    let p = format!("blk.{l}");
+    let linear = |name: &str, rows: usize, cols: usize, heads: Option<usize>| {
+        ternary(file, &format!("{p}.{name}"), rows, cols, heads)
+    };
+    // llama.cpp permutes Q/K rows of `llama` files for its interleaved RoPE.
+    let permuted = |h: usize| (arch == Arch::Llama).then_some(h);
+    let sub_norm = |name: &str, len: usize| {
+        c.sub_norms
+            .then(|| vector(file, &format!("{p}.{name}.weight"), len))
+            .transpose()
+    };
+    Ok(HostLayer {
+        attn_norm: vector(file, &format!("{p}.attn_norm.weight"), c.hidden)?,
+        q: linear("attn_q", c.q_dim(), c.hidden, permuted(c.heads))?,
+        k: linear("attn_k", c.kv_dim(), c.hidden, permuted(c.kv_heads))?,
+        v: linear("attn_v", c.kv_dim(), c.hidden, None)?,
+        attn_sub_norm: sub_norm("attn_sub_norm", c.q_dim())?,
+        o: linear("attn_output", c.hidden, c.q_dim(), None)?,
+        ffn_norm: vector(file, &format!("{p}.ffn_norm.weight"), c.hidden)?,
+        gate: linear("ffn_gate", c.intermediate, c.hidden, None)?,
+        up: linear("ffn_up", c.intermediate, c.hidden, None)?,
+        ffn_sub_norm: sub_norm("ffn_sub_norm", c.intermediate)?,
+        down: linear("ffn_down", c.hidden, c.intermediate, None)?,
     })
 }
 
@@ -315,9 +361,23 @@ fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
     dense_values(t.ggml_type, file.data(t), len).with_context(|| format!("tensor `{name}`"))
 }
 
+/// A table, served from the mapped file where its type and alignment allow, else decoded.
 fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
     let t = shaped(file, name, &[cols, rows])?;
     let bytes = file.data(t);
+    let in_place = match t.ggml_type {
+        GgmlType::F32 => Some(TableDtype::F32),
+        GgmlType::F16 => Some(TableDtype::F16),
+        GgmlType::Bf16 => Some(TableDtype::Bf16),
+        _ => None,
+    };
+    if let Some(mapped) = in_place.and_then(|ty| MappedValues::new(file.map(), bytes, ty)) {
+        return Ok(DenseMatrix {
+            rows,
+            cols,
+            data: DenseData::Mapped(mapped),
+        });
+    }
     let u16s = || {
         bytes
             .chunks_exact(2)

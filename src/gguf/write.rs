@@ -1,5 +1,6 @@
-//! Writing GGUF v3 files (layout in the [module doc](super)), and the mapping of a [`HostModel`]
-//! with its [`Tokenizer`] to the files bitnet.cpp (I2_S) and llama.cpp (TQ2_0, TQ1_0) load.
+//! Writing GGUF v3 files (layout in the [module doc](super)), and the mapping of a model (any
+//! [`ModelSource`], streamed a layer at a time) with its vocabulary to the files bitnet.cpp (I2_S)
+//! and llama.cpp (TQ2_0, TQ1_0) load.
 //!
 //! What is written, by model family:
 //! - sub-norms + ReLU² (BitNet 2B-4T): architecture `bitnet-b1.58` for I2_S (bitnet.cpp's name),
@@ -17,8 +18,9 @@
 
 use super::quants::{encode_i2s, encode_tq1_0, encode_tq2_0};
 use super::{DEFAULT_ALIGNMENT, GgmlType, MAGIC, Value};
-use crate::loader::HostModel;
-use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::config::ModelConfig;
+use crate::source::{HostLayer, ModelSource};
+use crate::ternary::{DenseMatrix, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use half::f16;
@@ -26,8 +28,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use tern_cpu::elementwise::GateActivation;
+use tern_cpu::table::DenseView;
 
-/// A GGUF file being assembled in memory.
+/// A GGUF file being assembled in memory (small files: tests, vocab-only files). A model is
+/// streamed to its file instead ([`write_model_gguf`]).
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
@@ -46,29 +50,13 @@ impl GgufWriter {
 
     /// The whole file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let align = DEFAULT_ALIGNMENT as usize;
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            put_string(&mut out, key);
-            out.extend_from_slice(&value.type_id().to_le_bytes());
-            put_value(&mut out, value);
-        }
-        let mut offset = 0usize;
-        for (name, ne, ty, data) in &self.tensors {
-            put_string(&mut out, name);
-            out.extend_from_slice(&(ne.len() as u32).to_le_bytes());
-            ne.iter()
-                .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
-            out.extend_from_slice(&ty.id().to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = (offset + data.len()).next_multiple_of(align);
-        }
+        let entries = self
+            .tensors
+            .iter()
+            .map(|(name, ne, ty, data)| (name.as_str(), &ne[..], *ty, data.len()));
+        let mut out = header(&self.metadata, entries);
         for (_, _, _, data) in &self.tensors {
-            out.resize(out.len().next_multiple_of(align), 0);
+            out.resize(out.len().next_multiple_of(DEFAULT_ALIGNMENT as usize), 0);
             out.extend_from_slice(data);
         }
         out
@@ -80,6 +68,38 @@ impl GgufWriter {
         file.write_all(&self.to_bytes())
             .with_context(|| format!("cannot write {}", path.display()))
     }
+}
+
+/// Everything before the tensor data (each tensor's data is preceded by padding to the alignment,
+/// the first one's included): magic, version, counts, the
+/// metadata, and one entry `(name, ne, type, data bytes)` per tensor, whose data follow in this
+/// order, each starting at a multiple of the alignment.
+fn header<'a>(
+    metadata: &[(String, Value)],
+    tensors: impl ExactSizeIterator<Item = (&'a str, &'a [u64], GgmlType, usize)>,
+) -> Vec<u8> {
+    let align = DEFAULT_ALIGNMENT as usize;
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut out, key);
+        out.extend_from_slice(&value.type_id().to_le_bytes());
+        put_value(&mut out, value);
+    }
+    let mut offset = 0usize;
+    for (name, ne, ty, len) in tensors {
+        put_string(&mut out, name);
+        out.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+        ne.iter()
+            .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+        out.extend_from_slice(&ty.id().to_le_bytes());
+        out.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset = (offset + len).next_multiple_of(align);
+    }
+    out
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -162,17 +182,241 @@ pub enum VocabSource<'a> {
     /// The `tokenizer.*` keys of a GGUF file, copied as they are (any kind llama.cpp reads, whether
     /// or not tern can build a tokenizer from it).
     Metadata(&'a BTreeMap<String, Value>),
+    /// A dummy byte-level BPE vocabulary of the model's size ([`dummy_vocab_metadata`]), for
+    /// random-weight models.
+    Dummy,
 }
 
-/// Builds the GGUF of `model`: weights as `target`, the vocabulary, merges, special ids and chat
-/// template from `vocab`. `name` becomes `general.name`. Returns notes on anything rounded.
-pub fn model_to_gguf(
-    model: &HostModel,
+/// Writes the GGUF of `model` to `out`, streaming: the header (every tensor's size follows from
+/// the config and the types), then the tables, then one layer at a time, read from `model`,
+/// encoded and written before the next is read, so a model larger than memory can be written.
+/// Weights as `target`, the vocabulary, merges, special ids and chat template from `vocab`. `name`
+/// becomes `general.name`. Returns notes on anything rounded.
+pub fn write_model_gguf(
+    model: &dyn ModelSource,
     vocab: VocabSource,
     target: TernaryTarget,
     name: &str,
-) -> Result<(GgufWriter, Vec<String>)> {
-    let c = &model.config;
+    out: &mut dyn Write,
+) -> Result<Vec<String>> {
+    let (w, arch) = model_metadata(model, vocab, target, name)?;
+    let c = model.config();
+    let mut notes = Vec::new();
+    let (embed_ty, embed) = dense_bytes(&*model.embed()?, "token_embd.weight", &mut notes);
+    let output = model
+        .output()?
+        .map(|o| dense_bytes(&o, "output.weight", &mut notes));
+    let table_ne = vec![c.hidden as u64, c.vocab as u64];
+    let mut plan: Vec<(String, Vec<u64>, GgmlType)> = vec![
+        ("token_embd.weight".into(), table_ne.clone(), embed_ty),
+        (
+            "output_norm.weight".into(),
+            vec![c.hidden as u64],
+            GgmlType::F32,
+        ),
+    ];
+    if let Some((ty, _)) = &output {
+        plan.push(("output.weight".into(), table_ne, *ty));
+    }
+    let layer_plan = |l: usize| layer_tensors(c, l, arch == "llama");
+    for l in 0..c.layers {
+        plan.extend(
+            layer_plan(l)
+                .into_iter()
+                .map(|(name, ne, piece)| (name, ne, piece.ggml_type(target))),
+        );
+    }
+    let sizes = plan
+        .iter()
+        .map(|(name, ne, ty)| {
+            ty.tensor_bytes(ne)
+                .map(|n| n as usize)
+                .with_context(|| format!("tensor `{name}`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let entries = plan
+        .iter()
+        .zip(&sizes)
+        .map(|((name, ne, ty), &len)| (name.as_str(), &ne[..], *ty, len));
+    let mut sink = TensorSink {
+        out,
+        written: 0,
+        plan: plan.iter().zip(&sizes),
+    };
+    sink.raw(&header(&w.metadata, entries))?;
+    sink.tensor(&embed)?;
+    drop(embed);
+    sink.tensor(&f32_bytes(&model.final_norm()?))?;
+    if let Some((_, data)) = output {
+        sink.tensor(&data)?;
+    }
+    for l in 0..c.layers {
+        let layer = model.layer(l)?;
+        for (name, _, piece) in layer_plan(l) {
+            sink.tensor(&piece.encode(&layer, target, &name, &mut notes)?)?;
+        }
+    }
+    ensure!(
+        sink.plan.next().is_none(),
+        "fewer tensors written than planned"
+    );
+    Ok(notes)
+}
+
+/// [`write_model_gguf`] to a file (removed again if writing fails).
+pub fn write_model_gguf_file(
+    model: &dyn ModelSource,
+    vocab: VocabSource,
+    target: TernaryTarget,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<String>> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let written = write_model_gguf(model, vocab, target, name, &mut out)
+        .and_then(|notes| Ok(out.flush().map(|()| notes)?))
+        .with_context(|| format!("writing {}", path.display()));
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+/// [`write_model_gguf`] into memory (small models: tests).
+pub fn model_to_gguf(
+    model: &dyn ModelSource,
+    vocab: VocabSource,
+    target: TernaryTarget,
+    name: &str,
+) -> Result<(Vec<u8>, Vec<String>)> {
+    let mut bytes = Vec::new();
+    let notes = write_model_gguf(model, vocab, target, name, &mut bytes)?;
+    Ok((bytes, notes))
+}
+
+/// Writes tensor data in the planned order, checking each one's size and padding to the alignment.
+struct TensorSink<'a, P> {
+    out: &'a mut dyn Write,
+    written: usize,
+    plan: P,
+}
+
+impl<'a, P: Iterator<Item = (&'a (String, Vec<u64>, GgmlType), &'a usize)>> TensorSink<'_, P> {
+    fn raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len();
+        Ok(())
+    }
+
+    fn tensor(&mut self, data: &[u8]) -> Result<()> {
+        let Some(((name, _, _), &len)) = self.plan.next() else {
+            bail!("more tensors written than planned");
+        };
+        ensure!(
+            data.len() == len,
+            "tensor `{name}`: {} bytes encoded, {len} planned",
+            data.len()
+        );
+        let pad = self.written.next_multiple_of(DEFAULT_ALIGNMENT as usize) - self.written;
+        self.raw(&vec![0u8; pad])?;
+        self.raw(data)
+    }
+}
+
+/// One tensor of a layer, in the file's order.
+#[derive(Clone, Copy)]
+enum Piece {
+    Norm(fn(&HostLayer) -> Option<&Vec<f32>>),
+    /// Index into [`HostLayer::linears`]; `Some(heads)`: rows permuted for llama.cpp's RoPE.
+    Linear(usize, Option<usize>),
+}
+
+impl Piece {
+    fn ggml_type(self, target: TernaryTarget) -> GgmlType {
+        match self {
+            Piece::Norm(_) => GgmlType::F32,
+            Piece::Linear(..) => target.ggml_type(),
+        }
+    }
+
+    fn encode(
+        self,
+        layer: &HostLayer,
+        target: TernaryTarget,
+        name: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<u8>> {
+        match self {
+            Piece::Norm(norm) => {
+                let values = norm(layer).ok_or_else(|| anyhow!("tensor `{name}` is missing"))?;
+                Ok(f32_bytes(values))
+            }
+            Piece::Linear(i, heads) => {
+                ternary_bytes(layer.linears()[i], target, heads, name, notes)
+            }
+        }
+    }
+}
+
+/// Layer `l`'s tensors: name, `ne` and what they hold, in the order they are written.
+fn layer_tensors(c: &ModelConfig, l: usize, permute: bool) -> Vec<(String, Vec<u64>, Piece)> {
+    let vector = |len: usize| vec![len as u64];
+    let mut out = vec![
+        (
+            "attn_norm",
+            vector(c.hidden),
+            Piece::Norm(|l| Some(&l.attn_norm)),
+        ),
+        (
+            "ffn_norm",
+            vector(c.hidden),
+            Piece::Norm(|l| Some(&l.ffn_norm)),
+        ),
+    ];
+    if c.sub_norms {
+        out.push((
+            "attn_sub_norm",
+            vector(c.q_dim()),
+            Piece::Norm(|l| l.attn_sub_norm.as_ref()),
+        ));
+        out.push((
+            "ffn_sub_norm",
+            vector(c.intermediate),
+            Piece::Norm(|l| l.ffn_sub_norm.as_ref()),
+        ));
+    }
+    let names = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    let heads = [Some(c.heads), Some(c.kv_heads)];
+    for (i, (name, (rows, cols))) in names.into_iter().zip(c.linear_shapes()).enumerate() {
+        let permuted = heads.get(i).copied().flatten().filter(|_| permute);
+        out.push((
+            name,
+            vec![cols as u64, rows as u64],
+            Piece::Linear(i, permuted),
+        ));
+    }
+    out.into_iter()
+        .map(|(name, ne, piece)| (format!("blk.{l}.{name}.weight"), ne, piece))
+        .collect()
+}
+
+/// The metadata of `model`'s file and its architecture name.
+fn model_metadata(
+    model: &dyn ModelSource,
+    vocab: VocabSource,
+    target: TernaryTarget,
+    name: &str,
+) -> Result<(GgufWriter, &'static str)> {
+    let c = model.config();
     let arch = match (c.sub_norms, c.activation, target) {
         (true, GateActivation::Relu2, TernaryTarget::I2S) => "bitnet-b1.58",
         (true, _, _) => "bitnet",
@@ -183,7 +427,6 @@ pub fn model_to_gguf(
         ),
     };
     let mut w = GgufWriter::default();
-    let mut notes = Vec::new();
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |v: usize| -> Result<Value> {
         u32::try_from(v)
@@ -226,68 +469,10 @@ pub fn model_to_gguf(
             .iter()
             .filter(|(key, _)| key.starts_with("tokenizer."))
             .for_each(|(key, value)| w.meta(key.clone(), value.clone())),
+        VocabSource::Dummy => dummy_vocab_metadata(&mut w, c.vocab, target == TernaryTarget::I2S)?,
     }
 
-    let (ty, data) = dense_bytes(&model.embed, "token_embd.weight", &mut notes);
-    w.tensor(
-        "token_embd.weight",
-        vec![c.hidden as u64, c.vocab as u64],
-        ty,
-        data,
-    );
-    w.tensor(
-        "output_norm.weight",
-        vec![c.hidden as u64],
-        GgmlType::F32,
-        f32_bytes(&model.final_norm),
-    );
-    if let Some(output) = &model.output {
-        let (ty, data) = dense_bytes(output, "output.weight", &mut notes);
-        w.tensor(
-            "output.weight",
-            vec![c.hidden as u64, c.vocab as u64],
-            ty,
-            data,
-        );
-    }
-    let permute = arch == "llama";
-    for (l, layer) in model.layers.iter().enumerate() {
-        let p = format!("blk.{l}");
-        let mut norm = |name: &str, values: &[f32]| {
-            w.tensor(
-                format!("{p}.{name}.weight"),
-                vec![values.len() as u64],
-                GgmlType::F32,
-                f32_bytes(values),
-            )
-        };
-        norm("attn_norm", &layer.attn_norm);
-        norm("ffn_norm", &layer.ffn_norm);
-        if let (Some(a), Some(f)) = (&layer.attn_sub_norm, &layer.ffn_sub_norm) {
-            norm("attn_sub_norm", a);
-            norm("ffn_sub_norm", f);
-        }
-        let linears = [
-            ("attn_q", &layer.q, permute.then_some(c.heads)),
-            ("attn_k", &layer.k, permute.then_some(c.kv_heads)),
-            ("attn_v", &layer.v, None),
-            ("attn_output", &layer.o, None),
-            ("ffn_gate", &layer.gate, None),
-            ("ffn_up", &layer.up, None),
-            ("ffn_down", &layer.down, None),
-        ];
-        for (name, m, heads) in linears {
-            let name = format!("{p}.{name}.weight");
-            let data = ternary_bytes(m, target, heads, &name, &mut notes)?;
-            w.tensor(
-                name,
-                vec![m.cols as u64, m.rows as u64],
-                target.ggml_type(),
-                data,
-            );
-        }
-    }
-    Ok((w, notes))
+    Ok((w, arch))
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -296,15 +481,15 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 
 /// F16 when every value survives within f16's range, else F32.
 fn dense_bytes(m: &DenseMatrix, name: &str, notes: &mut Vec<String>) -> (GgmlType, Vec<u8>) {
-    let values: Vec<f32> = match &m.data {
-        DenseData::F16(v) => {
+    let values: Vec<f32> = match m.view() {
+        DenseView::F16(v) => {
             return (
                 GgmlType::F16,
                 v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             );
         }
-        DenseData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        DenseData::F32(v) => v.clone(),
+        DenseView::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        DenseView::F32(v) => v.to_vec(),
     };
     let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
     if halves.iter().any(|h| !h.is_finite()) {
@@ -367,6 +552,77 @@ fn permute_rows(values: &[i8], rows: usize, cols: usize, heads: usize) -> Vec<i8
         }
     }
     out
+}
+
+/// Special tokens at the end of the dummy vocabulary: bos, then eos.
+const DUMMY_SPECIALS: [&str; 2] = ["<s>", "</s>"];
+
+/// A dummy byte-level BPE vocabulary of `size` tokens (`gpt2`, pre-tokenizer `default`): the 256
+/// byte tokens, then two-character tokens `a b` and three-character ones `ab c` with their merges,
+/// then `<s>` (bos) and `</s>` (eos) as control tokens, as the peers' random-model script writes
+/// it. Text tokenizes to something, and both peers' loaders accept it; the ids mean nothing.
+fn dummy_vocab_metadata(w: &mut GgufWriter, size: usize, with_scores: bool) -> Result<()> {
+    let chars = byte_level_chars();
+    ensure!(
+        size >= chars.len() + DUMMY_SPECIALS.len(),
+        "a dummy vocabulary needs at least {} tokens, the model has {size}",
+        chars.len() + DUMMY_SPECIALS.len()
+    );
+    let normal = size - DUMMY_SPECIALS.len();
+    let mut tokens: Vec<String> = chars.iter().map(char::to_string).collect();
+    let mut merges = Vec::new();
+    let pairs = chars
+        .iter()
+        .flat_map(|a| chars.iter().map(move |b| (a.to_string(), *b)));
+    let triples = pairs
+        .clone()
+        .flat_map(|(a, b)| chars.iter().map(move |c| (format!("{a}{b}"), *c)));
+    for (left, right) in pairs.chain(triples).take(normal - chars.len()) {
+        merges.push(Value::String(format!("{left} {right}")));
+        tokens.push(format!("{left}{right}"));
+    }
+    tokens.extend(DUMMY_SPECIALS.map(String::from));
+    let control = |id: usize| id >= normal;
+    let ids = 0..tokens.len();
+    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()));
+    w.meta("tokenizer.ggml.pre", Value::String("default".into()));
+    w.meta(
+        "tokenizer.ggml.tokens",
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    );
+    if with_scores {
+        let score = |id| Value::F32(if control(id) { -1000.0 } else { 0.0 });
+        w.meta(
+            "tokenizer.ggml.scores",
+            Value::Array(ids.clone().map(score).collect()),
+        );
+    }
+    let ty = |id| Value::I32(if control(id) { 3 } else { 1 });
+    w.meta(
+        "tokenizer.ggml.token_type",
+        Value::Array(ids.map(ty).collect()),
+    );
+    w.meta("tokenizer.ggml.merges", Value::Array(merges));
+    w.meta("tokenizer.ggml.bos_token_id", Value::U32(normal as u32));
+    w.meta("tokenizer.ggml.eos_token_id", Value::U32(normal as u32 + 1));
+    Ok(())
+}
+
+/// GPT-2's byte-to-character table, in its order: the printable bytes stand for themselves, the
+/// others for characters from U+0100 on.
+fn byte_level_chars() -> Vec<char> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut chars: Vec<char> = (0..=255u8)
+        .filter(|&b| printable(b))
+        .map(char::from)
+        .collect();
+    let others = (0..=255u8).filter(|&b| !printable(b));
+    chars.extend(
+        others
+            .zip(256u32..)
+            .map(|(_, c)| char::from_u32(c).expect("below U+0200")),
+    );
+    chars
 }
 
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` of a byte-level BPE tokenizer with the Llama-3

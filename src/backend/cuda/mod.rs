@@ -52,7 +52,7 @@ use super::{
     Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
     distinct_buffers, insert_in_free_slot, uploaded,
 };
-use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
 use gpu::{Buf, Cuda, Elem, Gpu};
 use graph::Graphs;
@@ -60,6 +60,7 @@ use kernels::Kernels;
 use launch::{ATT_MAX_DIM, CHUNK, GEMV_MAX_TOKENS};
 use params::*;
 use tern_cpu::elementwise::GateActivation;
+use tern_cpu::table::DenseView;
 
 struct Linear<G: Gpu> {
     words: G::Buf<u32>,
@@ -262,10 +263,10 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         to_i32(table.rows, "table rows")?;
         to_i32(table.cols, "table columns")?;
         let what = "an embedding or output-head table";
-        let data = match &table.data {
-            DenseData::F32(v) => TableData::F32(self.gpu.upload(v, what)?),
-            DenseData::F16(v) => TableData::F16(self.gpu.upload(v, what)?),
-            DenseData::Bf16(v) => TableData::Bf16(self.gpu.upload(v, what)?),
+        let data = match table.view() {
+            DenseView::F32(v) => TableData::F32(self.gpu.upload(v, what)?),
+            DenseView::F16(v) => TableData::F16(self.gpu.upload(v, what)?),
+            DenseView::Bf16(v) => TableData::Bf16(self.gpu.upload(v, what)?),
         };
         self.tables.push(Table {
             data,

@@ -36,7 +36,7 @@ use super::{
     Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
     distinct_buffers, uploaded,
 };
-use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
+use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
 use buffers::{ActivationPool, GBuf, ParamArena, WINDOW};
 use device::Gpu;
@@ -46,6 +46,7 @@ use params::{
 };
 use pipelines::{Kernel, MAX_HEAD_DIM, Pipelines, TOKEN_TILE, TableType, WORKGROUP};
 use tern_cpu::elementwise::GateActivation;
+use tern_cpu::table::DenseView;
 
 struct Linear {
     weights: GBuf,
@@ -276,10 +277,10 @@ impl Backend for WgpuBackend {
     }
 
     fn upload_table(&mut self, table: &DenseMatrix) -> Result<TableId> {
-        let (bytes, ty, per): (&[u8], _, _) = match &table.data {
-            DenseData::F32(v) => (bytemuck::cast_slice(v), TableType::F32, 4),
-            DenseData::F16(v) => (bytemuck::cast_slice(v), TableType::F16, 2),
-            DenseData::Bf16(v) => (bytemuck::cast_slice(v), TableType::Bf16, 2),
+        let (bytes, ty, per): (&[u8], _, _) = match table.view() {
+            DenseView::F32(v) => (bytemuck::cast_slice(v), TableType::F32, 4),
+            DenseView::F16(v) => (bytemuck::cast_slice(v), TableType::F16, 2),
+            DenseView::Bf16(v) => (bytemuck::cast_slice(v), TableType::Bf16, 2),
         };
         table.check_shape()?;
         let (rows, cols) = (table.rows, table.cols);
