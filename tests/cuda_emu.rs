@@ -9,7 +9,7 @@ mod common;
 
 use common::cuda_emu::{Order, backend};
 use common::cuda_ops::*;
-use tern::backend::KvSpec;
+use tern::backend::{KvSpec, KvType};
 
 const VARIANTS: [(bool, Order); 2] = [(true, Order::Forward), (false, Order::Reverse)];
 
@@ -40,6 +40,9 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
             layers: 2,
             slots: 3,
             capacity: 97,
+            pages: 0,
+            page_size: 8,
+            kv_type: KvType::F32,
             heads: 6,
             kv_heads: 2,
             head_dim: 64,
@@ -51,6 +54,9 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
             layers: 2,
             slots: 3,
             capacity: 40,
+            pages: 0,
+            page_size: 16,
+            kv_type: KvType::F32,
             heads: 20,
             kv_heads: 5,
             head_dim: 256,

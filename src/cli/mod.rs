@@ -16,8 +16,8 @@ use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
 use tern::backend::selftest;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
-use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
-use tern::engine::Engine;
+use tern::backend::{Backend, KvType, LmHead, Q8_EXACT_TOP_K};
+use tern::engine::{Engine, KvOptions, KvPool};
 use tern::hub;
 use tern::loader::{HostModel, load_model_parts};
 use tern::sampler::SamplingParams;
@@ -118,6 +118,37 @@ pub struct ModelArgs {
     pub ctx: usize,
     #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     pub lm_head: LmHeadChoice,
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory; CPU backend only).
+    #[arg(long, value_enum, default_value_t = KvTypeChoice::F32)]
+    pub kv_type: KvTypeChoice,
+}
+
+impl ModelArgs {
+    /// The KV cache of `slots` sequences of --ctx positions in a pool of `pool`, of --kv-type.
+    pub fn kv(&self, slots: usize, pool: KvPool) -> KvOptions {
+        KvOptions {
+            ctx: self.ctx,
+            slots,
+            kv_type: self.kv_type.into(),
+            pool,
+        }
+    }
+}
+
+/// KV-cache value type (see `--kv-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvTypeChoice {
+    F32,
+    F16,
+}
+
+impl From<KvTypeChoice> for KvType {
+    fn from(c: KvTypeChoice) -> Self {
+        match c {
+            KvTypeChoice::F32 => KvType::F32,
+            KvTypeChoice::F16 => KvType::F16,
+        }
+    }
 }
 
 /// Output head. `f16`: the stored precision, every logit exact. `q8`: an 8-bit copy whose candidates
@@ -289,18 +320,17 @@ fn load_path(path: &Path) -> Result<(HostModel, Result<Tokenizer>)> {
     Ok((host, tokenizer))
 }
 
-/// Loads the model and builds an engine with one sequence slot on the chosen backend.
-/// `top_k_suffices`: see [`LmHeadChoice::apply`].
+/// Builds an engine for `host` with one sequence slot and a KV pool of `pool` on the chosen
+/// backend. `top_k_suffices`: see [`LmHeadChoice::apply`].
 pub fn engine_for(
     args: &ModelArgs,
+    host: &HostModel,
     top_k_suffices: bool,
-) -> Result<(Engine, Tokenizer, HostModel)> {
-    let loaded = load_model(&args.model)?;
-    let tokenizer = loaded.tokenizer?;
+    pool: KvPool,
+) -> Result<Engine> {
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
     args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
-    let engine = Engine::new(&loaded.host, backend, args.ctx, 1)?;
-    Ok((engine, tokenizer, loaded.host))
+    Engine::with_kv(host, backend, args.kv(1, pool))
 }
 
 /// Sampling flags, with llama.cpp's defaults.

@@ -25,8 +25,9 @@ pub struct Geometry {
     pub heads: i32,
     pub kv_heads: i32,
     pub head_dim: i32,
-    pub slots: i32,
-    pub capacity: i32,
+    pub layers: i32,
+    pub page_size: i32,
+    pub pages_per_slot: i32,
     pub layer: i32,
 }
 
