@@ -50,6 +50,15 @@ pub struct Engine {
     kv: KvCache,
 }
 
+/// One item of [`Engine::feed_batch`]: tokens appended to a sequence, and whether the last one's
+/// logits are wanted.
+#[derive(Clone, Copy, Debug)]
+pub struct Feed<'a> {
+    pub seq: SequenceId,
+    pub tokens: &'a [u32],
+    pub logits: bool,
+}
+
 /// One generated token as the engine reports it.
 #[derive(Clone, Debug)]
 pub struct GeneratedToken {
@@ -244,28 +253,48 @@ impl Engine {
         ensure!(!tokens.is_empty(), "nothing to feed: empty token list");
         let start = self.kv.len(seq)?;
         let rows = self.kv.reserve(self.backend.as_mut(), seq, tokens.len())?;
-        let result = self.run_batches(tokens, &rows, logits_for);
+        let logits_rows = match logits_for {
+            LogitsFor::Last => 1,
+            LogitsFor::All => tokens.len(),
+        };
+        let result = self.run_batches(tokens, &rows, logits_rows);
         if result.is_err() {
             self.kv.truncate(seq, start)?;
         }
         result
     }
 
-    /// One decode step for several sequences at once: appends `token` to each `seq` (one row per
-    /// sequence, each sequence at most once) in a single batch and returns every row's logits,
-    /// `[items, vocab]` in the order of `items`. Refuses, changing nothing, if any sequence is full.
-    pub fn feed_rows(&mut self, items: &[(SequenceId, u32)]) -> Result<Vec<f32>> {
-        ensure!(!items.is_empty(), "nothing to feed: no rows");
-        let mut rows = Vec::with_capacity(items.len());
+    /// One batch over several sequences (the server's step): appends each item's tokens to its
+    /// sequence (each sequence at most once; a decode row is one token, a prefill chunk several)
+    /// and returns the logits of the last token of every item that asks for them, `[items with
+    /// logits, vocab]` in the order of `items`. Refuses, changing nothing, if any sequence would
+    /// overflow.
+    ///
+    /// Row order inside the batch: every row except the logit rows, then the logit rows, so the
+    /// model selects them as one contiguous tail; a sequence's rows stay in position order.
+    pub fn feed_batch(&mut self, items: &[Feed<'_>]) -> Result<Vec<f32>> {
+        ensure!(!items.is_empty(), "nothing to feed: no items");
+        for (i, item) in items.iter().enumerate() {
+            ensure!(
+                !item.tokens.is_empty(),
+                "nothing to feed: item {i} has no tokens"
+            );
+            ensure!(
+                items[..i].iter().all(|other| other.seq != item.seq),
+                "a sequence appears twice in one batch (item {i})"
+            );
+        }
         let mut reserved: Vec<(SequenceId, usize)> = Vec::with_capacity(items.len());
+        let mut positions = Vec::with_capacity(items.len());
         let mut result = Ok(());
-        for &(seq, _) in items {
-            let start = self.kv.len(seq);
+        for item in items {
+            let start = self.kv.len(item.seq);
             let backend = self.backend.as_mut();
-            match start.and_then(|start| Ok((start, self.kv.reserve(backend, seq, 1)?))) {
-                Ok((start, row)) => {
-                    reserved.push((seq, start));
-                    rows.extend(row);
+            let n = item.tokens.len();
+            match start.and_then(|start| Ok((start, self.kv.reserve(backend, item.seq, n)?))) {
+                Ok((start, rows)) => {
+                    reserved.push((item.seq, start));
+                    positions.push(rows);
                 }
                 Err(e) => {
                     result = Err(e);
@@ -273,8 +302,22 @@ impl Engine {
                 }
             }
         }
-        let tokens: Vec<u32> = items.iter().map(|&(_, t)| t).collect();
-        let result = result.and_then(|()| self.run_batches(&tokens, &rows, LogitsFor::All));
+        let result = result.and_then(|()| {
+            let total: usize = items.iter().map(|i| i.tokens.len()).sum();
+            let (mut tokens, mut rows) = (Vec::with_capacity(total), Vec::with_capacity(total));
+            let (mut tail_tokens, mut tail_rows) = (Vec::new(), Vec::new());
+            for (item, pos) in items.iter().zip(&positions) {
+                let body = item.tokens.len() - usize::from(item.logits);
+                tokens.extend_from_slice(&item.tokens[..body]);
+                rows.extend_from_slice(&pos[..body]);
+                tail_tokens.extend_from_slice(&item.tokens[body..]);
+                tail_rows.extend_from_slice(&pos[body..]);
+            }
+            let tail = tail_tokens.len();
+            tokens.extend(tail_tokens);
+            rows.extend(tail_rows);
+            self.run_batches(&tokens, &rows, tail)
+        });
         if result.is_err() {
             for (seq, start) in reserved {
                 self.kv.truncate(seq, start)?;
@@ -283,30 +326,23 @@ impl Engine {
         result
     }
 
+    /// Runs `tokens` at `rows` in forward passes of at most [`MAX_BATCH`] rows and returns the
+    /// logits of the last `logits_rows` rows (each pass computes those of its share of that tail).
     fn run_batches(
         &mut self,
         tokens: &[u32],
         rows: &[TokenPosition],
-        logits_for: LogitsFor,
+        logits_rows: usize,
     ) -> Result<Vec<f32>> {
+        let first_logit = tokens.len() - logits_rows;
         let mut logits = Vec::new();
-        let chunks = tokens.len().div_ceil(MAX_BATCH);
         for (i, (t, r)) in tokens
             .chunks(MAX_BATCH)
             .zip(rows.chunks(MAX_BATCH))
             .enumerate()
         {
-            let want = match logits_for {
-                LogitsFor::All => LogitsFor::All,
-                LogitsFor::Last if i + 1 == chunks => LogitsFor::Last,
-                LogitsFor::Last => {
-                    // Earlier chunks only fill the cache; their logits are not needed.
-                    let pages = self.kv.page_table();
-                    self.model
-                        .forward(self.backend.as_mut(), t, r, pages, LogitsFor::Last)?;
-                    continue;
-                }
-            };
+            let end = i * MAX_BATCH + t.len();
+            let want = end.saturating_sub(first_logit).min(t.len());
             let pages = self.kv.page_table();
             logits.extend(
                 self.model

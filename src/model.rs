@@ -28,7 +28,7 @@ use crate::config::ModelConfig;
 use crate::loader::HostModel;
 use anyhow::{Result, ensure};
 
-/// Which rows of a batch need logits.
+/// Which rows of a fed run of tokens need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsFor {
     /// Only the last row (generation).
@@ -154,18 +154,21 @@ impl Model {
         std::mem::replace(&mut self.capture, capture)
     }
 
-    /// Runs one batch and returns logits, row-major `[rows with logits, vocab]`.
+    /// Runs one batch and returns the logits of its last `logits_rows` rows, row-major
+    /// `[logits_rows, vocab]` (none when 0: the batch only fills the KV cache).
     ///
     /// `rows[i]` says where `tokens[i]` goes and `pages` where each slot's positions live; the
     /// caller (the KV-cache manager) guarantees the positions are valid, their pages taken, and
-    /// each row's earlier positions already cached or in the batch.
+    /// each row's earlier positions already cached or earlier in the batch. Rows that need logits
+    /// go last, so that selecting them is one contiguous copy whose offset depends only on the
+    /// batch's shape (a recorded step stays replayable).
     pub fn forward(
         &mut self,
         backend: &mut dyn Backend,
         tokens: &[u32],
         rows: &[TokenPosition],
         pages: &PageTable,
-        logits_for: LogitsFor,
+        logits_rows: usize,
     ) -> Result<Vec<f32>> {
         ensure!(
             tokens.len() == rows.len(),
@@ -175,13 +178,14 @@ impl Model {
         );
         ensure!(!tokens.is_empty(), "forward: empty batch");
         let n = tokens.len();
+        ensure!(
+            logits_rows <= n,
+            "forward: logits for {logits_rows} rows of a batch of {n}"
+        );
         let s = self.scratch_for(backend, n)?;
         let c = &self.config;
         let (eps, hidden) = (c.rms_norm_eps, c.hidden);
-        let out_rows = match logits_for {
-            LogitsFor::All => n,
-            LogitsFor::Last => 1,
-        };
+        let out_rows = logits_rows;
 
         // A captured pass reads buffers between ops, so it is not one recorded step.
         let step = self.capture.is_none();
@@ -235,18 +239,26 @@ impl Model {
             tap.at(backend, name("l_out"), s.residual, hidden)?;
         }
 
-        let final_in = match logits_for {
-            LogitsFor::All => s.residual,
-            LogitsFor::Last => {
-                backend.copy(s.residual, (n - 1) * hidden, s.projected, 0, hidden)?;
+        if out_rows > 0 {
+            let final_in = if out_rows == n {
+                s.residual
+            } else {
+                let first = n - out_rows;
+                backend.copy(
+                    s.residual,
+                    first * hidden,
+                    s.projected,
+                    0,
+                    out_rows * hidden,
+                )?;
                 s.projected
-            }
-        };
-        tap.rows = out_rows;
-        backend.rms_norm(final_in, self.final_norm, eps, out_rows, s.normed)?;
-        tap.at(backend, || "result_norm".into(), s.normed, hidden)?;
-        backend.logits(s.normed, self.head, out_rows, s.logits)?;
-        tap.at(backend, || "logits".into(), s.logits, c.vocab)?;
+            };
+            tap.rows = out_rows;
+            backend.rms_norm(final_in, self.final_norm, eps, out_rows, s.normed)?;
+            tap.at(backend, || "result_norm".into(), s.normed, hidden)?;
+            backend.logits(s.normed, self.head, out_rows, s.logits)?;
+            tap.at(backend, || "logits".into(), s.logits, c.vocab)?;
+        }
         if step {
             backend.end_step()?;
         }

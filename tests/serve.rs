@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tern::engine::Engine;
+use tern::engine::{Engine, Feed};
 use tern::model::LogitsFor;
 
 struct Server {
@@ -705,15 +705,16 @@ fn openai_python_client() {
     assert!(text.contains("openai client: all checks passed"), "{text}");
 }
 
-/// The scheduler's batched decode: rows of several sequences (different slots and positions) in one
-/// batch give each sequence the logits it gets when fed alone, on every backend; a batch with a full
-/// sequence is refused and changes no sequence.
+/// The scheduler's mixed batch: decode rows of several sequences (different slots and positions)
+/// and prompt chunks (one completing, one not) in one batch give each sequence the logits it gets
+/// when fed alone, on every backend; a batch with a full sequence is refused and changes no
+/// sequence.
 #[test]
-fn feed_rows_gives_each_sequence_its_own_logits() {
+fn feed_batch_gives_each_sequence_its_own_logits() {
     let model = load("tiny-packed");
     for (name, backend) in backends() {
-        let mut engine = Engine::new(&model, backend, 24, 3).unwrap();
-        let seqs: Vec<_> = (0..3).map(|_| engine.new_sequence().unwrap()).collect();
+        let mut engine = Engine::new(&model, backend, 24, 5).unwrap();
+        let seqs: Vec<_> = (0..5).map(|_| engine.new_sequence().unwrap()).collect();
         let prompts: [&[u32]; 3] = [
             &[1008, 50, 968],
             &[1008, 7],
@@ -722,26 +723,77 @@ fn feed_rows_gives_each_sequence_its_own_logits() {
         for (&s, p) in seqs.iter().zip(prompts) {
             engine.feed(s, p, LogitsFor::Last).unwrap();
         }
-        let next = [11, 12, 13];
-        let items: Vec<_> = seqs.iter().copied().zip(next).collect();
-        let batched = engine.feed_rows(&items).unwrap();
-        let vocab = batched.len() / 3;
-        for (i, (&s, &t)) in seqs.iter().zip(&next).enumerate() {
-            let len = engine.sequence_len(s).unwrap();
-            engine.truncate(s, len - 1).unwrap();
-            let alone = engine.feed(s, &[t], LogitsFor::Last).unwrap();
+        // Decode rows for the first three, a completing prompt for the fourth and a chunk without
+        // logits for the fifth, the logit rows not last in item order.
+        let next = [11u32, 12, 13];
+        let completing: &[u32] = &[1008, 40, 41, 42];
+        let partial: &[u32] = &[1008, 60, 61];
+        let mut items: Vec<Feed> = seqs[..3]
+            .iter()
+            .zip(&next)
+            .map(|(&seq, t)| Feed {
+                seq,
+                tokens: std::slice::from_ref(t),
+                logits: true,
+            })
+            .collect();
+        items.insert(
+            1,
+            Feed {
+                seq: seqs[4],
+                tokens: partial,
+                logits: false,
+            },
+        );
+        items.insert(
+            2,
+            Feed {
+                seq: seqs[3],
+                tokens: completing,
+                logits: true,
+            },
+        );
+        let batched = engine.feed_batch(&items).unwrap();
+        let vocab = batched.len() / 4;
+        assert_eq!(batched.len(), 4 * vocab, "{name}");
+        let with_logits: Vec<&Feed> = items.iter().filter(|i| i.logits).collect();
+        for (i, item) in with_logits.iter().enumerate() {
+            let len = engine.sequence_len(item.seq).unwrap();
+            engine.truncate(item.seq, len - item.tokens.len()).unwrap();
+            let alone = engine.feed(item.seq, item.tokens, LogitsFor::Last).unwrap();
             let (max, _) = diff(&batched[i * vocab..(i + 1) * vocab], &alone);
-            assert!(max < 1e-3, "{name}: sequence {i} differs by {max}");
+            assert!(max < 1e-3, "{name}: item {i} differs by {max}");
         }
+        // The chunk without logits was cached: continuing it matches feeding it whole.
+        let after = engine.feed(seqs[4], &[70], LogitsFor::Last).unwrap();
+        engine.clear(seqs[4]).unwrap();
+        let whole = engine
+            .feed(seqs[4], &[1008, 60, 61, 70], LogitsFor::Last)
+            .unwrap();
+        let (max, _) = diff(&after, &whole);
+        assert!(max < 1e-3, "{name}: cached chunk differs by {max}");
+
         let lens: Vec<_> = seqs
             .iter()
             .map(|&s| engine.sequence_len(s).unwrap())
             .collect();
         let fill = vec![5; 24 - lens[2]];
         engine.feed(seqs[2], &fill, LogitsFor::Last).unwrap();
-        let err = engine.feed_rows(&items).unwrap_err().to_string();
+        let decode: Vec<Feed> = seqs[..3]
+            .iter()
+            .zip(&next)
+            .map(|(&seq, t)| Feed {
+                seq,
+                tokens: std::slice::from_ref(t),
+                logits: true,
+            })
+            .collect();
+        let err = engine.feed_batch(&decode).unwrap_err().to_string();
         assert!(err.contains("context"), "{name}: {err}");
         assert_eq!(engine.sequence_len(seqs[0]).unwrap(), lens[0], "{name}");
         assert_eq!(engine.sequence_len(seqs[1]).unwrap(), lens[1], "{name}");
+        let twice = [decode[0], decode[0]];
+        let err = engine.feed_batch(&twice).unwrap_err().to_string();
+        assert!(err.contains("twice"), "{name}: {err}");
     }
 }

@@ -7,26 +7,25 @@
 //! 2. gives free KV slots to waiting jobs, oldest first, while the KV pool has the pages each will
 //!    need at most (its prompt plus `max_tokens`, within the context) besides those promised to
 //!    the running ones; the oldest job that does not fit waits, and the ones behind it too;
-//! 3. feeds at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest first
-//!    (chunked prefill: a long prompt never stalls the running streams for more than a chunk),
-//!    sampling each one's first token when its prompt is complete;
-//! 4. feeds the last sampled token of every decoding sequence as one batch (one row each) and
-//!    samples each row with the sequence's own sampler, so a seed gives the same text alone or
-//!    batched;
+//! 3. runs one forward pass holding the last sampled token of every decoding sequence (one row
+//!    each) and at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest
+//!    first (chunked prefill: a long prompt never stalls the running streams for more than a
+//!    chunk; the weights are read once for both kinds of rows);
+//! 4. samples every decode row, and the first token of every prompt completed in that pass, with
+//!    the sequence's own sampler, so a seed gives the same text alone or batched;
 //! 5. retires finished sequences and publishes the gauges.
 //!
 //! Invariants: a job holds a slot from admission until it finishes, fails or is cancelled, and then
 //! releases it (and its pages) in the same step; the pages promised to running jobs never exceed
 //! the pool, so a running sequence never runs out of pages (pages are still taken only as tokens
-//! arrive, so the pool's used pages follow the tokens held); every job gets exactly one terminal event ([`Event::Done`] or
-//! [`Event::Error`]) unless its receiver is gone. An engine error fails only the sequences of that
+//! arrive, so the pool's used pages follow the tokens held); every job gets exactly one terminal
+//! event ([`Event::Done`] or [`Event::Error`]) unless its receiver is gone. An engine error fails only the sequences of that
 //! batch. On [`Command::Shutdown`] waiting jobs are refused, running ones continue until they finish
 //! or the grace period ends, then are cancelled, and the thread returns.
 
 use super::metrics::Metrics;
-use crate::engine::{Engine, FinishReason, GeneratedToken};
+use crate::engine::{Engine, Feed, FinishReason, GeneratedToken};
 use crate::kv_cache::SequenceId;
-use crate::model::LogitsFor;
 use crate::sampler::{Sampler, SamplingParams, logprob_of, top_logprobs};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -151,8 +150,7 @@ impl Scheduler {
             }
             self.drop_abandoned();
             self.admit();
-            self.prefill_step();
-            self.decode_step();
+            self.step();
             self.publish();
             if self.waiting.is_empty() && self.running.is_empty() && self.deadline.is_some() {
                 // Wait briefly for the last commands of a draining server, then stop.
@@ -237,71 +235,68 @@ impl Scheduler {
         }
     }
 
-    /// Feeds at most [`PREFILL_CHUNK`] prompt tokens in all, oldest prompts first; a prompt that
-    /// completes samples its first token.
-    fn prefill_step(&mut self) {
+    /// One forward pass for every running sequence: a decode row for each sequence with a token
+    /// to feed, and prompt chunks of the sequences in prefill (at most [`PREFILL_CHUNK`] tokens in
+    /// all, oldest prompts first). Every decode row and every prompt that completes samples its
+    /// next token from the same batch.
+    fn step(&mut self) {
+        // (running index, tokens fed, whether it samples)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
         let mut budget = PREFILL_CHUNK;
-        let mut i = 0;
-        while budget > 0 && i < self.running.len() {
-            let r = &mut self.running[i];
-            if !r.in_prefill() {
-                i += 1;
-                continue;
-            }
-            let end = (r.fed + budget).min(r.job.prompt.len());
-            let chunk = &r.job.prompt[r.fed..end];
-            match self.engine.feed(r.seq, chunk, LogitsFor::Last) {
-                Ok(logits) => {
-                    budget -= chunk.len();
-                    r.fed = end;
-                    self.metrics
-                        .prompt_tokens
-                        .fetch_add(chunk.len() as u64, Relaxed);
-                    if !r.in_prefill() {
-                        self.sample(i, &logits);
-                    }
-                    i += 1;
-                }
-                Err(e) => {
-                    let r = self.running.remove(i);
-                    fail(&r.job, &e);
-                    self.engine.release(r.seq);
-                }
+        for (i, r) in self.running.iter().enumerate() {
+            if r.pending.is_some() {
+                plan.push((i, 1, true));
+            } else if r.in_prefill() && budget > 0 {
+                let take = budget.min(r.job.prompt.len() - r.fed);
+                budget -= take;
+                plan.push((i, take, r.fed + take == r.job.prompt.len()));
             }
         }
-        self.retire();
-    }
-
-    /// One batched decode row for every sequence with a token to feed.
-    fn decode_step(&mut self) {
-        let rows: Vec<(usize, (SequenceId, u32))> = self
-            .running
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.pending.map(|t| (i, (r.seq, t))))
-            .collect();
-        if rows.is_empty() {
+        if plan.is_empty() {
             return;
         }
-        let items: Vec<(SequenceId, u32)> = rows.iter().map(|&(_, item)| item).collect();
-        match self.engine.feed_rows(&items) {
-            Ok(logits) => {
-                let vocab = logits.len() / rows.len();
-                for (&(i, (_, token)), row) in rows.iter().zip(logits.chunks_exact(vocab)) {
-                    let r = &mut self.running[i];
-                    r.pending = None;
-                    r.history.push(token);
-                    self.sample(i, row);
+        let items: Vec<Feed<'_>> = plan
+            .iter()
+            .map(|&(i, n, logits)| {
+                let r = &self.running[i];
+                let tokens = match &r.pending {
+                    Some(t) => std::slice::from_ref(t),
+                    None => &r.job.prompt[r.fed..r.fed + n],
+                };
+                Feed {
+                    seq: r.seq,
+                    tokens,
+                    logits,
                 }
-            }
+            })
+            .collect();
+        let result = self.engine.feed_batch(&items);
+        drop(items);
+        let logits = match result {
+            Ok(logits) => logits,
             Err(e) => {
                 // Indices shift as sequences are removed: remove from the back.
-                for &(i, _) in rows.iter().rev() {
+                for &(i, _, _) in plan.iter().rev() {
                     let r = self.running.remove(i);
                     fail(&r.job, &e);
                     self.engine.release(r.seq);
                 }
                 return;
+            }
+        };
+        let vocab = self.engine.config().vocab;
+        let mut rows = logits.chunks_exact(vocab);
+        for &(i, n, samples) in &plan {
+            let r = &mut self.running[i];
+            match r.pending.take() {
+                Some(token) => r.history.push(token),
+                None => {
+                    r.fed += n;
+                    self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
+                }
+            }
+            if samples && let Some(row) = rows.next() {
+                self.sample(i, row);
             }
         }
         self.retire();

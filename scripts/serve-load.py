@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Throughput and time to first token of an OpenAI-compatible server at several concurrencies.
+
+Drives `/v1/completions` with streaming requests through the official `openai` client, the same way
+for every server (tern serve, llama-server), and prints one markdown row per concurrency:
+aggregate generated tokens/s over the round's wall time, and time to first token (mean, max).
+
+    scripts/serve-load.py --url http://127.0.0.1:8080 --streams 1,4,16 --prompt-words 24 --tokens 32
+
+Every stream sends a different prompt of `--prompt-words` words and asks for exactly `--tokens`
+tokens (`ignore_eos` for llama-server; tern's random-weight models practically never sample EOS,
+and a short stream is reported). A warm-up request runs first and is not counted.
+"""
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+
+from openai import AsyncOpenAI
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there one all we their been has when who will more no if out"
+).split()
+
+
+def prompt(i: int, words: int) -> str:
+    return " ".join(WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(words))
+
+
+async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: int):
+    started = time.perf_counter()
+    first = None
+    count = 0
+    response = await client.completions.create(
+        model=model,
+        prompt=text,
+        max_tokens=tokens,
+        temperature=0.8,
+        seed=seed,
+        stream=True,
+        extra_body={"ignore_eos": True, "n_predict": tokens},
+    )
+    async for chunk in response:
+        if chunk.choices and chunk.choices[0].text:
+            count += 1
+            if first is None:
+                first = time.perf_counter() - started
+    return first if first is not None else float("nan"), count
+
+
+async def round_of(client, model, n, words, tokens, seed):
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(stream(client, model, prompt(seed + i, words), tokens, seed + i) for i in range(n))
+    )
+    wall = time.perf_counter() - started
+    ttft = [r[0] for r in results]
+    generated = sum(r[1] for r in results)
+    return generated / wall, statistics.mean(ttft), max(ttft), generated, n * tokens
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--prompt-words", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--label", default="")
+    a = ap.parse_args()
+    client = AsyncOpenAI(base_url=a.url.rstrip("/") + "/v1", api_key="none", timeout=3600)
+    await stream(client, a.model, prompt(999, a.prompt_words), 4, 0)
+    for n in (int(s) for s in a.streams.split(",")):
+        rate, mean_ttft, max_ttft, got, asked = await round_of(
+            client, a.model, n, a.prompt_words, a.tokens, 1000 * n
+        )
+        short = "" if got == asked else f" (short: {got}/{asked} tokens)"
+        print(f"| {a.label} | {n} | {rate:.2f} | {mean_ttft:.2f} | {max_ttft:.2f} |{short}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
