@@ -3,8 +3,17 @@
 // ids[t] = the first index of the largest of row t's `vocab`
 // logits (the CPU sampler's tie rule), so only one u32 per row crosses to the host.
 // One block of 1024 threads per row.
-extern "C" __global__ void __launch_bounds__(1024)
-argmax_rows(const float* __restrict__ logits, int vocab, u32* __restrict__ ids) {
+struct ArgmaxParams {
+    const float* logits;
+    u32* ids;
+    int vocab;
+    int pad;
+};
+
+extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const __grid_constant__ ArgmaxParams p) {
+    const float* __restrict__ logits = p.logits;
+    u32* __restrict__ ids = p.ids;
+    const int vocab = p.vocab;
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     const float* row = logits + (size_t)blockIdx.x * vocab;

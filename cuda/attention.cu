@@ -18,7 +18,45 @@
 #define ATT_WARPS 4
 
 struct Geometry {
-    int heads, kv_heads, head_dim, layers, page_size, pages_per_slot, layer;
+    int heads;
+    int kv_heads;
+    int head_dim;
+    int layers;
+    int page_size;
+    int pages_per_slot;
+    int layer;
+    int pad;
+};
+
+struct RopeAppendParams {
+    float* qkv;
+    const int2* rows;
+    const int* pages;
+    const float* rope;
+    float* k_cache;
+    float* v_cache;
+    Geometry g;
+};
+
+struct AttendPartialParams {
+    const float* qkv;
+    const int2* rows;
+    const int* pages;
+    const float* k_cache;
+    const float* v_cache;
+    float* partial;
+    Geometry g;
+    int keys_per_split;
+    int pad;
+};
+
+struct AttendCombineParams {
+    const float* partial;
+    float* out;
+    int splits;
+    int heads;
+    int head_dim;
+    int pad;
 };
 
 __device__ __forceinline__ size_t cache_offset(const Geometry& g, const int* pages, int slot,
@@ -30,10 +68,14 @@ __device__ __forceinline__ size_t cache_offset(const Geometry& g, const int* pag
 
 // Grid (rows, heads + kv_heads), block head_dim / 2 threads: rotates pair (i, i + head_dim/2) of
 // each q and k head in place; kv heads also store k (rotated) and v in the cache.
-extern "C" __global__ void rope_append(float* __restrict__ qkv, const int2* __restrict__ rows,
-                                       const int* __restrict__ pages,
-                                       const float* __restrict__ rope, Geometry g,
-                                       float* __restrict__ k_cache, float* __restrict__ v_cache) {
+extern "C" __global__ void rope_append(const __grid_constant__ RopeAppendParams params) {
+    float* __restrict__ qkv = params.qkv;
+    const int2* __restrict__ rows = params.rows;
+    const int* __restrict__ pages = params.pages;
+    const float* __restrict__ rope = params.rope;
+    float* __restrict__ k_cache = params.k_cache;
+    float* __restrict__ v_cache = params.v_cache;
+    const Geometry g = params.g;
     const int half = g.head_dim / 2, i = threadIdx.x, h = blockIdx.y;
     const int2 rp = rows[blockIdx.x];
     const int q_dim = g.heads * g.head_dim, kv_dim = g.kv_heads * g.head_dim;
@@ -59,10 +101,15 @@ extern "C" __global__ void rope_append(float* __restrict__ qkv, const int2* __re
 // Grid (splits, heads, rows), block ATT_WARPS warps; partial holds head_dim + 2 floats per
 // (row, head, split).
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attend_partial(const float* __restrict__ qkv, const int2* __restrict__ rows,
-               const int* __restrict__ pages, Geometry g,
-               const float* __restrict__ k_cache, const float* __restrict__ v_cache,
-               int keys_per_split, float* __restrict__ partial) {
+attend_partial(const __grid_constant__ AttendPartialParams params) {
+    const float* __restrict__ qkv = params.qkv;
+    const int2* __restrict__ rows = params.rows;
+    const int* __restrict__ pages = params.pages;
+    const float* __restrict__ k_cache = params.k_cache;
+    const float* __restrict__ v_cache = params.v_cache;
+    float* __restrict__ partial = params.partial;
+    const Geometry g = params.g;
+    const int keys_per_split = params.keys_per_split;
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_acc[ATT_WARPS][ATT_MAX_DIM];
     const int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
@@ -132,8 +179,10 @@ attend_partial(const float* __restrict__ qkv, const int2* __restrict__ rows,
 }
 
 // Grid (heads, rows), block head_dim threads: merges the splits of one (row, head) into out.
-extern "C" __global__ void attend_combine(const float* __restrict__ partial, int splits, int heads,
-                                          int head_dim, float* __restrict__ out) {
+extern "C" __global__ void attend_combine(const __grid_constant__ AttendCombineParams params) {
+    const float* __restrict__ partial = params.partial;
+    float* __restrict__ out = params.out;
+    const int splits = params.splits, heads = params.heads, head_dim = params.head_dim;
     const int h = blockIdx.x, r = blockIdx.y, i = threadIdx.x;
     const float* p = partial + ((size_t)r * heads + h) * splits * (head_dim + 2);
     float mx = -INFINITY;

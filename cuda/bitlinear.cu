@@ -12,9 +12,21 @@
 // bytes (a multiple of 64, so the ternary kernels can read 16 bytes at a time); the padding is zero.
 // sums[row] = Σ q, which the ternary kernels subtract because they multiply by code = value + 1.
 
-extern "C" __global__ void bitlinear_quantize(const float* __restrict__ x, int cols, int padded,
-                                              i8* __restrict__ codes, float* __restrict__ scales,
-                                              int* __restrict__ sums) {
+struct QuantizeParams {
+    const float* x;
+    i8* codes;
+    float* scales;
+    int* sums;
+    int cols;
+    int padded;
+};
+
+extern "C" __global__ void bitlinear_quantize(const __grid_constant__ QuantizeParams p) {
+    const float* __restrict__ x = p.x;
+    i8* __restrict__ codes = p.codes;
+    float* __restrict__ scales = p.scales;
+    int* __restrict__ sums = p.sums;
+    const int cols = p.cols, padded = p.padded;
     __shared__ float scratch_f[32];
     __shared__ int scratch_i[32];
     const float* row = x + (size_t)blockIdx.x * cols;
@@ -78,10 +90,10 @@ __device__ __forceinline__ int dot_chunk(uint4 w, const uint4* __restrict__ x, i
 // per SM keep HBM busy) and for up to GEMV_MAX_TOKENS tokens (batched decode).
 #define GEMV_MAX_TOKENS 8
 template <int MAX_TOKENS>
-__device__ __forceinline__ void gemv(const uint4* __restrict__ w, int n_rows, int chunks,
-                                     const uint4* __restrict__ x, const float* __restrict__ act_scales,
-                                     const int* __restrict__ act_sums, const float* __restrict__ row_scales,
-                                     int tokens, float* __restrict__ y) {
+__device__ __forceinline__ void gemv(const ProductParams& p) {
+    const uint4* __restrict__ w = p.w;
+    const uint4* __restrict__ x = p.x;
+    const int n_rows = p.n_rows, chunks = p.chunks, tokens = p.tokens;
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
@@ -111,21 +123,17 @@ __device__ __forceinline__ void gemv(const uint4* __restrict__ w, int n_rows, in
         if (t < tokens) {
             const int sum = warp_sum_int(acc[t]);
             if (lane == 0)
-                y[(size_t)t * n_rows + row] =
-                    dequantize(sum - act_sums[t], act_scales[t], row_scales[row]);
+                p.y[(size_t)t * n_rows + row] =
+                    dequantize(sum - p.act_sums[t], p.act_scales[t], p.row_scales[row]);
         }
     }
 }
 
-#define GEMV_ARGS                                                                                \
-    const uint4 *__restrict__ w, int n_rows, int chunks, const uint4 *__restrict__ x,           \
-        const float *__restrict__ act_scales, const int *__restrict__ act_sums,                  \
-        const float *__restrict__ row_scales, int tokens, float *__restrict__ y
-extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv1(GEMV_ARGS) {
-    gemv<1>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv1(const __grid_constant__ ProductParams p) {
+    gemv<1>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(GEMV_ARGS) {
-    gemv<GEMV_MAX_TOKENS>(w, n_rows, chunks, x, act_scales, act_sums, row_scales, tokens, y);
+extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(const __grid_constant__ ProductParams p) {
+    gemv<GEMV_MAX_TOKENS>(p);
 }
 
 // Prefill: a 64-row × 64-token output tile per block of 256 threads, 64 weights deep per step,
@@ -133,9 +141,14 @@ extern "C" __global__ void __launch_bounds__(256) bitlinear_gemv(GEMV_ARGS) {
 // Thread (tx, ty) owns rows ty + 16i and tokens tx + 16j (i, j < 4).
 #define TILE 64
 extern "C" __global__ void __launch_bounds__(256)
-bitlinear_gemm(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
-             const float* __restrict__ act_scales, const int* __restrict__ act_sums,
-             const float* __restrict__ row_scales, int tokens, float* __restrict__ y) {
+bitlinear_gemm(const __grid_constant__ ProductParams p) {
+    const uint4* __restrict__ w = p.w;
+    const uint4* __restrict__ x = p.x;
+    const float* __restrict__ act_scales = p.act_scales;
+    const int* __restrict__ act_sums = p.act_sums;
+    const float* __restrict__ row_scales = p.row_scales;
+    float* __restrict__ y = p.y;
+    const int n_rows = p.n_rows, chunks = p.chunks, tokens = p.tokens;
     __shared__ u32 ws[TILE][4 + 1];   // one 64-weight chunk per row (+1 word against bank conflicts)
     __shared__ u32 xs[TILE][16 + 1];  // 64 activation bytes per token
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;

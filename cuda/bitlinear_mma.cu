@@ -18,9 +18,13 @@
 #define STRIDE 20
 
 extern "C" __global__ void __launch_bounds__(256)
-bitlinear_gemm_mma(const uint4* __restrict__ w, int n_rows, int chunks, const uint4* __restrict__ x,
-                 const float* __restrict__ act_scales, const float* __restrict__ row_scales,
-                 int tokens, float* __restrict__ y) {
+bitlinear_gemm_mma(const __grid_constant__ ProductParams p) {
+    const uint4* __restrict__ w = p.w;
+    const uint4* __restrict__ x = p.x;
+    const float* __restrict__ act_scales = p.act_scales;
+    const float* __restrict__ row_scales = p.row_scales;
+    float* __restrict__ y = p.y;
+    const int n_rows = p.n_rows, chunks = p.chunks, tokens = p.tokens;
     __shared__ __align__(16) u32 ws[MMA_ROWS * STRIDE];
     __shared__ __align__(16) u32 xs[MMA_TOKENS * STRIDE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

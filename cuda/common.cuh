@@ -75,6 +75,28 @@ BLOCK_REDUCE(block_max, float, warp_max, fmaxf, 0.0f)
 BLOCK_REDUCE(block_sum_int, int, warp_sum_int, add_int, 0)
 BLOCK_REDUCE(block_sum_f64, double, warp_sum_f64, add_f64, 0.0)
 
+// Kernel parameters: each kernel takes one struct by value, mirrored field by field by a
+// #[repr(C)] struct of src/backend/cuda/params.rs (device pointers there are u64; a test compares
+// sizes and offsets through the emulator build). Fields are ordered pointers first, so there is no
+// padding the Rust side would not see. Each is a `const __grid_constant__` parameter, read in place from
+// the parameter bank (as a plain by-value struct, ptxas spilled registers in two kernels).
+
+// The ternary products (bitlinear_gemv1/gemv/gemm in bitlinear.cu, bitlinear_gemm_mma, which does
+// not read act_sums, in bitlinear_mma.cu): y[tokens][n_rows] from weights w (n_rows × chunks
+// 16-byte chunks) and activation codes x (tokens × chunks chunks).
+struct ProductParams {
+    const uint4* w;
+    const uint4* x;
+    const float* act_scales;
+    const int* act_sums;
+    const float* row_scales;
+    float* y;
+    int n_rows;
+    int chunks;
+    int tokens;
+    int pad;
+};
+
 // A ternary product's exact integer result to f32: (acc / activation scale) * weight scale, with
 // the CPU backend's two roundings (so outputs are bit-identical to it).
 __device__ __forceinline__ float dequantize(int acc, float act_scale, float row_scale) {

@@ -2,8 +2,20 @@
 // IEEE sqrt and division).
 
 // One block per row of `width` values: out = w * (x * (1 / sqrt(mean(x²) + eps))).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight,
-                                    float eps, int width, float* __restrict__ out) {
+struct RmsNormParams {
+    const float* x;
+    const float* weight;
+    float* out;
+    float eps;
+    int width;
+};
+
+extern "C" __global__ void rms_norm(const __grid_constant__ RmsNormParams p) {
+    const float* __restrict__ x = p.x;
+    const float* __restrict__ weight = p.weight;
+    float* __restrict__ out = p.out;
+    const float eps = p.eps;
+    const int width = p.width;
     __shared__ double scratch[32];
     const float* row = x + (size_t)blockIdx.x * width;
     float* o = out + (size_t)blockIdx.x * width;

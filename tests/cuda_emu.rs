@@ -85,3 +85,41 @@ fn argmax_picks_the_first_maximum() {
         check_argmax_ties(&mut backend(mma, order), 2, 5);
     }
 }
+
+/// Every kernel parameter struct of src/backend/cuda/params.rs has the size, field names and field
+/// offsets of the C struct of the same name in cuda/*.cu, as the C++ compiler lays it out.
+#[test]
+fn parameter_structs_match_the_c_layouts() {
+    use tern::backend::cuda::params::*;
+    macro_rules! layouts {
+        ($($name:ident { $($field:ident),* $(,)? })*) => {{
+            let mut checked = 0;
+            $(
+                let rust = (
+                    size_of::<$name>(),
+                    vec![$((stringify!($field).to_string(), std::mem::offset_of!($name, $field))),*],
+                );
+                let c = tern_cuda_emu::c_layout(stringify!($name))
+                    .unwrap_or_else(|| panic!("no C struct {} in cuda/", stringify!($name)));
+                assert_eq!(rust, c, "{}: (size, [(field, offset)]) in Rust and in C", stringify!($name));
+                checked += 1;
+            )*
+            checked
+        }};
+    }
+    let checked = layouts! {
+        QuantizeParams { x, codes, scales, sums, cols, padded }
+        ProductParams { w, x, act_scales, act_sums, row_scales, y, n_rows, chunks, tokens, pad }
+        RmsNormParams { x, weight, out, eps, width }
+        GatedParams { gate_up, out, activation, rows, width, pad }
+        AddParams { acc, x, len, pad }
+        EmbedParams { table, tokens, out, cols, pad }
+        LogitsParams { table, x, out, vocab, cols, rows, pad }
+        ArgmaxParams { logits, ids, vocab, pad }
+        Geometry { heads, kv_heads, head_dim, layers, page_size, pages_per_slot, layer, pad }
+        RopeAppendParams { qkv, rows, pages, rope, k_cache, v_cache, g }
+        AttendPartialParams { qkv, rows, pages, k_cache, v_cache, partial, g, keys_per_split, pad }
+        AttendCombineParams { partial, out, splits, heads, head_dim, pad }
+    };
+    assert_eq!(checked, 12);
+}

@@ -22,9 +22,16 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
-// Shared memory: one copy per OS thread, which runs one block at a time.
+// Shared memory: one copy per OS thread, which runs one block at a time. AddressSanitizer puts no
+// redzones around thread-local variables: under it, shared memory is one plain static copy (with
+// redzones) and blocks run on one OS thread (runtime.cpp).
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+#define __shared__ static
+#else
 #define __shared__ static thread_local
+#endif
 
 struct uint3 {
     unsigned x, y, z;

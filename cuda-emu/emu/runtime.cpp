@@ -1,6 +1,34 @@
 // The emulated device: block scheduling over fibers, barriers, warp exchange, the int8 mma, and
 // guarded device memory. See emu.h for the execution model.
+//
+// Under a sanitizer (build.rs defines TERN_EMU_SANITIZE_ADDRESS or TERN_EMU_SANITIZE_THREAD; this
+// file itself is compiled without instrumentation, the kernels with it):
+// - AddressSanitizer is told of every stack switch (__sanitizer_{start,finish}_switch_fiber), and
+//   device memory comes from its allocator (redzones on both sides instead of guard pages).
+// - ThreadSanitizer sees each CUDA thread as a fiber of its own (__tsan_create_fiber), switched
+//   without synchronization, so that two threads of a block are unordered except where the kernel
+//   synchronizes: a barrier or warp exchange is a release by every arriving thread and an acquire
+//   by every leaving one, on a sync address per block (per warp) and barrier generation. Blocks
+//   run on one OS thread are ordered (release at a fiber's exit, acquire at the next block's start).
 #include "emu.h"
+
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+// Options built into the test binary: stop at the first report with a failing status, and no leak
+// check (the Rust test harness exits with live allocations).
+extern "C" const char* __asan_default_options() {
+    return "halt_on_error=1:exitcode=1:detect_leaks=0:verify_asan_link_order=0";
+}
+#endif
+#if defined(TERN_EMU_SANITIZE_THREAD)
+#include <sanitizer/tsan_interface.h>
+extern "C" const char* __tsan_default_options() { return "halt_on_error=1:exitcode=66"; }
+// The Rust code (the test harness, std's channels and atomics) is not instrumented, so TSan sees
+// its memcpys but not its synchronization: races with a Rust (v0-mangled, `_R`) function on either
+// stack are not the kernels'. A kernel's accesses run on fibers whose stacks hold no Rust frame.
+extern "C" const char* __tsan_default_suppressions() { return "race:^_R\n"; }
+#endif
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -47,10 +75,16 @@ tern_emu_switch:
 )");
 struct Context {
     void* sp;
+    const void* stack_bottom = nullptr;  // for AddressSanitizer
+    size_t stack_size = 0;
+    void* tsan_fiber = nullptr;  // for ThreadSanitizer
 };
 #else
 struct Context {
     ucontext_t uc;
+    const void* stack_bottom = nullptr;
+    size_t stack_size = 0;
+    void* tsan_fiber = nullptr;
 };
 #endif
 
@@ -77,6 +111,13 @@ struct Scheduler {
     std::vector<Fiber> fibers;
     std::vector<unsigned char> slots;  // 64 bytes per thread: each warp's exchange area
     int current = 0;
+    // Barrier generations of the block and of each warp (ThreadSanitizer's sync addresses: two per
+    // block or warp, alternating, so that a thread leaving barrier k never acquires what a faster
+    // thread released at barrier k + 1).
+    unsigned block_gen = 0;
+    std::vector<unsigned> warp_gen;
+    char block_sync[2], start_sync, done_sync;
+    std::vector<char> warp_sync;
     void (*body)(void**) = nullptr;
     void** args = nullptr;
 };
@@ -85,19 +126,53 @@ thread_local Scheduler* sched = nullptr;
 // The kernel and block running on this OS thread, for the memory-fault message.
 thread_local const char* running_kernel = nullptr;
 
-void jump(Context& from, Context& to) {
+// Called on the stack just switched to, with the fake stack saved when it was left.
+void arrived(void* fake_stack, bool in_fiber) {
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    const void* bottom;
+    size_t size;
+    __sanitizer_finish_switch_fiber(fake_stack, &bottom, &size);
+    if (in_fiber) {  // the stack left is the scheduler's
+        sched->main.stack_bottom = bottom;
+        sched->main.stack_size = size;
+    }
+#else
+    (void)fake_stack;
+    (void)in_fiber;
+#endif
+}
+
+// Switches from the running context to `to`; `exiting`: `from` never runs again.
+void jump(Context& from, Context& to, bool exiting = false) {
+    void* fake_stack = nullptr;
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, to.stack_bottom, to.stack_size);
+#else
+    (void)exiting;
+#endif
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_switch_to_fiber(to.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+#endif
 #if defined(__x86_64__)
     tern_emu_switch(&from.sp, to.sp);
 #else
     swapcontext(&from.uc, &to.uc);
 #endif
+    arrived(fake_stack, &from != &sched->main);
 }
 
 void fiber_main() {
+    arrived(nullptr, true);
     Scheduler* s = sched;
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_acquire(&s->start_sync);
+#endif
     s->body(s->args);
     s->fibers[s->current].state = DONE;
-    jump(s->fibers[s->current].ctx, s->main);
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_release(&s->done_sync);
+#endif
+    jump(s->fibers[s->current].ctx, s->main, true);
     __builtin_unreachable();
 }
 
@@ -136,7 +211,19 @@ char* new_stack() {
         abort();
     }
     mprotect(p, 4096, PROT_NONE);
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    // The mapping may reuse addresses of a freed stack whose frames never returned (an abandoned
+    // block): clear their poisoned redzones.
+    __asan_unpoison_memory_region(p + 4096, STACK);
+#endif
     return p + 4096;
+}
+
+void free_stack(Fiber& f) {
+    munmap(f.stack - 4096, STACK + 4096);
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_destroy_fiber(f.ctx.tsan_fiber);
+#endif
 }
 
 // Runs one block to completion; returns an error message, or an empty string.
@@ -145,8 +232,19 @@ std::string run_block(Scheduler& s, const uint3 block_dim, bool reverse) {
     if ((int)s.fibers.size() < n) {
         const size_t old = s.fibers.size();
         s.fibers.resize(n);
-        for (size_t i = old; i < (size_t)n; ++i) s.fibers[i].stack = new_stack();
+        for (size_t i = old; i < (size_t)n; ++i) {
+            Fiber& f = s.fibers[i];
+            f.stack = new_stack();
+            f.ctx.stack_bottom = f.stack;
+            f.ctx.stack_size = STACK;
+#if defined(TERN_EMU_SANITIZE_THREAD)
+            f.ctx.tsan_fiber = __tsan_create_fiber(0);
+#endif
+        }
     }
+    const int warps = (n + 31) / 32;
+    s.warp_gen.assign(warps, 0);
+    s.warp_sync.resize(2 * warps);
     s.slots.assign((size_t)n * 64 + 64 * 32, 0);
     for (int i = 0; i < n; ++i) {
         Fiber& f = s.fibers[i];
@@ -155,6 +253,9 @@ std::string run_block(Scheduler& s, const uint3 block_dim, bool reverse) {
                  (unsigned)(i / (block_dim.x * block_dim.y))};
         prepare(f);
     }
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_release(&s.start_sync);  // what came before (the previous block, the host) to every thread
+#endif
     for (;;) {
         for (int k = 0; k < n; ++k) {
             const int i = reverse ? n - 1 - k : k;
@@ -175,6 +276,7 @@ std::string run_block(Scheduler& s, const uint3 block_dim, bool reverse) {
             if (waiting && !others) {
                 for (int i = w; i < end; ++i)
                     if (s.fibers[i].state == AT_WARP) s.fibers[i].state = READY;
+                ++s.warp_gen[w / 32];
                 released = true;
             }
         }
@@ -182,11 +284,17 @@ std::string run_block(Scheduler& s, const uint3 block_dim, bool reverse) {
             all_done &= s.fibers[i].state == DONE;
             all_at_block &= s.fibers[i].state == AT_BLOCK || s.fibers[i].state == DONE;
         }
-        if (all_done) return "";
+        if (all_done) {
+#if defined(TERN_EMU_SANITIZE_THREAD)
+            __tsan_acquire(&s.done_sync);
+#endif
+            return "";
+        }
         if (released) continue;
         if (all_at_block) {
             for (int i = 0; i < n; ++i)
                 if (s.fibers[i].state == AT_BLOCK) s.fibers[i].state = READY;
+            ++s.block_gen;
             continue;
         }
         int at_block = 0, at_warp = 0, done = 0;
@@ -215,6 +323,9 @@ void on_fault(int sig, siginfo_t* info, void*) {
 }
 
 void install_fault_handler() {
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    return;  // AddressSanitizer reports faults itself, with the faulting stack
+#endif
     static std::once_flag once;
     std::call_once(once, [] {
         // The handler runs on its own stack: a fiber's stack overflow faults too.
@@ -233,8 +344,28 @@ void install_fault_handler() {
 
 }  // namespace
 
-void sync_block() { wait_at(AT_BLOCK); }
-void sync_warp() { wait_at(AT_WARP); }
+void sync_block() {
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    char* at = &sched->block_sync[sched->block_gen & 1];
+    __tsan_release(at);
+#endif
+    wait_at(AT_BLOCK);
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_acquire(at);
+#endif
+}
+
+void sync_warp() {
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    const int w = sched->current / 32;
+    char* at = &sched->warp_sync[2 * w + (sched->warp_gen[w] & 1)];
+    __tsan_release(at);
+#endif
+    wait_at(AT_WARP);
+#if defined(TERN_EMU_SANITIZE_THREAD)
+    __tsan_acquire(at);
+#endif
+}
 
 unsigned char* warp_slots() {
     Scheduler* s = sched;
@@ -298,6 +429,9 @@ int run_grid(const char* name, const unsigned* grid, const unsigned* block, int 
         s.body = body;
         s.args = args;
         sched = &s;
+#if defined(TERN_EMU_SANITIZE_THREAD)
+        s.main.tsan_fiber = __tsan_get_current_fiber();
+#endif
         running_kernel = name;
         coords.grid_dim = grid_dim;
         coords.block_dim = block_dim;
@@ -314,13 +448,16 @@ int run_grid(const char* name, const unsigned* grid, const unsigned* block, int 
             }
         }
         // Abandoned fibers of a failed block are only stacks: freed with them.
-        for (Fiber& f : s.fibers) munmap(f.stack - 4096, STACK + 4096);
+        for (Fiber& f : s.fibers) free_stack(f);
         sched = nullptr;
         running_kernel = nullptr;
     };
     if (error.empty()) {
         const char* env = getenv("TERN_EMU_THREADS");
         size_t n = env ? (size_t)atoi(env) : std::thread::hardware_concurrency();
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+        n = 1;  // shared memory is one static copy under AddressSanitizer (see emu.h)
+#endif
         n = std::max<size_t>(1, std::min(n, blocks));
         std::vector<std::thread> pool;
         for (size_t i = 1; i < n; ++i) pool.emplace_back(worker);
@@ -339,6 +476,10 @@ extern "C" {
 // Device memory: zeroed, 4-byte aligned, ending exactly at an inaccessible page (and starting
 // after one), so that reading or writing past either end faults at once.
 void* tern_emu_alloc(size_t bytes) {
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    // AddressSanitizer's redzones catch accesses past either end, to the byte.
+    return calloc(std::max<size_t>(bytes, 1), 1);
+#endif
     const size_t page = 4096, len = (std::max<size_t>(bytes, 1) + 3) & ~(size_t)3;
     const size_t pages = (len + page - 1) / page;
     char* base = (char*)mmap(nullptr, (pages + 2) * page, PROT_READ | PROT_WRITE,
@@ -351,6 +492,10 @@ void* tern_emu_alloc(size_t bytes) {
 
 void tern_emu_free(void* p, size_t bytes) {
     if (!p) return;
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    free(p);
+    return;
+#endif
     const size_t page = 4096, len = (std::max<size_t>(bytes, 1) + 3) & ~(size_t)3;
     const size_t pages = (len + page - 1) / page;
     char* end = (char*)p + len;

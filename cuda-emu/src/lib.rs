@@ -4,7 +4,7 @@
 //! Memory comes from [`DeviceMemory`]: zeroed, with inaccessible pages at both ends, so a kernel
 //! that reads or writes outside its buffers stops the process with a message naming the kernel.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_long, c_void};
 
 unsafe extern "C" {
     fn tern_emu_launch(
@@ -17,6 +17,8 @@ unsafe extern "C" {
         err_len: usize,
     ) -> c_int;
     fn tern_emu_alloc(bytes: usize) -> *mut c_void;
+    fn tern_emu_layout(name: *const c_char, field: c_int, field_name: *mut *const c_char)
+    -> c_long;
     fn tern_emu_free(ptr: *mut c_void, bytes: usize);
 }
 
@@ -69,6 +71,29 @@ pub unsafe fn launch(
                 .into_owned())
         }
     }
+}
+
+/// The layout of C struct `name` of the kernel sources as the C++ compiler lays it out: its size
+/// and its fields' names and offsets in declaration order; `None` if no source defines it.
+pub fn c_layout(name: &str) -> Option<(usize, Vec<(String, usize)>)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name; the runtime writes a pointer to a static string or nothing.
+    let query =
+        |i: c_int, field: &mut *const c_char| unsafe { tern_emu_layout(cname.as_ptr(), i, field) };
+    let size = usize::try_from(query(-1, &mut std::ptr::null())).ok()?;
+    let mut fields = Vec::new();
+    for i in 0.. {
+        let mut field = std::ptr::null();
+        let Ok(offset) = usize::try_from(query(i, &mut field)) else {
+            break;
+        };
+        // SAFETY: a static NUL-terminated field name from the generated table.
+        let field = unsafe { CStr::from_ptr(field) }
+            .to_string_lossy()
+            .into_owned();
+        fields.push((field, offset));
+    }
+    Some((size, fields))
 }
 
 /// One emulated device allocation.

@@ -5,8 +5,9 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use tern::backend::cuda::CudaBackend;
-use tern::backend::cuda::gpu::{Arg, Buf, Elem, Gpu};
+use tern::backend::cuda::gpu::{Buf, Elem, Gpu};
 use tern::backend::cuda::launch::Launch;
+use tern::backend::cuda::params::Params;
 pub use tern_cuda_emu::Order;
 use tern_cuda_emu::{DeviceMemory, launch};
 
@@ -99,23 +100,15 @@ impl Gpu for Emulator {
         Ok(())
     }
 
-    unsafe fn launch(
+    unsafe fn launch<P: Params>(
         &self,
         name: &'static str,
         config: Launch,
-        args: &[Arg],
+        params: &P,
     ) -> anyhow::Result<()> {
-        let ptrs: Vec<*const c_void> = args
-            .iter()
-            .map(|a| match a {
-                Arg::Ptr(p) => std::ptr::from_ref(p).cast(),
-                Arg::I32(v) => std::ptr::from_ref(v).cast(),
-                Arg::F32(v) => std::ptr::from_ref(v).cast(),
-                Arg::Geometry(g) => std::ptr::from_ref(g).cast(),
-            })
-            .collect();
-        // SAFETY: the caller (the backend) guarantees the arguments, as for a CUDA launch.
-        unsafe { launch(name, config.grid, config.block, &ptrs, self.order) }
+        let args = [std::ptr::from_ref(params).cast::<c_void>()];
+        // SAFETY: the caller (the backend) guarantees the parameters, as for a CUDA launch.
+        unsafe { launch(name, config.grid, config.block, &args, self.order) }
             .map_err(|e| anyhow::anyhow!("emulated CUDA kernel {e}"))
     }
 }

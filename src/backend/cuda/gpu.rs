@@ -1,12 +1,13 @@
 //! What the CUDA backend needs from a device, as a trait: memory, copies, kernel launches by name
-//! with positional arguments, and (optionally) step graphs. [`Cuda`] is the CUDA driver; the CPU
+//! with one parameter struct ([`super::params`]), and (optionally) step graphs. [`Cuda`] is the CUDA driver; the CPU
 //! emulation of the kernels (`cuda-emu/`, used by tests/cuda_emu.rs) is another implementation, so
-//! every op's host side (checks, scratch sizes, launch configurations, argument lists) runs
+//! every op's host side (checks, scratch sizes, launch configurations, parameters) runs
 //! unchanged against the emulated kernels.
 
 use super::graph::Graphs;
 use super::kernels::Kernels;
 use super::launch::Launch;
+use super::params::Params;
 use anyhow::{Context, Result, anyhow};
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig,
@@ -18,32 +19,6 @@ use std::sync::Arc;
 pub trait Elem: bytemuck::Pod + DeviceRepr + ValidAsZeroBits {}
 impl<T: bytemuck::Pod + DeviceRepr + ValidAsZeroBits> Elem for T {}
 
-/// `Geometry` of cuda/attention.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
-    pub heads: i32,
-    pub kv_heads: i32,
-    pub head_dim: i32,
-    pub layers: i32,
-    pub page_size: i32,
-    pub pages_per_slot: i32,
-    pub layer: i32,
-}
-
-// SAFETY: a plain #[repr(C)] struct of i32 fields, matching `struct Geometry` in cuda/attention.cu.
-unsafe impl DeviceRepr for Geometry {}
-
-/// One kernel argument, in the kernel's parameter order.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    /// A device address (any pointer parameter).
-    Ptr(u64),
-    I32(i32),
-    F32(f32),
-    Geometry(Geometry),
-}
-
 /// Device memory of `len()` elements of `T`.
 pub trait Buf {
     fn len(&self) -> usize;
@@ -52,9 +27,6 @@ pub trait Buf {
     }
     /// The device address of element 0.
     fn addr(&self) -> u64;
-    fn ptr(&self) -> Arg {
-        Arg::Ptr(self.addr())
-    }
 }
 
 /// A device the CUDA backend's kernels run on. Work is ordered as issued; only reads wait.
@@ -81,12 +53,18 @@ pub trait Gpu {
         dst_at: usize,
         len: usize,
     ) -> Result<()>;
-    /// Launches kernel `name` (an entry of [`super::kernels::SOURCES`]).
+    /// Launches kernel `name` (an entry of [`super::kernels::SOURCES`]) with `params` as its one
+    /// argument.
     ///
     /// # Safety
-    /// `args` must match the kernel's parameters, and every access the kernel makes with them for
-    /// this launch configuration must stay inside the buffers they point to.
-    unsafe fn launch(&self, name: &'static str, config: Launch, args: &[Arg]) -> Result<()>;
+    /// `P` must be the kernel's parameter struct, and every access the kernel makes with `params`
+    /// for this launch configuration must stay inside the buffers they point to.
+    unsafe fn launch<P: Params>(
+        &self,
+        name: &'static str,
+        config: Launch,
+        params: &P,
+    ) -> Result<()>;
 
     // ---- Step graphs (see graph.rs); a device without them runs every step eagerly. ----
 
@@ -207,17 +185,15 @@ impl Gpu for Cuda {
             .context("CUDA: device copy")
     }
 
-    unsafe fn launch(&self, name: &'static str, config: Launch, args: &[Arg]) -> Result<()> {
+    unsafe fn launch<P: Params>(
+        &self,
+        name: &'static str,
+        config: Launch,
+        params: &P,
+    ) -> Result<()> {
         let f = self.kernels.get(name)?;
         let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => b.arg(p),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-                Arg::Geometry(g) => b.arg(g),
-            };
-        }
+        b.arg(params);
         let cfg = LaunchConfig {
             grid_dim: config.grid,
             block_dim: config.block,

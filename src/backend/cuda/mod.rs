@@ -32,8 +32,8 @@
 //!
 //! The backend is generic over the device ([`Gpu`]): [`Cuda`] is the CUDA driver, and the tests'
 //! CPU emulation of the kernels (`cuda-emu/`) is another, so all of the host code below (argument
-//! checks, scratch sizes, launch configurations of [`launch`], argument lists) is what the
-//! emulation harness runs too.
+//! checks, scratch sizes, launch configurations of [`launch`], the parameter structs of
+//! [`params`]) is what the emulation harness runs too.
 //!
 //! Not here yet (see README, CUDA section): greedy sampling on the device wired into the engine
 //! (`argmax` exists, the engine reads logits back), RMSNorm fused with quantization, an f16 KV
@@ -45,6 +45,7 @@ mod graph;
 pub mod kernels;
 pub mod launch;
 pub mod nvrtc;
+pub mod params;
 
 use super::gpu_upload::{self, padded_cols};
 use super::{
@@ -53,10 +54,11 @@ use super::{
 };
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
-use gpu::{Arg, Buf, Cuda, Elem, Geometry, Gpu};
+use gpu::{Buf, Cuda, Elem, Gpu};
 use graph::Graphs;
 use kernels::Kernels;
 use launch::{ATT_MAX_DIM, CHUNK, GEMV_MAX_TOKENS};
+use params::*;
 use tern_cpu::elementwise::GateActivation;
 
 struct Linear<G: Gpu> {
@@ -80,11 +82,11 @@ struct Table<G: Gpu> {
 
 impl<G: Gpu> Table<G> {
     /// The table's device address, and its kernel (`embed_*`, `logits_*`) for its dtype.
-    fn kernel(&self, op: &'static str) -> (Arg, &'static str) {
+    fn kernel(&self, op: &'static str) -> (u64, &'static str) {
         let (ptr, suffix) = match &self.data {
-            TableData::F32(b) => (b.ptr(), 0),
-            TableData::F16(b) => (b.ptr(), 1),
-            TableData::Bf16(b) => (b.ptr(), 2),
+            TableData::F32(b) => (b.addr(), 0),
+            TableData::F16(b) => (b.addr(), 1),
+            TableData::Bf16(b) => (b.addr(), 2),
         };
         let names = match op {
             "embed" => ["embed_f32", "embed_f16", "embed_bf16"],
@@ -226,11 +228,11 @@ impl<G: Gpu> CudaBackend<G> {
         out: Activations,
         out_len: usize,
         what: &str,
-    ) -> Result<(Arg, Arg)> {
+    ) -> Result<(u64, u64)> {
         distinct_buffers(what, x, out)?;
         Ok((
-            self.buf(x, in_len, what)?.ptr(),
-            self.buf(out, out_len, what)?.ptr(),
+            self.buf(x, in_len, what)?.addr(),
+            self.buf(out, out_len, what)?.addr(),
         ))
     }
 
@@ -403,16 +405,17 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             return Ok(());
         }
         let (t, out) = (self.table(table)?, self.buf(out, 0, "embed")?);
-        let (ptr, kernel) = t.kernel("embed");
-        let args = [
-            ptr,
-            Arg::I32(cols as i32),
-            self.scratch.tokens.ptr(),
-            out.ptr(),
-        ];
+        let (table, kernel) = t.kernel("embed");
+        let params = EmbedParams {
+            table,
+            tokens: self.scratch.tokens.addr(),
+            out: out.addr(),
+            cols: cols as i32,
+            pad: 0,
+        };
         // SAFETY: the table has `vocab × cols` elements, every id is < vocab (checked above),
         // `tokens` holds one id per block and `out` at least tokens × cols values.
-        unsafe { self.gpu.launch(kernel, config, &args) }
+        unsafe { self.gpu.launch(kernel, config, &params) }
     }
 
     fn rms_norm(
@@ -434,16 +437,16 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if n == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let args = [
-            src,
-            w.ptr(),
-            Arg::F32(eps),
-            Arg::I32(to_i32(width, "rms_norm width")?),
-            dst,
-        ];
+        let params = RmsNormParams {
+            x: src,
+            weight: w.addr(),
+            out: dst,
+            eps,
+            width: to_i32(width, "rms_norm width")?,
+        };
         let config = launch::per_row("rms_norm", tokens)?;
         // SAFETY: one block per row; x and out hold tokens × width values, the weight width.
-        unsafe { self.gpu.launch("rms_norm", config, &args) }
+        unsafe { self.gpu.launch("rms_norm", config, &params) }
     }
 
     fn bitlinear(
@@ -474,37 +477,38 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let lin = &self.linears[linear.0];
         let (src, dst) = self.in_out(x, 0, out, 0, "bitlinear")?;
         let s = &self.scratch;
-        let args = [
-            src,
-            Arg::I32(cols as i32),
-            Arg::I32(plan.padded as i32),
-            s.codes.ptr(),
-            s.act_scales.ptr(),
-            s.act_sums.ptr(),
-        ];
+        let params = QuantizeParams {
+            x: src,
+            codes: s.codes.addr(),
+            scales: s.act_scales.addr(),
+            sums: s.act_sums.addr(),
+            cols: cols as i32,
+            padded: plan.padded as i32,
+        };
         // SAFETY: one block per row; x holds tokens × cols values, codes tokens × padded bytes,
         // scales and sums one value per row (all checked or grown above).
         unsafe {
             self.gpu
-                .launch("bitlinear_quantize", plan.quantize, &args)?;
+                .launch("bitlinear_quantize", plan.quantize, &params)?;
         }
-        let (n_rows, chunks) = (Arg::I32(n_out as i32), Arg::I32(plan.chunks as i32));
-        let (words, scales, tokens) = (lin.words.ptr(), lin.row_scales.ptr(), Arg::I32(tokens_i32));
-        let (codes, act_scales, act_sums) = (s.codes.ptr(), s.act_scales.ptr(), s.act_sums.ptr());
-        let kernel = plan.product.kernel();
-        // SAFETY (both launches): weights hold n_rows × chunks 16-byte chunks
-        // (gpu_upload::pack_ternary), codes tokens × chunks × 64 bytes, out tokens × n_rows values;
-        // the GEMV takes at most GEMV_MAX_TOKENS tokens and the GEMMs guard partial tiles.
-        if plan.product == launch::Product::GemmMma {
-            let args = [
-                words, n_rows, chunks, codes, act_scales, scales, tokens, dst,
-            ];
-            unsafe { self.gpu.launch(kernel, plan.product_launch, &args) }
-        } else {
-            let args = [
-                words, n_rows, chunks, codes, act_scales, act_sums, scales, tokens, dst,
-            ];
-            unsafe { self.gpu.launch(kernel, plan.product_launch, &args) }
+        let params = ProductParams {
+            w: lin.words.addr(),
+            x: s.codes.addr(),
+            act_scales: s.act_scales.addr(),
+            act_sums: s.act_sums.addr(),
+            row_scales: lin.row_scales.addr(),
+            y: dst,
+            n_rows: n_out as i32,
+            chunks: plan.chunks as i32,
+            tokens: tokens_i32,
+            pad: 0,
+        };
+        // SAFETY: weights hold n_rows × chunks 16-byte chunks (gpu_upload::pack_ternary), codes
+        // tokens × chunks × 64 bytes, out tokens × n_rows values; the GEMV takes at most
+        // GEMV_MAX_TOKENS tokens and the GEMMs guard partial tiles.
+        unsafe {
+            self.gpu
+                .launch(plan.product.kernel(), plan.product_launch, &params)
         }
     }
 
@@ -539,7 +543,6 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             .note("attention", &[layer, qkv.0, tokens.len(), out.0]);
         let (s, g) = (&mut self.scratch, &mut self.gpu);
         grow(g, &mut s.rows, meta.len(), "attention tokens")?;
-
         grow(
             g,
             &mut s.partial,
@@ -559,7 +562,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let kv = self.kv.as_ref().expect("checked above");
         let (src, dst) = self.in_out(qkv, 0, out, 0, "attention")?;
         let s = &self.scratch;
-        let geometry = Arg::Geometry(Geometry {
+        let g = Geometry {
             heads: spec.heads as i32,
             kv_heads: spec.kv_heads as i32,
             head_dim: hd as i32,
@@ -567,44 +570,54 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             page_size: spec.page_size as i32,
             pages_per_slot: spec.pages_per_slot() as i32,
             layer: layer as i32,
-        });
-        let (rows, keys, values) = (s.rows.ptr(), kv.keys.ptr(), kv.values.ptr());
-        let table = s.pages.ptr();
-        let args = [src, rows, table, kv.rope.ptr(), geometry, keys, values];
+            pad: 0,
+        };
+        let (rows, k_cache, v_cache) = (s.rows.addr(), kv.keys.addr(), kv.values.addr());
+        let pages = s.pages.addr();
+        let params = RopeAppendParams {
+            qkv: src,
+            rows,
+            pages,
+            rope: kv.rope.addr(),
+            k_cache,
+            v_cache,
+            g,
+        };
         // SAFETY: tokens holds (slot, position) pairs inside the cache and the page table maps
         // every position they reach to a page of the pool (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
         unsafe {
-            self.gpu.launch("rope_append", plan.rope_append, &args)?;
+            self.gpu.launch("rope_append", plan.rope_append, &params)?;
         }
-        let kps = Arg::I32(plan.keys_per_split as i32);
-        let args = [
-            src,
+        let params = AttendPartialParams {
+            qkv: src,
             rows,
-            table,
-            geometry,
-            keys,
-            values,
-            kps,
-            s.partial.ptr(),
-        ];
+            pages,
+            k_cache,
+            v_cache,
+            partial: s.partial.addr(),
+            g,
+            keys_per_split: plan.keys_per_split as i32,
+            pad: 0,
+        };
         // SAFETY: as above; partial holds tokens × heads × splits × (head_dim + 2) values and every
         // key read is at a position ≤ the row's own, which rope_append has already written.
         unsafe {
             self.gpu
-                .launch("attend_partial", plan.attend_partial, &args)?;
+                .launch("attend_partial", plan.attend_partial, &params)?;
         }
-        let args = [
-            s.partial.ptr(),
-            Arg::I32(plan.splits as i32),
-            Arg::I32(spec.heads as i32),
-            Arg::I32(hd as i32),
-            dst,
-        ];
+        let params = AttendCombineParams {
+            partial: s.partial.addr(),
+            out: dst,
+            splits: plan.splits as i32,
+            heads: spec.heads as i32,
+            head_dim: hd as i32,
+            pad: 0,
+        };
         // SAFETY: partial was written for every (row, head, split); out holds tokens × q_dim values.
         unsafe {
             self.gpu
-                .launch("attend_combine", plan.attend_combine, &args)
+                .launch("attend_combine", plan.attend_combine, &params)
         }
     }
 
@@ -629,15 +642,16 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             GateActivation::Relu2 => 0,
             GateActivation::Silu => 1,
         };
-        let args = [
-            src,
-            Arg::I32(act),
-            Arg::I32(to_i32(tokens, "gated tokens")?),
-            Arg::I32(to_i32(width, "gated width")?),
-            dst,
-        ];
+        let params = GatedParams {
+            gate_up: src,
+            out: dst,
+            activation: act,
+            rows: to_i32(tokens, "gated tokens")?,
+            width: to_i32(width, "gated width")?,
+            pad: 0,
+        };
         // SAFETY: grid-stride over tokens × width outputs; gate_up holds 2 × that many values.
-        unsafe { self.gpu.launch("gated", launch::grid_stride(n), &args) }
+        unsafe { self.gpu.launch("gated", launch::grid_stride(n), &params) }
     }
 
     fn add(&mut self, acc: Activations, x: Activations, len: usize) -> Result<()> {
@@ -646,9 +660,14 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if len == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let args = [dst, src, Arg::I32(to_i32(len, "add length")?)];
+        let params = AddParams {
+            acc: dst,
+            x: src,
+            len: to_i32(len, "add length")?,
+            pad: 0,
+        };
         // SAFETY: grid-stride over len values, which both buffers hold.
-        unsafe { self.gpu.launch("add", launch::grid_stride(len), &args) }
+        unsafe { self.gpu.launch("add", launch::grid_stride(len), &params) }
     }
 
     fn logits(
@@ -665,18 +684,19 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         if tokens == 0 || vocab == 0 || self.gpu.replaying() {
             return Ok(());
         }
-        let (ptr, kernel) = t.kernel("logits");
-        let args = [
-            ptr,
-            Arg::I32(vocab as i32),
-            Arg::I32(cols as i32),
-            src,
-            Arg::I32(to_i32(tokens, "logits tokens")?),
-            dst,
-        ];
+        let (table, kernel) = t.kernel("logits");
+        let params = LogitsParams {
+            table,
+            x: src,
+            out: dst,
+            vocab: vocab as i32,
+            cols: cols as i32,
+            rows: to_i32(tokens, "logits tokens")?,
+            pad: 0,
+        };
         let config = launch::warp_per_row("logits", vocab)?;
         // SAFETY: one warp per table row; x holds tokens × cols values, out tokens × vocab.
-        unsafe { self.gpu.launch(kernel, config, &args) }
+        unsafe { self.gpu.launch(kernel, config, &params) }
     }
 
     fn begin_step(&mut self, tokens: usize, logits_tokens: usize) -> Result<()> {
@@ -691,16 +711,21 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn argmax(&mut self, x: Activations, tokens: usize, width: usize) -> Result<Vec<u32>> {
-        let src = self.buf(x, tokens * width, "argmax")?.ptr();
+        let src = self.buf(x, tokens * width, "argmax")?.addr();
         if tokens == 0 {
             return Ok(Vec::new());
         }
         ensure!(width > 0, "argmax: tokens of zero width");
         let config = launch::argmax(tokens)?;
         let ids = self.gpu.alloc::<u32>(tokens, "sampled ids")?;
-        let args = [src, Arg::I32(to_i32(width, "argmax width")?), ids.ptr()];
+        let params = ArgmaxParams {
+            logits: src,
+            ids: ids.addr(),
+            vocab: to_i32(width, "argmax width")?,
+            pad: 0,
+        };
         // SAFETY: one block per row of `width` values; ids holds one u32 per row.
-        unsafe { self.gpu.launch("argmax_rows", config, &args)? };
+        unsafe { self.gpu.launch("argmax_rows", config, &params)? };
         let mut out = vec![0u32; tokens];
         self.gpu.read(&ids, &mut out)?;
         Ok(out)
