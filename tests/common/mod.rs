@@ -212,6 +212,14 @@ pub fn double_pool(spec: tern::backend::KvSpec) -> tern::backend::KvSpec {
     }
 }
 
+/// [`shuffled_pages`] moved to the first half of the pool: the contiguous table's pages in a
+/// scrambled order. Reading, through it, a cache written through the contiguous table reads each
+/// position's neighbours, which a backend reproduces only if it follows the table.
+pub fn scrambled_first_half(spec: &tern::backend::KvSpec) -> Vec<u32> {
+    let n = (spec.slots * spec.pages_per_slot()) as u32;
+    shuffled_pages(spec).into_iter().map(|p| p - n).collect()
+}
+
 /// A page table for a [`double_pool`] that gives the slots the second half of the pool in a
 /// scrambled order: slot `s`'s page `i` is page `n + (k · 7 + 3) mod n` for
 /// `k = s · pages_per_slot + i` and `n = slots · pages_per_slot`.
