@@ -41,14 +41,19 @@ async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: 
         temperature=0.8,
         seed=seed,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True, "n_predict": tokens},
     )
+    usage = None
     async for chunk in response:
-        if chunk.choices and chunk.choices[0].text:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        if chunk.choices:
+            # A token may decode to no text yet (part of a UTF-8 character): it still counts.
             count += 1
             if first is None:
                 first = time.perf_counter() - started
-    return first if first is not None else float("nan"), count
+    return first if first is not None else float("nan"), usage if usage is not None else count
 
 
 async def round_of(client, model, n, words, tokens, seed):
@@ -65,13 +70,15 @@ async def round_of(client, model, n, words, tokens, seed):
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8080")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", help="model name (default: the first /v1/models lists)")
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--label", default="")
     a = ap.parse_args()
     client = AsyncOpenAI(base_url=a.url.rstrip("/") + "/v1", api_key="none", timeout=3600)
+    if a.model is None:
+        a.model = (await client.models.list()).data[0].id
     await stream(client, a.model, prompt(999, a.prompt_words), 4, 0)
     for n in (int(s) for s in a.streams.split(",")):
         rate, mean_ttft, max_ttft, got, asked = await round_of(

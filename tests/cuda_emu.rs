@@ -13,6 +13,46 @@ use tern::backend::{KvSpec, KvType};
 
 const VARIANTS: [(bool, Order); 2] = [(true, Order::Forward), (false, Order::Reverse)];
 
+/// Every kernel once, on the smallest shapes that still take each of its code paths: the run that
+/// `.ci/run` makes under ThreadSanitizer, where the tests below (2B-4T's shapes) take too long.
+/// Each shape names the paths it is there for.
+#[test]
+fn every_kernel_on_small_shapes() {
+    for (mma, order) in VARIANTS {
+        let mut gpu = backend(mma, order);
+        // 132 rows: 17 GEMV blocks of 8 warps, 3 dp4a / 2 mma row tiles; 130 inputs: 3 chunks
+        // staged one after another by the GEMMs. 1 token: gemv1, 3: gemv, 70: the GEMM of the
+        // variant over 2 token tiles, the second partial. Quantization spans 8 warps per row.
+        check_bitlinear(&mut gpu, &[(&[129, 3], 130)], &[1, 3, 70]);
+        // 99 chunks: the GEMV's four loads in flight per lane, then its one-chunk tail.
+        check_bitlinear(&mut gpu, &[(&[9], 6300)], &[1, 2]);
+        // Capacity 70: 3 key splits of 24 for the prefill's 30 rows and for decode, so rows end
+        // inside a split, before a split (skipped by attend_combine) and with idle warps; 2 query
+        // heads per KV head.
+        let spec = KvSpec {
+            layers: 2,
+            slots: 3,
+            capacity: 70,
+            pages: 0,
+            page_size: 16,
+            kv_type: KvType::F32,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            rope_theta: 10000.0,
+        };
+        check_attention(&mut gpu, spec, 30);
+        // Rows wider than a block (rms_norm's strided sums), gated/add over 4 blocks.
+        check_float_ops(&mut gpu, 3, 300);
+        // 20 and 9 table rows: several logits blocks; 5 rows: two passes of 4 tokens; 264 columns:
+        // vector loads, more than a warp's width of them in f16/bf16; 37: element loads.
+        check_tables(&mut gpu, 20, 264, 5);
+        check_tables(&mut gpu, 9, 37, 3);
+        // A row of 3 strides of argmax's 1,024 threads.
+        check_argmax_ties(&mut gpu, 2, 3000);
+    }
+}
+
 #[test]
 fn bitlinear_is_bit_identical_to_the_cpu_reference() {
     let odd: [(&[usize], usize); 5] = [

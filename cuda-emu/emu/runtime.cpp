@@ -25,9 +25,11 @@ extern "C" const char* __asan_default_options() {
 #include <sanitizer/tsan_interface.h>
 extern "C" const char* __tsan_default_options() { return "halt_on_error=1:exitcode=66"; }
 // The Rust code (the test harness, std's channels and atomics) is not instrumented, so TSan sees
-// its memcpys but not its synchronization: races with a Rust (v0-mangled, `_R`) function on either
-// stack are not the kernels'. A kernel's accesses run on fibers whose stacks hold no Rust frame.
-extern "C" const char* __tsan_default_suppressions() { return "race:^_R\n"; }
+// its memcpys but not its synchronization (the CPU backend's worker threads, for one): races with a
+// Rust frame on either stack are not the kernels'. Such a frame is named by its v0-mangled symbol
+// (`_R`) or, where debug info resolves it (inlined frames), by its `.rs` source file. A kernel's
+// accesses run on fibers whose stacks hold no Rust frame.
+extern "C" const char* __tsan_default_suppressions() { return "race:^_R\nrace:.rs$\n"; }
 #endif
 
 #include <signal.h>
