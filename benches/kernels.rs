@@ -18,7 +18,7 @@
 use half::bf16;
 use std::hint::black_box;
 use std::time::Instant;
-use tern_cpu::attention::{HeadGroup, attend};
+use tern_cpu::attention::{Cache, HeadGroup, attend};
 use tern_cpu::bitlinear::amx;
 use tern_cpu::bitlinear::base3::{self, PackedBase3};
 use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
@@ -300,7 +300,8 @@ fn main() {
             let flop = (4 * group * d * seen) as f64;
             for &isa in &isas {
                 let secs = median_secs(20, || {
-                    attend(isa, &g, &queries, &keys, &values, &mut scratch, &mut out).unwrap();
+                    let cache = Cache::contiguous(&keys[..], &values[..]);
+                    attend(isa, &g, &queries, &cache, &mut scratch, &mut out).unwrap();
                     black_box(&out);
                 });
                 println!(

@@ -1,7 +1,9 @@
 // Attention over the device KV cache: RoPE + cache append, then split-K (flash-decoding) attention.
 //
-// KV cache: f32, one array per K and V, [layer][slot][position][kv_head · head_dim] (the CPU
-// backend's layout). Row metadata `rows` holds (slot, position) pairs, one per row of the batch.
+// KV cache: f32, one array per K and V, the trait's paged pool
+// [page][layer][position in page][kv_head · head_dim]; position p of slot s is in page
+// pages[s · pages_per_slot + p / page_size] (the caller's page table, checked on the host). Row
+// metadata `rows` holds (slot, position) pairs, one per row of the batch.
 // RoPE angles come from a host-computed table [capacity][head_dim / 2] of cos then sin
 // (tern_cpu::attention::rope::rope_cos_sin), so the rotated values match the CPU bit for bit.
 //
@@ -19,14 +21,17 @@ struct Geometry {
     int heads;
     int kv_heads;
     int head_dim;
-    int slots;
-    int capacity;
+    int layers;
+    int page_size;
+    int pages_per_slot;
     int layer;
+    int pad;
 };
 
 struct RopeAppendParams {
     float* qkv;
     const int2* rows;
+    const int* pages;
     const float* rope;
     float* k_cache;
     float* v_cache;
@@ -36,6 +41,7 @@ struct RopeAppendParams {
 struct AttendPartialParams {
     const float* qkv;
     const int2* rows;
+    const int* pages;
     const float* k_cache;
     const float* v_cache;
     float* partial;
@@ -53,8 +59,11 @@ struct AttendCombineParams {
     int pad;
 };
 
-__device__ __forceinline__ size_t cache_offset(const Geometry& g, int slot, int position) {
-    return (((size_t)g.layer * g.slots + slot) * g.capacity + position) * (size_t)g.kv_heads * g.head_dim;
+__device__ __forceinline__ size_t cache_offset(const Geometry& g, const int* pages, int slot,
+                                               int position) {
+    const size_t page = (size_t)pages[(size_t)slot * g.pages_per_slot + position / g.page_size];
+    return ((page * g.layers + g.layer) * g.page_size + position % g.page_size) *
+           (size_t)g.kv_heads * g.head_dim;
 }
 
 // Grid (rows, heads + kv_heads), block head_dim / 2 threads: rotates pair (i, i + head_dim/2) of
@@ -62,6 +71,7 @@ __device__ __forceinline__ size_t cache_offset(const Geometry& g, int slot, int 
 extern "C" __global__ void rope_append(const __grid_constant__ RopeAppendParams params) {
     float* __restrict__ qkv = params.qkv;
     const int2* __restrict__ rows = params.rows;
+    const int* __restrict__ pages = params.pages;
     const float* __restrict__ rope = params.rope;
     float* __restrict__ k_cache = params.k_cache;
     float* __restrict__ v_cache = params.v_cache;
@@ -79,7 +89,7 @@ extern "C" __global__ void rope_append(const __grid_constant__ RopeAppendParams 
     head[half + i] = hi;
     if (h >= g.heads) {
         const int kvh = h - g.heads;
-        const size_t at = cache_offset(g, rp.x, rp.y) + (size_t)kvh * g.head_dim;
+        const size_t at = cache_offset(g, pages, rp.x, rp.y) + (size_t)kvh * g.head_dim;
         const float* v = row + q_dim + kv_dim + (size_t)kvh * g.head_dim;
         k_cache[at + i] = lo;
         k_cache[at + half + i] = hi;
@@ -94,6 +104,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attend_partial(const __grid_constant__ AttendPartialParams params) {
     const float* __restrict__ qkv = params.qkv;
     const int2* __restrict__ rows = params.rows;
+    const int* __restrict__ pages = params.pages;
     const float* __restrict__ k_cache = params.k_cache;
     const float* __restrict__ v_cache = params.v_cache;
     float* __restrict__ partial = params.partial;
@@ -104,7 +115,7 @@ attend_partial(const __grid_constant__ AttendPartialParams params) {
     const int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int2 rp = rows[r];
-    const int d = g.head_dim, kv_dim = g.kv_heads * d;
+    const int d = g.head_dim;
     const int width = (g.heads + 2 * g.kv_heads) * d;
     const int kvh = h / (g.heads / g.kv_heads);
     const float* q = qkv + (size_t)r * width + (size_t)h * d;
@@ -120,10 +131,10 @@ attend_partial(const __grid_constant__ AttendPartialParams params) {
     float m = -INFINITY, l = 0.0f;
     const int begin = split * keys_per_split;
     const int end = min(rp.y + 1, begin + keys_per_split);
-    const size_t base = cache_offset(g, rp.x, 0) + (size_t)kvh * d;
     for (int j = begin + warp; j < end; j += ATT_WARPS) {
-        const float* k = k_cache + base + (size_t)j * kv_dim;
-        const float* v = v_cache + base + (size_t)j * kv_dim;
+        const size_t at = cache_offset(g, pages, rp.x, j) + (size_t)kvh * d;
+        const float* k = k_cache + at;
+        const float* v = v_cache + at;
         float dot = 0.0f;
 #pragma unroll
         for (int e = 0; e < ATT_PER_LANE; ++e) {

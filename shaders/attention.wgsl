@@ -1,7 +1,8 @@
 // The attention op: RoPE + KV-cache append, then causal GQA attention over the cache.
 //
 // qkv rows are q‖k‖v (heads + 2·kv_heads heads of head_dim). One layer's cache is two buffers
-// `[slot][position][kv_heads · head_dim]` f32. `rope[position · head_dim + i]` and
+// `[page][position in page][kv_heads · head_dim]` f32; position `pos` of slot `slot` is in page
+// `page_table[slot · pages_per_slot + pos / page_size]` (the trait's page table). `rope[position · head_dim + i]` and
 // `rope[position · head_dim + head_dim/2 + i]` hold the cos and sin of pair (i, i + head_dim/2),
 // computed on the host with the CPU's f32 formula (src/backend/gpu_upload.rs).
 
@@ -19,12 +20,20 @@ struct AttentionParams {
     heads: u32,
     kv_heads: u32,
     head_dim: u32,
-    capacity: u32, // positions per slot
+    page_size: u32, // positions per page
+    pages_per_slot: u32, // page-table entries per slot
     inv_sqrt_d: f32,
     rows: array<SlotPosition>, // one per row of the batch
 }
 
 @group(0) @binding(0) var<storage, read> p: AttentionParams;
+@group(0) @binding(9) var<storage, read> page_table: array<u32>;
+
+// Where position `pos` of `slot` starts in a layer's K or V buffer.
+fn cache_row(slot: u32, pos: u32) -> u32 {
+    let page = page_table[slot * p.pages_per_slot + pos / p.page_size];
+    return (page * p.page_size + pos % p.page_size) * p.kv_heads * p.head_dim;
+}
 
 // ---- rope_append: one workgroup per row -----------------------------------------------------
 // Rotates q in place in qkv, writes rotated k and plain v to the row's cache position.
@@ -45,7 +54,7 @@ fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let q_dim = heads * hd;
     let kv_dim = kv_heads * hd;
     let base = row * (q_dim + 2u * kv_dim);
-    let cache_at = (slot * p.capacity + pos) * kv_dim;
+    let cache_at = cache_row(slot, pos);
     for (var idx = lid; idx < (heads + kv_heads) * half; idx += WG) {
         let h = idx / half;
         let i = idx % half;
@@ -121,9 +130,7 @@ fn attend(
     let h = item % heads;
     let slot = p.rows[row].slot;
     let n_keys = select(0u, p.rows[row].position + 1u, valid);
-    let kv_dim = kv_heads * hd;
     let kv_off = (h / (heads / kv_heads)) * hd;
-    let slot_at = slot * p.capacity * kv_dim;
     let q_at = row * (heads + 2u * kv_heads) * hd + h * hd;
 
     for (var d = lid; d < hd; d += WG) {
@@ -139,7 +146,7 @@ fn attend(
         let j = c * WG + lid;
         var s = -3.0e38;
         if j < n_keys {
-            let k_at = slot_at + j * kv_dim + kv_off;
+            let k_at = cache_row(slot, j) + kv_off;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) {
                 dot += q_sh[d] * k_cache[k_at + d];
@@ -161,7 +168,7 @@ fn attend(
         o *= corr;
         let in_chunk = min(WG, n_keys - c * WG);
         for (var jj = 0u; jj < in_chunk; jj++) {
-            let v_at = slot_at + (c * WG + jj) * kv_dim + kv_off;
+            let v_at = cache_row(slot, c * WG + jj) + kv_off;
             let pv = probs[jj];
             for (var r = 0u; r < 4u; r++) {
                 let d = lid + r * WG;

@@ -5,7 +5,7 @@
 //! error before any work is done; a generation that reaches the end of the context stops there with
 //! [`FinishReason::ContextFull`]. Nothing is truncated silently.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, KvType, TokenPosition};
 use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SequenceId};
@@ -17,6 +17,32 @@ use std::time::{Duration, Instant};
 
 /// Rows per forward pass when feeding a long prompt.
 pub const MAX_BATCH: usize = 256;
+
+/// How big the KV pool is (see [`KvOptions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPool {
+    /// Room for every slot's whole context, allocated up front.
+    #[default]
+    Full,
+    /// Pages for this many positions over all sequences, fixed.
+    Positions(usize),
+    /// As many pages as fit in this many bytes, fixed.
+    Bytes(usize),
+    /// Pages for this many positions at first, grown (doubling) as sequences need more, up to
+    /// [`KvPool::Full`].
+    Growing(usize),
+}
+
+/// The KV cache an [`Engine`] allocates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvOptions {
+    /// Positions per sequence (0: the model's maximum).
+    pub ctx: usize,
+    /// Sequences held at once (at least 1).
+    pub slots: usize,
+    pub kv_type: KvType,
+    pub pool: KvPool,
+}
 
 pub struct Engine {
     backend: Box<dyn Backend>,
@@ -88,22 +114,74 @@ pub struct GenerationStats {
 
 impl Engine {
     /// Uploads the weights of `source` to `backend` ([`Model::upload`]: streaming, one layer at a
-    /// time) and allocates a KV cache of `slots` sequences × `ctx` positions
-    /// (`ctx` 0: the model's maximum).
+    /// time) and allocates a full f32 KV cache of `slots` sequences × `ctx` positions (`ctx` 0: the
+    /// model's maximum).
     pub fn new(
         source: &dyn ModelSource,
-        mut backend: Box<dyn Backend>,
+        backend: Box<dyn Backend>,
         ctx: usize,
         slots: usize,
     ) -> Result<Self> {
+        let kv = KvOptions {
+            ctx,
+            slots,
+            ..KvOptions::default()
+        };
+        Self::with_kv(source, backend, kv)
+    }
+
+    /// Uploads the weights of `source` to `backend` (streaming) and allocates the KV cache `kv`
+    /// describes.
+    pub fn with_kv(
+        source: &dyn ModelSource,
+        mut backend: Box<dyn Backend>,
+        kv: KvOptions,
+    ) -> Result<Self> {
         let max = source.config().max_positions;
-        let ctx = if ctx == 0 { max } else { ctx };
+        let ctx = if kv.ctx == 0 { max } else { kv.ctx };
         ensure!(
             ctx <= max,
             "context length {ctx} exceeds the model's maximum of {max} positions"
         );
+        ensure!(
+            kv.slots > 0,
+            "the KV cache needs at least one sequence slot"
+        );
         let model = Model::upload(source, backend.as_mut())?;
-        let kv = KvCache::new(backend.as_mut(), model.kv_spec(slots, ctx))?;
+        let full = model.kv_spec(kv.slots, ctx, 0, kv.kv_type);
+        let full_pages = kv.slots * full.pages_per_slot();
+        let pages_for = |positions: usize| positions.div_ceil(full.page_size).max(1);
+        let (pages, max_pages) = match kv.pool {
+            KvPool::Full => (full_pages, 0),
+            KvPool::Positions(n) => (pages_for(n), 0),
+            KvPool::Bytes(bytes) => {
+                let page = full.page_bytes();
+                ensure!(
+                    bytes >= page,
+                    "a KV pool of {bytes} bytes holds not one page of {} positions ({page} bytes \
+                     for this model as {}): raise --kv-memory",
+                    full.page_size,
+                    kv.kv_type.as_str()
+                );
+                (bytes / page, 0)
+            }
+            KvPool::Growing(n) => (pages_for(n).min(full_pages), full_pages),
+        };
+        let spec = crate::backend::KvSpec { pages, ..full };
+        let kv = KvCache::new(backend.as_mut(), spec, max_pages)?;
+        tracing::info!(
+            "KV cache: {} pages of {} positions, {} bytes ({:.1} MiB) of {}{}",
+            kv.pages(),
+            spec.page_size,
+            kv.bytes(),
+            kv.bytes() as f64 / (1u64 << 20) as f64,
+            spec.kv_type.as_str(),
+            if kv.max_pages() > kv.pages() {
+                format!(", growing up to {} pages", kv.max_pages())
+            } else {
+                String::new()
+            }
+        );
         Ok(Self { backend, model, kv })
     }
 
@@ -130,9 +208,11 @@ impl Engine {
         self.backend.linear_weight_bytes()
     }
 
-    /// Context length per sequence.
+    /// Positions one sequence can hold: the context length, or fewer when the whole KV pool (at
+    /// its largest) holds fewer.
     pub fn context(&self) -> usize {
-        self.kv.capacity()
+        let pool = self.kv.max_pages() * self.kv.page_size();
+        self.kv.capacity().min(pool)
     }
 
     /// Sequences the KV cache holds at once.
@@ -143,6 +223,11 @@ impl Engine {
     /// Slots held by live sequences.
     pub fn slots_in_use(&self) -> usize {
         self.kv.slots_in_use()
+    }
+
+    /// The KV cache: its pages (used, free, size), bytes and geometry.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
     }
 
     pub fn new_sequence(&mut self) -> Result<SequenceId> {
@@ -178,7 +263,7 @@ impl Engine {
     ) -> Result<Vec<f32>> {
         ensure!(!tokens.is_empty(), "nothing to feed: empty token list");
         let start = self.kv.len(seq)?;
-        let rows = self.kv.reserve(seq, tokens.len())?;
+        let rows = self.kv.reserve(self.backend.as_mut(), seq, tokens.len())?;
         let logits_rows = match logits_for {
             LogitsFor::Last => 1,
             LogitsFor::All => tokens.len(),
@@ -215,8 +300,9 @@ impl Engine {
         let mut result = Ok(());
         for item in items {
             let start = self.kv.len(item.seq);
-            match start.and_then(|start| Ok((start, self.kv.reserve(item.seq, item.tokens.len())?)))
-            {
+            let backend = self.backend.as_mut();
+            let n = item.tokens.len();
+            match start.and_then(|start| Ok((start, self.kv.reserve(backend, item.seq, n)?))) {
                 Ok((start, rows)) => {
                     reserved.push((item.seq, start));
                     positions.push(rows);
@@ -256,7 +342,7 @@ impl Engine {
     fn run_batches(
         &mut self,
         tokens: &[u32],
-        rows: &[crate::backend::TokenPosition],
+        rows: &[TokenPosition],
         logits_rows: usize,
     ) -> Result<Vec<f32>> {
         let first_logit = tokens.len() - logits_rows;
@@ -268,7 +354,11 @@ impl Engine {
         {
             let end = i * MAX_BATCH + t.len();
             let want = end.saturating_sub(first_logit).min(t.len());
-            logits.extend(self.model.forward(self.backend.as_mut(), t, r, want)?);
+            let pages = self.kv.page_table();
+            logits.extend(
+                self.model
+                    .forward(self.backend.as_mut(), t, r, pages, want)?,
+            );
         }
         Ok(logits)
     }

@@ -19,7 +19,10 @@
 //! the backend once and grown only when a larger batch arrives. Every intermediate has a name
 //! (`blk.3.attn_out`, see [`crate::capture`]) under which a [`Capture`] can read it.
 
-use crate::backend::{Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId};
+use crate::backend::{
+    Activations, Backend, KvSpec, KvType, LinearId, PAGE_SIZE, PageTable, TableId, TokenPosition,
+    VectorId,
+};
 use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::source::ModelSource;
@@ -158,13 +161,17 @@ impl Model {
         &self.config
     }
 
-    /// The KV-cache geometry this model needs for `slots` sequences of `capacity` positions.
-    pub fn kv_spec(&self, slots: usize, capacity: usize) -> KvSpec {
+    /// The KV-cache geometry this model needs for `slots` sequences of `capacity` positions, with
+    /// a pool of `pages` pages of [`PAGE_SIZE`] positions holding `kv_type` values.
+    pub fn kv_spec(&self, slots: usize, capacity: usize, pages: usize, kv_type: KvType) -> KvSpec {
         let c = &self.config;
         KvSpec {
             layers: c.layers,
             slots,
             capacity,
+            pages,
+            page_size: PAGE_SIZE,
+            kv_type,
             heads: c.heads,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
@@ -181,15 +188,17 @@ impl Model {
     /// Runs one batch and returns the logits of its last `logits_rows` rows, row-major
     /// `[logits_rows, vocab]` (none when 0: the batch only fills the KV cache).
     ///
-    /// `rows[i]` says where `tokens[i]` goes; the caller (the KV-cache manager) guarantees the
-    /// positions are valid and that each row's earlier positions are already cached or earlier in
-    /// the batch. Rows that need logits go last, so that selecting them is one contiguous copy whose
-    /// offset depends only on the batch's shape (a recorded step stays replayable).
+    /// `rows[i]` says where `tokens[i]` goes and `pages` where each slot's positions live; the
+    /// caller (the KV-cache manager) guarantees the positions are valid, their pages taken, and
+    /// each row's earlier positions already cached or earlier in the batch. Rows that need logits
+    /// go last, so that selecting them is one contiguous copy whose offset depends only on the
+    /// batch's shape (a recorded step stays replayable).
     pub fn forward(
         &mut self,
         backend: &mut dyn Backend,
         tokens: &[u32],
         rows: &[TokenPosition],
+        pages: &PageTable,
         logits_rows: usize,
     ) -> Result<Vec<f32>> {
         ensure!(
@@ -226,7 +235,7 @@ impl Model {
             tap.at(backend, name("attn_norm"), s.normed, hidden)?;
             backend.bitlinear(s.normed, layer.qkv, n, s.qkv)?;
             tap.at(backend, name("qkv"), s.qkv, c.q_dim() + 2 * c.kv_dim())?;
-            backend.attention(l, s.qkv, rows, s.attn)?;
+            backend.attention(l, s.qkv, rows, pages, s.attn)?;
             tap.at(backend, name("kqv_out"), s.attn, c.q_dim())?;
             let attn_out = match layer.attn_sub_norm {
                 Some(w) => {

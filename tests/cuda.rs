@@ -7,8 +7,8 @@
 mod common;
 
 use common::cuda_ops::*;
-use tern::backend::KvSpec;
 use tern::backend::cuda::CudaBackend;
+use tern::backend::{KvSpec, KvType};
 
 fn cuda() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -45,6 +45,9 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
         layers: 2,
         slots: 3,
         capacity: 600,
+        pages: 0,
+        page_size: 16,
+        kv_type: KvType::F32,
         heads: 20,
         kv_heads: 5,
         head_dim: 128,

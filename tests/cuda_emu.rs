@@ -9,7 +9,7 @@ mod common;
 
 use common::cuda_emu::{Order, backend};
 use common::cuda_ops::*;
-use tern::backend::KvSpec;
+use tern::backend::{KvSpec, KvType};
 
 const VARIANTS: [(bool, Order); 2] = [(true, Order::Forward), (false, Order::Reverse)];
 
@@ -33,6 +33,9 @@ fn every_kernel_on_small_shapes() {
             layers: 2,
             slots: 3,
             capacity: 70,
+            pages: 0,
+            page_size: 16,
+            kv_type: KvType::F32,
             heads: 4,
             kv_heads: 2,
             head_dim: 64,
@@ -77,6 +80,9 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
             layers: 2,
             slots: 3,
             capacity: 97,
+            pages: 0,
+            page_size: 8,
+            kv_type: KvType::F32,
             heads: 6,
             kv_heads: 2,
             head_dim: 64,
@@ -88,6 +94,9 @@ fn attention_matches_the_cpu_over_slots_and_positions() {
             layers: 2,
             slots: 3,
             capacity: 40,
+            pages: 0,
+            page_size: 16,
+            kv_type: KvType::F32,
             heads: 20,
             kv_heads: 5,
             head_dim: 256,
@@ -147,9 +156,9 @@ fn parameter_structs_match_the_c_layouts() {
         EmbedParams { table, tokens, out, cols, pad }
         LogitsParams { table, x, out, vocab, cols, rows, pad }
         ArgmaxParams { logits, ids, vocab, pad }
-        Geometry { heads, kv_heads, head_dim, slots, capacity, layer }
-        RopeAppendParams { qkv, rows, rope, k_cache, v_cache, g }
-        AttendPartialParams { qkv, rows, k_cache, v_cache, partial, g, keys_per_split, pad }
+        Geometry { heads, kv_heads, head_dim, layers, page_size, pages_per_slot, layer, pad }
+        RopeAppendParams { qkv, rows, pages, rope, k_cache, v_cache, g }
+        AttendPartialParams { qkv, rows, pages, k_cache, v_cache, partial, g, keys_per_split, pad }
         AttendCombineParams { partial, out, splits, heads, head_dim, pad }
     };
     assert_eq!(checked, 12);

@@ -145,7 +145,8 @@ impl Client {
             let idle = self.metric("tern_active_sequences") == 0.0
                 && self.metric("tern_queue_depth") == 0.0
                 && self.metric("tern_kv_slots_used") == 0.0
-                && self.metric("tern_kv_slots_free") == slots;
+                && self.metric("tern_kv_slots_free") == slots
+                && self.metric("tern_kv_pages_used") == 0.0;
             if idle {
                 return;
             }
@@ -369,6 +370,29 @@ fn a_full_queue_answers_503_with_retry_after() {
     server.wait_idle(1.0);
 }
 
+#[test]
+fn a_small_kv_pool_makes_requests_wait_for_pages_and_all_complete() {
+    // tiny-packed: 2 layers × 2 kv heads × 64 dims, so a page of 16 positions takes 32 KiB of K
+    // and V. 4 pages hold one request of ~40 positions at a time, though 4 slots are free.
+    let server = Server::start(&["--parallel", "4", "--kv-memory", "128KiB"]);
+    assert_eq!(server.metric("tern_kv_pages_free"), 4.0);
+    let port = server.port;
+    let handles: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || stream_completion(port, 32, None)))
+        .collect();
+    for h in handles {
+        let (tokens, finish, usage) = h.join().unwrap();
+        assert_eq!(tokens as u64, usage, "{finish}");
+        assert!(finish == "length" || finish == "stop", "{finish}");
+    }
+    server.wait_idle(4.0);
+    assert_eq!(server.metric("tern_kv_pages_free"), 4.0);
+    // A prompt longer than the pool holds is refused like one longer than the context.
+    let long = "word ".repeat(80);
+    let r = server.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
+    assert_error(&r, 400, "context");
+}
+
 /// Runs `tern run` and returns its stdout.
 fn tern_run(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -583,6 +607,8 @@ fn load_64_streams_with_a_quarter_disconnecting() {
     let port = server.port;
     let max_tokens = 32;
     let mut rss = Vec::new();
+    let pages = server.metric("tern_kv_pages_free");
+    assert!(pages > 0.0);
     for _round in 0..4 {
         let handles: Vec<_> = (0..64)
             .map(|i| {
@@ -606,6 +632,11 @@ fn load_64_streams_with_a_quarter_disconnecting() {
             }
         }
         server.wait_idle(slots as f64);
+        assert_eq!(
+            server.metric("tern_kv_pages_free"),
+            pages,
+            "a KV page leaked"
+        );
         assert_eq!(server.get("/health").0, 200);
         rss.push(server.rss_kib());
     }

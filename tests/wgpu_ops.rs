@@ -7,7 +7,7 @@ mod common;
 
 use half::{bf16, f16};
 use tern::backend::cpu::CpuBackend;
-use tern::backend::{Backend, KvSpec, TokenPosition};
+use tern::backend::{Backend, KvSpec, KvType, TokenPosition};
 use tern::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use tern_cpu::bitlinear::quant::quantize_rows;
 use tern_cpu::bitlinear::reference::{TernaryView, gemm_reference, pack};
@@ -205,18 +205,22 @@ fn embedding_and_output_head_match_the_cpu_in_every_dtype() {
 #[test]
 fn attention_prefill_then_decode_in_two_slots_matches_the_cpu() {
     let mut rng = Lcg(9);
-    let spec = KvSpec {
+    let spec = common::double_pool(KvSpec {
         layers: 2,
         slots: 2,
         capacity: 80,
+        pages: 0,
+        page_size: 8,
+        kv_type: KvType::F32,
         heads: 4,
         kv_heads: 2,
         head_dim: 8,
         rope_theta: 10000.0,
-    };
+    });
     let width = spec.qkv_width();
     let q_dim = spec.heads * spec.head_dim;
-    // 70 prefill rows in slot 1 (more than one 64-key chunk), then one decode row in each slot.
+    // 70 prefill rows in slot 1 (more than one 64-key chunk, 9 pages), then one decode row in
+    // each slot.
     let prefill: Vec<TokenPosition> = (0..70)
         .map(|position| TokenPosition { slot: 1, position })
         .collect();
@@ -232,14 +236,29 @@ fn attention_prefill_then_decode_in_two_slots_matches_the_cpu() {
     ];
     let prefill_qkv = rng.vec(prefill.len() * width, 2.0);
     let decode_qkv = rng.vec(decode.len() * width, 2.0);
+    let (contiguous, shuffled) = (spec.contiguous_table(), common::shuffled_pages(&spec));
+    let scrambled = common::scrambled_first_half(&spec);
     agree_with_cpu("attention", 1e-4, &|b| {
         b.alloc_kv(&spec).unwrap();
-        let qkv = upload_input(b, &prefill_qkv);
-        let out = b.alloc(prefill.len() * q_dim).unwrap();
-        b.attention(1, qkv, &prefill, out).unwrap();
-        let mut got = read(b, out, prefill.len() * q_dim);
+        // Each table's pass reads back only what it wrote: the contiguous pass (first half of
+        // the pool) gives the bits of the scrambled one (second half).
+        let mut passes = [&contiguous, &shuffled].map(|pages| {
+            let qkv = upload_input(b, &prefill_qkv);
+            let out = b.alloc(prefill.len() * q_dim).unwrap();
+            b.attention(1, qkv, &prefill, pages, out).unwrap();
+            let mut got = read(b, out, prefill.len() * q_dim);
+            let qkv = upload_input(b, &decode_qkv);
+            b.attention(1, qkv, &decode, pages, out).unwrap();
+            got.extend(read(b, out, decode.len() * q_dim));
+            got
+        });
+        assert_eq!(passes[0], passes[1], "scrambled pages");
+        // The contiguous pass's pages read in another order: the CPU and the GPU agree only if
+        // both follow the table.
         let qkv = upload_input(b, &decode_qkv);
-        b.attention(1, qkv, &decode, out).unwrap();
+        let out = b.alloc(decode.len() * q_dim).unwrap();
+        b.attention(1, qkv, &decode, &scrambled, out).unwrap();
+        let mut got = std::mem::take(&mut passes[1]);
         got.extend(read(b, out, decode.len() * q_dim));
         got
     });
@@ -286,7 +305,7 @@ fn bad_handles_and_shapes_are_errors() {
             "{name}: freed handle"
         );
         assert!(
-            gpu.attention(0, other, &[], small).is_err(),
+            gpu.attention(0, other, &[], &[], small).is_err(),
             "{name}: no KV cache"
         );
     }

@@ -5,8 +5,9 @@
 //! default, or `TERN_CPU_KERNELS`). A linear is repacked at upload (the fused parts' rows one after
 //! another, one scale per output row, so fused parts keep their own scales) into a
 //! [`tern_cpu::bitlinear::Linear`], which runs the whole op on the pool. Activations are
-//! `Vec<f32>`. The KV cache is one f32 array per K and V, indexed
-//! `[layer][slot][position][kv_head · head_dim]`.
+//! `Vec<f32>`. The KV pool is one array per K and V, f32 or f16 ([`KvSpec::kv_type`]), in the
+//! trait's paged layout `[page][layer][position in page][kv_head · head_dim]`; attention reads a
+//! sequence's pages through the page table (`tern_cpu::attention::Cache`).
 //!
 //! Parallelism: linears split their weight rows (see `tern_cpu::bitlinear::linear`); attention
 //! splits over (row, head); the output head over vocabulary chunks. Threads live as long as the
@@ -14,14 +15,15 @@
 //! so a decode step allocates nothing once they have grown.
 
 use super::{
-    Activations, Backend, KvSpec, LinearId, LmHead, Q8_EXACT_TOP_K, TableId, TokenPosition,
-    VectorId, allocated_kv, distinct_buffers, fused_in_features, insert_in_free_slot,
-    resolve_threads, uploaded,
+    Activations, Backend, KvSpec, KvType, LinearId, LmHead, PageTable, Q8_EXACT_TOP_K, TableId,
+    TokenPosition, VectorId, allocated_kv, distinct_buffers, fused_in_features,
+    insert_in_free_slot, resolve_threads, uploaded,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use half::f16;
 use tern_cpu::attention;
-use tern_cpu::attention::rope;
+use tern_cpu::attention::{Cache, KvValue, rope};
 use tern_cpu::bitlinear::amx::AmxUse;
 use tern_cpu::bitlinear::reference::TernaryView;
 use tern_cpu::bitlinear::{Family, Linear, LinearScratch};
@@ -67,15 +69,148 @@ thread_local! {
 
 struct KvStorage {
     spec: KvSpec,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    pool: KvPool,
 }
 
-impl KvStorage {
-    /// Offset of (layer, slot, position) in `keys`/`values`.
-    fn offset(&self, layer: usize, slot: usize, position: usize) -> usize {
-        let s = &self.spec;
-        ((layer * s.slots + slot) * s.capacity + position) * s.kv_heads * s.head_dim
+/// The K and V arrays in the spec's type.
+enum KvPool {
+    F32(Pool<f32>),
+    F16(Pool<f16>),
+}
+
+struct Pool<E> {
+    keys: Vec<E>,
+    values: Vec<E>,
+}
+
+impl<E: KvValue + Default> Pool<E> {
+    /// A zeroed pool of `len` values per K and V.
+    fn new(len: usize) -> Result<Self> {
+        let mut pool = Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+        };
+        pool.grow(len)?;
+        Ok(pool)
+    }
+
+    /// Grows K and V to `len` values each, keeping what they hold.
+    fn grow(&mut self, len: usize) -> Result<()> {
+        for (what, v) in [("keys", &mut self.keys), ("values", &mut self.values)] {
+            let more = len.saturating_sub(v.len());
+            v.try_reserve_exact(more).map_err(|_| {
+                anyhow!(
+                    "out of host memory allocating the KV cache's {what} ({} MiB; lower \
+                     --ctx or --kv-memory)",
+                    (len * std::mem::size_of::<E>()) >> 20
+                )
+            })?;
+            v.resize(len, E::default());
+        }
+        Ok(())
+    }
+}
+
+/// One `attention` call's arguments, checked, run over a pool of either value type.
+struct AttentionStep<'a> {
+    pool: &'a ThreadPool,
+    isa: Isa,
+    spec: &'a KvSpec,
+    layer: usize,
+    tokens: &'a [TokenPosition],
+    pages: &'a PageTable,
+}
+
+impl AttentionStep<'_> {
+    /// RoPE on q and k of every row of `src`, k and v appended to `kv`, attention into `dst`.
+    fn run<E: KvValue>(
+        &self,
+        kv: &mut Pool<E>,
+        src: &mut [f32],
+        dst: &mut [f32],
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (spec, tokens, layer) = (self.spec, self.tokens, self.layer);
+        let (hd, kv_dim, q_dim) = (
+            spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+            spec.heads * spec.head_dim,
+        );
+        let width = spec.qkv_width();
+        let (ps, per_slot) = (spec.page_size, spec.pages_per_slot());
+        let table_of = |slot: usize| &self.pages[slot * per_slot..][..per_slot];
+        cos.resize(hd / 2, 0.0);
+        sin.resize(hd / 2, 0.0);
+        for (row, r) in src.chunks_exact_mut(width).zip(tokens) {
+            rope::rope_cos_sin(spec.rope_theta, hd, r.position, cos, sin)?;
+            for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
+                rope::apply_rope(head, cos, sin)?;
+            }
+            let page = table_of(r.slot)[r.position / ps] as usize;
+            let at = spec.offset(page, layer, r.position % ps);
+            E::store(&row[q_dim..q_dim + kv_dim], &mut kv.keys[at..at + kv_dim]);
+            E::store(&row[q_dim + kv_dim..width], &mut kv.values[at..at + kv_dim]);
+        }
+        let group = spec.heads / spec.kv_heads;
+        let (isa, kv, qkv_rows) = (self.isa, &*kv, &*src);
+        // Page `p` of the pool starts `page_stride` after page `p - 1`; this layer's rows sit at
+        // `layer_at` in every page.
+        let page_stride = spec.offset(1, 0, 0);
+        let layer_at = spec.offset(0, layer, 0);
+        // Queries of tokens `t0..t0 + n` (at consecutive positions of one slot) over kv head `g`,
+        // written to `out` laid out like the output tokens from `t0`, starting at head `g · group`.
+        let attend_rows = |t0: usize, n: usize, g: usize, out: &mut [f32], out_stride: usize| {
+            let r = tokens[t0];
+            let geometry = attention::HeadGroup {
+                head_dim: hd,
+                group,
+                rows: n,
+                first_keys: r.position + 1,
+                query_stride: width,
+                out_stride,
+                kv_stride: kv_dim,
+            };
+            let cache = Cache {
+                keys: &kv.keys[layer_at + g * hd..],
+                values: &kv.values[layer_at + g * hd..],
+                pages: table_of(r.slot),
+                page_size: ps,
+                page_stride,
+            };
+            let queries = &qkv_rows[t0 * width + g * group * hd..];
+            ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
+                attention::attend(isa, &geometry, queries, &cache, scratch, out)
+            })
+        };
+        let one_run = tokens
+            .windows(2)
+            .all(|w| w[1].slot == w[0].slot && w[1].position == w[0].position + 1);
+        let result = if one_run && tokens.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
+            // A prefill: blocks of tokens, each key and value read once per block.
+            self.pool.try_for_each(
+                dst[..tokens.len() * q_dim]
+                    .chunks_mut(ATTENTION_ROWS_PER_TASK * q_dim)
+                    .enumerate(),
+                |(block, out)| {
+                    let (t0, n) = (block * ATTENTION_ROWS_PER_TASK, out.len() / q_dim);
+                    (0..spec.kv_heads)
+                        .try_for_each(|g| attend_rows(t0, n, g, &mut out[g * group * hd..], q_dim))
+                },
+            )
+        } else {
+            // Decode: one task per (row, kv head), so even one row spreads over the threads.
+            self.pool.try_for_each(
+                dst[..tokens.len() * q_dim]
+                    .chunks_mut(group * hd)
+                    .enumerate(),
+                |(i, out)| {
+                    let (t, g) = (i / spec.kv_heads, i % spec.kv_heads);
+                    attend_rows(t, 1, g, out, group * hd)
+                },
+            )
+        };
+        result.map_err(Into::into)
     }
 }
 
@@ -407,23 +542,29 @@ impl Backend for CpuBackend {
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
         spec.check_geometry(usize::MAX)?;
         self.kv = None; // release the old cache before allocating the new one
-        let len = spec.bytes(1) / 2;
-        let zeroed = |what: &str| -> Result<Vec<f32>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(len).map_err(|_| {
-                anyhow!(
-                    "out of host memory allocating the KV cache's {what} ({} MiB; lower --ctx)",
-                    (len * 4) >> 20
-                )
-            })?;
-            v.resize(len, 0.0);
-            Ok(v)
+        let len = spec.pages * spec.page_values() / 2;
+        let pool = match spec.kv_type {
+            KvType::F32 => KvPool::F32(Pool::new(len)?),
+            KvType::F16 => KvPool::F16(Pool::new(len)?),
         };
-        self.kv = Some(KvStorage {
-            spec: *spec,
-            keys: zeroed("keys")?,
-            values: zeroed("values")?,
-        });
+        self.kv = Some(KvStorage { spec: *spec, pool });
+        Ok(())
+    }
+
+    fn grow_kv(&mut self, pages: usize) -> Result<()> {
+        let kv = allocated_kv(self.kv.as_mut())?;
+        ensure!(
+            pages >= kv.spec.pages,
+            "grow_kv: {pages} pages would shrink a pool of {}",
+            kv.spec.pages
+        );
+        // Pages are the outermost index: the new ones go after the old.
+        let len = pages * kv.spec.page_values() / 2;
+        match &mut kv.pool {
+            KvPool::F32(p) => p.grow(len)?,
+            KvPool::F16(p) => p.grow(len)?,
+        }
+        kv.spec.pages = pages;
         Ok(())
     }
 
@@ -504,16 +645,13 @@ impl Backend for CpuBackend {
         layer: usize,
         qkv: Activations,
         tokens: &[TokenPosition],
+        pages: &PageTable,
         out: Activations,
     ) -> Result<()> {
         let spec = allocated_kv(self.kv.as_ref())?.spec;
-        spec.check_tokens(layer, tokens)?;
-        let (hd, kv_dim, q_dim) = (
-            spec.head_dim,
-            spec.kv_heads * spec.head_dim,
-            spec.heads * spec.head_dim,
-        );
+        spec.check_tokens(layer, tokens, pages)?;
         let width = spec.qkv_width();
+        let q_dim = spec.heads * spec.head_dim;
         let mut src = self.take(qkv, tokens.len() * width, "attention qkv")?;
         let mut dst = match self.take(out, tokens.len() * q_dim, "attention output") {
             Ok(d) => d,
@@ -523,72 +661,22 @@ impl Backend for CpuBackend {
             }
         };
         let kv = self.kv.as_mut().expect("checked above");
-        // RoPE on q and k of every row, then append k and v at the row's position.
-        let (cos, sin) = (&mut self.scratch.rope_cos, &mut self.scratch.rope_sin);
-        cos.resize(hd / 2, 0.0);
-        sin.resize(hd / 2, 0.0);
-        for (row, r) in src.chunks_exact_mut(width).zip(tokens) {
-            rope::rope_cos_sin(spec.rope_theta, hd, r.position, cos, sin)?;
-            for head in row[..q_dim + kv_dim].chunks_exact_mut(hd) {
-                rope::apply_rope(head, cos, sin)?;
-            }
-            let at = kv.offset(layer, r.slot, r.position);
-            kv.keys[at..at + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
-            kv.values[at..at + kv_dim].copy_from_slice(&row[q_dim + kv_dim..width]);
-        }
-        let group = spec.heads / spec.kv_heads;
-        let (isa, kv, qkv_rows) = (self.isa, &*kv, &src);
-        // Queries of tokens `t0..t0 + n` (at consecutive positions of one slot) over kv head `g`,
-        // written to `out` laid out like the output tokens from `t0`, starting at head `g · group`.
-        let attend_rows = |t0: usize, n: usize, g: usize, out: &mut [f32], out_stride: usize| {
-            let r = tokens[t0];
-            let geometry = attention::HeadGroup {
-                head_dim: hd,
-                group,
-                rows: n,
-                first_keys: r.position + 1,
-                query_stride: width,
-                out_stride,
-                kv_stride: kv_dim,
-            };
-            let base = kv.offset(layer, r.slot, 0) + g * hd;
-            let end = kv.offset(layer, r.slot, r.position + n - 1) + kv_dim;
-            let queries = &qkv_rows[t0 * width + g * group * hd..];
-            ATTENTION_SCRATCH.with_borrow_mut(|scratch| {
-                let (keys, values) = (&kv.keys[base..end], &kv.values[base..end]);
-                attention::attend(isa, &geometry, queries, keys, values, scratch, out)
-            })
+        let step = AttentionStep {
+            pool: &self.pool,
+            isa: self.isa,
+            spec: &spec,
+            layer,
+            tokens,
+            pages,
         };
-        let one_run = tokens
-            .windows(2)
-            .all(|w| w[1].slot == w[0].slot && w[1].position == w[0].position + 1);
-        let result = if one_run && tokens.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
-            // A prefill: blocks of tokens, each key and value read once per block.
-            self.pool.try_for_each(
-                dst[..tokens.len() * q_dim]
-                    .chunks_mut(ATTENTION_ROWS_PER_TASK * q_dim)
-                    .enumerate(),
-                |(block, out)| {
-                    let (t0, n) = (block * ATTENTION_ROWS_PER_TASK, out.len() / q_dim);
-                    (0..spec.kv_heads)
-                        .try_for_each(|g| attend_rows(t0, n, g, &mut out[g * group * hd..], q_dim))
-                },
-            )
-        } else {
-            // Decode: one task per (row, kv head), so even one row spreads over the threads.
-            self.pool.try_for_each(
-                dst[..tokens.len() * q_dim]
-                    .chunks_mut(group * hd)
-                    .enumerate(),
-                |(i, out)| {
-                    let (t, g) = (i / spec.kv_heads, i % spec.kv_heads);
-                    attend_rows(t, 1, g, out, group * hd)
-                },
-            )
+        let (cos, sin) = (&mut self.scratch.rope_cos, &mut self.scratch.rope_sin);
+        let result = match &mut kv.pool {
+            KvPool::F32(p) => step.run(p, &mut src, &mut dst, cos, sin),
+            KvPool::F16(p) => step.run(p, &mut src, &mut dst, cos, sin),
         };
         self.put(qkv, src);
         self.put(out, dst);
-        result.map_err(Into::into)
+        result
     }
 
     fn gated(
@@ -722,6 +810,6 @@ mod tests {
             slot: 0,
             position: 0,
         }];
-        assert!(b.attention(0, a, &row, c).is_err(), "no KV cache");
+        assert!(b.attention(0, a, &row, &[0], c).is_err(), "no KV cache");
     }
 }

@@ -14,9 +14,16 @@
 //! - **W1.58A8 is one op**: [`Backend::bitlinear`] quantizes each activation row to int8 (absmax,
 //!   `s = 127 / max|x|`), multiplies by the ternary weights with integer accumulation, and writes
 //!   `acc / s * scale`. Integer results must equal the scalar reference in `tern_cpu::bitlinear::reference`.
+//! - **The KV cache is paged**: one pool of [`KvSpec::pages`] pages per backend, each holding
+//!   [`KvSpec::page_size`] positions of every layer's K and V, stored as [`KvSpec::kv_type`]
+//!   (`[page][layer][position in page][kv_head · head_dim]`, K and V apart). Which pages a sequence
+//!   uses is the caller's [`PageTable`] (the KV-cache manager's): position `p` of slot `s` lives in
+//!   page `table[s · pages_per_slot + p / page_size]` at `p % page_size`. The pool's content
+//!   belongs to the backend; the table, to the caller, who hands it to every `attention` call.
 //! - [`Backend::attention`] applies rotate-half RoPE to the rows' q and k, stores k and v in the KV
-//!   cache at each row's slot and position, and attends causally over positions `0..=position` of
-//!   the row's slot (GQA: query head `h` reads kv head `h / (heads / kv_heads)`).
+//!   cache at each row's slot and position (through the page table), and attends causally over
+//!   positions `0..=position` of the row's slot (GQA: query head `h` reads kv head
+//!   `h / (heads / kv_heads)`). Every page a row reads or writes must be in the table (checked).
 //! - Ops are issued in order; a backend may queue them (GPU) and only [`Backend::read`] must wait.
 //!   Errors report shape mismatches and device failures; they never panic.
 //!
@@ -56,14 +63,57 @@ pub struct TokenPosition {
     pub position: usize,
 }
 
+/// Positions per KV page. 16 keeps a sequence's unused tail under 16 positions (under 1 % of a
+/// 2048-token context) and the page table small (256 entries for 4096 positions), while one page of
+/// one layer's keys (16 × kv_heads · head_dim values, 40 KiB in f32 on the 2B-4T shape) is long
+/// enough that reading through the table costs nothing measurable next to the reads themselves.
+pub const PAGE_SIZE: usize = 16;
+
+/// A page-table entry that names no page.
+pub const NO_PAGE: u32 = u32::MAX;
+
+/// Which pages of the pool hold each slot's positions: `slots × pages_per_slot` entries, row `s`
+/// listing slot `s`'s pages in position order ([`NO_PAGE`] past its last one). See the module doc.
+pub type PageTable = [u32];
+
+/// How K and V values are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    #[default]
+    F32,
+    /// IEEE half precision, converted to f32 as attention reads it.
+    F16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+}
+
 /// The attention geometry and the KV cache to allocate for it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KvSpec {
     pub layers: usize,
-    /// Sequences that can be cached at once.
+    /// Sequences that can be cached at once (rows of the page table).
     pub slots: usize,
     /// Positions per slot (the context length).
     pub capacity: usize,
+    /// Pages in the pool (shared by all slots).
+    pub pages: usize,
+    /// Positions per page ([`PAGE_SIZE`] unless a test says otherwise).
+    pub page_size: usize,
+    pub kv_type: KvType,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -71,14 +121,42 @@ pub struct KvSpec {
 }
 
 impl KvSpec {
-    /// Checks that `layer` and every row's slot and position lie inside this cache: what every
-    /// backend's `attention` verifies before touching device memory.
-    pub fn check_tokens(&self, layer: usize, tokens: &[TokenPosition]) -> Result<()> {
+    /// Page-table entries per slot: enough pages for `capacity` positions.
+    pub fn pages_per_slot(&self) -> usize {
+        self.capacity.div_ceil(self.page_size)
+    }
+
+    /// The table that gives slot `s` the pages `s · pages_per_slot ..` in order (with a pool of
+    /// `slots × pages_per_slot` pages): the contiguous cache, for callers without a manager.
+    pub fn contiguous_table(&self) -> Vec<u32> {
+        (0..self.slots * self.pages_per_slot())
+            .map(|p| if p < self.pages { p as u32 } else { NO_PAGE })
+            .collect()
+    }
+
+    /// Checks that `layer` and every row's slot and position lie inside this cache, and that the
+    /// page table is this cache's and maps every position the rows touch to a page of the pool:
+    /// what every backend's `attention` verifies before touching device memory.
+    pub fn check_tokens(
+        &self,
+        layer: usize,
+        tokens: &[TokenPosition],
+        table: &PageTable,
+    ) -> Result<()> {
         anyhow::ensure!(
             layer < self.layers,
             "attention: layer {layer} of {}",
             self.layers
         );
+        let per_slot = self.pages_per_slot();
+        anyhow::ensure!(
+            table.len() == self.slots * per_slot,
+            "attention: a page table of {} entries for {} slots x {per_slot} pages",
+            table.len(),
+            self.slots
+        );
+        // The last page each slot's rows reach; every page before it is read too.
+        let mut reach = vec![0usize; self.slots];
         for r in tokens {
             anyhow::ensure!(
                 r.slot < self.slots && r.position < self.capacity,
@@ -88,6 +166,17 @@ impl KvSpec {
                 self.slots,
                 self.capacity
             );
+            reach[r.slot] = reach[r.slot].max(r.position / self.page_size + 1);
+        }
+        for (slot, &n) in reach.iter().enumerate() {
+            let row = &table[slot * per_slot..][..n];
+            if let Some(i) = row.iter().position(|&p| p as usize >= self.pages) {
+                anyhow::bail!(
+                    "attention: slot {slot} page {i} is {} in a pool of {} pages",
+                    row[i],
+                    self.pages
+                );
+            }
         }
         Ok(())
     }
@@ -114,14 +203,24 @@ impl KvSpec {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    /// Bytes of K and V storage at `bytes_per_value`.
-    pub fn bytes(&self, bytes_per_value: usize) -> usize {
-        2 * self.layers
-            * self.slots
-            * self.capacity
-            * self.kv_heads
-            * self.head_dim
-            * bytes_per_value
+    /// K and V values of one page (each of K and V holds half).
+    pub fn page_values(&self) -> usize {
+        2 * self.layers * self.page_size * self.kv_heads * self.head_dim
+    }
+
+    /// Bytes of one page of K and V.
+    pub fn page_bytes(&self) -> usize {
+        self.page_values() * self.kv_type.bytes()
+    }
+
+    /// Bytes of the whole pool.
+    pub fn bytes(&self) -> usize {
+        self.pages * self.page_bytes()
+    }
+
+    /// Offset (in values, within K or within V) of position `in_page` of `layer` in `page`.
+    pub fn offset(&self, page: usize, layer: usize, in_page: usize) -> usize {
+        ((page * self.layers + layer) * self.page_size + in_page) * self.kv_heads * self.head_dim
     }
 }
 
@@ -256,8 +355,12 @@ pub trait Backend {
         len: usize,
     ) -> Result<()>;
 
-    /// Allocates (or replaces) the backend's KV storage and fixes the attention geometry.
+    /// Allocates (or replaces) the backend's KV pool and fixes the attention geometry.
     fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()>;
+
+    /// Grows the KV pool to `pages` pages (at least the current number), keeping the content of
+    /// the pages it has: how a cache that starts small follows a growing context.
+    fn grow_kv(&mut self, pages: usize) -> Result<()>;
 
     /// `out[t] = table[tokens[t]]`.
     fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()>;
@@ -278,13 +381,14 @@ pub trait Backend {
         tokens: usize,
         out: Activations,
     ) -> Result<()>;
-    /// RoPE, KV-cache append and causal attention for the tokens of `qkv` (see the module doc);
-    /// writes `tokens × heads·head_dim` values to `out`.
+    /// RoPE, KV-cache append and causal attention for the tokens of `qkv`, K and V found through
+    /// `pages` (see the module doc); writes `tokens × heads·head_dim` values to `out`.
     fn attention(
         &mut self,
         layer: usize,
         qkv: Activations,
         tokens: &[TokenPosition],
+        pages: &PageTable,
         out: Activations,
     ) -> Result<()>;
     /// `out[t][i] = act(x[t][i]) * x[t][width + i]` for `tokens` rows of `2·width` (gate‖up).

@@ -10,7 +10,7 @@
 //! cache that the model's own `alloc_kv` replaces.
 
 use super::cpu::CpuBackend;
-use super::{Activations, Backend, KvSpec, TokenPosition};
+use super::{Activations, Backend, KvSpec, KvType, NO_PAGE, TokenPosition};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use anyhow::{Context, Result, bail};
 use tern_cpu::bitlinear::reference::pack;
@@ -139,12 +139,16 @@ impl Pair<'_> {
         Ok(())
     }
 
-    /// A 5-row prefill in slot 0, then one decode step over slots 0 and 1 (GQA 4 over 2 heads).
+    /// A 5-row prefill in slot 0, then one decode step over slots 0 and 1 (GQA 4 over 2 heads),
+    /// in pages of 2 positions placed out of order in the pool.
     fn attention(&mut self, rng: &mut Lcg) -> Result<()> {
         let spec = KvSpec {
-            layers: 1,
+            layers: 2,
             slots: 2,
-            capacity: 16,
+            capacity: 8,
+            pages: 8,
+            page_size: 2,
+            kv_type: KvType::F32,
             heads: 4,
             kv_heads: 2,
             head_dim: 32,
@@ -152,6 +156,7 @@ impl Pair<'_> {
         };
         self.gpu.alloc_kv(&spec)?;
         self.cpu.alloc_kv(&spec)?;
+        let pages = [6, 1, 3, NO_PAGE, 4, 7, 2, 5];
         let prefill: Vec<TokenPosition> = (0..5)
             .map(|position| TokenPosition { slot: 0, position })
             .collect();
@@ -169,8 +174,8 @@ impl Pair<'_> {
             let qkv = self.put(&rng.values(rows.len() * spec.qkv_width()))?;
             let n = rows.len() * spec.heads * spec.head_dim;
             let out = self.alloc(n)?;
-            self.gpu.attention(0, qkv.0, rows, out.0)?;
-            self.cpu.attention(0, qkv.1, rows, out.1)?;
+            self.gpu.attention(1, qkv.0, rows, &pages, out.0)?;
+            self.cpu.attention(1, qkv.1, rows, &pages, out.1)?;
             self.compare(&format!("attention ({what})"), out, n, Agree::Within(1e-4))?;
             self.free(&[qkv, out]);
         }
@@ -241,7 +246,7 @@ impl Pair<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{LinearId, TableId, VectorId};
+    use crate::backend::{LinearId, PageTable, TableId, VectorId};
 
     /// The CPU backend with one op perturbed: the self-test must name that op.
     struct Perturbed {
@@ -299,6 +304,9 @@ mod tests {
         fn alloc_kv(&mut self, spec: &KvSpec) -> Result<()> {
             self.inner.alloc_kv(spec)
         }
+        fn grow_kv(&mut self, pages: usize) -> Result<()> {
+            self.inner.grow_kv(pages)
+        }
         fn embed(&mut self, table: TableId, tokens: &[u32], out: Activations) -> Result<()> {
             self.inner.embed(table, tokens, out)?;
             self.touch("embed", out)
@@ -333,9 +341,10 @@ mod tests {
             layer: usize,
             qkv: Activations,
             rows: &[TokenPosition],
+            pages: &PageTable,
             out: Activations,
         ) -> Result<()> {
-            self.inner.attention(layer, qkv, rows, out)?;
+            self.inner.attention(layer, qkv, rows, pages, out)?;
             self.touch("attention", out)
         }
         fn gated(

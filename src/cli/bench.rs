@@ -1,6 +1,6 @@
 //! `tern bench`: llama-bench-style pp/tg table on a loaded model or a random model of a real shape.
 
-use super::{BackendChoice, LmHeadChoice, load_model, select_backend};
+use super::{BackendChoice, KvTypeChoice, LmHeadChoice, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
 use std::time::Instant;
@@ -9,7 +9,7 @@ use tern::bench::{
     BenchPlan, BenchRow, PeakRss, ShapePreset, available_memory, decode_weight_bytes, markdown,
     read_bandwidth, run as run_plan,
 };
-use tern::engine::Engine;
+use tern::engine::{Engine, KvOptions, KvPool};
 use tern::loader::ModelSource;
 
 #[derive(Args)]
@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// takes the 8-bit copy where the backend has one.
     #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     lm_head: LmHeadChoice,
+    /// KV-cache value type (see `tern run --help`); the pool holds the longest test's tokens.
+    #[arg(long, value_enum, default_value_t = KvTypeChoice::F32)]
+    kv_type: KvTypeChoice,
     #[arg(long, value_enum, default_value_t = BenchFormat::Md)]
     format: BenchFormat,
 }
@@ -123,7 +126,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
         let head = args.lm_head.apply(backend.as_mut(), true)?;
-        let mut engine = Engine::new(source.as_ref(), backend, longest, 1)?;
+        let kv = KvOptions {
+            ctx: longest,
+            slots: 1,
+            kv_type: args.kv_type.into(),
+            pool: KvPool::Full,
+        };
+        let mut engine = Engine::with_kv(source.as_ref(), backend, kv)?;
         let load_s = std::mem::take(&mut opened_s) + upload_started.elapsed().as_secs_f64();
         let weight_bytes = decode_weight_bytes(
             &config,

@@ -2,13 +2,13 @@
 //! chat template and feeds only the tokens that differ from what the KV cache already holds.
 
 use super::run::{chat_prompt_ids, report_stats, stop_ids, stream_generation};
-use super::{ModelArgs, SamplingArgs, engine_for};
+use super::{ModelArgs, SamplingArgs, engine_for, load_model};
 use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
 use tern::backend::Q8_EXACT_TOP_K;
 use tern::chat::ChatMessage;
-use tern::engine::GenerateOptions;
+use tern::engine::{GenerateOptions, KvPool};
 use tern::sampler::Sampler;
 
 #[derive(Args)]
@@ -25,6 +25,9 @@ pub struct ChatArgs {
     n_predict: usize,
 }
 
+/// Positions the KV pool of `tern chat` holds before it first grows.
+const CHAT_START_POSITIONS: usize = 512;
+
 const HELP: &str =
     "commands: /help this text, /clear start a new conversation, /exit quit (also Ctrl-D)";
 
@@ -32,7 +35,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
     // One call: a seed drawn from the clock is drawn (and logged) once.
     let sampling = args.sampling.params();
     let top_k_suffices = sampling.reads_only_top(Q8_EXACT_TOP_K);
-    let (mut engine, tokenizer) = engine_for(&args.model, top_k_suffices)?;
+    let loaded = load_model(&args.model.model)?;
+    let tokenizer = loaded.tokenizer?;
+    // A conversation's length is not known: the pool starts with room for CHAT_START_POSITIONS
+    // and doubles as the conversation grows, up to the context.
+    let pool = KvPool::Growing(CHAT_START_POSITIONS);
+    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_k_suffices, pool)?;
+    drop(loaded.source);
     let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {

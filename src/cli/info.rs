@@ -4,6 +4,7 @@ use super::{TextOrJson, load_model};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
+use tern::backend::PAGE_SIZE;
 use tern::hub;
 use tern::ternary::DenseMatrix;
 
@@ -48,8 +49,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
     } else {
         args.ctx
     };
-    // f32 keys and values, as the CPU backend keeps them.
+    // Keys and values of every layer, per position, in f32 (--kv-type f16: half).
     let kv_bytes_per_token = 2 * c.layers * c.kv_dim() * 4;
+    let kv_pool_at_ctx = ctx.div_ceil(PAGE_SIZE) * PAGE_SIZE * kv_bytes_per_token;
     let info = json!({
         "path": loaded.path.display().to_string(),
         "format": source.format(),
@@ -83,7 +85,10 @@ pub fn run(args: InfoArgs) -> Result<()> {
             "ternary_packed": ternary_bytes,
             "embedding_and_head": dense_bytes,
             "kv_cache_per_token_f32": kv_bytes_per_token,
-            "kv_cache_at_ctx": kv_bytes_per_token * ctx,
+            "kv_cache_per_token_f16": kv_bytes_per_token / 2,
+            "kv_page_positions": PAGE_SIZE,
+            "kv_pool_at_ctx_f32": kv_pool_at_ctx,
+            "kv_pool_at_ctx_f16": kv_pool_at_ctx / 2,
             "ctx": ctx,
         },
         // Shapes and sizes need no tokenizer: one that cannot be built is reported, not an error.

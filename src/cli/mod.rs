@@ -16,8 +16,8 @@ use tern::backend::cpu::CpuBackend;
 use tern::backend::cuda::CudaBackend;
 use tern::backend::selftest;
 use tern::backend::wgpu::{WgpuBackend, WgpuOptions};
-use tern::backend::{Backend, LmHead, Q8_EXACT_TOP_K};
-use tern::engine::Engine;
+use tern::backend::{Backend, KvType, LmHead, Q8_EXACT_TOP_K};
+use tern::engine::{Engine, KvOptions, KvPool};
 use tern::hub;
 use tern::loader::{ModelSource, open_model};
 use tern::sampler::SamplingParams;
@@ -118,6 +118,37 @@ pub struct ModelArgs {
     pub ctx: usize,
     #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     pub lm_head: LmHeadChoice,
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory; CPU backend only).
+    #[arg(long, value_enum, default_value_t = KvTypeChoice::F32)]
+    pub kv_type: KvTypeChoice,
+}
+
+impl ModelArgs {
+    /// The KV cache of `slots` sequences of --ctx positions in a pool of `pool`, of --kv-type.
+    pub fn kv(&self, slots: usize, pool: KvPool) -> KvOptions {
+        KvOptions {
+            ctx: self.ctx,
+            slots,
+            kv_type: self.kv_type.into(),
+            pool,
+        }
+    }
+}
+
+/// KV-cache value type (see `--kv-type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvTypeChoice {
+    F32,
+    F16,
+}
+
+impl From<KvTypeChoice> for KvType {
+    fn from(c: KvTypeChoice) -> Self {
+        match c {
+            KvTypeChoice::F32 => KvType::F32,
+            KvTypeChoice::F16 => KvType::F16,
+        }
+    }
 }
 
 /// Output head. `f16`: the stored precision, every logit exact. `q8`: an 8-bit copy whose candidates
@@ -283,21 +314,21 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
     })
 }
 
-/// Loads the model and builds an engine with one sequence slot on the chosen backend.
-/// `top_k_suffices`: see [`LmHeadChoice::apply`].
-pub fn engine_for(args: &ModelArgs, top_k_suffices: bool) -> Result<(Engine, Tokenizer)> {
-    let loaded = load_model(&args.model)?;
-    let tokenizer = loaded.tokenizer?;
+/// Builds an engine for `source` (its weights streamed to the backend as they are uploaded) with one
+/// sequence slot and a KV pool of `pool` on the chosen backend. `top_k_suffices`: see
+/// [`LmHeadChoice::apply`].
+pub fn engine_for(
+    args: &ModelArgs,
+    source: &dyn ModelSource,
+    top_k_suffices: bool,
+    pool: KvPool,
+) -> Result<Engine> {
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
     args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
     let started = std::time::Instant::now();
-    let engine = Engine::new(loaded.source.as_ref(), backend, args.ctx, 1)?;
-    tracing::info!(
-        "loaded {} in {:.1} s",
-        loaded.path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok((engine, tokenizer))
+    let engine = Engine::with_kv(source, backend, args.kv(1, pool))?;
+    tracing::info!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(engine)
 }
 
 /// Sampling flags, with llama.cpp's defaults.

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use tern::engine::Engine;
+use tern::engine::{Engine, KvOptions, KvPool};
 use tern::perplexity::perplexity_with_progress;
 
 /// Window length when --ctx is not given (llama-perplexity's default).
@@ -38,7 +38,12 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         args.model.device.as_deref(),
     )?;
     args.model.lm_head.apply(backend.as_mut(), false)?;
-    let mut engine = Engine::new(loaded.source.as_ref(), backend, window, 1)?;
+    // The pool holds one window: exactly what each pass needs.
+    let kv = KvOptions {
+        ctx: window,
+        ..args.model.kv(1, KvPool::Full)
+    };
+    let mut engine = Engine::with_kv(loaded.source.as_ref(), backend, kv)?;
     let bar = ProgressBar::new((ids.len() / window) as u64);
     bar.set_style(ProgressStyle::with_template(
         "perplexity {bar:30} {pos}/{len} windows {elapsed}",

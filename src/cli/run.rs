@@ -1,6 +1,6 @@
 //! `tern run`: one completion (or one chat turn), streamed as text or as JSON lines.
 
-use super::{ModelArgs, SamplingArgs, engine_for};
+use super::{ModelArgs, SamplingArgs, engine_for, load_model};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tern::backend::Q8_EXACT_TOP_K;
 use tern::capture::DumpDir;
 use tern::chat::ChatMessage;
-use tern::engine::{Engine, GenerateOptions, GenerationStats};
+use tern::engine::{Engine, GenerateOptions, GenerationStats, KvPool};
 use tern::kv_cache::SequenceId;
 use tern::sampler::Sampler;
 use tern::tokenizer::Tokenizer;
@@ -58,11 +58,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let sampling = args.sampling.params();
     // JSON lines carry each token's log-probability, which needs every logit.
     let top_k_suffices = args.format == RunFormat::Text && sampling.reads_only_top(Q8_EXACT_TOP_K);
-    let (mut engine, tokenizer) = engine_for(&args.model, top_k_suffices)?;
-    if let Some(dir) = &args.dump_dir {
-        let dump = DumpDir::new(dir, &args.dump, engine.config())?;
-        engine.set_capture(Some(Box::new(dump)));
-    }
+    let loaded = load_model(&args.model.model)?;
+    let tokenizer = loaded.tokenizer?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -73,6 +70,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt, true)?
     };
+    // The KV pool holds what this run can cache: the prompt and the tokens to generate (beyond
+    // the context, generation stops at its end anyway).
+    let pool = KvPool::Positions(prompt.len() + args.n_predict.max(1));
+    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_k_suffices, pool)?;
+    drop(loaded.source);
+    if let Some(dir) = &args.dump_dir {
+        let dump = DumpDir::new(dir, &args.dump, engine.config())?;
+        engine.set_capture(Some(Box::new(dump)));
+    }
     let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;
     let options = GenerateOptions {

@@ -5,7 +5,7 @@ use super::{ModelArgs, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::Args;
 use std::time::Duration;
-use tern::engine::Engine;
+use tern::engine::{Engine, KvPool};
 use tern::server::{ServeOptions, serve};
 
 #[derive(Args)]
@@ -18,9 +18,14 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the log says which).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Sequences generated at once (KV-cache slots of --ctx tokens each).
+    /// Sequences generated at once (KV-cache slots of up to --ctx tokens each).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
+    /// Memory for the KV-cache pool shared by all sequences, e.g. 512MiB or 2G (K = 1024 bytes;
+    /// default: room for --parallel full contexts of --ctx tokens). Requests wait until the pool
+    /// has the pages their prompt and max_tokens may need.
+    #[arg(long, value_parser = parse_size)]
+    kv_memory: Option<usize>,
     /// Requests that may wait for a slot; more are refused with 503 and Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -44,6 +49,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let model = args.model;
     let parallel = args.parallel;
+    let pool = args.kv_memory.map_or(KvPool::Full, KvPool::Bytes);
     serve(
         options,
         Box::new(move || {
@@ -54,9 +60,57 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 select_backend(model.backend, model.threads, model.device.as_deref())?;
             // Requests may sample any way and ask for log-probabilities: `auto` keeps the full head.
             model.lm_head.apply(backend.as_mut(), false)?;
-            let engine = Engine::new(loaded.source.as_ref(), backend, model.ctx, parallel)?;
+            let engine =
+                Engine::with_kv(loaded.source.as_ref(), backend, model.kv(parallel, pool))?;
             let stops = stop_ids(&tokenizer, &engine);
             Ok((engine, tokenizer, stops))
         }),
     )
+}
+
+/// A byte count with an optional binary unit: `4096`, `512K`, `512MiB`, `2G`, `1.5GB` (K, M, G, T
+/// with or without `i`/`B`, any case, all powers of 1024).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use e.g. 512MiB or 2G)"
+            ));
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (use e.g. 512MiB or 2G)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !(bytes >= 1.0 && bytes < usize::MAX as f64) {
+        return Err(format!("{text:?} is not a usable size in bytes"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_units_and_refuse_garbage() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5gb"), Ok(3 << 29));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        for bad in ["", "MiB", "12 parsecs", "-1G", "0", "1e99T", "1.2.3M"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub active: AtomicU64,
     pub slots_used: AtomicU64,
     pub slots_free: AtomicU64,
+    /// KV pages held by sequences, and free in the pool.
+    pub kv_pages_used: AtomicU64,
+    pub kv_pages_free: AtomicU64,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
 }
@@ -142,6 +145,18 @@ impl Metrics {
             "KV-cache slots free.",
             &self.slots_free,
         );
+        one(
+            "tern_kv_pages_used",
+            "gauge",
+            "KV-cache pages holding tokens of live sequences.",
+            &self.kv_pages_used,
+        );
+        one(
+            "tern_kv_pages_free",
+            "gauge",
+            "KV-cache pages free in the pool.",
+            &self.kv_pages_free,
+        );
         if let Ok(h) = self.ttft.lock() {
             h.render(
                 &mut out,
@@ -180,6 +195,7 @@ mod tests {
             "tern_time_to_first_token_seconds_count 3",
             "tern_inter_token_latency_seconds_count 0",
             "tern_kv_slots_free 0",
+            "tern_kv_pages_free 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }

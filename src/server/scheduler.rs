@@ -4,7 +4,9 @@
 //! Each step:
 //! 1. takes new jobs from the channel (blocking only when there is nothing to do) and drops those
 //!    whose client has gone (its event receiver is closed), freeing their KV slots;
-//! 2. gives free KV slots to waiting jobs, oldest first;
+//! 2. gives free KV slots to waiting jobs, oldest first, while the KV pool has the pages each will
+//!    need at most (its prompt plus `max_tokens`, within the context) besides those promised to
+//!    the running ones; the oldest job that does not fit waits, and the ones behind it too;
 //! 3. runs one forward pass holding the last sampled token of every decoding sequence (one row
 //!    each) and at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest
 //!    first (chunked prefill: a long prompt never stalls the running streams for more than a
@@ -14,8 +16,10 @@
 //! 5. retires finished sequences and publishes the gauges.
 //!
 //! Invariants: a job holds a slot from admission until it finishes, fails or is cancelled, and then
-//! releases it in the same step; every job gets exactly one terminal event ([`Event::Done`] or
-//! [`Event::Error`]) unless its receiver is gone. An engine error fails only the sequences of that
+//! releases it (and its pages) in the same step; the pages promised to running jobs never exceed
+//! the pool, so a running sequence never runs out of pages (pages are still taken only as tokens
+//! arrive, so the pool's used pages follow the tokens held); every job gets exactly one terminal
+//! event ([`Event::Done`] or [`Event::Error`]) unless its receiver is gone. An engine error fails only the sequences of that
 //! batch. On [`Command::Shutdown`] waiting jobs are refused, running ones continue until they finish
 //! or the grace period ends, then are cancelled, and the thread returns.
 
@@ -87,6 +91,8 @@ struct Running {
     last_token_at: Option<Instant>,
     /// Why the sequence ended, once it has.
     finish: Option<FinishReason>,
+    /// KV pages the sequence may take at most (see [`Scheduler::pages_needed`]).
+    pages: usize,
 }
 
 impl Running {
@@ -190,14 +196,30 @@ impl Scheduler {
         }
     }
 
+    /// KV pages `job` may hold at most: its prompt and `max_tokens` within the context.
+    fn pages_needed(&self, job: &Job) -> usize {
+        let positions = (job.prompt.len() + job.max_tokens).min(self.engine.context());
+        self.engine.kv().pages_for(positions)
+    }
+
     fn admit(&mut self) {
+        let promised: usize = self.running.iter().map(|r| r.pages).sum();
+        let mut available = self.engine.kv().max_pages().saturating_sub(promised);
         while self.engine.slots_in_use() < self.engine.slots() {
+            let Some(pages) = self.waiting.front().map(|job| self.pages_needed(job)) else {
+                break;
+            };
+            if pages > available {
+                break; // oldest first: it waits for pages, and the ones behind it too
+            }
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
+            available -= pages;
             self.metrics.queue_depth.fetch_sub(1, Relaxed);
             match self.engine.new_sequence() {
                 Ok(seq) => self.running.push(Running {
+                    pages,
                     seq,
                     sampler: Sampler::new(job.sampling),
                     history: job.prompt.clone(),
@@ -345,6 +367,9 @@ impl Scheduler {
         m.slots_used.store(used as u64, Relaxed);
         m.slots_free
             .store((self.engine.slots() - used) as u64, Relaxed);
+        let kv = self.engine.kv();
+        m.kv_pages_used.store(kv.pages_used() as u64, Relaxed);
+        m.kv_pages_free.store(kv.pages_free() as u64, Relaxed);
     }
 }
 

@@ -5,6 +5,8 @@
 
 use tern::backend::cpu::CpuBackend;
 use tern::backend::{Activations, Backend, KvSpec, TokenPosition, VectorId};
+
+use super::{double_pool, scrambled_first_half, shuffled_pages};
 use tern::ternary::{DenseData, DenseMatrix, TernaryMatrix};
 use tern_cpu::bitlinear::reference::pack;
 use tern_cpu::elementwise::GateActivation;
@@ -139,8 +141,13 @@ pub fn check_bitlinear(gpu: &mut dyn Backend, shapes: &[(&[usize], usize)], batc
 }
 
 /// Attention on `gpu` and the CPU: a prefill of `prefill` rows in slot 1, then one batched
-/// decode step over slots 0, 1 and 2, in two layers.
+/// decode step over slots 0, 1 and 2, in two layers, the pages in a scrambled order; on `gpu`
+/// also with the contiguous table, which must give the same bits; then the contiguous pages read
+/// back in a scrambled order, which only a backend that follows the table reads as the CPU does.
 pub fn check_attention(gpu: &mut dyn Backend, spec: KvSpec, prefill: usize) {
+    let spec = double_pool(spec);
+    let pages = shuffled_pages(&spec);
+    let contiguous = spec.contiguous_table();
     let mut cpu = CpuBackend::new(0).unwrap();
     let mut rng = Rng(9);
     gpu.alloc_kv(&spec).unwrap();
@@ -169,9 +176,19 @@ pub fn check_attention(gpu: &mut dyn Backend, spec: KvSpec, prefill: usize) {
             let (qg, qc) = (put(gpu, &qkv), put(&mut cpu, &qkv));
             let n = rows.len() * q_dim;
             let (og, oc) = (gpu.alloc(n).unwrap(), cpu.alloc(n).unwrap());
-            gpu.attention(layer, qg, rows, og).unwrap();
-            cpu.attention(layer, qc, rows, oc).unwrap();
+            // The contiguous pages first: the same K and V land in other pages, which the
+            // shuffled pass must not read.
+            gpu.attention(layer, qg, rows, &contiguous, og).unwrap();
+            cpu.attention(layer, qc, rows, &contiguous, oc).unwrap();
+            let g_contiguous = get(gpu, og, n);
+            let (qg, qc) = (put(gpu, &qkv), put(&mut cpu, &qkv));
+            gpu.attention(layer, qg, rows, &pages, og).unwrap();
+            cpu.attention(layer, qc, rows, &pages, oc).unwrap();
             let (g, c) = (get(gpu, og, n), get(&mut cpu, oc, n));
+            assert_eq!(
+                g, g_contiguous,
+                "attention through scrambled pages, layer {layer}"
+            );
             compare(
                 &format!("attention, layer {layer}, {} rows", rows.len()),
                 &g,
@@ -179,6 +196,20 @@ pub fn check_attention(gpu: &mut dyn Backend, spec: KvSpec, prefill: usize) {
                 |a, b| close(a, b, 1e-4),
             );
         }
+        let scrambled = scrambled_first_half(&spec);
+        let qkv = rng.activations(decode.len() * width);
+        let (qg, qc) = (put(gpu, &qkv), put(&mut cpu, &qkv));
+        let n = decode.len() * q_dim;
+        let (og, oc) = (gpu.alloc(n).unwrap(), cpu.alloc(n).unwrap());
+        gpu.attention(layer, qg, &decode, &scrambled, og).unwrap();
+        cpu.attention(layer, qc, &decode, &scrambled, oc).unwrap();
+        let (g, c) = (get(gpu, og, n), get(&mut cpu, oc, n));
+        compare(
+            &format!("attention, layer {layer}, contiguous pages read scrambled"),
+            &g,
+            &c,
+            |a, b| close(a, b, 1e-4),
+        );
     }
 }
 

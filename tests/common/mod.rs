@@ -202,3 +202,30 @@ pub fn argmax(v: &[f32]) -> usize {
         })
         .0
 }
+
+/// `spec` with a pool of twice every slot's whole context: room for the contiguous table
+/// ([`KvSpec::contiguous_table`], the first half) and [`shuffled_pages`] (the second) side by side.
+pub fn double_pool(spec: tern::backend::KvSpec) -> tern::backend::KvSpec {
+    tern::backend::KvSpec {
+        pages: 2 * spec.slots * spec.pages_per_slot(),
+        ..spec
+    }
+}
+
+/// [`shuffled_pages`] moved to the first half of the pool: the contiguous table's pages in a
+/// scrambled order. Reading, through it, a cache written through the contiguous table reads each
+/// position's neighbours, which a backend reproduces only if it follows the table.
+pub fn scrambled_first_half(spec: &tern::backend::KvSpec) -> Vec<u32> {
+    let n = (spec.slots * spec.pages_per_slot()) as u32;
+    shuffled_pages(spec).into_iter().map(|p| p - n).collect()
+}
+
+/// A page table for a [`double_pool`] that gives the slots the second half of the pool in a
+/// scrambled order: slot `s`'s page `i` is page `n + (k · 7 + 3) mod n` for
+/// `k = s · pages_per_slot + i` and `n = slots · pages_per_slot`.
+pub fn shuffled_pages(spec: &tern::backend::KvSpec) -> Vec<u32> {
+    let n = spec.slots * spec.pages_per_slot();
+    assert_eq!(spec.pages, 2 * n, "a double pool");
+    assert!(!n.is_multiple_of(7), "7 must be coprime to the page count");
+    (0..n).map(|k| (n + (k * 7 + 3) % n) as u32).collect()
+}

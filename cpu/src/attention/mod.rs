@@ -14,6 +14,10 @@
 //! - `scores[j · P + q]`: query `q`'s score, then weight, for position `j` (weight exactly 0.0 for
 //!   a position the query does not see, and for the padding queries).
 //!
+//! The cache is read through [`Cache`]: keys and values stored as f32 or f16 ([`KvValue`]; f16 is
+//! converted to f32 as it is read, so the sums are the same f32 sums over the converted values),
+//! position `j`'s rows found through a page table (contiguous rows are the one-page case).
+//!
 //! The products run on [`Lanes`] vectors: `q·k` with lanes across queries (each key value
 //! broadcast, [`KEYS_AT_ONCE`] keys at a time), the weighted sum with lanes across dimensions
 //! ([`QUERIES_AT_ONCE`] queries at a time, each weight broadcast). A block reads each cached key
@@ -31,7 +35,7 @@ use crate::lanes::{Lanes, Scalar};
 /// (itself included), each next one a position more. Row `r` has `group` query heads (the heads
 /// sharing this kv head), head `h` at `queries[r · query_stride + h · head_dim ..][..head_dim]`,
 /// its output at the same place in `out` with `out_stride`. Cached position `j`'s key and value
-/// sit at `j · kv_stride ..][..head_dim]`.
+/// sit `kv_stride` after position `j − 1`'s within a page of the [`Cache`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadGroup {
     pub head_dim: usize,
@@ -54,7 +58,7 @@ impl HeadGroup {
         self.first_keys + self.rows - 1
     }
 
-    fn check(&self, queries: usize, keys: usize, values: usize, out: usize) -> Result<(), Error> {
+    fn check<E: KvValue>(&self, queries: usize, cache: &Cache<E>, out: usize) -> Result<(), Error> {
         let (d, heads) = (self.head_dim, self.group * self.head_dim);
         let span = |stride: usize, n: usize, width: usize| (n - 1) * stride + width;
         let fits = d > 0
@@ -66,36 +70,125 @@ impl HeadGroup {
             && self.kv_stride >= d
             && queries >= span(self.query_stride, self.rows, heads)
             && out >= span(self.out_stride, self.rows, heads)
-            && keys >= span(self.kv_stride, self.max_keys(), d)
-            && values >= span(self.kv_stride, self.max_keys(), d);
+            && cache.holds(self.max_keys(), self.kv_stride, d);
         if fits {
             Ok(())
         } else {
             Err(Error::Shape(format!(
-                "attention {self:?} does not fit {queries} query, {keys} key, {values} value and \
-                 {out} output values"
+                "attention {self:?} does not fit {queries} query and {out} output values, or \
+                 {} keys, {} values and {} pages of {} positions {} apart",
+                cache.keys.len(),
+                cache.values.len(),
+                cache.pages.len(),
+                cache.page_size,
+                cache.page_stride
             )))
         }
     }
 }
 
+/// A stored key or value: f32, or f16 converted as it is read.
+pub trait KvValue: Copy + Send + Sync + 'static {
+    /// `src` as f32: `src` itself, or its values converted into the start of `buf` (at least as
+    /// long as `src`).
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+
+    /// Stores `src` in `dst` (of the same length), f16 rounded to nearest.
+    fn store(src: &[f32], dst: &mut [Self]);
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvValue for half::f16 {
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let buf = &mut buf[..src.len()];
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+
+    fn store(src: &[f32], dst: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// One kv head's cached keys and values: position `j` of the sequence starts at
+/// `pages[j / page_size] · page_stride + (j % page_size) · kv_stride` in `keys` and in `values`
+/// (`kv_stride` from the [`HeadGroup`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Cache<'a, E> {
+    pub keys: &'a [E],
+    pub values: &'a [E],
+    /// The sequence's pages, in position order.
+    pub pages: &'a [u32],
+    pub page_size: usize,
+    /// Distance between pages `p` and `p + 1` of the pool.
+    pub page_stride: usize,
+}
+
+impl<'a, E: KvValue> Cache<'a, E> {
+    /// Rows one after another from the start of `keys` and `values` (one page that never ends).
+    pub fn contiguous(keys: &'a [E], values: &'a [E]) -> Self {
+        Self {
+            keys,
+            values,
+            pages: &[0],
+            page_size: usize::MAX,
+            page_stride: 0,
+        }
+    }
+
+    /// Where position `j`'s key and value start.
+    #[inline(always)]
+    fn at(&self, j: usize, kv_stride: usize) -> usize {
+        self.pages[j / self.page_size] as usize * self.page_stride
+            + (j % self.page_size) * kv_stride
+    }
+
+    /// Whether positions `0..n` (rows of `width` values `kv_stride` apart in a page) lie inside
+    /// the keys and the values.
+    fn holds(&self, n: usize, kv_stride: usize, width: usize) -> bool {
+        let len = self.keys.len().min(self.values.len());
+        if self.page_size == 0 || n.div_ceil(self.page_size) > self.pages.len() {
+            return false;
+        }
+        (0..n.div_ceil(self.page_size)).all(|p| {
+            let rows = self.page_size.min(n - p * self.page_size);
+            (self.pages[p] as usize)
+                .checked_mul(self.page_stride)
+                .and_then(|start| start.checked_add((rows - 1).checked_mul(kv_stride)?))
+                .and_then(|last| last.checked_add(width))
+                .is_some_and(|end| end <= len)
+        })
+    }
+}
+
 /// Causal attention `softmax(q·kᵀ / √d) · V` of every query of `geometry` over its cached
-/// positions, at `isa`. `scratch` is grown as needed.
-pub fn attend(
+/// positions in `cache`, at `isa`. `scratch` is grown as needed.
+pub fn attend<E: KvValue>(
     isa: Isa,
     geometry: &HeadGroup,
     queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    cache: &Cache<'_, E>,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) -> Result<(), Error> {
-    geometry.check(queries.len(), keys.len(), values.len(), out.len())?;
+    geometry.check(queries.len(), cache, out.len())?;
     let data = Data {
         g: geometry,
         queries,
-        keys,
-        values,
+        cache: *cache,
         padded: 0, // set by `run`, once the vector width is known
     };
     match isa {
@@ -125,18 +218,33 @@ const QUERIES_AT_ONCE: usize = 8;
 /// one loop over contiguous lanes, which the compiler vectorizes.
 const SOFTMAX_QUERIES: usize = 32;
 
+/// The widest [`Lanes`] vector (AVX-512's 16 lanes): the buffer an f16 value vector is converted
+/// into.
+const MAX_LANES: usize = 16;
+
 /// The checked inputs of [`attend`], and the scratch rows' length `P`.
 #[derive(Clone, Copy)]
-struct Data<'a> {
+struct Data<'a, E> {
     g: &'a HeadGroup,
     queries: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    cache: Cache<'a, E>,
     /// `P`, a multiple of the vector width and of [`QUERIES_AT_ONCE`] (set by [`run`]).
     padded: usize,
 }
 
-impl Data<'_> {
+impl<E: KvValue> Data<'_, E> {
+    /// Position `j`'s key (its `head_dim` values).
+    #[inline(always)]
+    fn key(&self, j: usize) -> &[E] {
+        &self.cache.keys[self.cache.at(j, self.g.kv_stride)..][..self.g.head_dim]
+    }
+
+    /// Position `j`'s value (its `head_dim` values).
+    #[inline(always)]
+    fn value(&self, j: usize) -> &[E] {
+        &self.cache.values[self.cache.at(j, self.g.kv_stride)..][..self.g.head_dim]
+    }
+
     /// Where query `q = r · group + h` starts in `queries`, and its output in `out`.
     fn query_at(&self, q: usize) -> usize {
         (q / self.g.group) * self.g.query_stride + (q % self.g.group) * self.g.head_dim
@@ -153,10 +261,10 @@ impl Data<'_> {
 }
 
 /// [`attend`] at `isa` with `lanes` (a token of `isa`'s or of a narrower level it includes).
-fn run<L: Lanes>(
+fn run<L: Lanes, E: KvValue>(
     isa: Isa,
     lanes: L,
-    data: &Data<'_>,
+    data: &Data<'_, E>,
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) -> Result<(), Error> {
@@ -164,28 +272,30 @@ fn run<L: Lanes>(
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
     let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
-    let needed = padded * (g.head_dim + g.max_keys());
+    // Transposed queries, scores, and [`KEYS_AT_ONCE`] keys converted to f32 (f16 caches).
+    let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE * g.head_dim;
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
     }
-    let (transposed, scores) = scratch[..needed].split_at_mut(padded * g.head_dim);
+    let (transposed, rest) = scratch[..needed].split_at_mut(padded * g.head_dim);
+    let (scores, converted) = rest.split_at_mut(padded * g.max_keys());
     isa.vectorized(
         #[inline(always)]
         || {
             transpose_queries(data, transposed);
-            scores_of(lanes, data, transposed, scores);
+            scores_of(lanes, data, transposed, scores, converted);
             softmax(data, scores);
             if g.queries() <= QUERIES_AT_ONCE / 2 {
-                weighted_values::<L, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, out);
+                weighted_values::<L, E, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, out);
             } else {
-                weighted_values::<L, QUERIES_AT_ONCE>(lanes, data, scores, out);
+                weighted_values::<L, E, QUERIES_AT_ONCE>(lanes, data, scores, out);
             }
         },
     )
 }
 
 #[inline(always)]
-fn transpose_queries(data: &Data<'_>, transposed: &mut [f32]) {
+fn transpose_queries<E: KvValue>(data: &Data<'_, E>, transposed: &mut [f32]) {
     let n_queries = data.g.queries();
     for (i, dim) in transposed.chunks_exact_mut(data.padded).enumerate() {
         for (q, t) in dim.iter_mut().enumerate() {
@@ -200,14 +310,23 @@ fn transpose_queries(data: &Data<'_>, transposed: &mut [f32]) {
 
 /// `scores[j · P + q] = (Σ_i q_i · k_j,i) · (1 / √d)` for every position up to the block's last.
 #[inline(always)]
-fn scores_of<L: Lanes>(lanes: L, data: &Data<'_>, transposed: &[f32], scores: &mut [f32]) {
+fn scores_of<L: Lanes, E: KvValue>(
+    lanes: L,
+    data: &Data<'_, E>,
+    transposed: &[f32],
+    scores: &mut [f32],
+    converted: &mut [f32],
+) {
     let (g, padded) = (data.g, data.padded);
     let (d, n_keys) = (g.head_dim, g.max_keys());
     let inv_sqrt_d = lanes.splat(1.0 / (d as f32).sqrt());
     for j0 in (0..n_keys).step_by(KEYS_AT_ONCE) {
         // Past the last position the batch repeats it; those sums are not stored.
-        let batch: [&[f32]; KEYS_AT_ONCE] =
-            std::array::from_fn(|k| &data.keys[(j0 + k).min(n_keys - 1) * g.kv_stride..][..d]);
+        let mut buffers = converted.chunks_exact_mut(d);
+        let batch: [&[f32]; KEYS_AT_ONCE] = std::array::from_fn(|k| {
+            let buf = buffers.next().expect("the scratch holds KEYS_AT_ONCE keys");
+            E::as_f32(data.key((j0 + k).min(n_keys - 1)), buf)
+        });
         let stored = KEYS_AT_ONCE.min(n_keys - j0);
         for l0 in (0..padded).step_by(L::LANES) {
             let mut sums = [lanes.splat(0.0); KEYS_AT_ONCE];
@@ -230,7 +349,7 @@ fn scores_of<L: Lanes>(lanes: L, data: &Data<'_>, transposed: &[f32], scores: &m
 /// Scores to weights: softmax per query over the positions it sees; the rest (and the padding
 /// queries) get weight exactly 0.
 #[inline(always)]
-fn softmax(data: &Data<'_>, scores: &mut [f32]) {
+fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
     let (padded, n_queries) = (data.padded, data.g.queries());
     for c0 in (0..padded).step_by(SOFTMAX_QUERIES) {
         let cols = c0..padded.min(c0 + SOFTMAX_QUERIES);
@@ -268,16 +387,16 @@ fn softmax(data: &Data<'_>, scores: &mut [f32]) {
 /// `out_q = Σ_j w_q,j · v_j` for every query, `Q` queries at a time: vectors of `lanes` over the
 /// head dimension, then single lanes over the rest.
 #[inline(always)]
-fn weighted_values<L: Lanes, const Q: usize>(
+fn weighted_values<L: Lanes, E: KvValue, const Q: usize>(
     lanes: L,
-    data: &Data<'_>,
+    data: &Data<'_, E>,
     scores: &[f32],
     out: &mut [f32],
 ) {
     let d = data.g.head_dim;
     let whole = d / L::LANES * L::LANES;
-    value_passes::<L, Q>(lanes, data, scores, 0..whole, out);
-    value_passes::<Scalar, Q>(Scalar, data, scores, whole..d, out);
+    value_passes::<L, E, Q>(lanes, data, scores, 0..whole, out);
+    value_passes::<Scalar, E, Q>(Scalar, data, scores, whole..d, out);
 }
 
 /// [`weighted_values`] over `dims` (a multiple of `L::LANES` long): a vector of dimensions and `Q`
@@ -285,9 +404,9 @@ fn weighted_values<L: Lanes, const Q: usize>(
 /// weights of positions a query does not see add nothing). The query passes share a vector of
 /// dimensions, which stays in the L1 cache between them.
 #[inline(always)]
-fn value_passes<L: Lanes, const Q: usize>(
+fn value_passes<L: Lanes, E: KvValue, const Q: usize>(
     lanes: L,
-    data: &Data<'_>,
+    data: &Data<'_, E>,
     scores: &[f32],
     dims: std::ops::Range<usize>,
     out: &mut [f32],
@@ -302,10 +421,10 @@ fn value_passes<L: Lanes, const Q: usize>(
                     .try_into()
                     .expect("padded rows hold whole passes")
             });
-            let values = data.values[i0..].chunks(g.kv_stride);
             let mut sums = [lanes.splat(0.0); Q];
-            for (weights, value) in weights.zip(values).take(data.keys_seen(last)) {
-                let v = lanes.load(value);
+            let mut buf = [0f32; MAX_LANES];
+            for (j, weights) in weights.enumerate().take(data.keys_seen(last)) {
+                let v = lanes.load(E::as_f32(&data.value(j)[i0..i0 + L::LANES], &mut buf));
                 for (sum, &w) in sums.iter_mut().zip(weights) {
                     *sum = lanes.add(*sum, lanes.mul(lanes.splat(w), v));
                 }
@@ -383,8 +502,7 @@ mod tests {
                 isa,
                 &single(2, 1, 2),
                 &query,
-                &key,
-                &value,
+                &Cache::contiguous(&key, &value),
                 &mut scores,
                 &mut out,
             )
@@ -403,7 +521,15 @@ mod tests {
         for isa in supported() {
             let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
             let g = single(2, 2, 2);
-            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            attend(
+                isa,
+                &g,
+                &[1.0, 0.0],
+                &Cache::contiguous(&keys, &values),
+                &mut scores,
+                &mut out,
+            )
+            .unwrap();
             assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
         }
     }
@@ -447,7 +573,15 @@ mod tests {
         for isa in supported() {
             let (mut scratch, mut out) = (Vec::new(), vec![0f32; d]);
             let g = single(d, n_keys, stride);
-            attend(isa, &g, &query, &keys, &values, &mut scratch, &mut out).unwrap();
+            attend(
+                isa,
+                &g,
+                &query,
+                &Cache::contiguous(&keys, &values),
+                &mut scratch,
+                &mut out,
+            )
+            .unwrap();
             for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() < 1e-5,
@@ -486,8 +620,7 @@ mod tests {
                     isa,
                     &block,
                     &queries,
-                    &keys,
-                    &values,
+                    &Cache::contiguous(&keys, &values),
                     &mut scratch,
                     &mut out,
                 )
@@ -497,7 +630,15 @@ mod tests {
                         let q = &queries[r * q_stride + h * d..][..d];
                         let mut alone = vec![0f32; d];
                         let g = single(d, first_keys + r, kv_stride);
-                        attend(isa, &g, q, &keys, &values, &mut scratch, &mut alone).unwrap();
+                        attend(
+                            isa,
+                            &g,
+                            q,
+                            &Cache::contiguous(&keys, &values),
+                            &mut scratch,
+                            &mut alone,
+                        )
+                        .unwrap();
                         assert_eq!(
                             &out[r * out_stride + h * d..][..d],
                             &alone[..],
@@ -537,22 +678,121 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let (query, mut scratch, mut out) = ([1.0, 0.0], Vec::new(), [0f32; 2]);
-        // Two cached positions in a cache of one; no cached position at all.
+        let cache = [0.0f32; 8];
+        // Two cached positions in a cache of one; no cached position at all; a page past the
+        // pool; positions past the pages given.
+        let paged = |pages: &'static [u32], page_stride| Cache {
+            keys: &cache[..],
+            values: &cache[..],
+            pages,
+            page_size: 2,
+            page_stride,
+        };
         for (geometry, cache) in [
-            (single(2, 2, 2), &[0.0; 2][..]),
-            (single(2, 0, 2), &[0.0; 4]),
+            (single(2, 2, 2), Cache::contiguous(&cache[..2], &cache[..2])),
+            (single(2, 0, 2), Cache::contiguous(&cache[..4], &cache[..4])),
+            (single(2, 2, 2), paged(&[2], 4)),
+            (single(2, 3, 2), paged(&[1], 4)),
         ] {
             let err = attend(
                 Isa::Scalar,
                 &geometry,
                 &query,
-                cache,
-                cache,
+                &cache,
                 &mut scratch,
                 &mut out,
             )
             .unwrap_err();
             assert!(err.to_string().contains("attention"), "{err}");
+        }
+    }
+
+    /// A sequence of many pages, placed in a shuffled order in a pool of pages with gaps, attends
+    /// to the bits its contiguous copy gives, at every level, for a prefill block and a decode row.
+    #[test]
+    fn paged_cache_in_any_page_order_equals_the_contiguous_one() {
+        let (d, group, kv_stride, page_size) = (64usize, 4, 3 * 64, 5usize);
+        let (rows, first_keys) = (6usize, 37usize);
+        let n = first_keys + rows - 1;
+        let n_pages = n.div_ceil(page_size);
+        // Pool pages hold page_size rows of kv_stride plus a gap; sequence page i sits at pool
+        // page order[i].
+        let page_stride = page_size * kv_stride + 7;
+        let order: Vec<u32> = (0..n_pages as u32).map(|i| (i * 5 + 3) % 11).collect();
+        assert!(n_pages <= 11 && order.iter().all(|&p| p < 11));
+        let keys = random_values(n * kv_stride, 21);
+        let values = random_values(n * kv_stride, 22);
+        let mut pool_k = vec![f32::NAN; 11 * page_stride];
+        let mut pool_v = vec![f32::NAN; 11 * page_stride];
+        for j in 0..n {
+            let at = order[j / page_size] as usize * page_stride + (j % page_size) * kv_stride;
+            pool_k[at..at + kv_stride].copy_from_slice(&keys[j * kv_stride..][..kv_stride]);
+            pool_v[at..at + kv_stride].copy_from_slice(&values[j * kv_stride..][..kv_stride]);
+        }
+        let paged = Cache {
+            keys: &pool_k[..],
+            values: &pool_v[..],
+            pages: &order,
+            page_size,
+            page_stride,
+        };
+        for (rows, first_keys) in [(rows, first_keys), (1, n)] {
+            let queries = random_values(rows * group * d, 23);
+            let g = HeadGroup {
+                head_dim: d,
+                group,
+                rows,
+                first_keys,
+                query_stride: group * d,
+                out_stride: group * d,
+                kv_stride,
+            };
+            for isa in supported() {
+                let mut scratch = Vec::new();
+                let mut want = vec![0f32; rows * group * d];
+                let contiguous = Cache::contiguous(&keys[..], &values[..]);
+                attend(isa, &g, &queries, &contiguous, &mut scratch, &mut want).unwrap();
+                let mut got = vec![0f32; rows * group * d];
+                attend(isa, &g, &queries, &paged, &mut scratch, &mut got).unwrap();
+                assert_eq!(got, want, "{isa} rows {rows}");
+            }
+        }
+    }
+
+    /// An f16 cache attends to the bits of an f32 cache holding the same (f16) values: only the
+    /// storage differs.
+    #[test]
+    fn f16_cache_equals_f32_cache_of_the_same_values() {
+        use half::f16;
+        let (d, group, rows, first_keys, kv_stride) = (40, 4, 3, 29, 80);
+        let n = first_keys + rows - 1;
+        let halves = |seed| -> Vec<f16> {
+            random_values(n * kv_stride, seed)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect()
+        };
+        let (keys16, values16) = (halves(31), halves(32));
+        let widen = |v: &[f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+        let (keys32, values32) = (widen(&keys16), widen(&values16));
+        let queries = random_values(rows * group * d, 33);
+        let g = HeadGroup {
+            head_dim: d,
+            group,
+            rows,
+            first_keys,
+            query_stride: group * d,
+            out_stride: group * d,
+            kv_stride,
+        };
+        for isa in supported() {
+            let mut scratch = Vec::new();
+            let (mut want, mut got) = (vec![0f32; rows * group * d], vec![0f32; rows * group * d]);
+            let wide = Cache::contiguous(&keys32[..], &values32[..]);
+            attend(isa, &g, &queries, &wide, &mut scratch, &mut want).unwrap();
+            let narrow = Cache::contiguous(&keys16[..], &values16[..]);
+            attend(isa, &g, &queries, &narrow, &mut scratch, &mut got).unwrap();
+            assert_eq!(got, want, "{isa}");
         }
     }
 }

@@ -49,8 +49,8 @@ pub mod params;
 
 use super::gpu_upload::{self, padded_cols};
 use super::{
-    Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
-    distinct_buffers, insert_in_free_slot, uploaded,
+    Activations, Backend, KvSpec, KvType, LinearId, PageTable, TableId, TokenPosition, VectorId,
+    allocated_kv, distinct_buffers, insert_in_free_slot, uploaded,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
@@ -111,6 +111,8 @@ struct Scratch<G: Gpu> {
     act_sums: G::Buf<i32>,
     /// (slot, position) pairs of the current attention batch.
     rows: G::Buf<u32>,
+    /// The page table of the current attention batch.
+    pages: G::Buf<u32>,
     tokens: G::Buf<u32>,
     partial: G::Buf<f32>,
 }
@@ -125,6 +127,9 @@ pub struct CudaBackend<G: Gpu = Cuda> {
     buffers: Vec<Option<G::Buf<f32>>>,
     kv: Option<KvStorage<G>>,
     scratch: Scratch<G>,
+    /// Inside a step: whether its page table is staged yet (once per step, which the table does
+    /// not change within). `None` outside a step, where every attention call stages it.
+    step_pages: Option<bool>,
 }
 
 /// Grows `slot` to at least `len` elements (contents are not kept); graphs pointing to the old
@@ -183,6 +188,7 @@ impl<G: Gpu> CudaBackend<G> {
             act_scales: gpu.alloc(1, "scratch")?,
             act_sums: gpu.alloc(1, "scratch")?,
             rows: gpu.alloc(2, "scratch")?,
+            pages: gpu.alloc(1, "scratch")?,
             tokens: gpu.alloc(1, "scratch")?,
             partial: gpu.alloc(1, "scratch")?,
         };
@@ -194,6 +200,7 @@ impl<G: Gpu> CudaBackend<G> {
             buffers: Vec::new(),
             kv: None,
             scratch,
+            step_pages: None,
         })
     }
 
@@ -333,8 +340,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.gpu.invalidate();
         self.kv = None; // release the old cache before allocating the new one
         spec.check_geometry(ATT_MAX_DIM)?;
-        to_i32(spec.bytes(1) / 2, "KV cache values per K or V")?;
-        let len = spec.bytes(1) / 2;
+        ensure!(
+            spec.kv_type == KvType::F32,
+            "the CUDA backend stores the KV cache in f32 only (use --kv-type f32)"
+        );
+        let len = spec.pages * spec.page_values() / 2;
+        to_i32(len, "KV cache values per K or V")?;
         let rope = gpu_upload::rope_table(spec)?;
         self.kv = Some(KvStorage {
             spec: *spec,
@@ -342,6 +353,31 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             values: self.gpu.alloc(len, "the KV cache's values")?,
             rope: self.gpu.upload(&rope, "the RoPE table")?,
         });
+        Ok(())
+    }
+
+    fn grow_kv(&mut self, pages: usize) -> Result<()> {
+        let spec = allocated_kv(self.kv.as_ref())?.spec;
+        ensure!(
+            pages >= spec.pages,
+            "grow_kv: {pages} pages would shrink a pool of {}",
+            spec.pages
+        );
+        let (old, len) = (
+            spec.pages * spec.page_values() / 2,
+            pages * spec.page_values() / 2,
+        );
+        to_i32(len, "KV cache values per K or V")?;
+        self.gpu.invalidate();
+        let mut keys = self.gpu.alloc(len, "the KV cache's keys")?;
+        let mut values = self.gpu.alloc(len, "the KV cache's values")?;
+        let kv = self.kv.as_mut().expect("checked above");
+        // Pages are the outermost index: the old pool is the start of the new one.
+        self.gpu.copy(&kv.keys, 0, &mut keys, 0, old)?;
+        self.gpu.copy(&kv.values, 0, &mut values, 0, old)?;
+        kv.keys = keys;
+        kv.values = values;
+        kv.spec.pages = pages;
         Ok(())
     }
 
@@ -482,11 +518,12 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         layer: usize,
         qkv: Activations,
         tokens: &[TokenPosition],
+        pages: &PageTable,
         out: Activations,
     ) -> Result<()> {
         let kv = allocated_kv(self.kv.as_ref())?;
         let spec = kv.spec;
-        spec.check_tokens(layer, tokens)?;
+        spec.check_tokens(layer, tokens, pages)?;
         let (hd, q_dim) = (spec.head_dim, spec.heads * spec.head_dim);
         self.in_out(
             qkv,
@@ -514,6 +551,11 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             "attention partial sums",
         )?;
         g.stage(&meta, &mut s.rows)?;
+        if self.step_pages != Some(true) {
+            grow(g, &mut s.pages, pages.len(), "the KV page table")?;
+            g.stage(pages, &mut s.pages)?;
+            self.step_pages = self.step_pages.map(|_| true);
+        }
         if self.gpu.replaying() {
             return Ok(());
         }
@@ -525,20 +567,25 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             heads: spec.heads as i32,
             kv_heads: spec.kv_heads as i32,
             head_dim: hd as i32,
-            slots: spec.slots as i32,
-            capacity: spec.capacity as i32,
+            layers: spec.layers as i32,
+            page_size: spec.page_size as i32,
+            pages_per_slot: spec.pages_per_slot() as i32,
             layer: layer as i32,
+            pad: 0,
         };
         let (rows, k_cache, v_cache) = (s.rows.addr(), kv.keys.addr(), kv.values.addr());
+        let pages = s.pages.addr();
         let params = RopeAppendParams {
             qkv: src,
             rows,
+            pages,
             rope: kv.rope.addr(),
             k_cache,
             v_cache,
             g,
         };
-        // SAFETY: tokens holds (slot, position) pairs inside the cache (checked above); qkv holds
+        // SAFETY: tokens holds (slot, position) pairs inside the cache and the page table maps
+        // every position they reach to a page of the pool (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
         unsafe {
             self.gpu.launch("rope_append", plan.rope_append, &params)?;
@@ -546,6 +593,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         let params = AttendPartialParams {
             qkv: src,
             rows,
+            pages,
             k_cache,
             v_cache,
             partial: s.partial.addr(),
@@ -653,11 +701,13 @@ impl<G: Gpu> Backend for CudaBackend<G> {
     }
 
     fn begin_step(&mut self, tokens: usize, logits_tokens: usize) -> Result<()> {
+        self.step_pages = Some(false);
         self.gpu
             .begin_step(tokens, logits_tokens, tokens <= GEMV_MAX_TOKENS)
     }
 
     fn end_step(&mut self) -> Result<()> {
+        self.step_pages = None;
         self.gpu.end_step()
     }
 

@@ -49,12 +49,17 @@ params! {
     /// `argmax_rows` (cuda/argmax.cu).
     ArgmaxParams { logits: u64, ids: u64, vocab: i32, pad: i32 }
     /// The KV cache's shape and the layer, shared by the attention kernels (cuda/attention.cu).
-    Geometry { heads: i32, kv_heads: i32, head_dim: i32, slots: i32, capacity: i32, layer: i32 }
+    Geometry {
+        heads: i32, kv_heads: i32, head_dim: i32, layers: i32, page_size: i32, pages_per_slot: i32,
+        layer: i32, pad: i32,
+    }
     /// `rope_append` (cuda/attention.cu).
-    RopeAppendParams { qkv: u64, rows: u64, rope: u64, k_cache: u64, v_cache: u64, g: Geometry }
+    RopeAppendParams {
+        qkv: u64, rows: u64, pages: u64, rope: u64, k_cache: u64, v_cache: u64, g: Geometry,
+    }
     /// `attend_partial` (cuda/attention.cu).
     AttendPartialParams {
-        qkv: u64, rows: u64, k_cache: u64, v_cache: u64, partial: u64, g: Geometry,
+        qkv: u64, rows: u64, pages: u64, k_cache: u64, v_cache: u64, partial: u64, g: Geometry,
         keys_per_split: i32, pad: i32,
     }
     /// `attend_combine` (cuda/attention.cu).

@@ -6,8 +6,10 @@
 //!   ([`buffers::ActivationPool`]); row-major `rows × width` as the trait says.
 //! - Linears: 16 ternary codes per u32 (see [`buffers`]) plus one f32 scale per output row.
 //! - Tables: checkpoint dtype, split by rows under the storage binding limit.
-//! - KV cache: per layer, one K and one V buffer `[slot][position][kv_heads · head_dim]` f32, plus
-//!   a RoPE table of (cos, sin) per (position, pair) computed once on the host.
+//! - KV cache: per layer, one K and one V buffer `[page][position in page][kv_heads · head_dim]`
+//!   f32 (the trait's paged pool, split by layer so that each buffer stays under the binding
+//!   limit), the page table (uploaded when it changed since the last attention call), and a RoPE
+//!   table of (cos, sin) per (position, pair) computed once on the host.
 //!
 //! # Execution
 //! Ops record compute passes into one pending command encoder; their parameters go into the
@@ -33,8 +35,8 @@ pub use device::{WgpuOptions, adapters};
 
 use super::gpu_upload::{self, CODES_PER_WORD};
 use super::{
-    Activations, Backend, KvSpec, LinearId, TableId, TokenPosition, VectorId, allocated_kv,
-    distinct_buffers, uploaded,
+    Activations, Backend, KvSpec, KvType, LinearId, PageTable, TableId, TokenPosition, VectorId,
+    allocated_kv, distinct_buffers, uploaded,
 };
 use crate::ternary::{DenseMatrix, TernaryMatrix};
 use anyhow::{Result, anyhow, bail, ensure};
@@ -73,6 +75,9 @@ struct KvStorage {
     rope: GBuf,
     keys: Vec<GBuf>,
     values: Vec<GBuf>,
+    /// The page table the kernels read, and the host copy of what it holds.
+    table: GBuf,
+    uploaded: Vec<u32>,
 }
 
 /// Quantized activations for the largest batch seen so far.
@@ -188,6 +193,31 @@ impl WgpuBackend {
         pass.set_bind_group(0, &group, &[offset]);
         pass.dispatch_workgroups(x as u32, y as u32, z as u32);
         Ok(())
+    }
+
+    /// Bytes of one layer's K (or V) buffer for a pool of `pages` pages, checked against the
+    /// binding limit.
+    fn kv_layer_bytes(&self, spec: &KvSpec, pages: usize) -> Result<u64> {
+        let bytes = (pages * spec.page_bytes() / 2 / spec.layers.max(1)) as u64;
+        ensure!(
+            bytes <= self.gpu.max_binding,
+            "the KV cache needs {} MiB per layer for K (and for V); this GPU binds at most {} \
+             MiB (lower --ctx or --kv-memory)",
+            bytes >> 20,
+            self.gpu.max_binding >> 20
+        );
+        Ok(bytes)
+    }
+
+    /// New K and V buffers, one per layer, for a pool of `pages` pages.
+    fn kv_buffers(&self, spec: &KvSpec, pages: usize) -> Result<(Vec<GBuf>, Vec<GBuf>)> {
+        let bytes = self.kv_layer_bytes(spec, pages)?;
+        let cache = |what: &str| -> Result<Vec<GBuf>> {
+            (0..spec.layers)
+                .map(|_| GBuf::new(&self.gpu, what, bytes, buffers::STORAGE))
+                .collect()
+        };
+        Ok((cache("KV cache keys")?, cache("KV cache values")?))
     }
 
     fn act(&self, a: Activations, needed: usize, what: &str) -> Result<GBuf> {
@@ -399,30 +429,54 @@ impl Backend for WgpuBackend {
         self.kv = None; // release the old cache before allocating the new one
         self.pipelines.clear_bind_groups();
         spec.check_geometry(MAX_HEAD_DIM)?;
-        let layer_bytes = spec.bytes(4) as u64 / 2 / spec.layers.max(1) as u64;
         ensure!(
-            layer_bytes <= self.gpu.max_binding,
-            "the KV cache needs {} MiB per layer for K (and for V); this GPU binds at most {} \
-             MiB (lower --ctx)",
-            layer_bytes >> 20,
-            self.gpu.max_binding >> 20
+            spec.kv_type == KvType::F32,
+            "the wgpu backend stores the KV cache in f32 only (use --kv-type f32)"
         );
-        let cache = |what: &str| -> Result<Vec<GBuf>> {
-            (0..spec.layers)
-                .map(|_| GBuf::new(&self.gpu, what, layer_bytes, buffers::STORAGE))
-                .collect()
-        };
-        let (keys, values) = (cache("KV cache keys")?, cache("KV cache values")?);
+        let (keys, values) = self.kv_buffers(spec, spec.pages)?;
         let rope = GBuf::with_data(
             &self.gpu,
             "RoPE table",
             bytemuck::cast_slice(&gpu_upload::rope_table(spec)?),
         )?;
+        let uploaded = spec.contiguous_table();
+        let table = GBuf::with_data(&self.gpu, "KV page table", bytemuck::cast_slice(&uploaded))?;
         self.kv = Some(KvStorage {
             spec: *spec,
             rope,
             keys,
             values,
+            table,
+            uploaded,
+        });
+        Ok(())
+    }
+
+    fn grow_kv(&mut self, pages: usize) -> Result<()> {
+        let spec = allocated_kv(self.kv.as_ref())?.spec;
+        ensure!(
+            pages >= spec.pages,
+            "grow_kv: {pages} pages would shrink a pool of {}",
+            spec.pages
+        );
+        let (keys, values) = self.kv_buffers(&spec, pages)?;
+        let bytes = self.kv_layer_bytes(&spec, spec.pages)?;
+        let kv = self.kv.take().expect("checked above");
+        for (old, new) in kv
+            .keys
+            .iter()
+            .zip(&keys)
+            .chain(kv.values.iter().zip(&values))
+        {
+            self.encoder()
+                .copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, bytes);
+        }
+        self.pipelines.clear_bind_groups();
+        self.kv = Some(KvStorage {
+            spec: KvSpec { pages, ..spec },
+            keys,
+            values,
+            ..kv
         });
         Ok(())
     }
@@ -545,15 +599,27 @@ impl Backend for WgpuBackend {
         layer: usize,
         qkv: Activations,
         tokens: &[TokenPosition],
+        pages: &PageTable,
         out: Activations,
     ) -> Result<()> {
         let kv = allocated_kv(self.kv.as_ref())?;
         let spec = kv.spec;
-        spec.check_tokens(layer, tokens)?;
-        let (rope, keys, values) = (
+        spec.check_tokens(layer, tokens, pages)?;
+        if kv.uploaded != pages {
+            // Ops already recorded read the old table: submit them before it changes.
+            self.flush()?;
+            let kv = self.kv.as_mut().expect("checked above");
+            self.gpu
+                .queue
+                .write_buffer(&kv.table.buffer, 0, bytemuck::cast_slice(pages));
+            kv.uploaded.copy_from_slice(pages);
+        }
+        let kv = self.kv.as_ref().expect("checked above");
+        let (rope, keys, values, table) = (
             kv.rope.clone(),
             kv.keys[layer].clone(),
             kv.values[layer].clone(),
+            kv.table.clone(),
         );
         distinct_buffers("attention", qkv, out)?;
         let q_dim = spec.heads * spec.head_dim;
@@ -568,7 +634,8 @@ impl Backend for WgpuBackend {
             heads: spec.heads as u32,
             kv_heads: spec.kv_heads as u32,
             head_dim: spec.head_dim as u32,
-            capacity: spec.capacity as u32,
+            page_size: spec.page_size as u32,
+            pages_per_slot: spec.pages_per_slot() as u32,
             inv_sqrt_d: 1.0 / (spec.head_dim as f32).sqrt(),
         };
         let rows: Vec<SlotPosition> = tokens
@@ -584,6 +651,7 @@ impl Backend for WgpuBackend {
             &[
                 ("qkv_rw", &src),
                 ("rope", &rope),
+                ("page_table", &table),
                 ("k_cache_rw", &keys),
                 ("v_cache_rw", &values),
             ],
@@ -595,6 +663,7 @@ impl Backend for WgpuBackend {
             (&params, &rows),
             &[
                 ("qkv", &src),
+                ("page_table", &table),
                 ("k_cache", &keys),
                 ("v_cache", &values),
                 ("out", &dst),

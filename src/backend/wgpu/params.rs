@@ -174,8 +174,10 @@ mirrored! {
         pub heads: u32,
         pub kv_heads: u32,
         pub head_dim: u32,
-        /// Positions per slot in the cache.
-        pub capacity: u32,
+        /// Positions per KV page.
+        pub page_size: u32,
+        /// Page-table entries per slot.
+        pub pages_per_slot: u32,
         pub inv_sqrt_d: f32,
     }
     tail rows: [SlotPosition]

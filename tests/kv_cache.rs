@@ -1,0 +1,125 @@
+//! The paged KV cache through the engine: a pool smaller than the context, a pool that grows, and
+//! the f16 cache against the f32 one, on the golden fixtures.
+
+mod common;
+
+use common::{backends, diff, load};
+use tern::backend::KvType;
+use tern::backend::cpu::CpuBackend;
+use tern::engine::{Engine, KvOptions, KvPool};
+use tern::model::LogitsFor;
+
+/// A prompt of `n` ids of the tiny fixtures' vocabulary, BOS first.
+fn prompt(n: usize) -> Vec<u32> {
+    std::iter::once(1008)
+        .chain((1..n as u32).map(|i| (i * 37 + 11) % 1000))
+        .collect()
+}
+
+fn kv(ctx: usize, kv_type: KvType, pool: KvPool) -> KvOptions {
+    KvOptions {
+        ctx,
+        slots: 1,
+        kv_type,
+        pool,
+    }
+}
+
+/// Feeds `ids` as a 37-token prefill then one token at a time; returns every position's logits.
+fn run(engine: &mut Engine, ids: &[u32]) -> Vec<f32> {
+    let seq = engine.new_sequence().unwrap();
+    let mut logits = engine.feed(seq, &ids[..37], LogitsFor::All).unwrap();
+    for &id in &ids[37..] {
+        logits.extend(engine.feed(seq, &[id], LogitsFor::Last).unwrap());
+    }
+    engine.release(seq);
+    logits
+}
+
+/// A pool that starts with one page and doubles as the sequence grows gives, on every backend,
+/// the bits of a pool allocated whole: growing keeps every cached key and value.
+#[test]
+fn a_growing_pool_gives_the_logits_of_a_full_one() {
+    let model = load("tiny-packed");
+    let ids = prompt(120);
+    for (name, backend) in backends() {
+        let mut full =
+            Engine::with_kv(&model, backend, kv(128, KvType::F32, KvPool::Full)).unwrap();
+        let want = run(&mut full, &ids);
+        let backend = backends().into_iter().find(|(n, _)| *n == name).unwrap().1;
+        let mut growing =
+            Engine::with_kv(&model, backend, kv(128, KvType::F32, KvPool::Growing(16))).unwrap();
+        assert_eq!(growing.kv().pages(), 1, "{name}");
+        let got = run(&mut growing, &ids);
+        assert_eq!(
+            growing.kv().pages(),
+            8,
+            "{name}: 120 positions in pages of 16"
+        );
+        assert_eq!(growing.kv().pages_used(), 0, "{name}: released");
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// A fixed pool smaller than the context bounds a sequence: the engine's context is the pool's,
+/// a prompt that fits runs, one position more is refused as out of pages, changing nothing.
+#[test]
+fn a_pool_smaller_than_the_context_holds_what_fits_and_refuses_the_rest() {
+    let model = load("tiny-packed");
+    let backend = Box::new(CpuBackend::new(1).unwrap());
+    let mut engine =
+        Engine::with_kv(&model, backend, kv(512, KvType::F32, KvPool::Positions(40))).unwrap();
+    assert_eq!((engine.kv().pages(), engine.context()), (3, 48));
+    let seq = engine.new_sequence().unwrap();
+    engine.feed(seq, &prompt(48), LogitsFor::Last).unwrap();
+    let err = engine
+        .feed(seq, &[5], LogitsFor::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of KV-cache pages"), "{err}");
+    assert_eq!(engine.sequence_len(seq).unwrap(), 48);
+    engine.truncate(seq, 20).unwrap();
+    assert_eq!(engine.kv().pages_used(), 2);
+    engine.release(seq);
+    assert_eq!(engine.kv().pages_free(), 3);
+    // A pool of less than a page is refused with the flag to raise.
+    let backend = Box::new(CpuBackend::new(1).unwrap());
+    let err = Engine::with_kv(&model, backend, kv(64, KvType::F32, KvPool::Bytes(1000)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--kv-memory"), "{err}");
+}
+
+/// How far the f16 KV cache may move the fixtures' logits: the golden tests' loose tolerance
+/// between implementations (max and mean |difference|). The tiny fixtures' random weights give
+/// keys and scores far larger than a trained model's, so rounding keys and values to 11
+/// significant bits moves their logits by up to about 0.25 (mean 0.04); on the trained fixture
+/// the perplexity moves by less than 0.1 % (README).
+const F16_LOGIT_TOLERANCE: (f32, f32) = (0.5, 0.1);
+
+#[test]
+fn f16_cache_matches_the_f32_cache_within_tolerance() {
+    let ids = prompt(100);
+    for fixture in common::HF_FIXTURES {
+        let model = load(fixture);
+        let engine_of = |kv_type| {
+            let backend = Box::new(CpuBackend::new(2).unwrap());
+            Engine::with_kv(&model, backend, kv(128, kv_type, KvPool::Full)).unwrap()
+        };
+        let (mut wide, mut narrow) = (engine_of(KvType::F32), engine_of(KvType::F16));
+        assert_eq!(narrow.kv().bytes() * 2, wide.kv().bytes());
+        let (want, got) = (run(&mut wide, &ids), run(&mut narrow, &ids));
+        let (max, mean) = diff(&got, &want);
+        eprintln!("{fixture}: f16 KV cache max |diff| {max}, mean {mean}");
+        let (max_tol, mean_tol) = F16_LOGIT_TOLERANCE;
+        assert!(
+            max <= max_tol && mean <= mean_tol,
+            "{fixture}: {max}, {mean}"
+        );
+        assert!(
+            max > 0.0,
+            "{fixture}: f16 storage changed nothing (is it used?)"
+        );
+    }
+}
