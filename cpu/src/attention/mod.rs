@@ -106,9 +106,11 @@ pub fn attend(
             run(isa, crate::lanes::Avx512::new()?, &data, scratch, out)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => run(isa, crate::lanes::Avx2::new()?, &data, scratch, out),
+        Isa::Avx512 | Isa::AvxVnni | Isa::Avx2 => {
+            run(isa, crate::lanes::Avx2::new()?, &data, scratch, out)
+        }
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => run(isa, crate::lanes::Neon::new()?, &data, scratch, out),
+        Isa::Neon | Isa::NeonDot => run(isa, crate::lanes::Neon::new()?, &data, scratch, out),
         _ => run(isa, Scalar, &data, scratch, out),
     }
 }
