@@ -4,13 +4,17 @@
 //! - [`Isa::Scalar`]: portable Rust, everywhere (the compiler may still vectorize it for the
 //!   build's baseline target).
 //! - [`Isa::Avx2`] (x86-64): AVX2 + FMA + F16C; ternary products with `vpmaddubsw` + `vpmaddwd`.
+//! - [`Isa::AvxVnni`] (x86-64): AVX2's level plus AVX-VNNI (Intel Alder Lake and later client
+//!   CPUs, AMD Zen 5); ternary products with the 256-bit `vpdpbusd`.
 //! - [`Isa::Avx512`] (x86-64): AVX-512 F + BW + VNNI (+ F16C); ternary products with `vpdpbusd` on
 //!   64 bytes per instruction.
 //! - [`Isa::Neon`] (aarch64): Advanced SIMD; ternary products with widening multiply-adds.
+//! - [`Isa::NeonDot`] (aarch64): NEON plus the dot-product extension (Apple M-series, Graviton 2
+//!   and later, Cobalt); ternary products with `udot`/`sdot`.
 //!
 //! [`Isa::best`] is the widest level this CPU supports. [`Isa::selected`] is what a backend uses by
-//! default: `best`, unless the environment variable `TERN_CPU_ISA` (`scalar`, `avx2`, `avx512`,
-//! `neon`) forces a level, which is an error when the CPU lacks it. Every kernel entry point checks
+//! default: `best`, unless the environment variable `TERN_CPU_ISA` (`scalar`, `avx2`, `avxvnni`,
+//! `avx512`, `neon`, `neon-dotprod`) forces a level, which is an error when the CPU lacks it. Every kernel entry point checks
 //! [`Isa::is_supported`] before calling a `#[target_feature]` function, so forcing a level can never
 //! execute an instruction the CPU does not have.
 
@@ -22,23 +26,34 @@ use std::sync::OnceLock;
 pub enum Isa {
     Scalar,
     Avx2,
+    AvxVnni,
     Avx512,
     Neon,
+    NeonDot,
 }
 
 /// Environment variable that forces a level.
 pub const ISA_ENV: &str = "TERN_CPU_ISA";
 
 impl Isa {
-    /// Every level, plainest first.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    /// Every level, plainest first per architecture (in the order of the variants).
+    pub const ALL: [Isa; 6] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::AvxVnni,
+        Isa::Avx512,
+        Isa::Neon,
+        Isa::NeonDot,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dotprod",
         }
     }
 
@@ -48,24 +63,31 @@ impl Isa {
             .find(|isa| isa.name() == name.trim().to_ascii_lowercase())
             .ok_or_else(|| {
                 Error::Unsupported(format!(
-                    "unknown CPU ISA level `{name}` (expected scalar, avx2, avx512 or neon)"
+                    "unknown CPU ISA level `{name}` (expected scalar, avx2, avxvnni, avx512, neon \
+                     or neon-dotprod)"
                 ))
             })
     }
 
     /// Whether this CPU can run kernels of this level (detected once, then cached).
     pub fn is_supported(self) -> bool {
-        static DETECTED: OnceLock<[bool; 4]> = OnceLock::new();
+        static DETECTED: OnceLock<[bool; Isa::ALL.len()]> = OnceLock::new();
         let detected = DETECTED.get_or_init(|| Isa::ALL.map(detect));
         detected[self as usize]
     }
 
     /// The widest supported level.
     pub fn best() -> Self {
-        [Isa::Avx512, Isa::Avx2, Isa::Neon]
-            .into_iter()
-            .find(|isa| isa.is_supported())
-            .unwrap_or(Isa::Scalar)
+        [
+            Isa::Avx512,
+            Isa::AvxVnni,
+            Isa::Avx2,
+            Isa::NeonDot,
+            Isa::Neon,
+        ]
+        .into_iter()
+        .find(|isa| isa.is_supported())
+        .unwrap_or(Isa::Scalar)
     }
 
     /// `TERN_CPU_ISA` if set (an error if unknown or unsupported here), else [`Isa::best`].
@@ -92,9 +114,10 @@ impl Isa {
             // SAFETY: `check` confirmed that this CPU has the level's features.
             Isa::Avx512 => unsafe { with_avx512(f) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { with_avx2(f) },
-            // NEON is part of the aarch64 baseline; the scalar level uses the build's baseline.
+            // SAFETY: as above (the AVX-VNNI level includes AVX2's).
+            Isa::Avx2 | Isa::AvxVnni => unsafe { with_avx2(f) },
+            // NEON is part of the aarch64 baseline (the dot products are not needed here); the
+            // scalar level uses the build's baseline.
             _ => f(),
         })
     }
@@ -173,10 +196,11 @@ fn detect(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
         Isa::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
+        Isa::AvxVnni => detect(Isa::Avx2) && has!("avxvnni"),
         Isa::Avx512 => {
             has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("fma") && has!("f16c")
         }
-        Isa::Neon => false,
+        Isa::Neon | Isa::NeonDot => false,
     }
 }
 
@@ -185,7 +209,8 @@ fn detect(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
         Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
-        Isa::Avx2 | Isa::Avx512 => false,
+        Isa::NeonDot => detect(Isa::Neon) && std::arch::is_aarch64_feature_detected!("dotprod"),
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => false,
     }
 }
 
@@ -204,6 +229,10 @@ mod tests {
             assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
         }
         assert_eq!(Isa::parse(" AVX512 ").unwrap(), Isa::Avx512);
+        // `is_supported` indexes its table by the variant's number.
+        for (i, isa) in Isa::ALL.into_iter().enumerate() {
+            assert_eq!(isa as usize, i, "{isa}");
+        }
         assert!(Isa::parse("sse9").is_err());
         assert!(Isa::Scalar.is_supported());
         assert!(Isa::best().is_supported());

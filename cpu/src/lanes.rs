@@ -104,7 +104,7 @@ mod x86 {
     use super::{Error, Isa, Lanes};
     use std::arch::x86_64::*;
 
-    /// Eight lanes of AVX (available at the AVX2 and AVX-512 levels).
+    /// Eight lanes of AVX (available at the AVX2, AVX-VNNI and AVX-512 levels).
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx2(());
 
@@ -166,7 +166,7 @@ mod arm {
     pub(crate) struct Neon(());
 
     impl Neon {
-        /// The token, if this CPU runs the NEON level.
+        /// The token, if this CPU runs the NEON level (which the dot-product level includes).
         pub(crate) fn new() -> Result<Self, Error> {
             Isa::Neon.check()?;
             Ok(Self(()))

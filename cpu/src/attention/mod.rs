@@ -3,7 +3,8 @@
 //!
 //! For every query `q` (one query head of one row) over the `n` cached positions it sees:
 //! `score_j = (Σ_i q_i · k_j,i) · (1 / √d)`, `w_j = exp(score_j − max) / Σ exp(· − max)` (the sum in
-//! f64), `out = Σ_j w_j · v_j`. Every sum over `i` and over `j` runs sequentially from 0.0, with
+//! f64), `out = Σ_j w_j · v_j`, except that a position whose score lies more than
+//! [`SOFTMAX_CUTOFF`] below the maximum gets weight exactly 0. Every sum over `i` and over `j` runs sequentially from 0.0, with
 //! multiplies and adds rounded separately, so a query's result does not depend on the level, on
 //! the block of rows it is computed with, or on its place in that block: a prefill block gives
 //! the bits the decode steps would.
@@ -199,9 +200,11 @@ pub fn attend<E: KvValue>(
             run(isa, crate::lanes::Avx512::new()?, &data, scratch, out)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => run(isa, crate::lanes::Avx2::new()?, &data, scratch, out),
+        Isa::Avx512 | Isa::AvxVnni | Isa::Avx2 => {
+            run(isa, crate::lanes::Avx2::new()?, &data, scratch, out)
+        }
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => run(isa, crate::lanes::Neon::new()?, &data, scratch, out),
+        Isa::Neon | Isa::NeonDot => run(isa, crate::lanes::Neon::new()?, &data, scratch, out),
         _ => run(isa, Scalar, &data, scratch, out),
     }
 }
@@ -213,6 +216,14 @@ const KEYS_AT_ONCE: usize = 8;
 /// Queries whose weighted value sums [`attend`] accumulates together (each value vector loaded once
 /// for all of them); half as many for a block of at most that many (a decode row of 4 heads).
 const QUERIES_AT_ONCE: usize = 8;
+
+/// How far below a query's largest score a position's score may lie and still get a weight: the
+/// others get exactly 0. Their weights would be below `e⁻⁴⁰ ≈ 2⁻⁵⁷` of the largest, so all of them
+/// together (at most `2¹⁶` positions) change the output by less than `2⁻⁴¹` of the largest value's
+/// magnitude, far below f32's precision; kept, such weights (down to `e⁻⁸⁷`, where [`exp`] clamps)
+/// times the values are subnormal floats, which x86 cores multiply and add about a hundred times
+/// slower: a prompt of 2048 tokens with peaked attention spent most of its time there.
+pub const SOFTMAX_CUTOFF: f32 = -40.0;
 
 /// Queries whose softmax [`attend`] computes together, so each pass over a position's scores is
 /// one loop over contiguous lanes, which the compiler vectorizes.
@@ -346,8 +357,8 @@ fn scores_of<L: Lanes, E: KvValue>(
     }
 }
 
-/// Scores to weights: softmax per query over the positions it sees; the rest (and the padding
-/// queries) get weight exactly 0.
+/// Scores to weights: softmax per query over the positions it sees; the rest, the positions below
+/// [`SOFTMAX_CUTOFF`] (and the padding queries) get weight exactly 0.
 #[inline(always)]
 fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
     let (padded, n_queries) = (data.padded, data.g.queries());
@@ -370,8 +381,10 @@ fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
         for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
             let row = &mut row[cols.clone()];
             for (((s, &m), &n), total) in row.iter_mut().zip(&max).zip(seen).zip(&mut sum) {
-                let p = exp(*s - m);
-                *s = if (j as u32) < n { p } else { 0.0 };
+                let x = *s - m;
+                // A NaN score keeps its weight (NaN), so that it reaches the output.
+                let kept = (j as u32) < n && (x >= SOFTMAX_CUTOFF || x.is_nan());
+                *s = if kept { exp(x) } else { 0.0 };
                 *total += f64::from(*s);
             }
         }
@@ -440,7 +453,7 @@ fn value_passes<L: Lanes, E: KvValue, const Q: usize>(
 /// `|r| ≤ ln 2 / 2` (ln 2 split in two parts so `n·ln 2` is exact), a degree-7 Taylor polynomial
 /// for `e^r` (truncation error below 2⁻²⁴ relative there), and `2^n` built in the exponent bits.
 /// Within 2 ulp of the exact value; inputs are clamped to [-87, 88], where the result stays a
-/// normal float (softmax only feeds it values ≤ 0, whose tails below e⁻⁸⁷ do not matter).
+/// normal float (softmax only feeds it values from [`SOFTMAX_CUTOFF`] to 0).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 rounded to 16 significant bits
@@ -531,6 +544,31 @@ mod tests {
             )
             .unwrap();
             assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 3.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn positions_far_below_the_largest_score_get_no_weight() {
+        // Scores 0, −30 and −50 (keys along the first axis, d = 2): a huge third value would show
+        // through a weight of e⁻⁵⁰, and the second one's e⁻³⁰ must still count.
+        let d = 2.0f32;
+        let keys = [0.0, 0.0, -30.0 * d.sqrt(), 0.0, -50.0 * d.sqrt(), 0.0];
+        let values = [1.0, 0.0, 0.0, 1e20, 0.0, 1e30];
+        for isa in supported() {
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let g = single(2, 3, 2);
+            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            let second = 1e20 * (-30f64).exp();
+            assert!(
+                (f64::from(out[1]) - second).abs() < 1e-5 * second,
+                "{isa}: {out:?}"
+            );
+            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let g = single(2, 3, 2);
+            let keys = [0.0, 0.0, 0.0, 0.0, -50.0 * d.sqrt(), 0.0];
+            let values = [1.0, 0.0, 3.0, 0.0, 0.0, 1e30];
+            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            assert_eq!(out, [2.0, 0.0], "{isa}");
         }
     }
 

@@ -18,9 +18,10 @@
 //! weights for decode and prompts alike. A call expands the weights of one *panel* of 32 rows (8
 //! groups) at a time into int8 values in the tile layout `tdpbssd` takes as its second operand, in a
 //! per-thread buffer that stays in L2 (`32 · cols` bytes), and multiplies that panel with a chunk of
-//! the batch's tokens (as many steps of 32 as fit [`x86::CHUNK_BYTES`] of activations, so that they
-//! too stay in L2) before moving on: each weight is expanded once per chunk, and read from cache once
-//! per 32 tokens.
+//! the batch's tokens (as many steps of 32 as fit
+//! [`L2_ACTIVATION_BYTES`](crate::bitlinear::grouped::L2_ACTIVATION_BYTES) of activations, so
+//! that they too stay in L2) before moving on: each weight is expanded once per chunk, and read
+//! from cache once per 32 tokens.
 //!
 //! Second-operand tile of k-step `s` for 16 weight rows: row `r` (0..16) holds, for each weight row
 //! `n` (0..16), the values of the k-step's columns `4 r .. 4 r + 4` at bytes `4 n .. 4 n + 4`. Both
@@ -248,7 +249,7 @@ fn known_answer() -> Result<(), String> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Coding, Digits, Grouped};
-    use crate::bitlinear::grouped::{CHUNK, ROW_GROUP};
+    use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
     use crate::isa::Isa;
     use std::arch::asm;
@@ -263,10 +264,6 @@ mod x86 {
     const STEP_TOKENS: usize = 32;
     /// Bytes of one tile (16 rows of 64).
     const TILE_BYTES: usize = 1024;
-    /// Activation bytes a chunk of tokens may take: each panel's weights are expanded once per
-    /// chunk, and the chunk's activation rows, read once per panel, stay in L2 beside the panel's
-    /// expanded weights (at least one step of 32 tokens).
-    pub(super) const CHUNK_BYTES: usize = 512 << 10;
 
     /// One 64-byte line, so that tiles and tile configurations sit on cache-line boundaries.
     #[derive(Clone, Copy)]
@@ -426,7 +423,9 @@ mod x86 {
             let last_group = rows.end.div_ceil(ROW_GROUP);
             let mut out = [[[0i32; 16]; 16]; 4];
             let all_steps = full_steps + usize::from(tail > 0);
-            let chunk_steps = (CHUNK_BYTES / (STEP_TOKENS * pc)).max(1);
+            // Each panel's weights are expanded once per chunk, and the chunk's activation rows,
+            // read once per panel, stay in L2 beside the panel's expanded weights.
+            let chunk_steps = chunk_tokens(pc, STEP_TOKENS) / STEP_TOKENS;
             for chunk in (0..all_steps).step_by(chunk_steps) {
                 let chunk = chunk..all_steps.min(chunk + chunk_steps);
                 for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {

@@ -25,10 +25,12 @@
 //! bytes gives, for each `i`, the codes of consecutive columns.
 //!
 //! # Which kernel runs
-//! One token at [`Isa::Avx512`]: the direct GEMV above. Otherwise (prompts, and the other levels,
-//! whose byte products are signed × signed or saturate on operands up to 255) each group of 4 rows is
-//! decoded into [`crate::bitlinear::mad`]'s layout in a per-thread buffer and [`crate::bitlinear::mad`]'s micro-kernels
-//! run over it, so a prompt decodes each weight once for all its tokens.
+//! One token at [`Isa::Avx512`] or [`Isa::AvxVnni`]: the direct GEMV above (64 or 32 bytes per
+//! `vpdpbusd`). Otherwise (prompts, and the other levels, whose byte products are signed × signed
+//! or saturate on operands up to 255) each group of 4 rows is decoded into
+//! [`crate::bitlinear::mad`]'s layout in a per-thread buffer and [`crate::bitlinear::mad`]'s
+//! micro-kernels run over it, so a prompt decodes each weight once per chunk of tokens (as many as
+//! fit in L2).
 
 use crate::Error;
 use crate::bitlinear::grouped::{CHUNK, Coding, Grouped, ROW_GROUP};
@@ -156,7 +158,7 @@ pub fn gemm(
 ) -> Result<(), Error> {
     let mad_blocks = w.cols().div_ceil(K_BLOCK);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && x.rows() == 1 {
+    if matches!(isa, Isa::Avx512 | Isa::AvxVnni) && x.rows() == 1 {
         let (x_row, sum) = (x.row(0), x.sums()[0]);
         if x_row.len() < w.blocks() * BLOCK_COLS {
             return Err(Error::Shape(format!(
@@ -165,10 +167,17 @@ pub fn gemm(
                 w.blocks()
             )));
         }
-        return w.for_each_group(isa, rows, x, acc, |g, out| {
-            // SAFETY: `for_each_group` checked the level (AVX-512 VNNI); the group holds
-            // `blocks` blocks, and the padded row at least `blocks · BLOCK_COLS` codes (above).
-            let dots = unsafe { x86::gemv_group(w.group(g), w.blocks(), x_row) };
+        return w.for_each_group(isa, rows, x, acc, 1, |g, _, out| {
+            // SAFETY: `for_each_group` checked the level (AVX-512 VNNI or AVX-VNNI); the group
+            // holds `blocks` blocks, and the padded row at least `blocks · BLOCK_COLS` codes
+            // (above).
+            let dots = unsafe {
+                if isa == Isa::Avx512 {
+                    x86::gemv_group(w.group(g), w.blocks(), x_row)
+                } else {
+                    x86::gemv_group_avxvnni(w.group(g), w.blocks(), x_row)
+                }
+            };
             for (a, dot) in out.iter_mut().zip(dots) {
                 *a = dot - sum;
             }
@@ -177,15 +186,12 @@ pub fn gemm(
     }
     DECODED.with_borrow_mut(|decoded| {
         decoded.resize(mad_blocks * ROW_GROUP * CHUNK, 0);
-        w.for_each_group(isa, rows, x, acc, |g, out| {
-            if out.is_empty() {
-                return Ok(()); // no tokens
-            }
+        w.for_each_group(isa, rows, x, acc, mad::TILE_TOKENS, |g, chunk, out| {
             isa.vectorized(
                 #[inline(always)]
                 || w.decode_group(g, mad_blocks, decoded),
             )?;
-            mad::group_gemm(isa, decoded, mad_blocks, x, out)
+            mad::group_gemm(isa, decoded, mad_blocks, x, chunk, out)
         })
     })
 }
@@ -193,6 +199,7 @@ pub fn gemm(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BLOCK_COLS, CHUNK, PLANES, ROW_GROUP};
+    use crate::bitlinear::mad::x86::hsum_avx2;
     use crate::isa::{PREFETCH_AHEAD, prefetch};
     use std::arch::x86_64::*;
 
@@ -233,6 +240,46 @@ mod x86 {
             let sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(t, t), t), next[r]);
             // Exact in wrapping i32 (see the module documentation); the shift divides exactly.
             _mm512_reduce_add_epi32(sum) >> 8
+        })
+    }
+
+    /// [`gemv_group`] on 256-bit vectors with AVX-VNNI: each chunk in two halves of 32 bytes.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-VNNI; `group` and `x` as in [`gemv_group`].
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn gemv_group_avxvnni(group: &[u8], blocks: usize, x: &[i8]) -> [i32; ROW_GROUP] {
+        let mut three = [_mm256_setzero_si256(); ROW_GROUP];
+        let mut next = [_mm256_setzero_si256(); ROW_GROUP];
+        for b in 0..blocks {
+            for half in 0..2 {
+                let at = |r: usize| (b * ROW_GROUP + r) * CHUNK + 32 * half;
+                for r in 0..ROW_GROUP {
+                    prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
+                }
+                // SAFETY: the group holds `blocks` blocks of 4 chunks (contract).
+                let mut w: [__m256i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
+                    _mm256_loadu_si256(group.as_ptr().add(at(r)).cast())
+                });
+                for i in 0..PLANES {
+                    // SAFETY: `x` holds `blocks · BLOCK_COLS` codes (contract).
+                    let a = unsafe {
+                        let at = b * BLOCK_COLS + CHUNK * i + 32 * half;
+                        _mm256_loadu_si256(x.as_ptr().add(at).cast())
+                    };
+                    for r in 0..ROW_GROUP {
+                        three[r] = _mm256_dpbusd_avx_epi32(three[r], w[r], a);
+                        w[r] = _mm256_add_epi8(_mm256_add_epi8(w[r], w[r]), w[r]);
+                        next[r] = _mm256_dpbusd_avx_epi32(next[r], w[r], a);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            let t = three[r];
+            let sum = _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(t, t), t), next[r]);
+            // Exact in wrapping i32, as above.
+            hsum_avx2(sum) >> 8
         })
     }
 }

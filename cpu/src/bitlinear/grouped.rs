@@ -6,6 +6,14 @@
 //! rows' 64-byte chunks: `offset(group, block, r) = ((group · blocks + block) · 4 + r) · 64`. So a
 //! product streams one contiguous buffer, and a micro-kernel finds a group's 4 rows side by side.
 //! What the bytes of a chunk hold is the family's [`Coding`].
+//!
+//! # Token chunks
+//! A product over many tokens ([`Grouped::for_each_group`]) takes them in chunks of at most
+//! [`L2_ACTIVATION_BYTES`] of activation rows, and each chunk runs over every group of the row
+//! range: a group's unpacked weights (a few KiB, in L1) serve every token of the chunk, the chunk's
+//! activations stay in L2 while all the groups pass over them, and the weights stream from memory
+//! once per chunk. Without chunks a 512-token prompt's activations (3.9 MB for the 6912 columns of
+//! `down`) left L2 and were read from L3 again for every group.
 
 use crate::bitlinear::quant::QuantizedRows;
 use crate::isa::Isa;
@@ -17,6 +25,20 @@ use std::ops::Range;
 pub const ROW_GROUP: usize = 4;
 /// Bytes of one row's block (the widest vector).
 pub(crate) const CHUNK: usize = 64;
+
+/// Activation bytes a chunk of tokens may take (see the module documentation). Half of the
+/// smallest per-core L2 of the CPUs with AVX-512 or AVX-VNNI (1 MiB on Zen 4/5, 1.25 MiB on Alder
+/// Lake, 2 MiB on Sapphire Rapids), leaving the other half to the weights and outputs; the
+/// measurements are in `scripts/benchmark-log.md`.
+pub(crate) const L2_ACTIVATION_BYTES: usize = 512 << 10;
+
+/// Tokens per chunk for activation rows of `padded_cols` bytes: as many as fit
+/// [`L2_ACTIVATION_BYTES`], a multiple of `multiple` (the micro-kernels' token tile), at least one
+/// tile.
+pub(crate) fn chunk_tokens(padded_cols: usize, multiple: usize) -> usize {
+    let fit = L2_ACTIVATION_BYTES / padded_cols.max(1);
+    (fit / multiple).max(1) * multiple
+}
 
 /// How a family codes one row's block of columns into a chunk.
 pub trait Coding {
@@ -80,8 +102,9 @@ impl<C: Coding> Grouped<C> {
     }
 
     /// Checks the arguments of a product of `rows` of this matrix with `x` into `acc` (laid out
-    /// `acc[(n − rows.start) · tokens + t]`), then calls `product(g, out)` for each group `g` the
-    /// range covers, `out` being its rows' part of `acc`.
+    /// `acc[(n − rows.start) · tokens + t]`), then, for each chunk of [`chunk_tokens`] tokens (a
+    /// multiple of `tile`) in order, calls `product(g, chunk, out)` for each group `g` the range
+    /// covers, `out` being its rows' part of `acc` (all tokens: the product writes the chunk's).
     ///
     /// `rows.start` must be a multiple of [`ROW_GROUP`], so that threads split on group boundaries.
     pub(crate) fn for_each_group(
@@ -90,14 +113,19 @@ impl<C: Coding> Grouped<C> {
         rows: Range<usize>,
         x: &QuantizedRows,
         acc: &mut [i32],
-        mut product: impl FnMut(usize, &mut [i32]) -> Result<(), Error>,
+        tile: usize,
+        mut product: impl FnMut(usize, Range<usize>, &mut [i32]) -> Result<(), Error>,
     ) -> Result<(), Error> {
         self.check_product(isa, rows.clone(), x, acc)?;
         let tokens = x.rows();
-        for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
-            let first = g * ROW_GROUP - rows.start;
-            let n = (rows.len() - first).min(ROW_GROUP);
-            product(g, &mut acc[first * tokens..][..n * tokens])?;
+        let per_chunk = chunk_tokens(x.padded_cols(), tile);
+        for t0 in (0..tokens).step_by(per_chunk) {
+            for g in rows.start / ROW_GROUP..rows.end.div_ceil(ROW_GROUP) {
+                let first = g * ROW_GROUP - rows.start;
+                let n = (rows.len() - first).min(ROW_GROUP);
+                let chunk = t0..tokens.min(t0 + per_chunk);
+                product(g, chunk, &mut acc[first * tokens..][..n * tokens])?;
+            }
         }
         Ok(())
     }

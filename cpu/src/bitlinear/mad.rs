@@ -1,13 +1,16 @@
 //! Multiply-add ternary kernels (W1.58A8): unsigned 2-bit weight codes × int8 activations, minus
-//! the activation sum, with int32 accumulation, at every [`Isa`] level.
+//! the activation sum, with int32 accumulation, at every [`Isa`] level (scalar; AVX2, AVX-VNNI and
+//! AVX-512 VNNI; NEON with and without the dot-product extension).
 //!
 //! # The arithmetic
 //! With `code = value + 1 ∈ {0, 1, 2}`, `Σ_k value_k·x_k = Σ_k code_k·x_k − Σ_k x_k`. The codes are
-//! non-negative, so they feed the unsigned operand of `vpdpbusd` (AVX-512 VNNI) and `vpmaddubsw`
-//! (AVX2) directly; `Σ_k x_k` comes with the quantized row ([`QuantizedRows::sums`]). Every
-//! intermediate is bounded: a `vpmaddubsw` lane is at most `2·2·128 = 512`, and the AVX2 kernel adds
-//! at most 8 of them in i16 (4096 < 32767) before widening. The result is exact, so it equals
-//! [`gemm_reference`](crate::bitlinear::reference::gemm_reference) bit for bit.
+//! non-negative, so they feed the unsigned operand of `vpdpbusd` (AVX-512 VNNI, AVX-VNNI) and
+//! `vpmaddubsw` (AVX2) directly, and are valid signed bytes for `sdot` (NEON dot product);
+//! `Σ_k x_k` comes with the quantized row ([`QuantizedRows::sums`]). Every intermediate is bounded:
+//! a `vpmaddubsw` lane is at most `2·2·128 = 512`, and the AVX2 kernel adds at most 8 of them in
+//! i16 (4096 < 32767) before widening; the others accumulate in i32 (`|Σ| ≤ 256 · cols`). The
+//! result is exact, so it equals [`gemm_reference`](crate::bitlinear::reference::gemm_reference)
+//! bit for bit.
 //!
 //! # Layout ([`PackedTernary`], repacked at upload from the canonical layout)
 //! [`crate::bitlinear::grouped`]'s, with blocks of [`K_BLOCK`] = 256 columns (columns padded with value 0;
@@ -18,10 +21,11 @@
 //! NEON). A kernel streams one contiguous buffer.
 //!
 //! # Blocking
-//! [`gemm`] is one loop: for each group of 4 rows, for each tile of up to `TOKENS` activation rows,
-//! an ISA's micro-kernel walks the group's blocks once, unpacks each weight chunk once and
-//! multiplies it with every token of the tile (batched prefill reuses each unpacked block), keeping
-//! the 4 × T accumulators in registers.
+//! [`gemm`] is three loops: for each chunk of tokens whose activations fit in L2
+//! ([`crate::bitlinear::grouped`]'s token chunks), for each group of 4 rows, for each tile of up to
+//! `TOKENS` activation rows of the chunk, an ISA's micro-kernel walks the group's blocks once,
+//! unpacks each weight chunk once and multiplies it with every token of the tile (batched prefill
+//! reuses each unpacked block), keeping the 4 × T accumulators in registers.
 
 pub use crate::bitlinear::grouped::ROW_GROUP;
 use crate::bitlinear::grouped::{CHUNK, Coding, Grouped};
@@ -33,6 +37,9 @@ use std::ops::Range;
 
 /// Columns per weight block: four 2-bit codes per byte of a chunk.
 pub const K_BLOCK: usize = 4 * CHUNK;
+
+/// The widest micro-kernel's token tile: token chunks are a multiple of it.
+pub(crate) const TILE_TOKENS: usize = 4;
 
 /// The 2-bit coding of [`Grouped`] (see the module documentation).
 #[derive(Clone, Debug)]
@@ -91,18 +98,19 @@ pub fn gemm(
     x: &QuantizedRows,
     acc: &mut [i32],
 ) -> Result<(), Error> {
-    w.for_each_group(isa, rows, x, acc, |g, out| {
-        group_gemm(isa, w.group(g), w.blocks(), x, out)
+    w.for_each_group(isa, rows, x, acc, TILE_TOKENS, |g, chunk, out| {
+        group_gemm(isa, w.group(g), w.blocks(), x, chunk, out)
     })
 }
 
 /// `out[r · tokens + t] = Σ_k W[r][k] · x[t][k]` for the first `out.len() / tokens` rows of one
-/// group of 4 rows in the layout above (`blocks` blocks), exactly.
+/// group of 4 rows in the layout above (`blocks` blocks) and the tokens `t` of `chunk`, exactly.
 pub(crate) fn group_gemm(
     isa: Isa,
     group: &[u8],
     blocks: usize,
     x: &QuantizedRows,
+    chunk: Range<usize>,
     out: &mut [i32],
 ) -> Result<(), Error> {
     isa.check()?;
@@ -111,22 +119,28 @@ pub(crate) fn group_gemm(
     if x.padded_cols() < blocks * K_BLOCK
         || out.len() > ROW_GROUP * tokens
         || !out.len().is_multiple_of(tokens.max(1))
+        || chunk.start > chunk.end
+        || chunk.end > tokens
     {
         return Err(Error::Shape(format!(
             "ternary group gemm: {} activation columns for {blocks} blocks, {} outputs for {tokens} \
-             tokens",
+             tokens, tokens {chunk:?}",
             x.padded_cols(),
             out.len()
         )));
     }
     match isa {
-        Isa::Scalar => run::<Scalar>(group, blocks, x, out),
+        Isa::Scalar => run::<Scalar>(group, blocks, x, chunk, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => run::<x86::Avx2>(group, blocks, x, out),
+        Isa::Avx2 => run::<x86::Avx2>(group, blocks, x, chunk, out),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => run::<x86::Avx512>(group, blocks, x, out),
+        Isa::AvxVnni => run::<x86::AvxVnni>(group, blocks, x, chunk, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => run::<x86::Avx512>(group, blocks, x, chunk, out),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => run::<arm::Neon>(group, blocks, x, out),
+        Isa::Neon => run::<arm::Neon>(group, blocks, x, chunk, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => run::<arm::NeonDot>(group, blocks, x, chunk, out),
         #[allow(unreachable_patterns)] // every level is reachable on some target
         _ => unreachable!("isa.check() passed for a level of another architecture"),
     }
@@ -150,12 +164,19 @@ trait MicroKernel {
     ) -> [[i32; T]; ROW_GROUP];
 }
 
-/// The token tiles of one group, shared by every ISA (see the module documentation).
-fn run<K: MicroKernel>(group: &[u8], blocks: usize, x: &QuantizedRows, out: &mut [i32]) {
+/// The token tiles of one group and one chunk of tokens, shared by every ISA (see the module
+/// documentation).
+fn run<K: MicroKernel>(
+    group: &[u8],
+    blocks: usize,
+    x: &QuantizedRows,
+    chunk: Range<usize>,
+    out: &mut [i32],
+) {
     let tokens = x.rows();
-    let mut t0 = 0;
-    while t0 < tokens {
-        let n = (tokens - t0).min(K::TOKENS);
+    let mut t0 = chunk.start;
+    while t0 < chunk.end {
+        let n = (chunk.end - t0).min(K::TOKENS);
         macro_rules! tile {
             ($t:literal) => {{
                 let xs: [&[i8]; $t] = std::array::from_fn(|i| x.row(t0 + i));
@@ -269,6 +290,61 @@ pub(crate) mod x86 {
         acc.map(|row| row.map(|v| _mm512_reduce_add_epi32(v)))
     }
 
+    /// AVX-VNNI: the 256-bit `vpdpbusd` (VEX-coded) on 32 codes × 32 activations per instruction;
+    /// 4 rows × 2 tokens = 8 ymm accumulators, plus the 4 rows' weight halves, 2 activation
+    /// vectors and the mask in the 16 registers.
+    pub struct AvxVnni;
+
+    impl MicroKernel for AvxVnni {
+        const TOKENS: usize = 2;
+
+        unsafe fn tile<const T: usize>(
+            group: &[u8],
+            blocks: usize,
+            x: [&[i8]; T],
+        ) -> [[i32; T]; ROW_GROUP] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_avxvnni::<T>(group, blocks, x) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn tile_avxvnni<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mask = _mm256_set1_epi8(3);
+        let mut acc = [[_mm256_setzero_si256(); T]; ROW_GROUP];
+        for b in 0..blocks {
+            for half in 0..2 {
+                let at = |r: usize| (b * ROW_GROUP + r) * CHUNK + 32 * half;
+                for r in 0..ROW_GROUP {
+                    prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
+                }
+                // SAFETY: inside the group (trait contract).
+                let mut w: [__m256i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
+                    _mm256_loadu_si256(group.as_ptr().add(at(r)).cast())
+                });
+                for i in 0..4 {
+                    // SAFETY: inside the padded activation row (trait contract).
+                    let xv: [__m256i; T] = std::array::from_fn(|t| unsafe {
+                        let at = b * K_BLOCK + 64 * i + 32 * half;
+                        _mm256_loadu_si256(x[t].as_ptr().add(at).cast())
+                    });
+                    for r in 0..ROW_GROUP {
+                        let codes = _mm256_and_si256(w[r], mask);
+                        for t in 0..T {
+                            acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], codes, xv[t]);
+                        }
+                        w[r] = _mm256_srli_epi16::<2>(w[r]);
+                    }
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| hsum_avx2(v)))
+    }
+
     /// AVX2: `vpmaddubsw` (pairs of u8 × i8 into i16), 8 of them summed in i16 per block, then
     /// `vpmaddwd` by ones into i32; 4 rows × 2 tokens of ymm accumulators.
     pub struct Avx2;
@@ -333,9 +409,80 @@ pub(crate) mod x86 {
 }
 
 #[cfg(target_arch = "aarch64")]
-mod arm {
+pub(crate) mod arm {
     use super::{CHUNK, K_BLOCK, MicroKernel, ROW_GROUP};
     use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// NEON with the dot-product extension: `sdot` adds four products of 16 codes × 16 activations
+    /// into each i32 lane (the codes 0..2 are valid signed bytes); 4 rows × 4 tokens = 16
+    /// accumulators, plus the 4 rows' weights, 4 activation vectors and the mask in the 32
+    /// registers.
+    pub struct NeonDot;
+
+    impl MicroKernel for NeonDot {
+        const TOKENS: usize = 4;
+
+        unsafe fn tile<const T: usize>(
+            group: &[u8],
+            blocks: usize,
+            x: [&[i8]; T],
+        ) -> [[i32; T]; ROW_GROUP] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_neon_dot::<T>(group, blocks, x) }
+        }
+    }
+
+    /// `acc + Σ` of each lane's four products `a · b` (`sdot`; also used by [`crate::table::q8`]).
+    /// The intrinsic (`vdotq_s32`) is not stable in Rust yet.
+    #[target_feature(enable = "neon,dotprod")]
+    #[inline]
+    pub(crate) fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: `sdot` reads and writes registers only; the dot-product extension is enabled
+        // for this function (its callers check the CPU has it).
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+        acc
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn tile_neon_dot<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: [&[i8]; T],
+    ) -> [[i32; T]; ROW_GROUP] {
+        let mask = vdupq_n_u8(3);
+        let mut acc = [[vdupq_n_s32(0); T]; ROW_GROUP];
+        for b in 0..blocks {
+            for quarter in 0..4 {
+                let at = |r: usize| (b * ROW_GROUP + r) * CHUNK + 16 * quarter;
+                // SAFETY: inside the group (trait contract).
+                let mut w: [uint8x16_t; ROW_GROUP] =
+                    std::array::from_fn(|r| unsafe { vld1q_u8(group.as_ptr().add(at(r))) });
+                for i in 0..4 {
+                    // SAFETY: inside the padded activation row (trait contract).
+                    let xv: [int8x16_t; T] = std::array::from_fn(|t| unsafe {
+                        vld1q_s8(x[t].as_ptr().add(b * K_BLOCK + 64 * i + 16 * quarter))
+                    });
+                    for r in 0..ROW_GROUP {
+                        let codes = vreinterpretq_s8_u8(vandq_u8(w[r], mask));
+                        for t in 0..T {
+                            acc[r][t] = sdot(acc[r][t], codes, xv[t]);
+                        }
+                        w[r] = vshrq_n_u8::<2>(w[r]);
+                    }
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| vaddvq_s32(v)))
+    }
 
     /// NEON: widening `smull`/`smlal` of 16 codes × 16 activations into i16 (two products per
     /// lane, at most 512), pairwise-added into i32 with `sadalp`; 4 rows × 2 tokens.

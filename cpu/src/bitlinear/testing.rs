@@ -1,7 +1,9 @@
 //! Test support shared by the ternary kernel families' tests: random cases and the reference.
 
 use crate::Error;
-use crate::bitlinear::quant::QuantizedRows;
+use crate::bitlinear::grouped::chunk_tokens;
+use crate::bitlinear::mad::TILE_TOKENS;
+use crate::bitlinear::quant::{QuantizedRows, ROW_PADDING};
 use crate::bitlinear::reference::{TernaryView, gemm_reference, pack};
 use crate::isa::Isa;
 use std::ops::Range;
@@ -10,11 +12,13 @@ use std::ops::Range;
 const REAL_SHAPES: [(usize, usize); 4] = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)];
 
 /// The real-shape cases every kernel family is checked on, as (rows, cols, tokens, seed): each
-/// shape at 1 and 3 tokens, and k/v at 17 tokens (more than one token tile).
+/// shape at 1 and 3 tokens, k/v at 17 tokens (more than one token tile), and 12 rows of `down`
+/// at 3 tokens past one token chunk (two chunks, the second partial).
 pub fn real_shape_cases() -> impl Iterator<Item = (usize, usize, usize, u64)> {
     let shapes = REAL_SHAPES.into_iter().zip(100u64..);
     let small = shapes.flat_map(|((rows, cols), seed)| [1, 3].map(|t| (rows, cols, t, seed)));
-    small.chain([(640, 2560, 17, 7)])
+    let down_chunk = chunk_tokens(6912usize.next_multiple_of(ROW_PADDING), TILE_TOKENS);
+    small.chain([(640, 2560, 17, 7), (12, 6912, down_chunk + 3, 8)])
 }
 
 pub fn lcg(seed: &mut u64) -> u64 {

@@ -28,9 +28,11 @@
 //! agree bit for bit with the scalar one:
 //! - AVX-512 VNNI: `vpdpbusd` of `h_x + 128` (unsigned) and `q_v` on 64 bytes per instruction, minus
 //!   `128 · Σ_k q_vk` (precomputed), and the same for `l_x`; 4 rows share each input load.
+//! - AVX-VNNI: the same on 32 bytes per instruction.
 //! - AVX2: `vpmaddubsw` of `|h_x|` and `sign(h_x) · q_v` (each pair at most `2 · 128 · 127 = 32512`,
 //!   so no i16 saturation), then `vpmaddwd` by ones into i32.
 //! - NEON: widening `smull`/`smlal` (two products per i16 lane, at most 32512), `sadalp` into i32.
+//! - NEON dot product: `sdot` of `q_v` and `h_x` (signed × signed) straight into i32.
 //!
 //! `q_v · q_x = (256 · q_v · h_x + q_v · l_x) / 256`, the numerator exact in f64 (at most 40 bits),
 //! and `approx_v = (d_v · d_x) · numerator / 256` in f32 (the numerator rounded once, the division by
@@ -379,9 +381,13 @@ fn int_dots(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => run::<x86::Avx2>(codes, stride, first, x, sums, out),
         #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => run::<x86::AvxVnni>(codes, stride, first, x, sums, out),
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => run::<x86::Avx512>(codes, stride, first, x, sums, out),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => run::<arm::Neon>(codes, stride, first, x, sums, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => run::<arm::NeonDot>(codes, stride, first, x, sums, out),
         #[allow(unreachable_patterns)] // every level is reachable on some target
         _ => unreachable!("isa.check() passed for a level of another architecture"),
     }
@@ -499,6 +505,46 @@ mod x86 {
         acc.map(|a| a.map(|v| _mm512_reduce_add_epi32(v)))
     }
 
+    /// AVX-VNNI: [`Avx512`]'s arithmetic with the 256-bit `vpdpbusd`, 32 bytes per instruction.
+    pub struct AvxVnni;
+
+    impl DotKernel for AvxVnni {
+        const OFFSET: i32 = 128;
+
+        unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_avxvnni(group, first, x) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn tile_avxvnni<const R: usize>(
+        group: &[i8],
+        first: usize,
+        x: Inputs<'_>,
+    ) -> [[i32; 2]; R] {
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for at in (0..group.len() / TILE).step_by(32) {
+            // SAFETY: `at + 32` is within a row, so within both inputs (trait contract).
+            let xu = x.map(|x| unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) });
+            let xu = xu.map(|v| _mm256_xor_si256(v, flip));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = group.as_ptr().wrapping_add(offset_in_group(first + r, at));
+                if at % 64 == 0 {
+                    prefetch(w.wrapping_add(PREFETCH_AHEAD).cast());
+                }
+                // SAFETY: the 32 codes at `at` lie in one chunk of the row, within the group (trait
+                // contract).
+                let w = unsafe { _mm256_loadu_si256(w.cast()) };
+                for (a, &xu) in a.iter_mut().zip(&xu) {
+                    *a = _mm256_dpbusd_avx_epi32(*a, xu, w);
+                }
+            }
+        }
+        acc.map(|a| a.map(|v| hsum_avx2(v)))
+    }
+
     /// AVX2: `vpmaddubsw` of `|x|` and `sign(x) · w`, then `vpmaddwd` by ones, 32 bytes per step.
     pub struct Avx2;
 
@@ -546,7 +592,42 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use super::{DotKernel, Inputs, TILE, offset_in_group};
+    use crate::bitlinear::mad::arm::sdot;
     use std::arch::aarch64::*;
+
+    /// NEON dot product: `sdot` of 16 codes × 16 inputs into four i32 lanes per instruction.
+    pub struct NeonDot;
+
+    impl DotKernel for NeonDot {
+        const OFFSET: i32 = 0;
+
+        unsafe fn tile<const R: usize>(group: &[i8], first: usize, x: Inputs<'_>) -> [[i32; 2]; R] {
+            // SAFETY: forwarded from the trait's contract.
+            unsafe { tile_neon_dot(group, first, x) }
+        }
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn tile_neon_dot<const R: usize>(
+        group: &[i8],
+        first: usize,
+        x: Inputs<'_>,
+    ) -> [[i32; 2]; R] {
+        let mut acc = [[vdupq_n_s32(0); 2]; R];
+        for at in (0..group.len() / TILE).step_by(16) {
+            // SAFETY: `at + 16` is within a row, so within both inputs (trait contract).
+            let xv = x.map(|x| unsafe { vld1q_s8(x.as_ptr().add(at)) });
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the 16 codes at `at` lie in one chunk of the row, within the group (trait
+                // contract).
+                let w = unsafe { vld1q_s8(group.as_ptr().add(offset_in_group(first + r, at))) };
+                for (a, &xv) in a.iter_mut().zip(&xv) {
+                    *a = sdot(*a, w, xv);
+                }
+            }
+        }
+        acc.map(|a| a.map(|v| vaddvq_s32(v)))
+    }
 
     /// NEON: widening `smull`/`smlal` into i16 pairs, `sadalp` into i32, 16 bytes per step.
     pub struct Neon;
