@@ -557,7 +557,15 @@ mod tests {
         for isa in supported() {
             let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
             let g = single(2, 3, 2);
-            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            attend(
+                isa,
+                &g,
+                &[1.0, 0.0],
+                &Cache::contiguous(&keys, &values),
+                &mut scores,
+                &mut out,
+            )
+            .unwrap();
             let second = 1e20 * (-30f64).exp();
             assert!(
                 (f64::from(out[1]) - second).abs() < 1e-5 * second,
@@ -567,7 +575,15 @@ mod tests {
             let g = single(2, 3, 2);
             let keys = [0.0, 0.0, 0.0, 0.0, -50.0 * d.sqrt(), 0.0];
             let values = [1.0, 0.0, 3.0, 0.0, 0.0, 1e30];
-            attend(isa, &g, &[1.0, 0.0], &keys, &values, &mut scores, &mut out).unwrap();
+            attend(
+                isa,
+                &g,
+                &[1.0, 0.0],
+                &Cache::contiguous(&keys, &values),
+                &mut scores,
+                &mut out,
+            )
+            .unwrap();
             assert_eq!(out, [2.0, 0.0], "{isa}");
         }
     }
