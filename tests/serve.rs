@@ -728,7 +728,7 @@ fn feed_batch_gives_each_sequence_its_own_logits() {
         let next = [11u32, 12, 13];
         let completing: &[u32] = &[1008, 40, 41, 42];
         let partial: &[u32] = &[1008, 60, 61];
-        let mut items: Vec<Feed> = seqs[..3]
+        let decode: Vec<Feed> = seqs[..3]
             .iter()
             .zip(&next)
             .map(|(&seq, t)| Feed {
@@ -737,6 +737,7 @@ fn feed_batch_gives_each_sequence_its_own_logits() {
                 logits: true,
             })
             .collect();
+        let mut items = decode.clone();
         items.insert(
             1,
             Feed {
@@ -779,15 +780,6 @@ fn feed_batch_gives_each_sequence_its_own_logits() {
             .collect();
         let fill = vec![5; 24 - lens[2]];
         engine.feed(seqs[2], &fill, LogitsFor::Last).unwrap();
-        let decode: Vec<Feed> = seqs[..3]
-            .iter()
-            .zip(&next)
-            .map(|(&seq, t)| Feed {
-                seq,
-                tokens: std::slice::from_ref(t),
-                logits: true,
-            })
-            .collect();
         let err = engine.feed_batch(&decode).unwrap_err().to_string();
         assert!(err.contains("context"), "{name}: {err}");
         assert_eq!(engine.sequence_len(seqs[0]).unwrap(), lens[0], "{name}");
