@@ -15,7 +15,7 @@
 //! `-- gemv`, `-- gemm`, `-- dram`, `-- tables`, `-- head` or `-- attention` those rows (with the
 //! reference beside `gemv` and `gemm`) at every level.
 
-use half::bf16;
+use half::{bf16, f16};
 use std::hint::black_box;
 use std::time::Instant;
 use tern_cpu::attention::{Cache, HeadGroup, attend};
@@ -228,22 +228,37 @@ fn main() {
         let table: Vec<bf16> = (0..vocab * cols)
             .map(|i| bf16::from_f32((i % 251) as f32 / 251.0 - 0.5))
             .collect();
-        let x: Vec<f32> = (0..cols).map(|i| (i % 17) as f32 / 17.0).collect();
-        let mut out = vec![0f32; vocab];
+        let f16s: Vec<f16> = table.iter().map(|v| f16::from_f32(v.to_f32())).collect();
+        let x: Vec<f32> = (0..16 * cols).map(|i| (i % 17) as f32 / 17.0).collect();
+        let mut out = vec![0f32; 16 * vocab];
         for &isa in &isas {
-            let secs = median_secs(5, || {
-                DenseView::Bf16(&table)
-                    .dot_rows(isa, 0..vocab, black_box(&x), cols, &mut out)
-                    .unwrap();
-                black_box(&out);
-            });
-            println!(
-                "| head bf16 | {isa} | {vocab}x{cols} | 1 | {:.3} | {:.1} | {:.1} (f32 FLOP) |",
-                secs * 1e3,
-                (vocab * cols * 2) as f64 / secs / 1e9,
-                2.0 * (vocab * cols) as f64 / secs / 1e9
-            );
+            for (dtype, view) in [
+                ("bf16", DenseView::Bf16(&table)),
+                ("f16", DenseView::F16(&f16s)),
+            ] {
+                // Batches at the best level only: the others differ from it as single rows do.
+                for tokens in [1, 4, 16]
+                    .into_iter()
+                    .filter(|&t| t == 1 || isa == Isa::best())
+                {
+                    let x = &x[..tokens * cols];
+                    let out = &mut out[..tokens * vocab];
+                    let secs = median_secs(3, || {
+                        view.dot_rows(isa, 0..vocab, black_box(x), cols, out)
+                            .unwrap();
+                        black_box(&out);
+                    });
+                    println!(
+                        "| head {dtype} | {isa} | {vocab}x{cols} | {tokens} | {:.3} | {:.1} | {:.1} (f32 FLOP) |",
+                        secs * 1e3,
+                        (vocab * cols * 2) as f64 / secs / 1e9,
+                        2.0 * (tokens * vocab * cols) as f64 / secs / 1e9
+                    );
+                }
+            }
         }
+        let x = &x[..cols];
+        let mut out = vec![0f32; vocab];
         let view = DenseView::Bf16(&table);
         let (mut bounds, mut input) = (vec![0f32; vocab], Q8Input::default());
         for &isa in &isas {
@@ -254,7 +269,7 @@ fn main() {
                 start.elapsed().as_secs_f64() * 1e3
             );
             let secs = median_secs(5, || {
-                input.prepare(isa, black_box(&x)).unwrap();
+                input.prepare(isa, black_box(x)).unwrap();
                 head.logits(isa, 0..vocab, &input, &mut out, &mut bounds)
                     .unwrap();
                 black_box((&out, &bounds));

@@ -48,7 +48,12 @@ async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: 
     async for chunk in response:
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-        if chunk.choices:
+        # bitnet.cpp's llama-server streams its native chunks here (`content`, `stop`, and
+        # `tokens_predicted` on the last) instead of OpenAI's `choices`.
+        native = getattr(chunk, "model_extra", None) or {}
+        if native.get("stop") is True and "tokens_predicted" in native:
+            usage = native["tokens_predicted"]
+        if chunk.choices or native.get("stop") is False:
             # A token may decode to no text yet (part of a UTF-8 character): it still counts.
             count += 1
             if first is None:

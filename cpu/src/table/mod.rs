@@ -5,8 +5,14 @@
 //! The output head ([`DenseView::dot_rows`], the largest weight of a small model) runs at an
 //! [`Isa`]: one generic body over independent lanes, compiled once per `#[target_feature]` level so
 //! the compiler vectorizes the widening (bf16 and f16 are widened exactly with integer operations)
-//! and the multiply-adds. Levels differ from each other only in float summation order.
+//! and the multiply-adds. Levels differ from each other only in float summation order, and
+//! [`Isa::Avx512`] in rounding too: its own kernel ([`avx512`]) tiles rows × tokens with fused
+//! multiply-adds, since a batch of tokens makes the head's arithmetic, not its bytes, the limit.
+//! At any one level a token's sums are the same bit for bit alone, in any batch and re-scored by
+//! listed row.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod q8;
 
 use crate::isa::{Isa, prefetch_lines};
@@ -146,6 +152,12 @@ fn dot_listed_at<T: Widen>(
     x: &[f32],
     out: &mut [f32],
 ) -> Result<(), Error> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && !x.is_empty() {
+        // SAFETY: `dot_listed_rows` checked the level and that every listed row is in `matrix`.
+        unsafe { avx512::dot_listed(matrix, rows, x, out, LISTED_ROWS_AHEAD) };
+        return Ok(());
+    }
     let cols = x.len();
     let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
     isa.vectorized(
@@ -161,12 +173,22 @@ fn dot_listed_at<T: Widen>(
     )
 }
 
+/// The element types a table is stored in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
 /// An element type the output head is stored in.
 trait Widen: Copy {
+    const DTYPE: Dtype;
     fn widen(self) -> f32;
 }
 
 impl Widen for f32 {
+    const DTYPE: Dtype = Dtype::F32;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -174,6 +196,7 @@ impl Widen for f32 {
 }
 
 impl Widen for bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -181,6 +204,7 @@ impl Widen for bf16 {
 }
 
 impl Widen for f16 {
+    const DTYPE: Dtype = Dtype::F16;
     /// Exact and branch-free (so it vectorizes): the magnitude's bits moved into f32 position and
     /// multiplied by 2^112 rebias normals and subnormals alike; infinities and NaNs keep an
     /// all-ones exponent.
@@ -205,6 +229,13 @@ fn dot_rows_at<T: Widen>(
     cols: usize,
     out: &mut [f32],
 ) -> Result<(), Error> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && cols > 0 {
+        // SAFETY: `dot_rows` checked the level and the shapes (whole rows and tokens of `cols`
+        // values, a sum per pair in `out`).
+        unsafe { avx512::dot_rows(rows, x, cols, out) };
+        return Ok(());
+    }
     isa.vectorized(
         #[inline(always)]
         || dot_rows_lanes(rows, x, cols, out),
@@ -279,6 +310,59 @@ mod tests {
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{bits:#06x}: {got} vs {want}"
             );
+        }
+    }
+
+    /// Every row-tile and token-tile shape, with and without a column tail: each token's sums
+    /// equal, bit for bit, those of the same token alone.
+    #[test]
+    fn a_tokens_sums_do_not_depend_on_its_batch() {
+        for cols in [19, 64 + 19, 256] {
+            let rows = 7;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 997.0)
+                .collect();
+            let f16s: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let bf16s: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let x: Vec<f32> = (0..9 * cols)
+                .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 1009.0)
+                .collect();
+            for view in [
+                DenseView::F32(&w),
+                DenseView::F16(&f16s),
+                DenseView::Bf16(&bf16s),
+            ] {
+                for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                    let alone: Vec<Vec<f32>> = x
+                        .chunks(cols)
+                        .map(|xt| {
+                            let mut out = vec![0f32; rows];
+                            view.dot_rows(isa, 0..rows, xt, cols, &mut out).unwrap();
+                            out
+                        })
+                        .collect();
+                    for tokens in 1..=9 {
+                        for first_row in 0..rows {
+                            let n = rows - first_row;
+                            let mut out = vec![0f32; n * tokens];
+                            let batch = &x[..tokens * cols];
+                            view.dot_rows(isa, first_row..rows, batch, cols, &mut out)
+                                .unwrap();
+                            for (i, row) in out.chunks(tokens).enumerate() {
+                                for (t, got) in row.iter().enumerate() {
+                                    let want = alone[t][first_row + i];
+                                    assert_eq!(
+                                        got.to_bits(),
+                                        want.to_bits(),
+                                        "{isa} cols {cols} tokens {tokens} row {} token {t}",
+                                        first_row + i
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
