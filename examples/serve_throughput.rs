@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern::backend::LmHead;
 use tern::backend::cpu::CpuBackend;
 use tern::bench::ShapePreset;
 use tern::engine::Engine;
@@ -30,11 +29,11 @@ fn main() -> anyhow::Result<()> {
     // The engine is built on the thread that runs it: backends are not shared across threads.
     let thread = std::thread::spawn(move || -> anyhow::Result<()> {
         let source = shape.random_source(7);
-        let mut backend = Box::new(CpuBackend::new(threads)?);
-        tern::backend::Backend::set_lm_head(backend.as_mut(), LmHead::Full)?;
+        let backend = Box::new(CpuBackend::new(threads)?);
         let engine = Engine::new(&source, backend, prompt_len + tokens + 1, 16)?;
         let _ = ready.send(engine.backend_description());
-        Scheduler::new(engine, scheduler_metrics).run(rx);
+        // The output head per step, as `tern serve` chooses it by default.
+        Scheduler::new(engine, scheduler_metrics, true).run(rx);
         Ok(())
     });
     match loaded.recv() {

@@ -12,7 +12,7 @@ tern=${1:?tern binary}; llama_server=${2:?llama-server binary}; model=${3:?GGUF 
 threads=${4:-2}; rounds=${5:-2}
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
-ctx=256 parallel=16 port=8093
+ctx=256 parallel=16 port=${PORT:-8093}
 words=${PROMPT_WORDS:-24} tokens=${TOKENS:-32}
 
 wait_ready() {
@@ -25,7 +25,7 @@ wait_ready() {
 }
 
 run_one() {
-    local label=$1; shift
+    local label=$1 port=$2; shift 2
     "$@" >"/tmp/serve-side-by-side-$label.log" 2>&1 &
     local pid=$!
     if wait_ready; then
@@ -40,9 +40,10 @@ echo "model: $model, threads $threads, $parallel parallel sequences, prompt $wor
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 echo "| server | streams | aggregate tok/s | mean TTFT (s) | max TTFT (s) |"
 echo "|---|---:|---:|---:|---:|"
+# Each server has its own port: connections of a server just stopped can hold its port a while.
 for _ in $(seq "$rounds"); do
-    run_one tern "$tern" serve -m "$model" -t "$threads" --ctx "$ctx" --parallel "$parallel" \
-        --port "$port"
-    run_one bitnet.cpp "$llama_server" -m "$model" -t "$threads" -c $((ctx * parallel)) \
-        -np "$parallel" -cb --port "$port"
+    run_one tern "$port" "$tern" serve -m "$model" -t "$threads" --ctx "$ctx" \
+        --parallel "$parallel" --port "$port"
+    run_one bitnet.cpp "$((port + 1))" "$llama_server" -m "$model" -t "$threads" \
+        -c $((ctx * parallel)) -np "$parallel" -cb --port "$((port + 1))"
 done

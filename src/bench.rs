@@ -2,8 +2,10 @@
 //!
 //! `pp N`: one sequence, N prompt tokens fed from an empty cache in batches, logits for the last
 //! row only; `tg N`: N tokens fed one at a time from an empty cache (each a full decode step with
-//! logits). Each test runs once untimed (warm-up), then `repetitions` times; tokens/s is reported as
-//! mean ± sample standard deviation over the repetitions. Tokenization and sampling are excluded.
+//! logits); `tg N xP`: P sequences decoding together, one row each per step with its logits (a
+//! server's decode steps), tokens/s summed over the sequences. Each test runs once untimed
+//! (warm-up), then `repetitions` times; tokens/s is reported as mean ± sample standard deviation
+//! over the repetitions. Tokenization and sampling are excluded.
 //!
 //! A [`ShapePreset`] gives a [`RandomSource`]: the exact shape of a published model with random
 //! ternary weights, generated layer by layer as the backend takes them, so anyone can benchmark
@@ -11,7 +13,7 @@
 
 use crate::backend::LmHead;
 use crate::config::ModelConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, Feed};
 use crate::model::LogitsFor;
 use crate::source::{HostLayer, HostModel, ModelSource};
 use crate::ternary::{DenseData, DenseMatrix, TernaryMatrix};
@@ -473,6 +475,8 @@ pub fn read_bandwidth(threads: usize) -> f64 {
 pub struct BenchPlan {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Sequences decoding together in `tg` (1: llama-bench's tg).
+    pub parallel: usize,
     pub repetitions: usize,
 }
 
@@ -494,7 +498,7 @@ pub fn decode_weight_bytes(
     (linears + head) as u64
 }
 
-/// Runs the plan on `engine` (which must have a free slot and a context of at least
+/// Runs the plan on `engine` (which must have `parallel` free slots and a context of at least
 /// `max(prompt_tokens, gen_tokens)`).
 pub fn run(
     engine: &mut Engine,
@@ -508,27 +512,50 @@ pub fn run(
     let mut rows = Vec::new();
     let tests = [("pp", plan.prompt_tokens), ("tg", plan.gen_tokens)];
     for (kind, n) in tests.into_iter().filter(|(_, n)| *n > 0) {
-        let tokens: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
-        let seq = engine.new_sequence()?;
-        let once = |engine: &mut Engine| -> Result<f64> {
-            engine.clear(seq)?;
-            let start = Instant::now();
-            if kind == "pp" {
-                engine.feed(seq, &tokens, LogitsFor::Last)?;
-            } else {
-                for &t in &tokens {
-                    engine.feed(seq, &[t], LogitsFor::Last)?;
-                }
-            }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
+        let parallel = if kind == "tg" {
+            plan.parallel.max(1)
+        } else {
+            1
         };
+        let tokens: Vec<Vec<u32>> = (0..parallel)
+            .map(|_| (0..n).map(|_| rng.random_range(0..vocab)).collect())
+            .collect();
+        let mut seqs = Vec::with_capacity(parallel);
         let measured = (|| {
+            for _ in 0..parallel {
+                seqs.push(engine.new_sequence()?);
+            }
+            let once = |engine: &mut Engine| -> Result<f64> {
+                for &seq in &seqs {
+                    engine.clear(seq)?;
+                }
+                let start = Instant::now();
+                if kind == "pp" {
+                    engine.feed(seqs[0], &tokens[0], LogitsFor::Last)?;
+                } else {
+                    for step in 0..n {
+                        let items: Vec<Feed> = seqs
+                            .iter()
+                            .zip(&tokens)
+                            .map(|(&seq, tokens)| Feed {
+                                seq,
+                                tokens: &tokens[step..step + 1],
+                                logits: true,
+                            })
+                            .collect();
+                        engine.feed_batch(&items)?;
+                    }
+                }
+                Ok((n * parallel) as f64 / start.elapsed().as_secs_f64())
+            };
             once(engine)?; // warm-up
             (0..plan.repetitions.max(1))
                 .map(|_| once(engine))
                 .collect::<Result<Vec<f64>>>()
         })();
-        engine.release(seq);
+        for seq in seqs {
+            engine.release(seq);
+        }
         let samples = measured?;
         let (mean, std) = mean_std(&samples);
         let decode = kind == "tg";
@@ -536,11 +563,15 @@ pub fn run(
             model: model_name.to_string(),
             backend: engine.backend_description(),
             threads,
-            test: format!("{kind}{n}"),
+            test: match parallel {
+                1 => format!("{kind}{n}"),
+                p => format!("{kind}{n} x{p}"),
+            },
             tok_s: mean,
             tok_s_std: std,
-            bytes_per_token: decode.then_some(weight_bytes),
-            gb_s: decode.then(|| weight_bytes as f64 * mean / 1e9),
+            // A step of P rows reads the weights once for all of them.
+            bytes_per_token: decode.then_some(weight_bytes / parallel as u64),
+            gb_s: decode.then(|| weight_bytes as f64 * mean / parallel as f64 / 1e9),
             bandwidth_fraction: None,
             int8_gops: None,
             load_s: None,

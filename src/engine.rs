@@ -5,7 +5,7 @@
 //! error before any work is done; a generation that reaches the end of the context stops there with
 //! [`FinishReason::ContextFull`]. Nothing is truncated silently.
 
-use crate::backend::{Backend, KvType, TokenPosition};
+use crate::backend::{Backend, KvType, LmHead, TokenPosition};
 use crate::capture::Capture;
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, SequenceId};
@@ -192,6 +192,11 @@ impl Engine {
     /// [`Model::set_capture`]: named intermediates of the following passes go to `capture`.
     pub fn set_capture(&mut self, capture: Option<Box<dyn Capture>>) -> Option<Box<dyn Capture>> {
         self.model.set_capture(capture)
+    }
+
+    /// [`Backend::set_lm_head`]: how the following passes evaluate the output head.
+    pub fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
+        self.backend.set_lm_head(head)
     }
 
     pub fn backend_description(&self) -> String {

@@ -526,6 +526,28 @@ fn a_seed_gives_the_same_text_alone_and_batched_and_stop_strings_cut() {
     server.wait_idle(4.0);
 }
 
+/// `--lm-head auto` takes the 8-bit head for the steps whose rows read only their top logits: the
+/// same text as the full head for top-k sampling, and the full head's log-probabilities.
+#[test]
+fn the_head_chosen_per_step_changes_no_output() {
+    let auto = Server::start(&[]);
+    let full = Server::start(&["--lm-head", "f16"]);
+    let ask = |server: &Server, extra: Value| {
+        let mut body =
+            json!({"prompt": "The cat", "max_tokens": 16, "temperature": 1.0, "seed": 11});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json_body(&server.post("/v1/completions", &body))["choices"][0].clone()
+    };
+    let top_k = json!({"top_k": 40});
+    assert_eq!(ask(&auto, top_k.clone())["text"], ask(&full, top_k)["text"]);
+    let logprobs = json!({"top_k": 40, "logprobs": 3});
+    let (a, f) = (ask(&auto, logprobs.clone()), ask(&full, logprobs));
+    assert_eq!(a["text"], f["text"]);
+    assert_eq!(a["logprobs"], f["logprobs"]);
+}
+
 #[test]
 fn tokenize_detokenize_and_models() {
     let server = Server::start(&[]);

@@ -40,6 +40,10 @@ const ATTENTION_ROWS_PER_TASK: usize = 8;
 /// Output-head rows per parallel task, at least.
 const MIN_VOCAB_PER_TASK: usize = 256;
 
+/// Rows of the 8-bit head each token of a batch is dotted with in turn: 640 KiB of codes at 2560
+/// columns, read from memory once and from L2 for every other token.
+const Q8_ROWS_PER_BLOCK: usize = 256;
+
 /// Re-scored output-head candidates per parallel task (one full-precision row each).
 const CANDIDATES_PER_TASK: usize = 64;
 
@@ -48,9 +52,9 @@ const CANDIDATES_PER_TASK: usize = 64;
 struct Scratch {
     linear: LinearScratch,
     head: Vec<f32>,
-    /// `LmHead::Q8`: one row's quantized input, the error bounds of its approximate logits, and
+    /// `LmHead::Q8`: each row's quantized input, the error bounds of its approximate logits, and
     /// the candidates to re-score.
-    q8_input: Q8Input,
+    q8_inputs: Vec<Q8Input>,
     bounds: Vec<f32>,
     ranked: Vec<f32>,
     candidates: Vec<usize>,
@@ -373,25 +377,49 @@ impl CpuBackend {
             |me, src, dst| {
                 let q8 = me.q8_tables[table.0].as_ref().expect("built above");
                 let view = me.tables[table.0].view();
+                scratch.q8_inputs.resize_with(tokens, Q8Input::default);
+                for (input, xt) in scratch.q8_inputs.iter_mut().zip(src.chunks_exact(cols)) {
+                    input.prepare(me.isa, xt)?;
+                }
+                scratch.bounds.resize(tokens * vocab, 0.0);
+                // Approximate logits of every row: each task takes a range of the vocabulary and
+                // walks it a block at a time, every token's logits from the block while it is in
+                // L2 (tasks[i][t]: task i's slices of token t's logits and bounds).
                 let per_task = me.pool.chunk_len(vocab, MIN_VOCAB_PER_TASK, 1);
-                scratch.bounds.resize(vocab, 0.0);
-                for (xt, logits) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(vocab)) {
-                    scratch.q8_input.prepare(me.isa, xt)?;
-                    let input = &scratch.q8_input;
-                    me.pool.try_for_each(
-                        logits
-                            .chunks_mut(per_task)
-                            .zip(scratch.bounds.chunks_mut(per_task))
-                            .enumerate(),
-                        |(chunk, (approx, bounds))| {
-                            let start = chunk * per_task;
-                            let range = start..start + approx.len();
-                            q8.logits(me.isa, range, input, approx, bounds)
-                        },
-                    )?;
+                let mut tasks: Vec<Vec<(&mut [f32], &mut [f32])>> =
+                    (0..vocab.div_ceil(per_task)).map(|_| Vec::new()).collect();
+                for (approx, bounds) in dst
+                    .chunks_exact_mut(vocab)
+                    .zip(scratch.bounds.chunks_exact_mut(vocab))
+                {
+                    let parts = approx.chunks_mut(per_task).zip(bounds.chunks_mut(per_task));
+                    tasks.iter_mut().zip(parts).for_each(|(t, p)| t.push(p));
+                }
+                let inputs = &scratch.q8_inputs;
+                me.pool
+                    .try_for_each(tasks.into_iter().enumerate(), |(task, mut parts)| {
+                        let start = task * per_task;
+                        let len = parts.first().map_or(0, |(a, _)| a.len());
+                        for at in (0..len).step_by(Q8_ROWS_PER_BLOCK) {
+                            let block = at..(at + Q8_ROWS_PER_BLOCK).min(len);
+                            let rows = start + block.start..start + block.end;
+                            for ((approx, bounds), input) in parts.iter_mut().zip(inputs) {
+                                let (approx, bounds) =
+                                    (&mut approx[block.clone()], &mut bounds[block.clone()]);
+                                q8.logits(me.isa, rows.clone(), input, approx, bounds)?;
+                            }
+                        }
+                        Ok::<_, tern_cpu::Error>(())
+                    })?;
+                // Each row's candidates for its top k, re-scored with the full-precision table.
+                for ((xt, logits), bounds) in src
+                    .chunks_exact(cols)
+                    .zip(dst.chunks_exact_mut(vocab))
+                    .zip(scratch.bounds.chunks_exact(vocab))
+                {
                     top_candidates(
                         logits,
-                        &scratch.bounds,
+                        bounds,
                         Q8_EXACT_TOP_K,
                         &mut scratch.ranked,
                         &mut scratch.candidates,

@@ -37,6 +37,10 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     gen_tokens: Vec<usize>,
+    /// Sequences decoding together in the generation tests (comma-separated): `tgN xP` runs P
+    /// sequences a row each per step, as `tern serve` does, and reports their summed tokens/s.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    parallel: Vec<usize>,
     /// Timed repetitions per test (after one warm-up run).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     repetitions: usize,
@@ -112,6 +116,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .unwrap_or(0);
     ensure!(longest > 0, "nothing to measure: every -p and -n is 0");
     ensure!(
+        args.parallel.iter().all(|&p| p > 0),
+        "--parallel: every count must be at least 1"
+    );
+    let slots = args.parallel.iter().copied().max().unwrap_or(1);
+    ensure!(
         longest <= config.max_positions,
         "a test of {longest} tokens exceeds the model's context of {}",
         config.max_positions
@@ -128,7 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let head = args.lm_head.apply(backend.as_mut(), true)?;
         let kv = KvOptions {
             ctx: longest,
-            slots: 1,
+            slots,
             kv_type: args.kv_type.into(),
             pool: KvPool::Full,
         };
@@ -145,17 +154,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let plan = BenchPlan {
                 prompt_tokens: p,
                 gen_tokens: 0,
+                parallel: 1,
                 repetitions: args.repetitions,
             };
             rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
         }
         for &n in &args.gen_tokens {
-            let plan = BenchPlan {
-                prompt_tokens: 0,
-                gen_tokens: n,
-                repetitions: args.repetitions,
-            };
-            rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
+            for &parallel in &args.parallel {
+                let plan = BenchPlan {
+                    prompt_tokens: 0,
+                    gen_tokens: n,
+                    parallel,
+                    repetitions: args.repetitions,
+                };
+                rows.extend(run_plan(&mut engine, &plan, &name, threads, weight_bytes)?);
+            }
         }
         let peak_rss_bytes = PeakRss::read();
         drop(engine); // free the model's memory before the bandwidth probe

@@ -1,7 +1,7 @@
 //! `tern serve`: the OpenAI-compatible HTTP server (see `tern::server`).
 
 use super::run::stop_ids;
-use super::{ModelArgs, load_model, select_backend};
+use super::{LmHeadChoice, ModelArgs, load_model, select_backend};
 use anyhow::{Result, ensure};
 use clap::Args;
 use std::time::Duration;
@@ -46,6 +46,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_id: args.model.model.clone(),
         max_queue: args.max_queue,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        head_per_step: args.model.lm_head == LmHeadChoice::Auto,
     };
     let model = args.model;
     let parallel = args.parallel;
@@ -58,7 +59,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let tokenizer = loaded.tokenizer?;
             let mut backend =
                 select_backend(model.backend, model.threads, model.device.as_deref())?;
-            // Requests may sample any way and ask for log-probabilities: `auto` keeps the full head.
+            // Requests may sample any way and ask for log-probabilities: `auto` starts with the
+            // full head, and the scheduler takes the 8-bit copy for the steps that allow it.
             model.lm_head.apply(backend.as_mut(), false)?;
             let engine =
                 Engine::with_kv(loaded.source.as_ref(), backend, model.kv(parallel, pool))?;

@@ -55,6 +55,10 @@ pub struct ServeOptions {
     pub max_queue: usize,
     /// How long running requests may continue after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
+    /// Choose the output head per step (`--lm-head auto`): the 8-bit copy when every row sampled
+    /// in the step reads only its top [`Q8_EXACT_TOP_K`](crate::backend::Q8_EXACT_TOP_K), where
+    /// the backend has one; otherwise the head the loader set stays.
+    pub head_per_step: bool,
 }
 
 /// Builds the engine and tokenizer; runs on the scheduler thread, which then owns the engine.
@@ -105,6 +109,7 @@ async fn run(options: ServeOptions, load: Loader) -> Result<()> {
     let (commands, command_rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let scheduler_metrics = metrics.clone();
+    let head_per_step = options.head_per_step;
     let scheduler = std::thread::Builder::new()
         .name("tern-scheduler".into())
         .spawn(move || match load() {
@@ -116,7 +121,7 @@ async fn run(options: ServeOptions, load: Loader) -> Result<()> {
                     stop_ids,
                 };
                 let _ = ready_tx.send(Ok(ready));
-                Scheduler::new(engine, scheduler_metrics).run(command_rx);
+                Scheduler::new(engine, scheduler_metrics, head_per_step).run(command_rx);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));

@@ -11,6 +11,9 @@
 //!    each) and at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest
 //!    first (chunked prefill: a long prompt never stalls the running streams for more than a
 //!    chunk; the weights are read once for both kinds of rows);
+//!    With the output head chosen per step, the pass takes the 8-bit copy when every row it
+//!    samples reads only its top [`Q8_EXACT_TOP_K`] logits (no log-probabilities, greedy or top-k
+//!    ≤ 64 without repetition penalty: the same draws as the full head), the full head otherwise;
 //! 4. samples every decode row, and the first token of every prompt completed in that pass, with
 //!    the sequence's own sampler, so a seed gives the same text alone or batched;
 //! 5. retires finished sequences and publishes the gauges.
@@ -24,6 +27,7 @@
 //! or the grace period ends, then are cancelled, and the thread returns.
 
 use super::metrics::Metrics;
+use crate::backend::{LmHead, Q8_EXACT_TOP_K};
 use crate::engine::{Engine, Feed, FinishReason, GeneratedToken};
 use crate::kv_cache::SequenceId;
 use crate::sampler::{Sampler, SamplingParams, logprob_of, top_logprobs};
@@ -108,16 +112,27 @@ pub struct Scheduler {
     running: Vec<Running>,
     /// Set by [`Command::Shutdown`]: when running sequences are cancelled.
     deadline: Option<Instant>,
+    /// The head the engine evaluates now, when it is chosen per step (`None`: fixed at load).
+    head: Option<LmHead>,
 }
 
 impl Scheduler {
-    pub fn new(engine: Engine, metrics: Arc<Metrics>) -> Self {
+    /// `head_per_step`: choose the output head per step where the backend has an 8-bit copy.
+    pub fn new(mut engine: Engine, metrics: Arc<Metrics>, head_per_step: bool) -> Self {
+        let head = (head_per_step && engine.set_lm_head(LmHead::Q8).is_ok()).then(|| {
+            tracing::info!(
+                "output head chosen per step: the 8-bit copy when every sampled row reads only \
+                 its top {Q8_EXACT_TOP_K} logits, else the full head"
+            );
+            LmHead::Q8
+        });
         let s = Self {
             engine,
             metrics,
             waiting: VecDeque::new(),
             running: Vec::new(),
             deadline: None,
+            head,
         };
         s.publish();
         s
@@ -254,6 +269,18 @@ impl Scheduler {
         }
         if plan.is_empty() {
             return;
+        }
+        if let Some(current) = self.head {
+            let top_only = plan.iter().filter(|p| p.2).all(|&(i, _, _)| {
+                let job = &self.running[i].job;
+                !job.logprobs
+                    && job.top_logprobs == 0
+                    && job.sampling.reads_only_top(Q8_EXACT_TOP_K)
+            });
+            let wanted = if top_only { LmHead::Q8 } else { LmHead::Full };
+            if wanted != current && self.engine.set_lm_head(wanted).is_ok() {
+                self.head = Some(wanted);
+            }
         }
         let items: Vec<Feed<'_>> = plan
             .iter()
