@@ -30,7 +30,7 @@ def prompt(i: int, words: int) -> str:
     return " ".join(WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(words))
 
 
-async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: int):
+async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: int, started_event=None):
     started = time.perf_counter()
     first = None
     count = 0
@@ -58,6 +58,8 @@ async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: 
             count += 1
             if first is None:
                 first = time.perf_counter() - started
+                if started_event is not None:
+                    started_event.release()
     return first if first is not None else float("nan"), usage if usage is not None else count
 
 
@@ -72,6 +74,24 @@ async def round_of(client, model, n, words, tokens, seed):
     return generated / wall, statistics.mean(ttft), max(ttft), generated, n * tokens
 
 
+async def probe(client, model, streams, words, tokens):
+    """Time to first token of one short request on an idle server, then again while `streams`
+    other streams are generating (each has its first token, and many more to go, when it arrives)."""
+    idle = (await stream(client, model, prompt(7, words), 4, 7))[0]
+    generating = asyncio.Semaphore(0)
+    background = [
+        asyncio.create_task(
+            stream(client, model, prompt(500 + i, words), tokens * 4, 500 + i, generating)
+        )
+        for i in range(streams)
+    ]
+    for _ in range(streams):
+        await generating.acquire()
+    loaded = (await stream(client, model, prompt(7, words), 4, 7))[0]
+    await asyncio.gather(*background)
+    return idle, loaded
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8080")
@@ -80,11 +100,21 @@ async def main() -> int:
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--label", default="")
+    ap.add_argument(
+        "--probe",
+        type=int,
+        metavar="N",
+        help="instead: one short request's time to first token idle and beside N running streams",
+    )
     a = ap.parse_args()
     client = AsyncOpenAI(base_url=a.url.rstrip("/") + "/v1", api_key="none", timeout=3600)
     if a.model is None:
         a.model = (await client.models.list()).data[0].id
     await stream(client, a.model, prompt(999, a.prompt_words), 4, 0)
+    if a.probe is not None:
+        idle, loaded = await probe(client, a.model, a.probe, a.prompt_words, a.tokens)
+        print(f"| {a.label} | {idle:.2f} | {loaded:.2f} | {loaded / idle:.1f}x |", flush=True)
+        return 0
     for n in (int(s) for s in a.streams.split(",")):
         rate, mean_ttft, max_ttft, got, asked = await round_of(
             client, a.model, n, a.prompt_words, a.tokens, 1000 * n

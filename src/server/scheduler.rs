@@ -297,7 +297,14 @@ impl Scheduler {
                 }
             })
             .collect();
+        let started = Instant::now();
         let result = self.engine.feed_batch(&items);
+        tracing::debug!(
+            "step: {} rows ({} sequences), {:.1} ms",
+            items.iter().map(|f| f.tokens.len()).sum::<usize>(),
+            items.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         drop(items);
         let logits = match result {
             Ok(logits) => logits,
