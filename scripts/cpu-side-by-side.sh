@@ -30,12 +30,17 @@ for pass in $(seq 1 "$passes"); do
     if [ -n "${BITNET_BENCH:-}" ]; then
         step "pass$pass-bitnet" "$BITNET_BENCH" -m "$BITNET_MODEL" -p 128 -n 128 -t 1,2 -r "$reps" -o md
         # bitnet.cpp (01eb415) crashes on a 512-token prompt with one thread; two threads work.
-        step "pass$pass-bitnet-pp512" "$BITNET_BENCH" -m "$BITNET_MODEL" -p 512 -n 0 -t 2 -r "$reps" -o md
+        step "pass$pass-bitnet-long" "$BITNET_BENCH" -m "$BITNET_MODEL" -p 512,2048 -n 0 -t 2 \
+            -r "$reps" -o md
     fi
     step "pass$pass-tern-f16" "$tern" bench --shape 2b4t -p 128,512 -n 128 -t 1,2 -r "$reps" \
+        --backend cpu --lm-head f16
+    step "pass$pass-tern-long" "$tern" bench --shape 2b4t -p 2048 -n 0 -t 2 -r "$reps" \
         --backend cpu --lm-head f16
     step "pass$pass-tern-auto" "$tern" bench --shape 2b4t -p 0 -n 128 -t 1,2 -r "$reps" --backend cpu
     if [ -n "${LLAMA_BENCH:-}" ]; then
         step "pass$pass-llama" "$LLAMA_BENCH" -m "$LLAMA_MODEL" -p 128,512 -n 128 -t 1,2 -r "$reps" -o md
+        step "pass$pass-llama-long" "$LLAMA_BENCH" -m "$LLAMA_MODEL" -p 2048 -n 0 -t 2 -r "$reps" \
+            -o md
     fi
 done
