@@ -95,6 +95,26 @@ impl TableDtype {
     }
 }
 
+/// Drops the pages holding `map[range]` from this process's resident memory, best effort: they
+/// stay in the page cache (a later load of the file is still warm), and reading them again faults
+/// the same bytes back in. Pages the range shares with its neighbours are dropped too and come back
+/// the same way. A streaming load calls it on a tensor once the backend holds its own copy, so the
+/// file's copy and the backend's are not resident together.
+pub fn release_pages(map: &Mmap, range: Range<usize>) {
+    if range.end > map.len() || range.is_empty() {
+        return;
+    }
+    // SAFETY: `map` is a read-only mapping of a file; after MADV_DONTNEED a read of any of its
+    // pages faults the file's unchanged bytes back in, so every borrowed slice keeps reading the
+    // same values. The range lies inside the map (checked above).
+    let dropped = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+    };
+    if let Err(e) = dropped {
+        tracing::debug!("cannot release mapped pages: {e}");
+    }
+}
+
 /// A range of a memory-mapped file holding little-endian values of one [`TableDtype`], aligned to
 /// the element size (checked in [`MappedValues::new`], so [`MappedValues::view`] cannot fail).
 #[derive(Clone)]
@@ -123,6 +143,11 @@ impl MappedValues {
 
     pub fn dtype(&self) -> TableDtype {
         self.dtype
+    }
+
+    /// Drops the values' pages from this process's resident memory ([`release_pages`]).
+    pub fn release(&self) {
+        release_pages(&self.map, self.range.clone());
     }
 
     pub fn view(&self) -> DenseView<'_> {
@@ -157,6 +182,14 @@ pub struct DenseMatrix {
 }
 
 impl DenseMatrix {
+    /// Values served in place from a file: drops their pages from resident memory
+    /// ([`release_pages`]); reading them again brings them back. Owned values stay as they are.
+    pub fn release_mapped(&self) {
+        if let DenseData::Mapped(m) = &self.data {
+            m.release();
+        }
+    }
+
     pub fn view(&self) -> DenseView<'_> {
         match &self.data {
             DenseData::F32(v) => DenseView::F32(v),
@@ -206,6 +239,33 @@ impl DenseMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Released pages come back with the file's bytes: the values read the same before and after,
+    /// and a range outside the map is ignored.
+    #[test]
+    fn released_mapped_values_read_the_same() {
+        use std::io::Write;
+        let values: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytemuck::cast_slice(&values)).unwrap();
+        // SAFETY: a private temporary file nobody else writes.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.unwrap());
+        let mapped = MappedValues::new(&map, &map[4096..], TableDtype::F32).unwrap();
+        let table = DenseMatrix {
+            rows: 1,
+            cols: values.len() - 1024,
+            data: DenseData::Mapped(mapped),
+        };
+        let read = |t: &DenseMatrix| match t.view() {
+            DenseView::F32(v) => v.to_vec(),
+            _ => unreachable!(),
+        };
+        let before = read(&table);
+        assert_eq!(before, values[1024..]);
+        table.release_mapped();
+        release_pages(&map, 0..map.len() + 1);
+        assert_eq!(read(&table), before);
+    }
 
     #[test]
     fn a_table_must_hold_rows_times_cols_values() {

@@ -130,7 +130,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // thread count reads (or generates) the weights again as its backend takes them.
     let mut opened_s = started.elapsed().as_secs_f64();
     let mut rows: Vec<BenchRow> = Vec::new();
-    for &threads in &args.threads {
+    for (run, &threads) in args.threads.iter().enumerate() {
+        if run > 0 {
+            // This thread count's peak: its own load and tests. Not reset after the last, so the
+            // process's peak as the OS reports it at exit (`/usr/bin/time`) covers every row.
+            PeakRss::reset();
+        }
         let upload_started = Instant::now();
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
@@ -180,7 +185,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             row.load_s = Some(load_s);
             row.peak_rss_bytes = peak_rss_bytes;
         }
-        PeakRss::reset(); // the next thread count's peak: its own load
     }
     match args.format {
         BenchFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),

@@ -341,6 +341,12 @@ impl GgufFile {
         &self.map[tensor.data.clone()]
     }
 
+    /// Drops the pages of a tensor's bytes from this process's resident memory
+    /// ([`crate::ternary::release_pages`]).
+    pub fn release(&self, tensor: &TensorInfo) {
+        crate::ternary::release_pages(&self.map, tensor.data.clone());
+    }
+
     /// The file's memory map, for values served from it in place.
     pub fn map(&self) -> &Arc<Mmap> {
         &self.map

@@ -104,9 +104,20 @@ impl ModelSource for GgufSource {
         self.in_file(norm).map(Cow::Owned)
     }
 
+    /// The layer's values are converted out of the file, so its tensors' pages are released
+    /// ([`GgufFile::release`]) as soon as they are read.
     fn layer(&self, index: usize) -> Result<Cow<'_, HostLayer>> {
-        let layer = layer(&self.file, &self.config, self.arch, index);
-        self.in_file(layer).map(Cow::Owned)
+        let layer = self.in_file(layer(&self.file, &self.config, self.arch, index))?;
+        let prefix = format!("blk.{index}.");
+        for tensor in self
+            .file
+            .tensors
+            .iter()
+            .filter(|t| t.name.starts_with(&prefix))
+        {
+            self.file.release(tensor);
+        }
+        Ok(Cow::Owned(layer))
     }
 }
 
