@@ -145,9 +145,13 @@ impl MappedValues {
         self.dtype
     }
 
-    /// Drops the values' pages from this process's resident memory ([`release_pages`]).
-    pub fn release(&self) {
-        release_pages(&self.map, self.range.clone());
+    /// Drops the pages of values `values` (element indices) from this process's resident memory
+    /// ([`release_pages`]).
+    pub fn release(&self, values: Range<usize>) {
+        let size = self.dtype.bytes();
+        let start = self.range.start + values.start * size;
+        let end = (self.range.start + values.end * size).min(self.range.end);
+        release_pages(&self.map, start..end);
     }
 
     pub fn view(&self) -> DenseView<'_> {
@@ -182,11 +186,11 @@ pub struct DenseMatrix {
 }
 
 impl DenseMatrix {
-    /// Values served in place from a file: drops their pages from resident memory
+    /// Values served in place from a file: drops the pages of rows `rows` from resident memory
     /// ([`release_pages`]); reading them again brings them back. Owned values stay as they are.
-    pub fn release_mapped(&self) {
+    pub fn release_mapped(&self, rows: Range<usize>) {
         if let DenseData::Mapped(m) = &self.data {
-            m.release();
+            m.release(rows.start * self.cols..rows.end * self.cols);
         }
     }
 
@@ -262,7 +266,7 @@ mod tests {
         };
         let before = read(&table);
         assert_eq!(before, values[1024..]);
-        table.release_mapped();
+        table.release_mapped(0..1);
         release_pages(&map, 0..map.len() + 1);
         assert_eq!(read(&table), before);
     }

@@ -361,11 +361,12 @@ impl CpuBackend {
         }
         if self.q8_tables[table.0].is_none() {
             let started = std::time::Instant::now();
-            self.q8_tables[table.0] = Some(Q8Head::quantize(self.isa, t.view(), vocab, cols)?);
-            // Quantizing read every row; from now on only a few rows a token are read (the
+            // Quantizing reads every row once; afterwards only a few rows a token are read (the
             // candidates re-scored, the embedding's gathered rows), so a table served from the
-            // file need not stay resident.
-            t.release_mapped();
+            // file gives its pages back as they are read, rather than all staying resident.
+            let release = |rows| t.release_mapped(rows);
+            let q8 = Q8Head::quantize_with(self.isa, t.view(), vocab, cols, release)?;
+            self.q8_tables[table.0] = Some(q8);
             tracing::debug!(
                 "8-bit output head built in {:.1} s",
                 started.elapsed().as_secs_f64()

@@ -163,6 +163,9 @@ impl Q8Input {
     }
 }
 
+/// Rows [`Q8Head::quantize_with`] reports at a time.
+const ROWS_PER_REPORT: usize = 1024;
+
 impl Q8Head {
     /// Quantizes a `rows × cols` full-precision matrix, with the `isa` kernels (the result is the
     /// same at every level).
@@ -171,6 +174,19 @@ impl Q8Head {
         view: DenseView<'_>,
         rows: usize,
         cols: usize,
+    ) -> Result<Self, Error> {
+        Self::quantize_with(isa, view, rows, cols, |_| {})
+    }
+
+    /// [`quantize`](Self::quantize), calling `rows_done` with each range of rows (in order, 1024
+    /// at a time) once it has been read: a caller serving the matrix from a memory-mapped file
+    /// can drop those pages from memory as it goes.
+    pub fn quantize_with(
+        isa: Isa,
+        view: DenseView<'_>,
+        rows: usize,
+        cols: usize,
+        mut rows_done: impl FnMut(Range<usize>),
     ) -> Result<Self, Error> {
         isa.check()?;
         check_len("output head", view.len(), rows * cols)?;
@@ -197,6 +213,9 @@ impl Q8Head {
                 ))
             })?;
             store_row(&mut codes, stride, v, &row_codes);
+            if (v + 1) % ROWS_PER_REPORT == 0 || v + 1 == rows {
+                rows_done(v + 1 - (v % ROWS_PER_REPORT + 1)..v + 1);
+            }
         }
         Ok(Self {
             codes,
@@ -882,6 +901,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `quantize_with` reports every row once, in order, a block at a time, and builds the same
+    /// head as `quantize`.
+    #[test]
+    fn quantize_with_reports_every_row_in_order() {
+        let (rows, cols) = (2 * ROWS_PER_REPORT + 5, 3);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32 - 3.0).collect();
+        let view = DenseView::F32(&w);
+        let mut reported = Vec::new();
+        let head = Q8Head::quantize_with(Isa::Scalar, view, rows, cols, |r| reported.push(r));
+        let want = [0..1024, 1024..2048, 2048..rows];
+        assert_eq!(reported, want);
+        let plain = Q8Head::quantize(Isa::Scalar, view, rows, cols).unwrap();
+        assert_eq!(head.unwrap().codes, plain.codes);
     }
 
     #[test]
