@@ -173,7 +173,8 @@ fn dot_listed_at<T: Widen>(
     )
 }
 
-/// The element types a table is stored in.
+/// The element types a table is stored in (what the x86-64 kernels dispatch their loads on).
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dtype {
     F32,
@@ -183,11 +184,13 @@ enum Dtype {
 
 /// An element type the output head is stored in.
 trait Widen: Copy {
+    #[cfg(target_arch = "x86_64")]
     const DTYPE: Dtype;
     fn widen(self) -> f32;
 }
 
 impl Widen for f32 {
+    #[cfg(target_arch = "x86_64")]
     const DTYPE: Dtype = Dtype::F32;
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -196,6 +199,7 @@ impl Widen for f32 {
 }
 
 impl Widen for bf16 {
+    #[cfg(target_arch = "x86_64")]
     const DTYPE: Dtype = Dtype::Bf16;
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -204,6 +208,7 @@ impl Widen for bf16 {
 }
 
 impl Widen for f16 {
+    #[cfg(target_arch = "x86_64")]
     const DTYPE: Dtype = Dtype::F16;
     /// Exact and branch-free (so it vectorizes): the magnitude's bits moved into f32 position and
     /// multiplied by 2^112 rebias normals and subnormals alike; infinities and NaNs keep an
