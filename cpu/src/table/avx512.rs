@@ -9,11 +9,10 @@
 //! `TOKENS` tokens. Each (row, token) pair runs the same operations on its own two registers
 //! whatever tile it is in (32 lanes, the two registers added and reduced, then the columns past
 //! the last whole step in order), so a token's logits are the same bit for bit alone, in any
-//! batch and re-scored by listed row. Fusing rounds once per multiply-add where the other levels
+//! batch and re-scored by listed row ([`dot_one`]). Fusing rounds once per multiply-add where the other levels
 //! round twice: sums differ from theirs in the last bits, as the levels' orders already do.
 
 use super::{Dtype, Widen};
-use crate::isa::prefetch_lines;
 use std::arch::x86_64::*;
 
 /// Matrix rows per tile: 3 rows × 4 tokens × 2 accumulators, the rows' 6 and the activations'
@@ -47,27 +46,14 @@ pub(super) unsafe fn dot_rows<T: Widen>(rows: &[T], x: &[f32], cols: usize, out:
     }
 }
 
-/// `out[i] = x · row rows[i]` of `matrix` (rows of `x.len()` columns, listed in any order), each
-/// row's lines requested `ahead` rows before it is read.
+/// `x · row` (one row of `x.len()` values), summed as in every tile.
 ///
 /// # Safety
-/// As [`dot_rows`]; every listed row lies within `matrix`; `out.len() == rows.len()`.
-pub(super) unsafe fn dot_listed<T: Widen>(
-    matrix: &[T],
-    rows: &[usize],
-    x: &[f32],
-    out: &mut [f32],
-    ahead: usize,
-) {
-    let cols = x.len();
-    let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
-    for (i, (&r, o)) in rows.iter().zip(out).enumerate() {
-        if let Some(&next) = rows.get(i + ahead) {
-            prefetch_lines(row(next));
-        }
-        // SAFETY: forwarded; one row and one token of `cols` values.
-        *o = unsafe { tile::<T, 1, 1>([row(r)], [x]) }[0][0];
-    }
+/// The CPU supports the level (see [`dot_rows`]); `row.len() == x.len() > 0`.
+pub(super) unsafe fn dot_one<T: Widen>(row: &[T], x: &[f32]) -> f32 {
+    // SAFETY: forwarded; one row and one token of the same length.
+    let sums = unsafe { tile::<T, 1, 1>([row], [x]) };
+    sums[0][0]
 }
 
 /// The `R` rows of `rows` against every token, `TOKENS` tokens at a time.

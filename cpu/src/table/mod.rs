@@ -152,25 +152,43 @@ fn dot_listed_at<T: Widen>(
     x: &[f32],
     out: &mut [f32],
 ) -> Result<(), Error> {
+    let cols = x.len();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && !x.is_empty() {
-        // SAFETY: `dot_listed_rows` checked the level and that every listed row is in `matrix`.
-        unsafe { avx512::dot_listed(matrix, rows, x, out, LISTED_ROWS_AHEAD) };
+    if isa == Isa::Avx512 && cols > 0 {
+        // SAFETY: `dot_listed_rows` checked the level and that every listed row is in `matrix`,
+        // so every row passed holds `cols` values, as `x` does.
+        each_listed_row(matrix, rows, cols, out, |row| unsafe {
+            avx512::dot_one(row, x)
+        });
         return Ok(());
     }
-    let cols = x.len();
-    let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
     isa.vectorized(
         #[inline(always)]
         || {
-            for (i, (&r, o)) in rows.iter().zip(out).enumerate() {
-                if let Some(&ahead) = rows.get(i + LISTED_ROWS_AHEAD) {
-                    prefetch_lines(row(ahead));
-                }
-                *o = dot_with(x, row(r), |v| v.widen());
-            }
+            each_listed_row(matrix, rows, cols, out, |row| {
+                dot_with(x, row, |v| v.widen())
+            })
         },
     )
+}
+
+/// `out[i] = dot(row rows[i])` of `matrix` (rows of `cols` values), each row's lines requested
+/// [`LISTED_ROWS_AHEAD`] rows before it is read.
+#[inline(always)]
+fn each_listed_row<T>(
+    matrix: &[T],
+    rows: &[usize],
+    cols: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[T]) -> f32,
+) {
+    let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
+    for (i, (&r, o)) in rows.iter().zip(out).enumerate() {
+        if let Some(&ahead) = rows.get(i + LISTED_ROWS_AHEAD) {
+            prefetch_lines(row(ahead));
+        }
+        *o = dot(row(r));
+    }
 }
 
 /// The element types a table is stored in (what the x86-64 kernels dispatch their loads on).
