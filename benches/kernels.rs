@@ -107,7 +107,7 @@ fn main() {
         let view = TernaryView::new(&codes, rows, cols).unwrap();
         let packed = PackedTernary::from_canonical(view);
         let packed_lut = PackedLut::from_canonical(view);
-        let packed_base3 = PackedBase3::from_canonical(view).unwrap();
+        let packed_base3 = PackedBase3::from_canonical(view);
         for (kernel, tokens) in [
             ("gemv", 1),
             ("gemm", 128),

@@ -194,11 +194,16 @@ impl ShapePreset {
         }
     }
 
-    /// Bytes of the random model in the canonical layout: 2-bit ternary codes and bf16 tables.
-    pub fn host_bytes(self) -> u64 {
+    /// Bytes a backend holds while this shape's random weights stream into it, when its layout
+    /// takes `bits_per_weight` bits a ternary weight: the packed linears, one layer being
+    /// generated in the canonical 2 bits, the bf16 tables and the 8-bit head.
+    pub fn load_bytes(self, bits_per_weight: f64) -> u64 {
         let c = self.config();
+        let (params, canonical) = c.ternary_size();
         let tables = if c.tied_embeddings { 1 } else { 2 } * c.vocab * c.hidden;
-        (c.ternary_size().1 + 2 * tables) as u64
+        let head = c.vocab * (c.hidden + 8);
+        (params as f64 * bits_per_weight / 8.0) as u64
+            + (canonical / c.layers + 2 * tables + head) as u64
     }
 
     /// A streaming source of this shape with random weights ([`RandomSource`]).
@@ -631,12 +636,18 @@ mod tests {
         let c = ShapePreset::parse("2b4t").unwrap().config();
         assert_eq!((c.q_dim(), c.kv_dim(), c.head_dim), (2560, 640, 128));
         assert_eq!(ShapePreset::parse("2B").unwrap().name, "2b4t");
-        // bitnet.cpp's largest dummy: ~100 billion ternary parameters, 25 GB of 2-bit codes.
+        // bitnet.cpp's largest dummy: ~100 billion ternary parameters, 25 GB of 2-bit codes, 20 GB
+        // in base 3.
         let big = ShapePreset::parse("100b").unwrap();
         let c = big.config();
-        let params = c.layers * (4 * c.hidden * c.hidden + 3 * c.hidden * c.intermediate);
-        assert_eq!(params, 99_958_652_928);
-        assert_eq!(big.host_bytes(), params as u64 / 4 + 2 * 32002 * 8192);
+        let layer = 4 * c.hidden * c.hidden + 3 * c.hidden * c.intermediate;
+        assert_eq!(c.layers * layer, 99_958_652_928);
+        // One bf16 table (tied embeddings) and its 8-bit head.
+        assert!(c.tied_embeddings);
+        let (tables, head) = (2 * 32002 * 8192, 32002 * (8192 + 8));
+        let rest = (layer / 4 + tables + head) as u64;
+        assert_eq!(big.load_bytes(2.0), 99_958_652_928 / 4 + rest);
+        assert_eq!(big.load_bytes(1.6), 99_958_652_928 / 5 + rest);
     }
 
     #[test]

@@ -490,6 +490,10 @@ impl Backend for CpuBackend {
         Some(self.linears.iter().map(Linear::bytes).sum())
     }
 
+    fn host_bits_per_weight(&self) -> f64 {
+        self.family.bits_per_weight()
+    }
+
     fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
         self.lm_head = head;
         Ok(())
@@ -803,14 +807,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_linear_wider_than_base_3_takes_stays_two_bit_and_agrees() {
-        let (rows, cols) = (4, tern_cpu::bitlinear::base3::MAX_COLS + 1);
+    fn a_base_3_linear_wider_than_a_segment_agrees_with_two_bit() {
+        // A 100B model's `down` width: three exact segments of the base-3 GEMV at the best level.
+        let (rows, cols) = (4, 45_568);
         let values: Vec<i8> = (0..rows * cols).map(|i| (i % 3) as i8 - 1).collect();
         let codes = tern_cpu::bitlinear::reference::pack(&values, rows, cols).unwrap();
         let m = TernaryMatrix::new("wide", rows, cols, codes, 0.5).unwrap();
         let x: Vec<f32> = (0..cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
         let run = |kernels| {
-            let mut b = CpuBackend::with_family(1, Isa::Scalar, kernels).unwrap();
+            let mut b = CpuBackend::with_family(1, Isa::best(), kernels).unwrap();
             let id = b.upload_linear(&[&m]).unwrap();
             let (input, out) = (b.alloc(cols).unwrap(), b.alloc(rows).unwrap());
             b.write(input, &x).unwrap();
@@ -819,7 +824,13 @@ mod tests {
             b.read(out, &mut y).unwrap();
             (y, b.linear_weight_bytes())
         };
-        assert_eq!(run(Family::Base3), run(Family::Mad));
+        let (base3, mad) = (run(Family::Base3), run(Family::Mad));
+        assert_eq!(base3.0, mad.0);
+        // Base 3 packs 1.6 bits per weight, not 2 (143 blocks of 320 columns against 178 of 256).
+        assert_eq!(
+            (base3.1, mad.1),
+            (Some(rows * 143 * 64), Some(rows * 178 * 64))
+        );
     }
 
     #[test]

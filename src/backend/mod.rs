@@ -323,6 +323,12 @@ pub trait Backend {
         None
     }
 
+    /// Bits a ternary weight takes in the layout this backend keeps in host memory (the canonical
+    /// 2 unless it says otherwise), for estimating whether a model fits before loading it.
+    fn host_bits_per_weight(&self) -> f64 {
+        2.0
+    }
+
     /// Uploads ternary matrices with equal input width as one linear whose outputs are the parts'
     /// outputs concatenated.
     fn upload_linear(&mut self, parts: &[&TernaryMatrix]) -> Result<LinearId>;

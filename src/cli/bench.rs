@@ -75,24 +75,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (source, name): (Box<dyn ModelSource>, String) = match (&args.shape, &args.model) {
         (Some(shape), _) => {
             let preset = ShapePreset::parse(shape)?;
-            // Random weights stream into the backend a layer at a time: what must fit is the
-            // backend's copy, one layer being generated, and the 8-bit head. The copy is counted at
-            // the canonical 2 bits per weight: exact for the multiply-add layout, an upper bound
-            // for base 3 (1.6 bits where a linear has at most 32768 inputs). Refuse what cannot
-            // fit, rather than be killed.
-            let c = preset.config();
-            let layer = c.ternary_size().1 / c.layers;
-            let needed = preset.host_bytes() + layer as u64 + (c.vocab * (c.hidden + 8)) as u64;
-            if let Some(available) = available_memory() {
-                ensure!(
-                    needed <= available,
-                    "--shape {}: needs about {:.1} GB (the weights at 2 bits, one layer being \
-                     generated, the tables and the 8-bit head), {:.1} GB are available",
-                    preset.name,
-                    needed as f64 / 1e9,
-                    available as f64 / 1e9
-                );
-            }
             (Box::new(preset.random_source(7)), shape.clone())
         }
         (None, Some(model)) => {
@@ -138,6 +120,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let upload_started = Instant::now();
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
+        if let Some(shape) = &args.shape {
+            // Random weights stream into the backend a layer at a time. Refuse what cannot fit,
+            // rather than be killed.
+            let needed = ShapePreset::parse(shape)?.load_bytes(backend.host_bits_per_weight());
+            if let Some(available) = available_memory() {
+                ensure!(
+                    needed <= available,
+                    "--shape {shape}: {} needs about {:.1} GB (its weights at {:.2} bits, one layer \
+                     being generated, the tables and the 8-bit head), {:.1} GB are available",
+                    backend.describe(),
+                    needed as f64 / 1e9,
+                    backend.host_bits_per_weight(),
+                    available as f64 / 1e9
+                );
+            }
+        }
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
         let head = args.lm_head.apply(backend.as_mut(), true)?;
         let kv = KvOptions {

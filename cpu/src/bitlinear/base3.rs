@@ -13,10 +13,12 @@
 //! digits never need extracting. The AVX-512 VNNI GEMV keeps two accumulators per row, `vpdpbusd`
 //! of `x_i` (unsigned bytes) with plane `i`'s activations and of `x_{i+1}` with the same, where
 //! `x_{i+1}` costs two byte additions; the row's sum of codes times activations is then
-//! `(3 A − B) / 256`. Its true value `256 Σ c a` lies in `−2³¹..2³¹` for `cols ≤` [`MAX_COLS`]
+//! `(3 A − B) / 256`. Its true value `256 Σ c a` lies in `−2³¹..2³¹` over at most 2¹⁵ columns
 //! (`|256 Σ c a| ≤ 256 · 2 · 128 · 2¹⁵ = 2³¹`, reached only as `−2³¹`: every code 2 against −128),
-//! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. As in
-//! [`crate::bitlinear::mad`], `Σ value · a = Σ code · a − Σ a`.
+//! so computing it in wrapping i32 gives it exactly and the arithmetic shift divides exactly. A
+//! wider row (a 100B model's `down` has 45,568 inputs) is summed in segments of
+//! [`SEGMENT_BLOCKS`] blocks, each reduced exactly on its own. As in [`crate::bitlinear::mad`],
+//! `Σ value · a = Σ code · a − Σ a`.
 //!
 //! # Layout ([`PackedBase3`], repacked at upload from the canonical layout)
 //! [`crate::bitlinear::grouped`]'s, with blocks of [`BLOCK_COLS`] = 320 columns (columns padded with value 0;
@@ -43,8 +45,9 @@ use std::ops::Range;
 
 /// Columns per weight block: five planes of 64.
 pub const BLOCK_COLS: usize = PLANES * CHUNK;
-/// Most columns (see the module documentation).
-pub const MAX_COLS: usize = 1 << 15;
+/// Blocks the GEMV sums before reducing: the most whole blocks within 2¹⁵ columns (see the module
+/// documentation).
+const SEGMENT_BLOCKS: usize = (1 << 15) / BLOCK_COLS;
 /// Codes per byte.
 const PLANES: usize = 5;
 
@@ -81,15 +84,9 @@ impl Coding for Base3 {
 pub type PackedBase3 = Grouped<Base3>;
 
 impl PackedBase3 {
-    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0);
-    /// an error for more than [`MAX_COLS`] columns.
-    pub fn from_canonical(w: TernaryView<'_>) -> Result<Self, Error> {
+    /// Repacks a canonical matrix (codes of 3, which validated matrices never hold, read as 0).
+    pub fn from_canonical(w: TernaryView<'_>) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
-        if cols > MAX_COLS {
-            return Err(Error::Shape(format!(
-                "base-3 ternary kernels take at most {MAX_COLS} columns, not {cols}"
-            )));
-        }
         let mut packed = Self::zeroed(rows, cols);
         // One row's values padded with zeros to whole blocks.
         let mut values = vec![0i8; packed.blocks() * BLOCK_COLS];
@@ -101,7 +98,7 @@ impl PackedBase3 {
                 }
             }
         }
-        Ok(packed)
+        packed
     }
 
     /// Writes group `g` in [`crate::bitlinear::mad`]'s layout with `mad_blocks` blocks into `out` (columns
@@ -168,18 +165,25 @@ pub fn gemm(
             )));
         }
         return w.for_each_group(isa, rows, x, acc, 1, |g, _, out| {
-            // SAFETY: `for_each_group` checked the level (AVX-512 VNNI or AVX-VNNI); the group
-            // holds `blocks` blocks, and the padded row at least `blocks · BLOCK_COLS` codes
-            // (above).
-            let dots = unsafe {
-                if isa == Isa::Avx512 {
-                    x86::gemv_group(w.group(g), w.blocks(), x_row)
-                } else {
-                    x86::gemv_group_avxvnni(w.group(g), w.blocks(), x_row)
+            out.iter_mut().for_each(|a| *a = -sum);
+            for first in (0..w.blocks()).step_by(SEGMENT_BLOCKS) {
+                let blocks = SEGMENT_BLOCKS.min(w.blocks() - first);
+                // Block `b` of a group starts at byte `b · ROW_GROUP · CHUNK`.
+                let group = &w.group(g)[first * ROW_GROUP * CHUNK..];
+                let x_row = &x_row[first * BLOCK_COLS..];
+                // SAFETY: `for_each_group` checked the level (AVX-512 VNNI or AVX-VNNI); `group`
+                // holds the `blocks` blocks from `first` on, and the padded row at least
+                // `(first + blocks) · BLOCK_COLS` codes (above).
+                let dots = unsafe {
+                    if isa == Isa::Avx512 {
+                        x86::gemv_group(group, blocks, x_row)
+                    } else {
+                        x86::gemv_group_avxvnni(group, blocks, x_row)
+                    }
+                };
+                for (a, dot) in out.iter_mut().zip(dots) {
+                    *a += dot;
                 }
-            };
-            for (a, dot) in out.iter_mut().zip(dots) {
-                *a = dot - sum;
             }
             Ok(())
         });
@@ -207,7 +211,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU supports AVX-512 VNNI; `group` holds `blocks` blocks of 4 chunks and `x` at least
-    /// `blocks · BLOCK_COLS` codes.
+    /// `blocks · BLOCK_COLS` codes. Exact for `blocks ≤ SEGMENT_BLOCKS`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn gemv_group(group: &[u8], blocks: usize, x: &[i8]) -> [i32; ROW_GROUP] {
         // `three[r]` sums `x_i · a`, `next[r]` sums `x_{i+1} · a`, over every plane `i`.
@@ -287,7 +291,6 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitlinear::reference::pack;
     use crate::bitlinear::testing::{
         case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
     };
@@ -310,7 +313,7 @@ mod tests {
 
     fn check(codes: &[u8], rows: usize, cols: usize, q: &QuantizedRows) {
         let view = TernaryView::new(codes, rows, cols).unwrap();
-        let packed = PackedBase3::from_canonical(view).unwrap();
+        let packed = PackedBase3::from_canonical(view);
         check_levels(view, q, ROW_GROUP, |isa, range, acc| {
             gemm(isa, &packed, range, q, acc)
         });
@@ -361,15 +364,15 @@ mod tests {
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        // Over the most columns the identity's `256 Σ c a` reaches its largest magnitude.
-        check_extremes(MAX_COLS, |w| PackedBase3::from_canonical(w).unwrap(), gemm);
+        // Over a segment's columns the identity's `256 Σ c a` reaches its largest magnitude; over
+        // a 100B model's `down` (45,568 inputs) it would wrap without the segments.
+        for cols in [SEGMENT_BLOCKS * BLOCK_COLS, 45_568] {
+            check_extremes(cols, PackedBase3::from_canonical, gemm);
+        }
     }
 
     #[test]
     fn bad_arguments_are_errors() {
-        check_bad_arguments(320, |w| PackedBase3::from_canonical(w).unwrap(), gemm);
-        let wide = pack(&vec![0; MAX_COLS + 1], 1, MAX_COLS + 1).unwrap();
-        let wide = TernaryView::new(&wide, 1, MAX_COLS + 1).unwrap();
-        assert!(PackedBase3::from_canonical(wide).is_err());
+        check_bad_arguments(320, PackedBase3::from_canonical, gemm);
     }
 }

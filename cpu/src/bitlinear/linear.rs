@@ -39,8 +39,7 @@ pub const FAMILY_ENV: &str = "TERN_CPU_KERNELS";
 /// share a core's memory bandwidth, while one thread is compute-bound on its GEMV and the levels
 /// without AVX-512 VNNI would decode base 3 for every product; lookup tables stream about the same
 /// weights per second as multiply-add from memory and their tables outgrow the caches in prompts.
-/// A linear wider than [`base3::MAX_COLS`] columns stays 2-bit. The measurements behind the rule
-/// are in `scripts/benchmark-log.md`.
+/// The measurements behind the rule are in `scripts/benchmark-log.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// Multiply-add ([`PackedTernary`], 2 bits per weight).
@@ -69,6 +68,15 @@ impl Family {
             Family::Mad => "multiply-add",
             Family::Base3 => "base-3 multiply-add",
             Family::Lut => "lookup-table",
+        }
+    }
+
+    /// Bits a weight takes in this family's layout, padding aside.
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            Family::Mad => 2.0,
+            Family::Base3 => 1.6,
+            Family::Lut => 16.0 / 9.0,
         }
     }
 
@@ -150,16 +158,13 @@ pub struct LinearScratch {
 
 impl Linear {
     /// Repacks the canonical matrix `w` (`out_features × in_features`) for `family`, with
-    /// `row_scales[n]` the weight scale of output `n`. A matrix wider than [`base3::MAX_COLS`]
-    /// columns takes [`Family::Mad`] instead of [`Family::Base3`].
+    /// `row_scales[n]` the weight scale of output `n`.
     pub fn new(family: Family, w: TernaryView<'_>, row_scales: Vec<f32>) -> Result<Self, Error> {
         check_len("linear row scales", row_scales.len(), w.rows())?;
         let packed = match family {
             Family::Lut => Packed::Lut(PackedLut::from_canonical(w)),
-            Family::Base3 if w.cols() <= base3::MAX_COLS => {
-                Packed::Base3(PackedBase3::from_canonical(w)?)
-            }
-            Family::Mad | Family::Base3 => Packed::Mad(PackedTernary::from_canonical(w)),
+            Family::Base3 => Packed::Base3(PackedBase3::from_canonical(w)),
+            Family::Mad => Packed::Mad(PackedTernary::from_canonical(w)),
         };
         Ok(Self {
             packed,
@@ -350,18 +355,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn a_matrix_wider_than_base_3_takes_stays_two_bit() {
-        let cols = base3::MAX_COLS + 1;
-        let codes = pack(&vec![0; cols], 1, cols).unwrap();
-        let view = TernaryView::new(&codes, 1, cols).unwrap();
-        let linear = Linear::new(Family::Base3, view, vec![1.0]).unwrap();
-        assert_eq!(linear.family(), Family::Mad);
-        let narrow = TernaryView::new(&codes[..codes.len() - 1], 1, cols - 1).unwrap();
-        let linear = Linear::new(Family::Base3, narrow, vec![1.0]).unwrap();
-        assert_eq!(linear.family(), Family::Base3);
     }
 
     #[test]
