@@ -463,7 +463,11 @@ fn repack(family: Family, parts: &[&TernaryMatrix]) -> Result<Linear> {
     let codes = match parts {
         [one] => &one.codes[..],
         _ => {
-            fused = parts.iter().flat_map(|p| p.codes.iter().copied()).collect();
+            fused = parts
+                .iter()
+                .map(|p| &p.codes[..])
+                .collect::<Vec<_>>()
+                .concat();
             &fused[..]
         }
     };

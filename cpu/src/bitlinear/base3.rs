@@ -51,11 +51,20 @@ const SEGMENT_BLOCKS: usize = (1 << 15) / BLOCK_COLS;
 /// Codes per byte.
 const PLANES: usize = 5;
 
-/// The byte holding codes `c` (each 0..=2), `c[0]` the most significant digit.
-fn encode(c: [u8; PLANES]) -> u8 {
-    let v = c.iter().fold(0u32, |v, &c| 3 * v + u32::from(c));
-    // At most ⌈256 · 242 / 243⌉ = 255.
-    (256 * v).div_ceil(243) as u8
+/// One block's chunk: byte `j` holds the codes of columns `64 i + j` of `block` (values), as
+/// `⌈256 v / 243⌉` (see the module documentation), in loops over contiguous bytes that vectorize
+/// (loading repacks every weight here).
+fn encode_block(block: &[i8], chunk: &mut [u8]) {
+    let mut v = [0u8; CHUNK];
+    for plane in block.chunks_exact(CHUNK) {
+        for (v, &value) in v.iter_mut().zip(plane) {
+            // At most 3 · 80 + 2 = 242.
+            *v = 3 * *v + (value + 1) as u8;
+        }
+    }
+    for (byte, &v) in chunk.iter_mut().zip(&v) {
+        *byte = (256 * u32::from(v)).div_ceil(243) as u8;
+    }
 }
 
 /// `⌊3 x / 256⌋`: the code read from `x_i` (see the module documentation), as two comparisons
@@ -93,9 +102,7 @@ impl PackedBase3 {
         for n in 0..rows {
             w.unpack_row(n, &mut values[..cols]);
             for (b, block) in values.chunks_exact(BLOCK_COLS).enumerate() {
-                for (j, byte) in packed.chunk_mut(n, b).iter_mut().enumerate() {
-                    *byte = encode(std::array::from_fn(|i| (block[CHUNK * i + j] + 1) as u8));
-                }
+                encode_block(block, packed.chunk_mut(n, b));
             }
         }
         packed
@@ -294,6 +301,17 @@ mod tests {
     use crate::bitlinear::testing::{
         case, check_bad_arguments, check_extremes, check_levels, raw_codes, real_shape_cases,
     };
+
+    /// The byte holding codes `c` (each 0..=2), `c[0]` the most significant digit.
+    fn encode(c: [u8; PLANES]) -> u8 {
+        let mut block = [0i8; BLOCK_COLS];
+        for (i, &c) in c.iter().enumerate() {
+            block[CHUNK * i] = c as i8 - 1;
+        }
+        let mut chunk = [0u8; CHUNK];
+        encode_block(&block, &mut chunk);
+        chunk[0]
+    }
 
     #[test]
     fn every_pattern_decodes_to_its_codes() {
