@@ -21,15 +21,13 @@
 
 use crate::config::{HfConfig, ModelConfig, WeightFormat};
 pub use crate::source::{HostLayer, HostModel, ModelSource};
-use crate::ternary::{DenseData, DenseMatrix, MappedValues, TableDtype, TernaryMatrix};
+use crate::ternary::{DenseData, DenseMatrix, MappedFile, MappedValues, TableDtype, TernaryMatrix};
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result, bail, ensure};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tern_cpu::bitlinear::reference::{pack, row_bytes};
@@ -201,7 +199,7 @@ struct TensorEntry {
 /// The memory-mapped safetensors files of a checkpoint and where each tensor lies in them (every
 /// header parsed once, at open).
 struct SafetensorsFiles {
-    maps: Vec<(PathBuf, Arc<Mmap>)>,
+    maps: Vec<(PathBuf, Arc<MappedFile>)>,
     tensors: BTreeMap<String, TensorEntry>,
 }
 
@@ -223,12 +221,7 @@ impl SafetensorsFiles {
         let mut entries = BTreeMap::new();
         for (i, name) in shard_names.iter().enumerate() {
             let path = dir.join(name);
-            let file =
-                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: the map is read-only and private to this loader; a file truncated underneath
-            // a running load is the one case it cannot defend against, as for any mmap reader.
-            let map = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let map = MappedFile::open(&path)?;
             let tensors = SafeTensors::deserialize(&map).map_err(|e| {
                 anyhow::anyhow!(
                     "{}: not a valid safetensors file (truncated or corrupt?): {e}",
@@ -270,7 +263,7 @@ impl SafetensorsFiles {
     }
 
     /// The map a tensor's bytes lie in.
-    fn map_of(&self, name: &str) -> &Arc<Mmap> {
+    fn map_of(&self, name: &str) -> &Arc<MappedFile> {
         &self.maps[self.tensors[name].file].1
     }
 

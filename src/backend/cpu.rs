@@ -69,6 +69,8 @@ thread_local! {
     /// reused across calls (the threads live as long as the backend), so attention allocates
     /// nothing once it has grown to the context.
     static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Rows of a table served from a file, read for one task (see `ternary::MappedValues::read_rows`).
+    static READ_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct KvStorage {
@@ -431,12 +433,23 @@ impl CpuBackend {
                     );
                     let exact = &mut scratch.exact;
                     exact.resize(scratch.candidates.len(), 0.0);
+                    let mapped = me.tables[table.0].mapped();
                     me.pool.try_for_each(
                         scratch
                             .candidates
                             .chunks(CANDIDATES_PER_TASK)
                             .zip(exact.chunks_mut(CANDIDATES_PER_TASK)),
-                        |(candidates, exact)| view.dot_listed_rows(me.isa, candidates, xt, exact),
+                        |(candidates, exact)| -> Result<()> {
+                            let Some(mapped) = mapped else {
+                                return Ok(view.dot_listed_rows(me.isa, candidates, xt, exact)?);
+                            };
+                            // Read, not mapped: mapping a row makes the folio around it resident.
+                            READ_ROWS.with_borrow_mut(|buf| {
+                                let rows = mapped.read_rows(candidates, cols, buf)?;
+                                let n = candidates.len();
+                                Ok(rows.dot_rows(me.isa, 0..n, xt, cols, exact)?)
+                            })
+                        },
                     )?;
                     for (&v, &e) in scratch.candidates.iter().zip(exact.iter()) {
                         logits[v] = e;
@@ -613,7 +626,7 @@ impl Backend for CpuBackend {
         let t = uploaded(&self.tables, table.0, "table")?;
         let (vocab, cols) = (t.rows, t.cols);
         let mut dst = self.take(out, tokens.len() * cols, "embed")?;
-        let view = self.tables[table.0].view();
+        let table = &self.tables[table.0];
         let result = tokens
             .iter()
             .zip(dst.chunks_exact_mut(cols))
@@ -622,7 +635,14 @@ impl Backend for CpuBackend {
                     (id as usize) < vocab,
                     "token id {id} is outside the vocabulary of {vocab} tokens"
                 );
-                view.row_to_f32(id as usize, cols, row).map_err(Into::into)
+                match table.mapped() {
+                    // Read, not mapped, as in the head's re-scoring.
+                    Some(mapped) => READ_ROWS.with_borrow_mut(|buf| {
+                        let one = mapped.read_rows(&[id as usize], cols, buf)?;
+                        Ok(one.row_to_f32(0, cols, row)?)
+                    }),
+                    None => Ok(table.view().row_to_f32(id as usize, cols, row)?),
+                }
             });
         self.put(out, dst);
         result

@@ -27,8 +27,8 @@ pub mod quants;
 pub mod vocab;
 pub mod write;
 
+use crate::ternary::MappedFile;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -302,7 +302,7 @@ pub struct Header {
 /// A parsed, memory-mapped GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<MappedFile>,
     pub version: u32,
     pub alignment: u64,
     pub metadata: BTreeMap<String, Value>,
@@ -311,11 +311,7 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the map is read-only and private to this reader; a file truncated underneath a
-        // running load is the one case it cannot defend against, as for any mmap reader.
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let map = MappedFile::open(path)?;
         let header =
             parse(&map).with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
         Ok(Self {
@@ -348,7 +344,7 @@ impl GgufFile {
     }
 
     /// The file's memory map, for values served from it in place.
-    pub fn map(&self) -> &Arc<Mmap> {
+    pub fn map(&self) -> &Arc<MappedFile> {
         &self.map
     }
 }

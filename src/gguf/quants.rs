@@ -36,11 +36,12 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 fn code_value(code: u8, i: usize) -> Result<i8> {
-    ensure!(
-        code != 3,
-        "element {i} holds the 2-bit code 3, which is not a ternary value"
-    );
+    ensure!(code != 3, invalid_code(i));
     Ok(code as i8 - 1)
+}
+
+fn invalid_code(i: usize) -> String {
+    format!("element {i} holds the 2-bit code 3, which is not a ternary value")
 }
 
 /// Decodes a ternary tensor of `n` elements to values and its per-tensor scale.
@@ -49,13 +50,24 @@ pub fn ternary_values(t: GgmlType, data: &[u8], n: usize) -> Result<(Vec<i8>, f3
     let mut values = vec![0i8; n];
     let scale = match t {
         GgmlType::I2S => {
-            for (g, group) in data[..n / 4].chunks_exact(32).enumerate() {
-                for (b, &byte) in group.iter().enumerate() {
-                    for lane in 0..4 {
-                        let i = g * I2S_GROUP + lane * 32 + b;
-                        values[i] = code_value((byte >> (6 - 2 * lane)) & 3, i)?;
+            // Plain loops that vectorize (loading decodes every weight here); a code 3 is found
+            // afterwards.
+            let mut any_invalid = false;
+            for (group, out) in data[..n / 4]
+                .chunks_exact(32)
+                .zip(values.chunks_exact_mut(I2S_GROUP))
+            {
+                for (lane, out) in out.chunks_exact_mut(32).enumerate() {
+                    for (v, &byte) in out.iter_mut().zip(group) {
+                        let code = (byte >> (6 - 2 * lane)) & 3;
+                        any_invalid |= code == 3;
+                        *v = code as i8 - 1;
                     }
                 }
+            }
+            if any_invalid {
+                let i = values.iter().position(|&v| v == 2).expect("a code 3");
+                bail!(invalid_code(i));
             }
             let s = &data[n / 4..n / 4 + 4];
             f32::from_le_bytes([s[0], s[1], s[2], s[3]])
