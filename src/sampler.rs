@@ -1,9 +1,13 @@
 //! Next-token sampling, compatible with llama.cpp's default sampler chain, and log-probability helpers.
 //!
 //! Invariants:
-//! - The chain is llama.cpp's order: repetition penalty, top-k, top-p, min-p, temperature, then a
-//!   draw from the softmax of what is left. `temperature <= 0` is greedy: the argmax after the
-//!   repetition penalty, lowest id on ties.
+//! - The chain is llama.cpp's order: penalties, top-k, top-p, min-p, temperature, then a draw from
+//!   the softmax of what is left. `temperature <= 0` is greedy: the argmax after the penalties,
+//!   lowest id on ties.
+//! - Penalties, as llama.cpp applies them, over the last `repeat_last_n` ids of the history (prompt
+//!   and generated): a token seen `c > 0` times there has a positive logit divided by
+//!   `repeat_penalty` (a negative one multiplied), then `c · frequency_penalty + presence_penalty`
+//!   subtracted (OpenAI's definition, over that window).
 //! - Deterministic: the RNG is ChaCha8 seeded from [`SamplingParams::seed`] (portable across platforms
 //!   and crate versions), candidates are ordered by (logit descending, id ascending), so the same seed,
 //!   logits and history always give the same ids.
@@ -32,7 +36,11 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Divide positive logits (multiply negative ones) of recently seen tokens by this; 1.0 = off.
     pub repeat_penalty: f32,
-    /// How many of the most recent history ids the repetition penalty looks at; 0 = off. Default 64.
+    /// Subtracted from a logit once per occurrence of its token in the penalty window; 0 = off.
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token present in the penalty window; 0 = off.
+    pub presence_penalty: f32,
+    /// How many of the most recent history ids the penalties look at; 0 = off. Default 64.
     pub repeat_last_n: usize,
     /// RNG seed. Default 0 (fixed, so runs are reproducible unless the caller picks a seed).
     pub seed: u64,
@@ -40,11 +48,17 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     /// Whether sampling reads nothing but the `k` largest logits and their order: greedy, or top-k
-    /// with `top_k ≤ k` (top-p, min-p and temperature then only see those), and no repetition
-    /// penalty (which could lift a smaller logit into the top).
+    /// with `top_k ≤ k` (top-p, min-p and temperature then only see those), and no penalty
+    /// (which could lift a smaller logit into the top).
     pub fn reads_only_top(&self, k: usize) -> bool {
-        let no_penalty = self.repeat_penalty == 1.0 || self.repeat_last_n == 0;
-        no_penalty && (self.temperature <= 0.0 || (1..=k).contains(&self.top_k))
+        self.no_penalty() && (self.temperature <= 0.0 || (1..=k).contains(&self.top_k))
+    }
+
+    fn no_penalty(&self) -> bool {
+        let none = self.repeat_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0;
+        none || self.repeat_last_n == 0
     }
 }
 
@@ -56,6 +70,8 @@ impl Default for SamplingParams {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             repeat_last_n: 64,
             seed: 0,
         }
@@ -81,7 +97,7 @@ pub struct Sampler {
     candidates: Vec<(u32, f32)>,
     /// Unnormalized probabilities of `candidates` for the final draw.
     weights: Vec<f64>,
-    /// Distinct ids of the penalty window.
+    /// The penalty window's ids, sorted.
     recent: Vec<u32>,
 }
 
@@ -103,7 +119,7 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (one per vocabulary id). `history` is the sequence so far
-    /// (prompt and generated ids), used by the repetition penalty. Returns 0 for empty `logits`.
+    /// (prompt and generated ids), used by the penalties. Returns 0 for empty `logits`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = self.params;
         self.candidates.clear();
@@ -113,7 +129,7 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &l)| (i as u32, clean(l))),
         );
-        self.apply_repeat_penalty(history);
+        self.apply_penalties(history);
         if self.candidates.is_empty() {
             return 0;
         }
@@ -194,23 +210,25 @@ impl Sampler {
     /// llama.cpp's repetition penalty: once per distinct id among the last `repeat_last_n` of
     /// `history`, `logit / penalty` if positive, `logit * penalty` otherwise. Candidates are still
     /// indexed by id here.
-    fn apply_repeat_penalty(&mut self, history: &[u32]) {
+    fn apply_penalties(&mut self, history: &[u32]) {
         let p = self.params;
-        if p.repeat_penalty == 1.0 || p.repeat_last_n == 0 {
+        if p.no_penalty() {
             return;
         }
         let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
         self.recent.clear();
         self.recent.extend_from_slice(window);
         self.recent.sort_unstable();
-        self.recent.dedup();
-        for &id in &self.recent {
-            if let Some((_, l)) = self.candidates.get_mut(id as usize) {
-                *l = if *l > 0.0 {
-                    *l / p.repeat_penalty
-                } else {
-                    *l * p.repeat_penalty
-                };
+        for run in self.recent.chunk_by(|a, b| a == b) {
+            if let Some((_, l)) = self.candidates.get_mut(run[0] as usize) {
+                if p.repeat_penalty != 1.0 {
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
+                }
+                *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
             }
         }
     }
@@ -315,6 +333,8 @@ mod tests {
             top_p: 1.0,
             min_p: 0.0,
             repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             repeat_last_n: 64,
             seed,
         }
@@ -538,6 +558,39 @@ mod tests {
         assert_eq!(s.sample(&[3.0, 1.4], &[0, 0]), 0);
         // Ids outside the vocabulary are ignored.
         assert_eq!(s.sample(&[3.0, 1.6], &[99]), 0);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_subtract_per_occurrence_and_once() {
+        let with = |frequency_penalty, presence_penalty, repeat_penalty| {
+            Sampler::new(SamplingParams {
+                frequency_penalty,
+                presence_penalty,
+                repeat_penalty,
+                repeat_last_n: 3,
+                ..SamplingParams::greedy()
+            })
+        };
+        let mut s = with(1.0, 0.0, 1.0);
+        // Twice in the window: 3 - 2 = 1 < 1.5; once: 3 - 1 = 2 > 1.5.
+        assert_eq!(s.sample(&[3.0, 1.5], &[0, 0]), 1);
+        assert_eq!(s.sample(&[3.0, 1.5], &[0]), 0);
+        // Only the last 3 ids count: 3 - 2 = 1 < 1.5, not 3 - 4.
+        assert_eq!(s.sample(&[3.0, 1.5, -9.0], &[0, 0, 2, 0, 0]), 1);
+        assert_eq!(s.sample(&[3.0, 0.5, -9.0], &[0, 0, 2, 0, 0]), 0);
+        let mut s = with(0.0, 1.0, 1.0);
+        // Once however often: 3 - 1 = 2 > 1.5; 2.4 - 1 = 1.4 < 1.5.
+        assert_eq!(s.sample(&[3.0, 1.5], &[0, 0, 0]), 0);
+        assert_eq!(s.sample(&[2.4, 1.5], &[0]), 1);
+        // After the repetition penalty: 3 / 2 - 2 · 0.5 - 0.25 = 0.25.
+        let mut s = with(0.5, 0.25, 2.0);
+        assert_eq!(s.sample(&[3.0, 0.3], &[0, 0]), 1);
+        assert_eq!(s.sample(&[3.0, 0.2], &[0, 0]), 0);
+        // Negative penalties favour what was seen: 1 + 1 = 2 > 1.5.
+        assert_eq!(with(-1.0, 0.0, 1.0).sample(&[1.0, 1.5], &[0]), 0);
+        assert!(!with(0.1, 0.0, 1.0).params().reads_only_top(64));
+        assert!(!with(0.0, 0.1, 1.0).params().reads_only_top(64));
+        assert!(with(0.0, 0.0, 1.0).params().reads_only_top(64));
     }
 
     #[test]

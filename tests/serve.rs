@@ -257,7 +257,8 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ("stop", json!(7), "`stop`"),
         ("seed", json!(-1), "`seed`"),
         ("logprobs", json!(50), "between 0 and 20"),
-        ("presence_penalty", json!(0.5), "not supported"),
+        ("presence_penalty", json!(2.5), "between -2 and 2"),
+        ("frequency_penalty", json!("high"), "`frequency_penalty`"),
         ("stream_options", json!(true), "must be an object"),
         ("prompt", json!({"a": 1}), "`prompt`"),
         ("prompt", json!([1, 99999]), "outside the vocabulary"),
@@ -475,6 +476,45 @@ fn greedy_output_equals_tern_run_greedy_on_the_golden_prompts() {
             })
             .collect();
         assert_eq!(chunks, expected);
+    }
+}
+
+#[test]
+fn frequency_and_presence_penalties_apply_as_in_tern_run() {
+    let server = Server::start(&["--parallel", "2"]);
+    let model = fixture_dir("tiny-packed");
+    let g = golden("tiny-packed");
+    let prompt = g["greedy"]["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|c| c["prompt_text"].as_str())
+        .unwrap()
+        .to_string();
+    let run = |penalties: &[&str]| {
+        let base = ["-m", model.to_str().unwrap(), "--backend", "cpu", "-t", "1"];
+        let args = [
+            &base[..],
+            &["-n", "24", "--greedy", "-p", &prompt],
+            penalties,
+        ]
+        .concat();
+        tern_run(&args).strip_suffix('\n').unwrap().to_string()
+    };
+    let plain = run(&[]);
+    for (field, flag) in [
+        ("frequency_penalty", "--frequency-penalty"),
+        ("presence_penalty", "--presence-penalty"),
+    ] {
+        let penalized = run(&[flag, "1.5"]);
+        assert_ne!(plain, penalized, "{flag} changes nothing on this prompt");
+        let mut body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0});
+        body[field] = json!(1.5);
+        let text = json_body(&server.post("/v1/completions", &body))["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(text, penalized, "{field}");
     }
 }
 

@@ -154,7 +154,7 @@ impl From<KvTypeChoice> for KvType {
 /// Output head. `f16`: the stored precision, every logit exact. `q8`: an 8-bit copy whose candidates
 /// for the top 64 are re-scored exactly (exact greedy and top-k ≤ 64 sampling; the other logits,
 /// so perplexity and log-probabilities, approximate). `auto` (default): `q8` where it changes no
-/// output (greedy or top-k ≤ 64 sampling without repetition penalty, no log-probabilities, on a
+/// output (greedy or top-k ≤ 64 sampling without penalties, no log-probabilities, on a
 /// backend that has it), `f16` otherwise. The 8-bit copy is CPU only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LmHeadChoice {
@@ -349,6 +349,14 @@ pub struct SamplingArgs {
     /// Penalty for tokens among the last --repeat-last-n (1: off).
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// Subtracted from a token's logit once per time it occurs among the last --repeat-last-n
+    /// (-2 to 2; 0: off).
+    #[arg(long, default_value_t = 0.0, value_parser = penalty)]
+    pub frequency_penalty: f32,
+    /// Subtracted from the logit of every token among the last --repeat-last-n (-2 to 2; 0: off).
+    #[arg(long, default_value_t = 0.0, value_parser = penalty)]
+    pub presence_penalty: f32,
+    /// How many of the most recent tokens (prompt and generated) the penalties look at.
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     /// Random seed (default: from the clock; printed so a run can be repeated).
@@ -377,9 +385,19 @@ impl SamplingArgs {
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
             repeat_last_n: self.repeat_last_n,
             seed,
         }
+    }
+}
+
+/// A frequency or presence penalty: a number from -2 to 2, as OpenAI's API takes.
+fn penalty(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(p) if (-2.0..=2.0).contains(&p) => Ok(p),
+        _ => Err(format!("`{text}` is not a number from -2 to 2")),
     }
 }
 

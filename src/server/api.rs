@@ -156,16 +156,6 @@ pub fn generation(body: &Body, chat: bool) -> Result<Generation, ApiError> {
             ApiError::bad(format!("`n` is {n}; tern generates one choice (n = 1)")).param("n"),
         );
     }
-    for name in ["frequency_penalty", "presence_penalty"] {
-        if let Some(v) = body.ranged(name, -2.0, 2.0)?
-            && v != 0.0
-        {
-            return Err(ApiError::bad(format!(
-                "`{name}` is not supported (only 0); use `repetition_penalty`"
-            ))
-            .param(name));
-        }
-    }
     let mut sampling = SamplingParams {
         seed: match body.get::<u64>("seed")? {
             Some(seed) => seed,
@@ -185,6 +175,12 @@ pub fn generation(body: &Body, chat: bool) -> Result<Generation, ApiError> {
     if let Some(k) = body.get::<i64>("top_k")? {
         // llama-server's convention: 0 or less turns top-k off.
         sampling.top_k = usize::try_from(k).unwrap_or(0);
+    }
+    if let Some(p) = body.ranged("frequency_penalty", -2.0, 2.0)? {
+        sampling.frequency_penalty = p as f32;
+    }
+    if let Some(p) = body.ranged("presence_penalty", -2.0, 2.0)? {
+        sampling.presence_penalty = p as f32;
     }
     if let Some(p) = body.ranged("repetition_penalty", 0.0, 100.0)? {
         if p == 0.0 {

@@ -13,7 +13,7 @@
 //!    chunk; the weights are read once for both kinds of rows);
 //!    With the output head chosen per step, the pass takes the 8-bit copy when every row it
 //!    samples reads only its top [`Q8_EXACT_TOP_K`] logits (no log-probabilities, greedy or top-k
-//!    ≤ 64 without repetition penalty: the same draws as the full head), the full head otherwise;
+//!    ≤ 64 without penalties: the same draws as the full head), the full head otherwise;
 //! 4. samples every decode row, and the first token of every prompt completed in that pass, with
 //!    the sequence's own sampler, so a seed gives the same text alone or batched;
 //! 5. retires finished sequences and publishes the gauges.
@@ -85,7 +85,7 @@ struct Running {
     job: Box<Job>,
     seq: SequenceId,
     sampler: Sampler,
-    /// Prompt and generated ids (the repetition penalty's history).
+    /// Prompt and generated ids (the penalties' history).
     history: Vec<u32>,
     /// Prompt tokens fed so far.
     fed: usize,
