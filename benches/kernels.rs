@@ -18,7 +18,7 @@
 use half::{bf16, f16};
 use std::hint::black_box;
 use std::time::Instant;
-use tern_cpu::attention::{Cache, HeadGroup, attend};
+use tern_cpu::attention::{Cache, HeadGroup, Scratch, attend};
 use tern_cpu::bitlinear::amx;
 use tern_cpu::bitlinear::base3::{self, PackedBase3};
 use tern_cpu::bitlinear::lut::{self, LutTables, PackedLut};
@@ -309,7 +309,7 @@ fn main() {
                 random(n_keys * kv_stride),
                 random(n_keys * kv_stride),
             );
-            let (mut scratch, mut out) = (Vec::new(), vec![0f32; rows * group * d]);
+            let (mut scratch, mut out) = (Scratch::default(), vec![0f32; rows * group * d]);
             // Multiply-adds of q·k and of the weighted values, over the keys each query sees.
             let seen: usize = (0..rows).map(|r| first_keys + r).sum();
             let flop = (4 * group * d * seen) as f64;

@@ -68,7 +68,7 @@ thread_local! {
     /// Attention scratch (transposed queries and scores, see `attention::attend`) per pool thread,
     /// reused across calls (the threads live as long as the backend), so attention allocates
     /// nothing once it has grown to the context.
-    static ATTENTION_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ATTENTION_SCRATCH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
     /// Rows of a table served from a file, read for one task (see `ternary::MappedValues::read_rows`).
     static READ_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

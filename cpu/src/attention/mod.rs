@@ -4,10 +4,10 @@
 //! For every query `q` (one query head of one row) over the `n` cached positions it sees:
 //! `score_j = (Σ_i q_i · k_j,i) · (1 / √d)`, `w_j = exp(score_j − max) / Σ exp(· − max)` (the sum in
 //! f64), `out = Σ_j w_j · v_j`, except that a position whose score lies more than
-//! [`SOFTMAX_CUTOFF`] below the maximum gets weight exactly 0. Every sum over `i` and over `j` runs sequentially from 0.0, with
-//! multiplies and adds rounded separately, so a query's result does not depend on the level, on
-//! the block of rows it is computed with, or on its place in that block: a prefill block gives
-//! the bits the decode steps would.
+//! [`SOFTMAX_CUTOFF`] below the maximum gets weight exactly 0. Every sum over `i` and over `j` runs
+//! sequentially from 0.0, each term added by a fused multiply-add (rounded once, on every level),
+//! so a query's result does not depend on the level, on the block of rows it is computed with, or
+//! on its place in that block: a prefill block gives the bits the decode steps would.
 //!
 //! Layouts (`HeadGroup` says where the caller's data sits) in the scratch buffer, `P` = the
 //! block's queries rounded up to a multiple of the vector width and of [`QUERIES_AT_ONCE`]:
@@ -17,7 +17,8 @@
 //!
 //! The cache is read through [`Cache`]: keys and values stored as f32 or f16 ([`KvValue`]; f16 is
 //! converted to f32 as it is read, so the sums are the same f32 sums over the converted values),
-//! position `j`'s rows found through a page table (contiguous rows are the one-page case).
+//! position `j`'s rows found through a page table (contiguous rows are the one-page case), once per
+//! call: a division per position and pass cost as much as the multiply-adds at 2048 positions.
 //!
 //! The products run on [`Lanes`] vectors: `q·k` with lanes across queries (each key value
 //! broadcast, [`KEYS_AT_ONCE`] keys at a time), the weighted sum with lanes across dimensions
@@ -150,13 +151,6 @@ impl<'a, E: KvValue> Cache<'a, E> {
         }
     }
 
-    /// Where position `j`'s key and value start.
-    #[inline(always)]
-    fn at(&self, j: usize, kv_stride: usize) -> usize {
-        self.pages[j / self.page_size] as usize * self.page_stride
-            + (j % self.page_size) * kv_stride
-    }
-
     /// Whether positions `0..n` (rows of `width` values `kv_stride` apart in a page) lie inside
     /// the keys and the values.
     fn holds(&self, n: usize, kv_stride: usize, width: usize) -> bool {
@@ -175,23 +169,42 @@ impl<'a, E: KvValue> Cache<'a, E> {
     }
 }
 
+/// What [`attend`] keeps between calls, grown as needed: the transposed queries, scores and
+/// converted keys (the layouts in the module documentation), and where each position's key and
+/// value start (found through the page table once per call, not once per pass over them).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    values: Vec<f32>,
+    starts: Vec<usize>,
+}
+
 /// Causal attention `softmax(q·kᵀ / √d) · V` of every query of `geometry` over its cached
-/// positions in `cache`, at `isa`. `scratch` is grown as needed.
+/// positions in `cache`, at `isa`.
 pub fn attend<E: KvValue>(
     isa: Isa,
     geometry: &HeadGroup,
     queries: &[f32],
     cache: &Cache<'_, E>,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) -> Result<(), Error> {
     geometry.check(queries.len(), cache, out.len())?;
+    let Scratch { values, starts } = scratch;
+    starts.clear();
+    let (n, page_size) = (geometry.max_keys(), cache.page_size);
+    for (p, &page) in cache.pages.iter().enumerate().take(n.div_ceil(page_size)) {
+        let first = page as usize * cache.page_stride;
+        let rows = page_size.min(n - p * page_size);
+        starts.extend((0..rows).map(|r| first + r * geometry.kv_stride));
+    }
     let data = Data {
         g: geometry,
         queries,
         cache: *cache,
+        starts,
         padded: 0, // set by `run`, once the vector width is known
     };
+    let scratch = values;
     match isa {
         // A block that fills no more than 8 lanes (a decode row) would leave half of a 16-lane
         // vector idle.
@@ -239,6 +252,8 @@ struct Data<'a, E> {
     g: &'a HeadGroup,
     queries: &'a [f32],
     cache: Cache<'a, E>,
+    /// Where position `j`'s key and value start in the cache.
+    starts: &'a [usize],
     /// `P`, a multiple of the vector width and of [`QUERIES_AT_ONCE`] (set by [`run`]).
     padded: usize,
 }
@@ -247,13 +262,13 @@ impl<E: KvValue> Data<'_, E> {
     /// Position `j`'s key (its `head_dim` values).
     #[inline(always)]
     fn key(&self, j: usize) -> &[E] {
-        &self.cache.keys[self.cache.at(j, self.g.kv_stride)..][..self.g.head_dim]
+        &self.cache.keys[self.starts[j]..][..self.g.head_dim]
     }
 
     /// Position `j`'s value (its `head_dim` values).
     #[inline(always)]
     fn value(&self, j: usize) -> &[E] {
-        &self.cache.values[self.cache.at(j, self.g.kv_stride)..][..self.g.head_dim]
+        &self.cache.values[self.starts[j]..][..self.g.head_dim]
     }
 
     /// Where query `q = r · group + h` starts in `queries`, and its output in `out`.
@@ -344,7 +359,7 @@ fn scores_of<L: Lanes, E: KvValue>(
             for i in 0..d {
                 let q = lanes.load(&transposed[i * padded + l0..]);
                 for (sum, key) in sums.iter_mut().zip(&batch) {
-                    *sum = lanes.add(*sum, lanes.mul(lanes.splat(key[i]), q));
+                    *sum = lanes.mul_add(lanes.splat(key[i]), q, *sum);
                 }
             }
             for (k, sum) in sums.iter().enumerate().take(stored) {
@@ -439,7 +454,7 @@ fn value_passes<L: Lanes, E: KvValue, const Q: usize>(
             for (j, weights) in weights.enumerate().take(data.keys_seen(last)) {
                 let v = lanes.load(E::as_f32(&data.value(j)[i0..i0 + L::LANES], &mut buf));
                 for (sum, &w) in sums.iter_mut().zip(weights) {
-                    *sum = lanes.add(*sum, lanes.mul(lanes.splat(w), v));
+                    *sum = lanes.mul_add(lanes.splat(w), v, *sum);
                 }
             }
             for (q, sum) in (q0..=last).zip(sums) {
@@ -509,7 +524,7 @@ mod tests {
     #[test]
     fn attention_over_one_key_returns_its_value() {
         for isa in supported() {
-            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (mut scores, mut out) = (Scratch::default(), [0f32; 2]);
             let (query, key, value) = ([1.0, 0.0], [0.5, 0.5], [3.0, -1.0]);
             attend(
                 isa,
@@ -532,7 +547,7 @@ mod tests {
         let keys = [0.0, 0.0, k1, 0.0];
         let values = [4.0, 0.0, 0.0, 4.0];
         for isa in supported() {
-            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (mut scores, mut out) = (Scratch::default(), [0f32; 2]);
             let g = single(2, 2, 2);
             attend(
                 isa,
@@ -555,7 +570,7 @@ mod tests {
         let keys = [0.0, 0.0, -30.0 * d.sqrt(), 0.0, -50.0 * d.sqrt(), 0.0];
         let values = [1.0, 0.0, 0.0, 1e20, 0.0, 1e30];
         for isa in supported() {
-            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (mut scores, mut out) = (Scratch::default(), [0f32; 2]);
             let g = single(2, 3, 2);
             attend(
                 isa,
@@ -571,7 +586,7 @@ mod tests {
                 (f64::from(out[1]) - second).abs() < 1e-5 * second,
                 "{isa}: {out:?}"
             );
-            let (mut scores, mut out) = (Vec::new(), [0f32; 2]);
+            let (mut scores, mut out) = (Scratch::default(), [0f32; 2]);
             let g = single(2, 3, 2);
             let keys = [0.0, 0.0, 0.0, 0.0, -50.0 * d.sqrt(), 0.0];
             let values = [1.0, 0.0, 3.0, 0.0, 0.0, 1e30];
@@ -625,7 +640,7 @@ mod tests {
             .collect();
         let mut first: Option<Vec<f32>> = None;
         for isa in supported() {
-            let (mut scratch, mut out) = (Vec::new(), vec![0f32; d]);
+            let (mut scratch, mut out) = (Scratch::default(), vec![0f32; d]);
             let g = single(d, n_keys, stride);
             attend(
                 isa,
@@ -669,7 +684,7 @@ mod tests {
             };
             let mut first: Option<Vec<f32>> = None;
             for isa in supported() {
-                let (mut scratch, mut out) = (Vec::new(), vec![7f32; rows * out_stride]);
+                let (mut scratch, mut out) = (Scratch::default(), vec![7f32; rows * out_stride]);
                 attend(
                     isa,
                     &block,
@@ -731,7 +746,7 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let (query, mut scratch, mut out) = ([1.0, 0.0], Vec::new(), [0f32; 2]);
+        let (query, mut scratch, mut out) = ([1.0, 0.0], Scratch::default(), [0f32; 2]);
         let cache = [0.0f32; 8];
         // Two cached positions in a cache of one; no cached position at all; a page past the
         // pool; positions past the pages given.
@@ -802,7 +817,7 @@ mod tests {
                 kv_stride,
             };
             for isa in supported() {
-                let mut scratch = Vec::new();
+                let mut scratch = Scratch::default();
                 let mut want = vec![0f32; rows * group * d];
                 let contiguous = Cache::contiguous(&keys[..], &values[..]);
                 attend(isa, &g, &queries, &contiguous, &mut scratch, &mut want).unwrap();
@@ -840,7 +855,7 @@ mod tests {
             kv_stride,
         };
         for isa in supported() {
-            let mut scratch = Vec::new();
+            let mut scratch = Scratch::default();
             let (mut want, mut got) = (vec![0f32; rows * group * d], vec![0f32; rows * group * d]);
             let wide = Cache::contiguous(&keys32[..], &values32[..]);
             attend(isa, &g, &queries, &wide, &mut scratch, &mut want).unwrap();
