@@ -28,7 +28,7 @@ step() { # name, command...
     echo "== $name ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1 /proc/loadavg))"
     /usr/bin/time -v "$@" >"$out/$name.md" 2>"$out/$name.log" || echo "   failed: see $out/$name.log"
     grep -E '^\|' "$out/$name.md" | tail -n +3 || true
-    grep -E 'Maximum resident|Exit status' "$out/$name.log" | sed 's/^\s*/   /'
+    grep -E 'Maximum resident|Exit status|terminated by signal' "$out/$name.log" | sed 's/^\s*/   /'
 }
 
 for size in $sizes; do
