@@ -290,7 +290,7 @@ impl DenseMatrix {
 
     /// Whether the values are served from a memory-mapped file rather than held in memory.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.data, DenseData::Mapped(_))
+        self.mapped().is_some()
     }
 
     /// The values served from a file, for reading scattered rows ([`MappedValues::read_rows`]).

@@ -72,10 +72,11 @@ enum BenchFormat {
 pub fn run(args: BenchArgs) -> Result<()> {
     PeakRss::reset();
     let started = Instant::now();
-    let (source, name): (Box<dyn ModelSource>, String) = match (&args.shape, &args.model) {
-        (Some(shape), _) => {
-            let preset = ShapePreset::parse(shape)?;
-            (Box::new(preset.random_source(7)), shape.clone())
+    let preset = args.shape.as_deref().map(ShapePreset::parse).transpose()?;
+    let (source, name): (Box<dyn ModelSource>, String) = match (preset, &args.model) {
+        (Some(preset), _) => {
+            let name = args.shape.clone().unwrap_or_default();
+            (Box::new(preset.random_source(7)), name)
         }
         (None, Some(model)) => {
             // A benchmark feeds token ids, not text: a model without a usable tokenizer runs.
@@ -120,15 +121,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let upload_started = Instant::now();
         let mut backend = select_backend(args.backend, threads, args.device.as_deref())?;
-        if let Some(shape) = &args.shape {
+        if let Some(preset) = preset {
             // Random weights stream into the backend a layer at a time. Refuse what cannot fit,
             // rather than be killed.
-            let needed = ShapePreset::parse(shape)?.load_bytes(backend.host_bits_per_weight());
+            let needed = preset.load_bytes(backend.host_bits_per_weight());
             if let Some(available) = available_memory() {
                 ensure!(
                     needed <= available,
-                    "--shape {shape}: {} needs about {:.1} GB (its weights at {:.2} bits, one layer \
+                    "--shape {}: {} needs about {:.1} GB (its weights at {:.2} bits, one layer \
                      being generated, the tables and the 8-bit head), {:.1} GB are available",
+                    preset.name,
                     backend.describe(),
                     needed as f64 / 1e9,
                     backend.host_bits_per_weight(),
