@@ -26,7 +26,7 @@
 #define __align__(n) __attribute__((aligned(n)))
 // Shared memory: one copy per OS thread, which runs one block at a time. AddressSanitizer puts no
 // redzones around thread-local variables: under it, shared memory is one plain static copy (with
-// redzones) and blocks run on one OS thread (runtime.cpp).
+// redzones), blocks run on one OS thread, and one launch runs at a time in the process (runtime.cpp).
 #if defined(TERN_EMU_SANITIZE_ADDRESS)
 #define __shared__ static
 #else

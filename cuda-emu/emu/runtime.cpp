@@ -415,6 +415,12 @@ void mma_m16n8k32_s8(int* c, const unsigned* a, const unsigned* b) {
 int run_grid(const char* name, const unsigned* grid, const unsigned* block, int reverse,
              void (*body)(void**), void** args, char* err, size_t err_len) {
     install_fault_handler();
+#if defined(TERN_EMU_SANITIZE_ADDRESS)
+    // Shared memory is one static copy under AddressSanitizer (emu.h): launches from several host
+    // threads (tests running in parallel) take turns, or their blocks would share it.
+    static std::mutex one_launch;
+    const std::lock_guard<std::mutex> turn(one_launch);
+#endif
     const uint3 grid_dim = {grid[0], grid[1], grid[2]}, block_dim = {block[0], block[1], block[2]};
     const size_t threads = (size_t)block[0] * block[1] * block[2];
     const size_t blocks = (size_t)grid[0] * grid[1] * grid[2];
