@@ -245,7 +245,7 @@ impl CpuBackend {
     /// family ([`Family::selected`]: `TERN_CPU_KERNELS`, else [`Family::default_for`]).
     pub fn new(threads: usize) -> Result<Self> {
         let isa = Isa::selected()?;
-        let family = Family::selected(isa, resolve_threads(threads))?;
+        let family = Family::selected(isa)?;
         Self::with_family(threads, isa, family)
     }
 

@@ -34,12 +34,14 @@ pub const FAMILY_ENV: &str = "TERN_CPU_KERNELS";
 
 /// Which ternary kernel family runs a linear's products (`TERN_CPU_KERNELS`).
 ///
-/// The rule ([`Family::default_for`]): base 3 at AVX-512 with two threads or more, multiply-add
-/// otherwise; lookup tables never by default. Base 3 reads 20% fewer bytes, which pays where threads
-/// share a core's memory bandwidth, while one thread is compute-bound on its GEMV and the levels
-/// without AVX-512 VNNI would decode base 3 for every product; lookup tables stream about the same
-/// weights per second as multiply-add from memory and their tables outgrow the caches in prompts.
-/// The measurements behind the rule are in `scripts/benchmark-log.md`.
+/// The rule ([`Family::default_for`]): base 3 at AVX-512, multiply-add otherwise; lookup tables
+/// never by default. Base 3 reads 20% fewer bytes and holds 20% less memory; its AVX-512 GEMV
+/// computes ~150 G weights/s on one core, which a thread streaming from memory rarely exceeds (at
+/// one thread it ties multiply-add on an Intel Xeon with ~10 GB/s a thread and is 3% slower on an
+/// AMD EPYC with ~40). The levels without AVX-512 VNNI would decode base 3 for every product;
+/// lookup tables stream about the same weights per second as multiply-add from memory and their
+/// tables outgrow the caches in prompts. The measurements behind the rule are in
+/// `scripts/benchmark-log.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// Multiply-add ([`PackedTernary`], 2 bits per weight).
@@ -97,9 +99,9 @@ impl Family {
             })
     }
 
-    /// The measured choice at `isa` with `threads` threads (see the type's documentation).
-    pub fn default_for(isa: Isa, threads: usize) -> Self {
-        if isa == Isa::Avx512 && threads >= 2 {
+    /// The measured choice at `isa` (see the type's documentation).
+    pub fn default_for(isa: Isa) -> Self {
+        if isa == Isa::Avx512 {
             Family::Base3
         } else {
             Family::Mad
@@ -108,12 +110,12 @@ impl Family {
 
     /// [`FAMILY_ENV`] if set to a family (an error if unknown, or not available at `isa`), else
     /// [`Family::default_for`].
-    pub fn selected(isa: Isa, threads: usize) -> Result<Self, Error> {
+    pub fn selected(isa: Isa) -> Result<Self, Error> {
         let chosen = match std::env::var(FAMILY_ENV) {
             Ok(name) if !name.trim().is_empty() => Family::parse(&name)?,
             _ => None,
         };
-        let family = chosen.unwrap_or_else(|| Family::default_for(isa, threads));
+        let family = chosen.unwrap_or_else(|| Family::default_for(isa));
         family.check(isa)?;
         Ok(family)
     }
@@ -396,9 +398,8 @@ mod tests {
             assert_eq!(Family::parse(f.name()).unwrap(), Some(f));
         }
         assert!(Family::parse("fast").is_err());
-        assert_eq!(Family::default_for(Isa::Avx512, 2), Family::Base3);
-        assert_eq!(Family::default_for(Isa::Avx512, 1), Family::Mad);
-        assert_eq!(Family::default_for(Isa::Avx2, 8), Family::Mad);
+        assert_eq!(Family::default_for(Isa::Avx512), Family::Base3);
+        assert_eq!(Family::default_for(Isa::Avx2), Family::Mad);
         assert!(Family::Lut.check(Isa::Avx2).is_err());
     }
 }
