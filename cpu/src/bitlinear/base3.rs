@@ -199,6 +199,14 @@ pub fn gemm(
     DECODED.with_borrow_mut(|decoded| {
         decoded.resize(mad_blocks * ROW_GROUP * CHUNK, 0);
         w.for_each_group(isa, rows, x, acc, mad::TILE_TOKENS, |g, chunk, out| {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                isa.check()?;
+                // SAFETY: AVX-512BW checked above; the group holds `w.blocks()` blocks of 4
+                // chunks and `decoded` `mad_blocks` (resized above).
+                unsafe { x86::decode_group(w.group(g), w.blocks(), mad_blocks, decoded) };
+                return mad::group_gemm(isa, decoded, mad_blocks, x, chunk, out);
+            }
             isa.vectorized(
                 #[inline(always)]
                 || w.decode_group(g, mad_blocks, decoded),
@@ -253,6 +261,61 @@ mod x86 {
             // Exact in wrapping i32 (see the module documentation); the shift divides exactly.
             _mm512_reduce_add_epi32(sum) >> 8
         })
+    }
+
+    /// [`PackedBase3::decode_group`](super::PackedBase3) on 512-bit registers: each output chunk
+    /// (4 planes of 2-bit codes) is assembled in a register and stored once, where the plain loop
+    /// reads and writes it back per plane. Segment `s` of 64 columns is plane `s % 5` of block
+    /// `s / 5` here and plane `s % 4` of block `s / 4` there; its code `⌊3 x / 256⌋` is two
+    /// unsigned comparisons, each adding the plane's bit where it holds; segments past this
+    /// layout's blocks get code 1 (value 0).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512BW; `group` holds `blocks` blocks of 4 chunks and `out`
+    /// `mad_blocks` blocks of 4 chunks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn decode_group(group: &[u8], blocks: usize, mad_blocks: usize, out: &mut [u8]) {
+        assert!(group.len() >= blocks * ROW_GROUP * CHUNK);
+        assert!(out.len() >= mad_blocks * ROW_GROUP * CHUNK);
+        let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
+        let mut x = [_mm512_setzero_si512(); ROW_GROUP];
+        for mb in 0..mad_blocks {
+            let mut d = [_mm512_setzero_si512(); ROW_GROUP];
+            for p in 0..4 {
+                let (b, plane) = ((4 * mb + p) / PLANES, (4 * mb + p) % PLANES);
+                let bit = _mm512_set1_epi8(1 << (2 * p));
+                for r in 0..ROW_GROUP {
+                    if b >= blocks {
+                        d[r] = _mm512_add_epi8(d[r], bit);
+                        continue;
+                    }
+                    if plane == 0 {
+                        // SAFETY: block `b < blocks` of the group (asserted length).
+                        x[r] = unsafe {
+                            _mm512_loadu_si512(
+                                group.as_ptr().add((b * ROW_GROUP + r) * CHUNK).cast(),
+                            )
+                        };
+                    }
+                    let (one, two) = (
+                        _mm512_cmpgt_epu8_mask(x[r], third),
+                        _mm512_cmpgt_epu8_mask(x[r], two_thirds),
+                    );
+                    d[r] = _mm512_mask_add_epi8(d[r], one, d[r], bit);
+                    d[r] = _mm512_mask_add_epi8(d[r], two, d[r], bit);
+                    x[r] = _mm512_add_epi8(_mm512_add_epi8(x[r], x[r]), x[r]);
+                }
+            }
+            for (r, d) in d.iter().enumerate() {
+                // SAFETY: block `mb < mad_blocks` of `out` (asserted length).
+                unsafe {
+                    _mm512_storeu_si512(
+                        out.as_mut_ptr().add((mb * ROW_GROUP + r) * CHUNK).cast(),
+                        *d,
+                    )
+                };
+            }
+        }
     }
 
     /// [`gemv_group`] on 256-bit vectors with AVX-VNNI: each chunk in two halves of 32 bytes.
