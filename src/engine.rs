@@ -240,6 +240,19 @@ impl Engine {
         self.kv.acquire()
     }
 
+    /// Keeps the KV pages of finished prompts for later prompts that start with the same tokens
+    /// ([`KvCache::enable_prefix_reuse`]); before any sequence starts.
+    pub fn enable_prefix_reuse(&mut self) -> Result<()> {
+        self.kv.enable_prefix_reuse()
+    }
+
+    /// A new sequence holding the longest cached prefix of `prompt` (whole pages, never its last
+    /// token): returns it and the number of prompt tokens already cached, which the caller does
+    /// not feed again.
+    pub fn new_sequence_with_prefix(&mut self, prompt: &[u32]) -> Result<(SequenceId, usize)> {
+        self.kv.acquire_with_prefix(prompt)
+    }
+
     pub fn release(&mut self, seq: SequenceId) {
         self.kv.release(seq);
     }
@@ -275,8 +288,9 @@ impl Engine {
             LogitsFor::All => tokens.len(),
         };
         let result = self.run_batches(tokens, &rows, logits_rows);
-        if result.is_err() {
-            self.kv.truncate(seq, start)?;
+        match result {
+            Ok(_) => self.kv.record(seq, tokens)?,
+            Err(_) => self.kv.truncate(seq, start)?,
         }
         result
     }
@@ -338,6 +352,10 @@ impl Engine {
         if result.is_err() {
             for (seq, start) in reserved {
                 self.kv.truncate(seq, start)?;
+            }
+        } else {
+            for item in items {
+                self.kv.record(item.seq, item.tokens)?;
             }
         }
         result

@@ -12,12 +12,28 @@
 //!   each a distinct page of the pool, and no other sequence holds them; every other page is on
 //!   the free list. Pages are taken as a sequence grows and all returned when it is truncated,
 //!   cleared or released, so memory follows the tokens actually cached;
-//! - when the pool has no free page for a step, [`KvCache::reserve`] grows it (up to the
-//!   manager's growth limit, see [`KvCache::new`]) or refuses with an out-of-pages error, changing
-//!   nothing.
+//! - when the pool has no free page for a step, [`KvCache::reserve`] evicts cached prefix pages
+//!   (below), then grows the pool (up to the manager's growth limit, see [`KvCache::new`]) or
+//!   refuses with an out-of-pages error, changing nothing.
+//!
+//! # Prefix reuse ([`KvCache::enable_prefix_reuse`])
+//! A *full* page's keys and values depend only on the tokens of its positions and of every
+//! position before it. So once a sequence has filled a page, the page is registered under the
+//! key (the page before it in the sequence, or none; the page's tokens), and a new sequence whose
+//! prompt starts with the same tokens takes the registered pages instead of computing them
+//! ([`KvCache::acquire_with_prefix`]): the chain of keys, matched exactly (no hashing of token
+//! runs), names the whole prefix. Invariants on top of the ones above:
+//! - a page may sit in several sequences' tables (`refs` counts them), only as one of their
+//!   leading full pages, which nobody writes again: a sequence writes only past its own length,
+//!   and shares only whole pages below it;
+//! - a registered page no sequence holds is *idle*: off the free list, counted free (it is handed
+//!   out, least recently released first, once the free list is empty), and evicted together with
+//!   every registered page keyed on it, so no key ever names a page whose contents changed;
+//! - a page whose contents a sequence will overwrite (a truncation into it) is unregistered first.
 
 use crate::backend::{Backend, KvSpec, NO_PAGE, PageTable, TokenPosition};
 use anyhow::{Result, bail, ensure};
+use std::collections::{BTreeMap, HashMap};
 
 /// A live sequence in the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +55,30 @@ pub struct KvCache {
     free: Vec<u32>,
     /// The pool never grows past this many pages.
     max_pages: usize,
+    /// Sequences holding each page.
+    refs: Vec<u32>,
+    /// Registered full pages (`None`: prefix reuse off).
+    prefixes: Option<Prefixes>,
+}
+
+/// What a registered page is known by: the page before it in its sequence ([`NO_PAGE`] for a
+/// first page) and its tokens.
+type PageKey = (u32, Vec<u32>);
+
+/// The registered pages of [`KvCache::enable_prefix_reuse`] (see the module documentation).
+#[derive(Default)]
+struct Prefixes {
+    pages: HashMap<PageKey, u32>,
+    /// Each registered page's key.
+    keys: HashMap<u32, PageKey>,
+    /// Registered pages keyed on each page.
+    children: HashMap<u32, Vec<u32>>,
+    /// Idle registered pages by release time, oldest first, and each one's time.
+    idle: BTreeMap<u64, u32>,
+    idle_since: HashMap<u32, u64>,
+    clock: u64,
+    /// Each slot's cached tokens.
+    tokens: Vec<Vec<u32>>,
 }
 
 impl KvCache {
@@ -68,7 +108,26 @@ impl KvCache {
             table: vec![NO_PAGE; spec.slots * spec.pages_per_slot()],
             free: (0..spec.pages as u32).rev().collect(),
             max_pages,
+            refs: vec![0; spec.pages],
+            prefixes: None,
         })
+    }
+
+    /// Keeps full pages for later sequences whose prompts start with the same tokens (see the
+    /// module documentation). Sequences live now register nothing until their next tokens.
+    /// An error while a sequence is live (its tokens were not recorded).
+    pub fn enable_prefix_reuse(&mut self) -> Result<()> {
+        ensure!(
+            self.slots_in_use() == 0,
+            "prefix reuse is turned on before any sequence starts"
+        );
+        if self.prefixes.is_none() {
+            self.prefixes = Some(Prefixes {
+                tokens: vec![Vec::new(); self.spec.slots],
+                ..Prefixes::default()
+            });
+        }
+        Ok(())
     }
 
     /// Positions each sequence can hold.
@@ -101,14 +160,19 @@ impl KvCache {
         self.max_pages
     }
 
-    /// Pages no sequence holds.
+    /// Pages no sequence holds (cached prefix pages included: they are handed out when needed).
     pub fn pages_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.pages_cached()
     }
 
     /// Pages held by live sequences.
     pub fn pages_used(&self) -> usize {
-        self.spec.pages - self.free.len()
+        self.spec.pages - self.pages_free()
+    }
+
+    /// Full pages no sequence holds, kept for a later prompt that starts with their tokens.
+    pub fn pages_cached(&self) -> usize {
+        self.prefixes.as_ref().map_or(0, |p| p.idle.len())
     }
 
     /// Bytes of the pool now (K and V, every layer).
@@ -138,6 +202,81 @@ impl KvCache {
         };
         self.lengths[slot] = Some(0);
         Ok(SequenceId(slot))
+    }
+
+    /// [`KvCache::acquire`], then the longest run of registered pages that the prompt starts
+    /// with, taken as the sequence's first pages (at most up to the prompt's last token, whose
+    /// logits the caller still needs); returns the sequence and the positions it already holds.
+    pub fn acquire_with_prefix(&mut self, prompt: &[u32]) -> Result<(SequenceId, usize)> {
+        let seq = self.acquire()?;
+        let size = self.spec.page_size;
+        let row = seq.0 * self.spec.pages_per_slot();
+        let Some(prefixes) = self.prefixes.as_mut() else {
+            return Ok((seq, 0));
+        };
+        let mut parent = NO_PAGE;
+        let mut taken = 0;
+        let capacity = self.spec.capacity;
+        while (taken + 1) * size < prompt.len() && (taken + 1) * size <= capacity {
+            let key = (parent, prompt[taken * size..(taken + 1) * size].to_vec());
+            let Some(&page) = prefixes.pages.get(&key) else {
+                break;
+            };
+            if let Some(since) = prefixes.idle_since.remove(&page) {
+                prefixes.idle.remove(&since);
+            }
+            self.refs[page as usize] += 1;
+            self.table[row + taken] = page;
+            parent = page;
+            taken += 1;
+        }
+        let len = taken * size;
+        prefixes.tokens[seq.0] = prompt[..len].to_vec();
+        self.lengths[seq.0] = Some(len);
+        Ok((seq, len))
+    }
+
+    /// Records the tokens just computed at the sequence's last `tokens.len()` positions and, with
+    /// prefix reuse on, registers the pages they fill.
+    pub fn record(&mut self, seq: SequenceId, tokens: &[u32]) -> Result<()> {
+        let len = self.len(seq)?;
+        let size = self.spec.page_size;
+        let row = seq.0 * self.spec.pages_per_slot();
+        let Some(prefixes) = self.prefixes.as_mut() else {
+            return Ok(());
+        };
+        let cached = &mut prefixes.tokens[seq.0];
+        ensure!(
+            cached.len() + tokens.len() == len,
+            "sequence {} holds {len} positions, not {} + {} recorded tokens",
+            seq.0,
+            cached.len(),
+            tokens.len()
+        );
+        let first = cached.len() / size;
+        cached.extend_from_slice(tokens);
+        for i in first..len / size {
+            let page = self.table[row + i];
+            let parent = if i == 0 {
+                NO_PAGE
+            } else {
+                self.table[row + i - 1]
+            };
+            let key = (parent, cached[i * size..(i + 1) * size].to_vec());
+            if prefixes.keys.contains_key(&page) {
+                continue; // taken from the registered pages
+            }
+            if parent != NO_PAGE && !prefixes.keys.contains_key(&parent) {
+                break; // a key must name a registered page, whose contents never change
+            }
+            if prefixes.pages.contains_key(&key) {
+                break; // the same tokens under another page (computed at the same time)
+            }
+            prefixes.pages.insert(key.clone(), page);
+            prefixes.keys.insert(page, key);
+            prefixes.children.entry(parent).or_default().push(page);
+        }
+        Ok(())
     }
 
     /// Returns the sequence's pages to the pool and its slot to the free list.
@@ -179,12 +318,16 @@ impl KvCache {
         }
         let (held, needed) = (self.pages_for(start), self.pages_for(start + count));
         let more = needed - held;
-        if more > self.free.len() {
-            self.grow(backend, more - self.free.len())?;
+        if more > self.pages_free() {
+            self.grow(backend, more - self.pages_free())?;
+        }
+        while more > self.free.len() {
+            self.evict_oldest();
         }
         let row = seq.0 * self.spec.pages_per_slot();
         for entry in &mut self.table[row + held..row + needed] {
             *entry = self.free.pop().expect("enough free pages, checked above");
+            self.refs[*entry as usize] = 1;
         }
         self.lengths[seq.0] = Some(start + count);
         Ok((start..start + count)
@@ -205,12 +348,79 @@ impl KvCache {
         );
         let row = seq.0 * self.spec.pages_per_slot();
         let (keep, held) = (self.pages_for(len), self.pages_for(cur));
-        // Pushed last page first, so the next sequence takes them back in position order.
-        for entry in self.table[row + keep..row + held].iter_mut().rev() {
-            self.free.push(std::mem::replace(entry, NO_PAGE));
+        if !len.is_multiple_of(self.spec.page_size) && len < cur {
+            // The sequence will write into its last kept page again.
+            let page = self.table[row + keep - 1];
+            ensure!(
+                self.refs[page as usize] == 1,
+                "cannot truncate sequence {} to {len} tokens: its page of those positions is \
+                 shared with another sequence",
+                seq.0
+            );
+            self.unregister(page);
+        }
+        // Released last page first, so the next sequence takes them back in position order.
+        for i in (keep..held).rev() {
+            let page = std::mem::replace(&mut self.table[row + i], NO_PAGE);
+            self.put_back(page);
+        }
+        if let Some(prefixes) = self.prefixes.as_mut() {
+            prefixes.tokens[seq.0].truncate(len);
         }
         self.lengths[seq.0] = Some(len);
         Ok(())
+    }
+
+    /// A sequence lets go of `page`: the last holder of a registered page makes it idle, of any
+    /// other page free.
+    fn put_back(&mut self, page: u32) {
+        let refs = &mut self.refs[page as usize];
+        *refs -= 1;
+        if *refs > 0 {
+            return;
+        }
+        match self.prefixes.as_mut() {
+            Some(p) if p.keys.contains_key(&page) => {
+                p.clock += 1;
+                p.idle.insert(p.clock, page);
+                p.idle_since.insert(page, p.clock);
+            }
+            _ => self.free.push(page),
+        }
+    }
+
+    /// Forgets `page`'s registration and those of the pages keyed on it (idle ones go to the free
+    /// list; held ones stay with their sequences, unregistered).
+    fn unregister(&mut self, page: u32) {
+        let Some(p) = self.prefixes.as_mut() else {
+            return;
+        };
+        let mut pending = vec![page];
+        while let Some(page) = pending.pop() {
+            let Some(key) = p.keys.remove(&page) else {
+                continue;
+            };
+            p.pages.remove(&key);
+            if let Some(siblings) = p.children.get_mut(&key.0) {
+                siblings.retain(|&c| c != page);
+            }
+            pending.extend(p.children.remove(&page).unwrap_or_default());
+            if let Some(since) = p.idle_since.remove(&page) {
+                p.idle.remove(&since);
+                self.free.push(page);
+            }
+        }
+    }
+
+    /// Hands the least recently released idle page (and the pages keyed on it) to the free list.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .prefixes
+            .as_ref()
+            .and_then(|p| p.idle.values().next().copied());
+        if let Some(page) = oldest {
+            self.unregister(page);
+        }
     }
 
     /// Grows the pool by at least `missing` pages (doubling it when that is more, never past
@@ -230,6 +440,7 @@ impl KvCache {
         let target = (2 * pages).clamp(wanted, self.max_pages);
         backend.grow_kv(target)?;
         self.free.splice(0..0, (pages as u32..target as u32).rev());
+        self.refs.resize(target, 0);
         self.spec.pages = target;
         Ok(())
     }
@@ -299,31 +510,52 @@ mod tests {
         assert!(kv.reserve(&mut b, s, 1).is_err());
     }
 
-    /// Every live sequence's first ⌈len / page_size⌉ entries are distinct pages of the pool, the
-    /// rest of the table is empty, and the free list holds exactly the other pages.
+    /// Every live sequence's first ⌈len / page_size⌉ entries are pages of the pool (distinct within
+    /// the sequence), each held by as many sequences as its count says, the rest of the table is
+    /// empty; the free list and the idle registered pages hold exactly the other pages, once.
     fn assert_consistent(kv: &KvCache) {
         let per_slot = kv.spec.pages_per_slot();
-        let mut seen = vec![false; kv.pages()];
+        let mut holders = vec![0u32; kv.pages()];
         for (slot, len) in kv.lengths.iter().enumerate() {
             let held = kv.pages_for(len.unwrap_or(0));
-            for (i, &p) in kv.table[slot * per_slot..][..per_slot].iter().enumerate() {
+            let entries = &kv.table[slot * per_slot..][..per_slot];
+            for (i, &p) in entries.iter().enumerate() {
                 if i < held {
-                    assert!(
-                        !std::mem::replace(&mut seen[p as usize], true),
-                        "page {p} twice"
-                    );
+                    assert!(!entries[..i].contains(&p), "page {p} twice in slot {slot}");
+                    holders[p as usize] += 1;
                 } else {
                     assert_eq!(p, NO_PAGE, "slot {slot} entry {i}");
                 }
             }
         }
-        for &p in &kv.free {
+        assert_eq!(holders, kv.refs, "holders per page");
+        let idle: Vec<u32> = kv
+            .prefixes
+            .as_ref()
+            .map_or(Vec::new(), |p| p.idle.values().copied().collect());
+        let mut seen = holders.iter().map(|&h| h > 0).collect::<Vec<_>>();
+        for &p in kv.free.iter().chain(&idle) {
             assert!(
                 !std::mem::replace(&mut seen[p as usize], true),
-                "free page {p} held"
+                "free page {p} held, or listed twice"
             );
         }
         assert!(seen.iter().all(|&s| s), "a page is lost");
+        if let Some(prefixes) = &kv.prefixes {
+            for (key, page) in &prefixes.pages {
+                assert_eq!(prefixes.keys.get(page), Some(key), "page {page}'s key");
+                let parent_ok = key.0 == NO_PAGE || prefixes.keys.contains_key(&key.0);
+                assert!(
+                    parent_ok,
+                    "page {page} keyed on unregistered page {}",
+                    key.0
+                );
+            }
+            assert_eq!(prefixes.pages.len(), prefixes.keys.len());
+            for &p in &idle {
+                assert!(prefixes.keys.contains_key(&p), "idle page {p} unregistered");
+            }
+        }
     }
 
     #[test]
@@ -389,5 +621,102 @@ mod tests {
         let err = kv.reserve(&mut b, s, 8).unwrap_err().to_string();
         assert!(err.contains("out of KV-cache pages"), "{err}");
         assert_eq!(kv.len(s).unwrap(), 21);
+    }
+
+    /// Feeds `tokens` to a new sequence that takes what it can from the registered pages; returns
+    /// it and the number of tokens taken.
+    fn start(b: &mut CpuBackend, kv: &mut KvCache, tokens: &[u32]) -> (SequenceId, usize) {
+        let (s, cached) = kv.acquire_with_prefix(tokens).unwrap();
+        kv.reserve(b, s, tokens.len() - cached).unwrap();
+        kv.record(s, &tokens[cached..]).unwrap();
+        assert_consistent(kv);
+        (s, cached)
+    }
+
+    #[test]
+    fn a_prompt_takes_the_full_pages_of_an_earlier_prompt_it_starts_with() {
+        let mut b = CpuBackend::new(1).unwrap();
+        let mut kv = KvCache::new(&mut b, spec(3, 16, 12), 0).unwrap();
+        kv.enable_prefix_reuse().unwrap();
+        let prompt: Vec<u32> = (10..20).collect(); // 2 full pages of 4 and 2 positions
+        let (a, cached) = start(&mut b, &mut kv, &prompt);
+        assert_eq!(cached, 0);
+        let a_pages = kv.page_table()[..3].to_vec();
+        kv.release(a);
+        assert_eq!((kv.pages_cached(), kv.pages_used()), (2, 0));
+        assert_consistent(&kv);
+        // The same first 9 tokens: both full pages; the same 8: one (the last token is fed).
+        let mut other = prompt[..9].to_vec();
+        other.push(99);
+        let (x, cached) = start(&mut b, &mut kv, &other);
+        assert_eq!(cached, 8);
+        let per_slot = kv.spec.pages_per_slot();
+        assert_eq!(&kv.page_table()[x.slot() * per_slot..][..2], &a_pages[..2]);
+        let (y, cached) = start(&mut b, &mut kv, &prompt[..8]);
+        assert_eq!((cached, kv.refs[a_pages[0] as usize]), (4, 2));
+        // A different first token, or the same tokens in another order, take nothing; nor do
+        // the tokens of a registered page at another position (their keys and values differ).
+        let (z, cached) = start(&mut b, &mut kv, &[11, 10, 12, 13, 14, 15, 16, 17, 18]);
+        assert_eq!(cached, 0);
+        kv.release(z);
+        let (w, cached) = start(&mut b, &mut kv, &[14, 15, 16, 17, 0]);
+        assert_eq!(cached, 0);
+        kv.release(w);
+        kv.release(x);
+        assert_eq!(kv.refs[a_pages[0] as usize], 1, "still held by y");
+        kv.release(y);
+        assert_eq!(kv.pages_used(), 0);
+        assert_consistent(&kv);
+        // Off (the default), nothing is kept.
+        let mut plain = KvCache::new(&mut b, spec(1, 16, 4), 0).unwrap();
+        let (p, _) = start(&mut b, &mut plain, &prompt);
+        plain.release(p);
+        assert_eq!(start(&mut b, &mut plain, &prompt).1, 0);
+    }
+
+    #[test]
+    fn cached_pages_are_handed_out_oldest_first_with_the_pages_keyed_on_them() {
+        let mut b = CpuBackend::new(1).unwrap();
+        let mut kv = KvCache::new(&mut b, spec(2, 16, 4), 0).unwrap();
+        kv.enable_prefix_reuse().unwrap();
+        let (a, _) = start(&mut b, &mut kv, &[1, 2, 3, 4, 5, 6, 7, 8]); // 2 full pages
+        kv.release(a);
+        let (c, _) = start(&mut b, &mut kv, &[9, 9, 9, 9, 9]); // 1 full page, 1 partial
+        kv.release(c);
+        assert_eq!((kv.pages_cached(), kv.pages_free()), (3, 4));
+        // 8 positions: the free page, then the least recently released idle page.
+        let (d, cached) = start(&mut b, &mut kv, &[7, 7, 7, 7, 7, 7, 7, 7]);
+        assert_eq!((cached, kv.pages_cached()), (0, 2));
+        kv.release(d);
+        // [1..4] is still cached; [5..8], keyed on it and released before it, was handed out.
+        assert_eq!(start(&mut b, &mut kv, &[1, 2, 3, 4, 5, 6, 7, 8, 0]).1, 4);
+        assert_consistent(&kv);
+    }
+
+    #[test]
+    fn a_page_written_again_is_forgotten_and_a_shared_one_is_not_truncated() {
+        let mut b = CpuBackend::new(1).unwrap();
+        let mut kv = KvCache::new(&mut b, spec(2, 16, 8), 0).unwrap();
+        kv.enable_prefix_reuse().unwrap();
+        let prompt: Vec<u32> = (1..=9).collect();
+        let (a, _) = start(&mut b, &mut kv, &prompt);
+        let (x, cached) = start(&mut b, &mut kv, &prompt);
+        assert_eq!(cached, 8);
+        let err = kv.truncate(x, 6).unwrap_err().to_string();
+        assert!(err.contains("shared"), "{err}");
+        kv.release(x);
+        // a alone holds its pages: truncating into the second one unregisters it.
+        kv.truncate(a, 6).unwrap();
+        kv.reserve(&mut b, a, 2).unwrap();
+        kv.record(a, &[50, 51]).unwrap();
+        assert_consistent(&kv);
+        kv.release(a);
+        let (y, cached) = start(&mut b, &mut kv, &prompt);
+        assert_eq!(cached, 4, "only the first page is still known");
+        kv.release(y);
+        // Turning reuse on needs an empty cache.
+        let mut fresh = KvCache::new(&mut b, spec(1, 16, 4), 0).unwrap();
+        let _s = fresh.acquire().unwrap();
+        assert!(fresh.enable_prefix_reuse().is_err());
     }
 }

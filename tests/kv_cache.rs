@@ -123,3 +123,33 @@ fn f16_cache_matches_the_f32_cache_within_tolerance() {
         );
     }
 }
+
+/// A prompt that starts with an earlier prompt's tokens takes its full pages from the cache and
+/// gives, on every backend, the logits of computing it whole.
+#[test]
+fn a_cached_prefix_gives_the_logits_of_computing_it() {
+    let model = load("tiny-packed");
+    let first = prompt(45);
+    let mut second = first[..40].to_vec();
+    second.extend([5, 6, 7]);
+    for (name, backend) in backends() {
+        let mut engine =
+            Engine::with_kv(&model, backend, kv(128, KvType::F32, KvPool::Full)).unwrap();
+        engine.enable_prefix_reuse().unwrap();
+        let vocab = engine.config().vocab;
+        let (a, cached) = engine.new_sequence_with_prefix(&first).unwrap();
+        assert_eq!(cached, 0, "{name}");
+        engine.feed(a, &first, LogitsFor::Last).unwrap();
+        engine.release(a);
+        let (b, cached) = engine.new_sequence_with_prefix(&second).unwrap();
+        assert_eq!(cached, 32, "{name}: two pages of 16 positions");
+        let got = engine.feed(b, &second[cached..], LogitsFor::All).unwrap();
+        engine.release(b);
+        let backend = backends().into_iter().find(|(n, _)| *n == name).unwrap().1;
+        let mut fresh =
+            Engine::with_kv(&model, backend, kv(128, KvType::F32, KvPool::Full)).unwrap();
+        let s = fresh.new_sequence().unwrap();
+        let want = fresh.feed(s, &second, LogitsFor::All).unwrap();
+        assert_eq!(got, want[cached * vocab..], "{name}");
+    }
+}

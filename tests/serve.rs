@@ -588,6 +588,30 @@ fn the_head_chosen_per_step_changes_no_output() {
     assert_eq!(a["logprobs"], f["logprobs"]);
 }
 
+/// A prompt repeated (or extended, like a chat's next turn) takes the earlier prompt's full KV
+/// pages from the cache, and its greedy text is that of a server that computes every prompt.
+#[test]
+fn a_repeated_prompt_prefix_comes_from_cached_pages_with_the_same_text() {
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(5);
+    let text = |server: &Server, prompt: &str| {
+        let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0});
+        let v = json_body(&server.post("/v1/completions", &body));
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let plain = Server::start(&["--parallel", "2", "--no-prefix-cache"]);
+    let cached = Server::start(&["--parallel", "2"]);
+    let longer = format!("{prompt}and then");
+    for p in [&prompt, &prompt, &longer] {
+        assert_eq!(text(&cached, p), text(&plain, p), "{p}");
+    }
+    let taken = cached.metric("tern_prompt_tokens_cached_total");
+    assert!(taken >= 64.0 && taken % 16.0 == 0.0, "{taken} tokens taken");
+    assert_eq!(plain.metric("tern_prompt_tokens_cached_total"), 0.0);
+    cached.wait_idle(2.0);
+    assert!(cached.metric("tern_kv_pages_cached") > 0.0);
+    assert_eq!(plain.metric("tern_kv_pages_cached"), 0.0);
+}
+
 #[test]
 fn tokenize_detokenize_and_models() {
     let server = Server::start(&[]);

@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// Seconds running requests may continue after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Do not keep the KV pages of earlier prompts: by default a prompt that starts with the
+    /// tokens of an earlier one (a shared system prompt, a chat's previous turns) takes their
+    /// cached keys and values, whole pages of 16 positions, instead of computing them again.
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -51,6 +56,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let model = args.model;
     let parallel = args.parallel;
     let pool = args.kv_memory.map_or(KvPool::Full, KvPool::Bytes);
+    let prefix_cache = !args.no_prefix_cache;
     serve(
         options,
         Box::new(move || {
@@ -62,8 +68,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             // Requests may sample any way and ask for log-probabilities: `auto` starts with the
             // full head, and the scheduler takes the 8-bit copy for the steps that allow it.
             model.lm_head.apply(backend.as_mut(), false)?;
-            let engine =
+            let mut engine =
                 Engine::with_kv(loaded.source.as_ref(), backend, model.kv(parallel, pool))?;
+            if prefix_cache {
+                engine.enable_prefix_reuse()?;
+            }
             let stops = stop_ids(&tokenizer, &engine);
             Ok((engine, tokenizer, stops))
         }),

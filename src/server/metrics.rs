@@ -52,6 +52,8 @@ pub struct Metrics {
     /// Requests whose client went away before they finished.
     pub cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose KV pages came from the prefix cache (not computed again).
+    pub prompt_tokens_cached: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Requests waiting for a KV slot.
     pub queue_depth: AtomicU64,
@@ -62,6 +64,8 @@ pub struct Metrics {
     /// KV pages held by sequences, and free in the pool.
     pub kv_pages_used: AtomicU64,
     pub kv_pages_free: AtomicU64,
+    /// Free pages among them that hold a cached prompt prefix.
+    pub kv_pages_cached: AtomicU64,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
 }
@@ -116,6 +120,12 @@ impl Metrics {
             &self.prompt_tokens,
         );
         one(
+            "tern_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens taken from cached KV pages of an earlier prompt's prefix.",
+            &self.prompt_tokens_cached,
+        );
+        one(
             "tern_generated_tokens_total",
             "counter",
             "Tokens generated.",
@@ -154,8 +164,14 @@ impl Metrics {
         one(
             "tern_kv_pages_free",
             "gauge",
-            "KV-cache pages free in the pool.",
+            "KV-cache pages free in the pool (cached prefix pages included).",
             &self.kv_pages_free,
+        );
+        one(
+            "tern_kv_pages_cached",
+            "gauge",
+            "Free KV-cache pages holding a prompt prefix for reuse, handed out last.",
+            &self.kv_pages_cached,
         );
         if let Ok(h) = self.ttft.lock() {
             h.render(

@@ -232,19 +232,23 @@ impl Scheduler {
             };
             available -= pages;
             self.metrics.queue_depth.fetch_sub(1, Relaxed);
-            match self.engine.new_sequence() {
-                Ok(seq) => self.running.push(Running {
-                    pages,
-                    seq,
-                    sampler: Sampler::new(job.sampling),
-                    history: job.prompt.clone(),
-                    fed: 0,
-                    generated: 0,
-                    pending: None,
-                    last_token_at: None,
-                    finish: None,
-                    job,
-                }),
+            match self.engine.new_sequence_with_prefix(&job.prompt) {
+                Ok((seq, cached)) => {
+                    let m = &self.metrics;
+                    m.prompt_tokens_cached.fetch_add(cached as u64, Relaxed);
+                    self.running.push(Running {
+                        pages,
+                        seq,
+                        sampler: Sampler::new(job.sampling),
+                        history: job.prompt.clone(),
+                        fed: cached,
+                        generated: 0,
+                        pending: None,
+                        last_token_at: None,
+                        finish: None,
+                        job,
+                    })
+                }
                 Err(e) => fail(&job, &e),
             }
         }
@@ -404,6 +408,7 @@ impl Scheduler {
         let kv = self.engine.kv();
         m.kv_pages_used.store(kv.pages_used() as u64, Relaxed);
         m.kv_pages_free.store(kv.pages_free() as u64, Relaxed);
+        m.kv_pages_cached.store(kv.pages_cached() as u64, Relaxed);
     }
 }
 
