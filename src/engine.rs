@@ -148,7 +148,6 @@ impl Engine {
             "the KV cache needs at least one sequence slot"
         );
         let model = Model::upload(source, backend.as_mut())?;
-        return_freed_heap();
         let full = model.kv_spec(kv.slots, ctx, 0, kv.kv_type);
         let full_pages = kv.slots * full.pages_per_slot();
         let pages_for = |positions: usize| positions.div_ceil(full.page_size).max(1);
@@ -451,21 +450,5 @@ impl Engine {
             decode_time: decode_start.elapsed(),
             finish,
         })
-    }
-}
-
-/// Hands the heap memory freed while loading (each tensor's decoded values and canonical codes, a
-/// layer at a time) back to the OS. glibc keeps freed blocks below its mmap threshold in its arenas,
-/// and a streaming load frees hundreds of them between the weights it keeps: about 100 MB stayed
-/// resident on a 7B model.
-fn return_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: glibc's malloc_trim only releases memory no allocation holds; it takes no
-        // pointers and may be called from any thread at any time.
-        unsafe { malloc_trim(0) };
     }
 }

@@ -138,6 +138,8 @@ impl Model {
             let bytes: usize = host.linears().iter().map(|m| m.packed_bytes()).sum();
             progress.inc(bytes as u64);
             progress.set_message(format!("layer {}/{}", l + 1, c.layers));
+            drop(host);
+            return_freed_heap();
         }
         progress.finish_and_clear();
         Ok(Self {
@@ -364,5 +366,22 @@ impl Tap<'_> {
             capture.record(&name, width, &values)?;
         }
         Ok(())
+    }
+}
+
+/// Hands the heap memory freed while loading a layer (its tensors' decoded values and canonical
+/// codes, the repacking's temporaries) back to the OS. glibc keeps freed blocks below its mmap
+/// threshold in its arenas (one per thread that repacks), and a streaming load frees hundreds of
+/// them between the weights it keeps: about 100 MB stayed resident on a 7B model after loading,
+/// and the load's peak stood ~0.6 GB above the loaded model's footprint on a 30B one.
+fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim only releases memory no allocation holds; it takes no
+        // pointers and may be called from any thread at any time.
+        unsafe { malloc_trim(0) };
     }
 }
