@@ -10,9 +10,9 @@
 # the same weights; bitnet.cpp's own converter needs an F16 source that would not fit on the disk
 # at these sizes. Both run pp128 and tg128 at 1 and 2 threads (`REPS` repetitions, default 1, after
 # their own warm-up run; bitnet.cpp one process per test, tern one for all); tern with
-# `--backend cpu`, its default head and an f16 KV cache like bitnet.cpp's. A file that does not fit in the
-# memory available is still tried and what happens is recorded. Tables and logs go to the out-dir
-# (default target/big-side-by-side).
+# `--backend cpu`, its default head and an f16 KV cache like bitnet.cpp's. A file that does not fit
+# in the memory available is still tried and what happens is recorded. Tables and logs go to the
+# out-dir (default target/big-side-by-side).
 set -euo pipefail
 sizes=${1:-7b 13b 30b 70b}
 models=${2:-target/big-models}
