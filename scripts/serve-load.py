@@ -14,6 +14,7 @@ and a short stream is reported). A warm-up request runs first and is not counted
 
 import argparse
 import asyncio
+import random
 import statistics
 import sys
 import time
@@ -27,7 +28,10 @@ WORDS = (
 
 
 def prompt(i: int, words: int) -> str:
-    return " ".join(WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(words))
+    # Words drawn from a generator seeded by `i`: no two requests of a run start alike, so a
+    # server's prefix cache has nothing to reuse between them.
+    rng = random.Random(i)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 async def stream(client: AsyncOpenAI, model: str, text: str, tokens: int, seed: int, started_event=None):
@@ -87,7 +91,7 @@ async def probe(client, model, streams, words, tokens):
     ]
     for _ in range(streams):
         await generating.acquire()
-    loaded = (await stream(client, model, prompt(7, words), 4, 7))[0]
+    loaded = (await stream(client, model, prompt(8, words), 4, 8))[0]
     await asyncio.gather(*background)
     return idle, loaded
 
