@@ -9,9 +9,10 @@
 //!   refuses (with an error naming the context length) any step that would pass the capacity, so a
 //!   prompt or a generation never overflows and is never truncated silently;
 //! - a sequence of `len` positions holds exactly its first `⌈len / page_size⌉` page-table entries,
-//!   each a distinct page of the pool, and no other sequence holds them; every other page is on
-//!   the free list. Pages are taken as a sequence grows and all returned when it is truncated,
-//!   cleared or released, so memory follows the tokens actually cached;
+//!   each a distinct page of the pool, which no other sequence holds (except the shared full pages
+//!   of prefix reuse, below); every other page is on the free list (or idle, below). Pages are
+//!   taken as a sequence grows and all returned when it is truncated, cleared or released, so
+//!   memory follows the tokens actually cached;
 //! - when the pool has no free page for a step, [`KvCache::reserve`] evicts cached prefix pages
 //!   (below), then grows the pool (up to the manager's growth limit, see [`KvCache::new`]) or
 //!   refuses with an out-of-pages error, changing nothing.

@@ -6,7 +6,9 @@
 //!    whose client has gone (its event receiver is closed), freeing their KV slots;
 //! 2. gives free KV slots to waiting jobs, oldest first, while the KV pool has the pages each will
 //!    need at most (its prompt plus `max_tokens`, within the context) besides those promised to
-//!    the running ones; the oldest job that does not fit waits, and the ones behind it too;
+//!    the running ones; the oldest job that does not fit waits, and the ones behind it too; with
+//!    the prefix cache on, a new sequence starts with the cached pages of the longest registered
+//!    prefix of its prompt ([`Engine::new_sequence_with_prefix`]) and feeds only the rest;
 //! 3. runs one forward pass holding the last sampled token of every decoding sequence (one row
 //!    each) and at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest
 //!    first (chunked prefill: a long prompt never stalls the running streams for more than a
