@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
                                 first.get_or_insert_with(|| started.elapsed());
                                 count += 1;
                             }
+                            Event::Started { .. } => {}
                             Event::Done { .. } => break,
                             Event::Error { message, .. } => anyhow::bail!(message),
                         }

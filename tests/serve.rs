@@ -593,19 +593,30 @@ fn the_head_chosen_per_step_changes_no_output() {
 #[test]
 fn a_repeated_prompt_prefix_comes_from_cached_pages_with_the_same_text() {
     let prompt = "the quick brown fox jumps over the lazy dog ".repeat(5);
-    let text = |server: &Server, prompt: &str| {
+    // The text and `usage.prompt_tokens_details.cached_tokens`.
+    let complete = |server: &Server, prompt: &str| {
         let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0});
         let v = json_body(&server.post("/v1/completions", &body));
-        v["choices"][0]["text"].as_str().unwrap().to_string()
+        let cached = &v["usage"]["prompt_tokens_details"]["cached_tokens"];
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+            cached.as_u64().unwrap(),
+        )
     };
     let plain = Server::start(&["--parallel", "2", "--no-prefix-cache"]);
     let cached = Server::start(&["--parallel", "2"]);
     let longer = format!("{prompt}and then");
+    let mut taken = Vec::new();
     for p in [&prompt, &prompt, &longer] {
-        assert_eq!(text(&cached, p), text(&plain, p), "{p}");
+        let (text, reused) = complete(&cached, p);
+        assert_eq!((text, 0), complete(&plain, p), "{p}");
+        taken.push(reused);
     }
-    let taken = cached.metric("tern_prompt_tokens_cached_total");
-    assert!(taken >= 64.0 && taken % 16.0 == 0.0, "{taken} tokens taken");
+    assert_eq!(taken[0], 0);
+    assert!(taken[1] >= 32 && taken[1] % 16 == 0, "{taken:?}");
+    assert!(taken[2] >= taken[1], "{taken:?}");
+    let total = cached.metric("tern_prompt_tokens_cached_total");
+    assert_eq!(total, (taken[1] + taken[2]) as f64);
     assert_eq!(plain.metric("tern_prompt_tokens_cached_total"), 0.0);
     cached.wait_idle(2.0);
     assert!(cached.metric("tern_kv_pages_cached") > 0.0);

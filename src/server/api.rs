@@ -355,10 +355,12 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[(GeneratedToken, usize)]) 
     json!({ "content": content })
 }
 
-pub fn usage(prompt: usize, completion: usize) -> Value {
+/// OpenAI's `usage`; `cached`: prompt tokens taken from the prefix cache.
+pub fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }

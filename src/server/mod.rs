@@ -569,6 +569,7 @@ enum Out {
         finish: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        cached_tokens: usize,
     },
     Error(ApiError),
 }
@@ -580,6 +581,7 @@ struct Consumer<'t> {
     stops: StopMatcher,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     /// Outputs decided but not yet returned; after the last one, `finished`.
     queue: std::collections::VecDeque<Out>,
     finished: bool,
@@ -598,6 +600,7 @@ impl<'t> Consumer<'t> {
             stops: StopMatcher::new(stops),
             prompt_tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
             queue: Default::default(),
             finished: false,
         }
@@ -611,7 +614,13 @@ impl<'t> Consumer<'t> {
         if self.finished {
             return None;
         }
-        match self.rx.recv().await {
+        let event = loop {
+            match self.rx.recv().await {
+                Some(Event::Started { cached_tokens }) => self.cached_tokens = cached_tokens,
+                other => break other,
+            }
+        };
+        match event {
             Some(Event::Token(token)) => {
                 self.completion_tokens += 1;
                 match self.decoder.push(token.id) {
@@ -659,7 +668,8 @@ impl<'t> Consumer<'t> {
             } else {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
             }),
-            None => self.fail(ApiError::new(
+            // `Started` was taken by the loop above.
+            Some(Event::Started { .. }) | None => self.fail(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the scheduler stopped",
             )),
@@ -673,6 +683,7 @@ impl<'t> Consumer<'t> {
             finish,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
         });
     }
 
@@ -747,6 +758,7 @@ async fn complete(
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 let logprobs = reply.logprobs(&tokenizer, &tokens);
                 let mut choice = json!({"index": 0, "logprobs": logprobs, "finish_reason": finish});
@@ -756,7 +768,7 @@ async fn complete(
                     }
                     Kind::Completion => choice["text"] = json!(text),
                 }
-                let usage = api::usage(prompt_tokens, completion_tokens);
+                let usage = api::usage(prompt_tokens, completion_tokens, cached_tokens);
                 return axum::Json(reply.envelope(false, Some(choice), Some(usage)))
                     .into_response();
             }
@@ -814,6 +826,7 @@ async fn stream(
                     finish,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 }) => {
                     let last = reply.chunk(&tail, Value::Null, Some(finish));
                     if tx.send(send(last)).await.is_err() {
@@ -822,7 +835,7 @@ async fn stream(
                     if !reply.include_usage {
                         break;
                     }
-                    let usage = api::usage(prompt_tokens, completion_tokens);
+                    let usage = api::usage(prompt_tokens, completion_tokens, cached_tokens);
                     send(reply.envelope(true, None, Some(usage)))
                 }
                 Some(Out::Error(e)) => send(e.body()),

@@ -61,6 +61,10 @@ pub struct Job {
 /// What the scheduler tells a request.
 #[derive(Debug)]
 pub enum Event {
+    /// The job holds a KV slot; `cached_tokens` of its prompt came from the prefix cache.
+    Started {
+        cached_tokens: usize,
+    },
     Token(GeneratedToken),
     Done {
         finish: FinishReason,
@@ -238,6 +242,9 @@ impl Scheduler {
                 Ok((seq, cached)) => {
                     let m = &self.metrics;
                     m.prompt_tokens_cached.fetch_add(cached as u64, Relaxed);
+                    let _ = job.events.send(Event::Started {
+                        cached_tokens: cached,
+                    });
                     self.running.push(Running {
                         pages,
                         seq,
