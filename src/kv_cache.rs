@@ -263,13 +263,13 @@ impl KvCache {
             } else {
                 self.table[row + i - 1]
             };
-            let key = (parent, cached[i * size..(i + 1) * size].to_vec());
             if prefixes.keys.contains_key(&page) {
                 continue; // taken from the registered pages
             }
             if parent != NO_PAGE && !prefixes.keys.contains_key(&parent) {
                 break; // a key must name a registered page, whose contents never change
             }
+            let key = (parent, cached[i * size..(i + 1) * size].to_vec());
             if prefixes.pages.contains_key(&key) {
                 break; // the same tokens under another page (computed at the same time)
             }

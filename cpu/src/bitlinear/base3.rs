@@ -201,9 +201,8 @@ pub fn gemm(
         w.for_each_group(isa, rows, x, acc, mad::TILE_TOKENS, |g, chunk, out| {
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 {
-                isa.check()?;
-                // SAFETY: AVX-512BW checked above; the group holds `w.blocks()` blocks of 4
-                // chunks and `decoded` `mad_blocks` (resized above).
+                // SAFETY: `for_each_group` checked the level (AVX-512BW); the group holds
+                // `w.blocks()` blocks of 4 chunks and `decoded` `mad_blocks` (resized above).
                 unsafe { x86::decode_group(w.group(g), w.blocks(), mad_blocks, decoded) };
                 return mad::group_gemm(isa, decoded, mad_blocks, x, chunk, out);
             }
