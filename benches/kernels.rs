@@ -1,5 +1,6 @@
 //! Microbenchmarks of the ternary kernels at the real BitNet b1.58 2B-4T shapes, one thread:
-//! GEMV (1 token, decode) and GEMM (128 tokens, prefill; 512 at the widest level only) of the three
+//! GEMV (1 token, decode), a batch of 16 tokens (the server's decode rows) and GEMM (128 tokens,
+//! prefill; 512 at the widest level only) of the three
 //! families (`mad`, `base3`, `lut`) at every level they support, the AMX-INT8 GEMM over the first
 //! two's layouts where this CPU and OS allow it, plus the scalar reference and the output head (bf16, and the 8-bit copy
 //! with its bounds). The `gemv` rows read one matrix again and again, from L2/L3; the `dram` rows
@@ -12,7 +13,7 @@
 //!
 //! `cargo bench --bench kernels` runs the quick set: `gemv` and `gemm` of the families and
 //! `attention`, at the widest level this CPU has. `-- all` runs every row at every level;
-//! `-- gemv`, `-- gemm`, `-- dram`, `-- tables`, `-- head` or `-- attention` those rows (with the
+//! `-- gemv`, `-- batch`, `-- gemm`, `-- dram`, `-- tables`, `-- head` or `-- attention` those rows (with the
 //! reference beside `gemv` and `gemm`) at every level.
 
 use half::{bf16, f16};
@@ -110,6 +111,7 @@ fn main() {
         let packed_base3 = PackedBase3::from_canonical(view);
         for (kernel, tokens) in [
             ("gemv", 1),
+            ("batch", 16),
             ("gemm", 128),
             ("gemm", 512),
             ("dram gemv", 1),

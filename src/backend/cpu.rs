@@ -31,7 +31,7 @@ use tern_cpu::elementwise::{self, GateActivation};
 use tern_cpu::isa::Isa;
 use tern_cpu::norm;
 use tern_cpu::pool::ThreadPool;
-use tern_cpu::table::q8::{Q8Head, Q8Input, top_candidates};
+use tern_cpu::table::q8::{self, Q8Head, Q8Input, top_candidates};
 
 /// Prompt rows per attention task: every cached key and value is read once for this many rows
 /// (times the heads sharing it).
@@ -227,6 +227,9 @@ pub struct CpuBackend {
     /// The smallest batch whose products run on AMX ([`AmxUse`]), and what the description says.
     amx_from: Option<usize>,
     amx_note: String,
+    /// Whether the 8-bit head's batches run on AMX (those of `amx_from` rows or more, as the
+    /// linears'): where the linears' may, and the head's own start-up known-answer check passed.
+    head_amx: bool,
     lm_head: LmHead,
     /// `LmHead::Q8`: the 8-bit copy of each table used as a head, built on its first use.
     q8_tables: Vec<Option<Q8Head>>,
@@ -266,6 +269,14 @@ impl CpuBackend {
     pub fn with_amx(threads: usize, isa: Isa, family: Family, amx: AmxUse) -> Result<Self> {
         family.check(isa)?;
         let (amx_from, amx_note) = amx.min_tokens(isa, family)?;
+        let head_amx = amx_from.is_some()
+            && match q8::amx_status() {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("the 8-bit head's batches run without AMX: {why}");
+                    false
+                }
+            };
         let threads = resolve_threads(threads);
         let pool = ThreadPool::new(threads).context("cannot start the CPU thread pool")?;
         Ok(Self {
@@ -274,6 +285,7 @@ impl CpuBackend {
             family,
             amx_from,
             amx_note,
+            head_amx,
             lm_head: LmHead::Full,
             q8_tables: Vec::new(),
             scratch: Scratch::default(),
@@ -403,6 +415,7 @@ impl CpuBackend {
                     tasks.iter_mut().zip(parts).for_each(|(t, p)| t.push(p));
                 }
                 let inputs = &scratch.q8_inputs;
+                let amx = me.head_amx && me.amx_from.is_some_and(|min| tokens >= min);
                 me.pool
                     .try_for_each(tasks.into_iter().enumerate(), |(task, mut parts)| {
                         let start = task * per_task;
@@ -410,11 +423,11 @@ impl CpuBackend {
                         for at in (0..len).step_by(Q8_ROWS_PER_BLOCK) {
                             let block = at..(at + Q8_ROWS_PER_BLOCK).min(len);
                             let rows = start + block.start..start + block.end;
-                            for ((approx, bounds), input) in parts.iter_mut().zip(inputs) {
-                                let (approx, bounds) =
-                                    (&mut approx[block.clone()], &mut bounds[block.clone()]);
-                                q8.logits(me.isa, rows.clone(), input, approx, bounds)?;
-                            }
+                            let mut block_parts: Vec<_> = parts
+                                .iter_mut()
+                                .map(|(a, b)| (&mut a[block.clone()], &mut b[block.clone()]))
+                                .collect();
+                            q8.logits_tokens(me.isa, amx, rows, inputs, &mut block_parts)?;
                         }
                         Ok::<_, tern_cpu::Error>(())
                     })?;
@@ -492,6 +505,7 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         let head = match self.lm_head {
             LmHead::Full => "",
+            LmHead::Q8 if self.head_amx => ", 8-bit head with exact top-k, on AMX-INT8 in batches",
             LmHead::Q8 => ", 8-bit head with exact top-k",
         };
         format!(

@@ -16,34 +16,39 @@
 //! No layout of its own: it reads [`crate::bitlinear::mad`]'s [`PackedTernary`] or
 //! [`crate::bitlinear::base3`]'s [`PackedBase3`] directly, so a backend keeps one copy of its
 //! weights for decode and prompts alike. A call expands the weights of one *panel* of 32 rows (8
-//! groups) at a time into int8 values in the tile layout `tdpbssd` takes as its second operand, in a
+//! groups) at a time into int8 values in the tile layout `tdpbssd` takes as its first operand, in a
 //! per-thread buffer that stays in L2 (`32 · cols` bytes), and multiplies that panel with a chunk of
-//! the batch's tokens (as many steps of 32 as fit
+//! the batch's tokens (as many as fit
 //! [`L2_ACTIVATION_BYTES`](crate::bitlinear::grouped::L2_ACTIVATION_BYTES) of activations, so
 //! that they too stay in L2) before moving on: each weight is expanded once per chunk, and read
 //! from cache once per 32 tokens.
 //!
-//! Second-operand tile of k-step `s` for 16 weight rows: row `r` (0..16) holds, for each weight row
-//! `n` (0..16), the values of the k-step's columns `4 r .. 4 r + 4` at bytes `4 n .. 4 n + 4`. Both
-//! layouts store a row's block as a 64-byte chunk whose byte `j` holds, for each plane `i`, the code
-//! of the block's column `64 i + j` (4 planes of 2-bit codes in the multiply-add layout, 5 base-3
-//! digits in the other). So one gather of the 32-bit word at byte `4 r` of 16 rows' chunks gives row
-//! `r` of the tiles of all the block's planes: plane `i` of a 2-bit word is a shift by `2 i` and a
-//! mask; of a base-3 word, the digit `⌊3 x_i / 256⌋` (two unsigned comparisons) with
-//! `x_{i+1} = 3 x_i mod 256` (two byte additions); then minus 1 per byte.
+//! First-operand tile of k-step `s` (columns `64 s .. 64 s + 64`) for 16 weight rows: row `r` holds
+//! weight row `r`'s values of those columns. Both layouts store a row's block as a 64-byte chunk
+//! whose byte `j` holds, for each plane `i`, the code of the block's column `64 i + j` (4 planes of
+//! 2-bit codes in the multiply-add layout, 5 base-3 digits in the other), and a block's planes are
+//! consecutive k-steps. So one load of a row's chunk gives that row of the tiles of all the block's
+//! planes: plane `i` of a 2-bit chunk is a shift by `2 i` and a mask; of a base-3 chunk, the digit
+//! `⌊3 x_i / 256⌋` (two unsigned comparisons) with `x_{i+1} = 3 x_i mod 256` (two byte
+//! additions); then minus 1 per byte.
 //!
 //! # Activations
-//! The first operand is 16 tokens × 64 codes, loaded straight from [`QuantizedRows`] with the row
-//! length as stride (rows are zero-padded past `cols`, and columns past the matrix hold weight value
-//! 0). A final step of fewer than 32 tokens reads a zero-padded copy of its rows.
+//! The second operand takes 4 consecutive codes of 16 tokens per row: row `r` of the tile of
+//! k-step `s` holds, for each token `n`, the codes of columns `64 s + 4 r .. 64 s + 4 r + 4` at
+//! bytes `4 n .. 4 n + 4`. Each chunk of tokens is laid out so once per call ([`QuantizedRows`]
+//! rows are zero-padded past `cols`, and columns past the matrix hold weight value 0), 16 tokens a
+//! tile, the tokens past the batch zero.
 //!
 //! # Products
-//! Each step keeps 2 × 2 accumulator tiles (tokens 0..16 and 16..32 × weight rows 0..16 and
-//! 16..32), loading two activation and two weight tiles per k-step for four `tdpbssd`. Values are
-//! −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact in int32. The accumulators come out
-//! token-major and are written transposed into the row-major output of [`crate::bitlinear::mad::gemm`]'s contract,
-//! which this module's [`gemm`] and [`gemm_base3`] share (same arguments, same errors, same
-//! row-range splitting on multiples of [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)).
+//! Each step keeps 2 × 2 accumulator tiles (weight rows 0..16 and 16..32 × tokens 0..16 and
+//! 16..32; 2 × 1 for a final tile of 16 tokens or fewer), loading two weight and two token tiles
+//! per k-step for four `tdpbssd`. Values are −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact
+//! in int32. The accumulators come out weight-row-major, as the row-major output of
+//! [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's [`gemm`] and
+//! [`gemm_base3`] share (same arguments, same errors, same row-range splitting on multiples of
+//! [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)).
+//!
+//! The 8-bit output head ([`crate::table::q8`]) runs its batches on the same tiles and step.
 
 use crate::Error;
 use crate::bitlinear::Family;
@@ -56,7 +61,7 @@ use std::ops::Range;
 
 /// When [`Linear::forward`](crate::bitlinear::Linear::forward) runs a batch's multiply-add and
 /// base-3 products on AMX (`TERN_CPU_AMX`): never (`off`); at the AVX-512 level, for batches of at
-/// least [`AMX_MIN_TOKENS`] tokens, where [`status`] allows it (`auto`, the default); for every
+/// least [`amx_min_tokens`] tokens, where [`status`] allows it (`auto`, the default); for every
 /// batch of two tokens or more (`on`, an error where AMX is unavailable). The lookup tables have no
 /// AMX path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +74,16 @@ pub enum AmxUse {
 /// Environment variable that picks an [`AmxUse`] (`auto`, `on` or `off`; unset or empty: `auto`).
 pub const AMX_ENV: &str = "TERN_CPU_AMX";
 
-/// Tokens a batch needs before `auto` runs its products on AMX: one whole step of the kernel (2
-/// tiles of 16 tokens); the measurements are in `scripts/benchmark-log.md`.
-pub const AMX_MIN_TOKENS: usize = 32;
+/// Tokens a batch needs before `auto` runs the products of a `family`'s linears on AMX: where the
+/// AMX products overtake the AVX-512 kernels at the 2B-4T shapes, 4 tokens for base 3 and 8 for
+/// the 2-bit multiply-add layout (whose AVX-512 kernel is the faster of the two on few tokens); the
+/// measurements are in `scripts/benchmark-log.md`.
+pub fn amx_min_tokens(family: Family) -> usize {
+    match family {
+        Family::Base3 => 4,
+        _ => 8,
+    }
+}
 
 impl AmxUse {
     /// `TERN_CPU_AMX`.
@@ -100,10 +112,13 @@ impl AmxUse {
                     unavailable(why)
                 )));
             }
-            (Self::Auto, Ok(())) if isa == Isa::Avx512 => (
-                Some(AMX_MIN_TOKENS),
-                format!(", AMX-INT8 for batches of {AMX_MIN_TOKENS}+ tokens"),
-            ),
+            (Self::Auto, Ok(())) if isa == Isa::Avx512 => {
+                let min = amx_min_tokens(family);
+                (
+                    Some(min),
+                    format!(", AMX-INT8 for batches of {min}+ tokens"),
+                )
+            }
             (Self::Auto, Ok(())) => (None, String::new()),
             (Self::Auto, Err(why)) => (None, format!(", {}", unavailable(why))),
         })
@@ -247,7 +262,7 @@ fn known_answer() -> Result<(), String> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{Coding, Digits, Grouped};
     use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
@@ -260,23 +275,21 @@ mod x86 {
     /// Weight rows per panel: two tiles of 16.
     const PANEL_ROWS: usize = 32;
     const PANEL_GROUPS: usize = PANEL_ROWS / ROW_GROUP;
-    /// Tokens per step: two tiles of 16.
-    const STEP_TOKENS: usize = 32;
+    /// Tokens per tile.
+    const TILE_TOKENS: usize = 16;
     /// Bytes of one tile (16 rows of 64).
-    const TILE_BYTES: usize = 1024;
+    pub(crate) const TILE_BYTES: usize = 1024;
 
     /// One 64-byte line, so that tiles and tile configurations sit on cache-line boundaries.
     #[derive(Clone, Copy)]
     #[repr(C, align(64))]
-    struct Line([u8; 64]);
+    pub(crate) struct Line(pub(crate) [u8; 64]);
 
-    /// Per-thread buffers: the panel's groups in the multiply-add layout, its expanded weight
-    /// tiles, and a zero-padded copy of a final partial step's activation rows.
+    /// Per-thread buffers: a panel's expanded weight tiles and a chunk's activation tiles.
     #[derive(Default)]
     struct Scratch {
-        groups: Vec<u8>,
-        tiles: Vec<Line>,
-        tail: Vec<Line>,
+        weights: Vec<Line>,
+        tokens: Vec<Line>,
     }
 
     thread_local! {
@@ -361,20 +374,27 @@ mod x86 {
         ret
     }
 
-    /// Palette 1, all eight tiles 16 rows of 64 bytes.
-    fn tile_config() -> Line {
-        let mut c = [0u8; 64];
-        c[0] = 1;
+    /// Runs `f` with every tile register configured as 16 rows of 64 bytes (palette 1), and
+    /// releases the tile state when `f` returns or unwinds.
+    ///
+    /// # Safety
+    /// [`enable`] has succeeded in this process (AMX-TILE, with the OS's and Linux's permission).
+    pub(crate) unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
+        let mut config = Line([0; 64]);
+        config.0[0] = 1;
         for t in 0..8 {
-            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-            c[48 + t] = 16;
+            config.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            config.0[48 + t] = 16;
         }
-        Line(c)
+        // SAFETY: AMX-TILE is usable (contract); the configuration is 64 valid bytes.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+        let _release = TileRelease;
+        f()
     }
 
     /// The product of the module documentation over `rows` (starting at a multiple of 4, inside
-    /// the matrix whose groups `group` writes), after the caller checked the arguments and
-    /// [`super::status`]'s CPU and OS support (the known-answer check itself calls it before).
+    /// the matrix), after the caller checked the arguments and [`super::status`]'s CPU and OS
+    /// support (the known-answer check itself calls it before).
     pub(super) fn panels<C: Coding>(
         w: &Grouped<C>,
         digits: Digits,
@@ -397,80 +417,92 @@ mod x86 {
             acc.fill(0);
             return;
         }
-        let group_len = blocks * ROW_GROUP * CHUNK;
-        SCRATCH.with_borrow_mut(|s| {
-            s.groups.resize(PANEL_GROUPS * group_len, 0);
-            s.tiles.resize(2 * steps * 16, Line([0; 64]));
-            let full_steps = tokens / STEP_TOKENS;
-            let tail = tokens % STEP_TOKENS;
-            if tail > 0 {
-                // The final partial step's rows, zero-padded to 32 (stride `pc` bytes).
-                s.tail.clear();
-                s.tail.resize(STEP_TOKENS * pc / 64, Line([0; 64]));
-                let codes = &x.codes()[full_steps * STEP_TOKENS * pc..];
-                for (line, &c) in s.tail.iter_mut().flat_map(|l| l.0.iter_mut()).zip(codes) {
-                    *line = c as u8;
-                }
+        // SAFETY: the caller's contract: `enable` found AMX-TILE with the OS's and Linux's
+        // permission.
+        unsafe {
+            with_tiles(|| SCRATCH.with_borrow_mut(|s| product_tiles(s, w, digits, rows, x, acc)))
+        }
+    }
+
+    /// [`panels`], called inside [`with_tiles`] only.
+    fn product_tiles<C: Coding>(
+        s: &mut Scratch,
+        w: &Grouped<C>,
+        digits: Digits,
+        rows: Range<usize>,
+        x: &QuantizedRows,
+        acc: &mut [i32],
+    ) {
+        let (tokens, blocks) = (x.rows(), w.blocks());
+        let steps = blocks * (C::BLOCK_COLS / CHUNK);
+        let pc = x.padded_cols();
+        s.weights.resize(2 * steps * 16, Line([0; 64]));
+        let first_group = rows.start / ROW_GROUP;
+        let last_group = rows.end.div_ceil(ROW_GROUP);
+        let mut out = [[[0i32; 16]; 16]; 4];
+        // Each panel's weights are expanded once per chunk of tokens, and the chunk's
+        // activation tiles stay in L2 beside the panel's expanded weights.
+        let per_chunk = chunk_tokens(pc, 2 * TILE_TOKENS);
+        for t0 in (0..tokens).step_by(per_chunk) {
+            let chunk = t0..tokens.min(t0 + per_chunk);
+            let token_tiles = chunk.len().div_ceil(TILE_TOKENS);
+            s.tokens.resize(token_tiles * steps * 16, Line([0; 64]));
+            let codes: Vec<&[i8]> = chunk.clone().map(|t| x.row(t)).collect();
+            for (rows, tiles) in codes
+                .chunks(TILE_TOKENS)
+                .zip(s.tokens.chunks_exact_mut(steps * 16))
+            {
+                lay_out_tile(rows, tiles);
             }
-            let config = tile_config();
-            // SAFETY: `enable` found AMX-TILE with the OS's and Linux's permission (the caller's
-            // contract); the configuration is 64 valid bytes (palette 1, 8 tiles of 16 × 64).
-            unsafe {
-                asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
-            };
-            let _release = TileRelease;
-            let first_group = rows.start / ROW_GROUP;
-            let last_group = rows.end.div_ceil(ROW_GROUP);
-            let mut out = [[[0i32; 16]; 16]; 4];
-            let all_steps = full_steps + usize::from(tail > 0);
-            // Each panel's weights are expanded once per chunk, and the chunk's activation rows,
-            // read once per panel, stay in L2 beside the panel's expanded weights.
-            let chunk_steps = chunk_tokens(pc, STEP_TOKENS) / STEP_TOKENS;
-            for chunk in (0..all_steps).step_by(chunk_steps) {
-                let chunk = chunk..all_steps.min(chunk + chunk_steps);
-                for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
-                    s.groups.fill(0);
-                    for (g, part) in (p0..last_group.min(p0 + PANEL_GROUPS))
-                        .zip(s.groups.chunks_exact_mut(group_len))
-                    {
-                        part.copy_from_slice(w.group(g));
-                    }
-                    // SAFETY: AVX-512 is checked by `enable`; `groups` holds 8 groups of `blocks`
-                    // blocks and `tiles` 2 · `steps` tiles.
-                    unsafe { expand_avx512(&s.groups, blocks, digits, &mut s.tiles) };
-                    let n0 = p0 * ROW_GROUP - rows.start; // panel's first row in `acc`
-                    let n_rows = (rows.len() - n0).min(PANEL_ROWS);
-                    for step in chunk.clone() {
-                        let a = if step < full_steps {
-                            &x.codes()[step * STEP_TOKENS * pc..][..STEP_TOKENS * pc]
-                        } else {
-                            // SAFETY: `Line` is 64 plain bytes; the tail holds `32 · pc` of them.
-                            unsafe {
-                                std::slice::from_raw_parts(
-                                    s.tail.as_ptr().cast::<i8>(),
-                                    s.tail.len() * 64,
-                                )
-                            }
-                        };
-                        // SAFETY: `a` holds 32 rows of `pc ≥ 64 · steps` bytes, `tiles` two panels
-                        // of `steps` tiles of 1024 bytes, `out` four tiles of 16 × 16 i32, and the
-                        // configuration above is loaded on this thread.
-                        unsafe {
-                            step_tiles(a.as_ptr(), pc, s.tiles.as_ptr().cast(), steps, &mut out)
-                        };
-                        let t0 = step * STEP_TOKENS;
-                        let n_tokens = (tokens - t0).min(STEP_TOKENS);
-                        // out[2 · token half + row half][token][row].
-                        for r in 0..n_rows {
-                            let row = &mut acc[(n0 + r) * tokens + t0..][..n_tokens];
-                            for (t, a) in row.iter_mut().enumerate() {
-                                *a = out[2 * (t / 16) + r / 16][t % 16][r % 16];
-                            }
+            for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
+                let groups: [Option<&[u8]>; PANEL_GROUPS] =
+                    std::array::from_fn(|i| (p0 + i < last_group).then(|| w.group(p0 + i)));
+                // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks
+                // and `weights` 2 · `steps` tiles.
+                unsafe { expand_avx512(&groups, blocks, digits, &mut s.weights) };
+                let n0 = p0 * ROW_GROUP - rows.start; // panel's first row in `acc`
+                let n_rows = (rows.len() - n0).min(PANEL_ROWS);
+                for tt in (0..token_tiles).step_by(2) {
+                    let pair = token_tiles - tt >= 2;
+                    let b = s.tokens[tt * steps * 16..].as_ptr().cast::<u8>();
+                    // SAFETY: `weights` holds two panel halves of `steps` tiles of 1024 bytes,
+                    // `tokens` from tile `tt` on `steps` tiles for each of the one or two
+                    // token tiles used, `out` four tiles of 16 × 16 i32, and the caller runs
+                    // this inside `with_tiles`.
+                    unsafe { step_tiles(s.weights.as_ptr().cast(), b, steps, pair, &mut out) };
+                    let first = chunk.start + tt * TILE_TOKENS;
+                    let n_tokens = (chunk.end - first).min(2 * TILE_TOKENS);
+                    // out[2 · row half + token half][row][token].
+                    for r in 0..n_rows {
+                        let row = &mut acc[(n0 + r) * tokens + first..][..n_tokens];
+                        for (h, part) in row.chunks_mut(TILE_TOKENS).enumerate() {
+                            part.copy_from_slice(&out[2 * (r / 16) + h][r % 16][..part.len()]);
                         }
                     }
                 }
             }
-        })
+        }
+    }
+
+    /// Lays up to 16 rows of int8 codes out as one token tile's second operands (see the module
+    /// documentation): the tile of k-step `s` at `tiles[16 s ..]`, its row `r` holding, for each
+    /// row `n`, codes `64 s + 4 r .. 64 s + 4 r + 4` of `rows[n]` at bytes `4 n .. 4 n + 4`; rows
+    /// past `rows.len()` are zero. Each row holds at least `4 · tiles.len()` codes.
+    pub(crate) fn lay_out_tile(rows: &[&[i8]], tiles: &mut [Line]) {
+        // Line `16 s + r` is row `r` of k-step `s`: for row `n`, its 4-byte word `16 s + r`.
+        for n in 0..TILE_TOKENS {
+            match rows.get(n) {
+                Some(codes) => {
+                    for (line, word) in tiles.iter_mut().zip(codes.chunks_exact(4)) {
+                        let word = [word[0], word[1], word[2], word[3]].map(|v| v as u8);
+                        line.0[4 * n..4 * n + 4].copy_from_slice(&word);
+                    }
+                }
+                None => tiles
+                    .iter_mut()
+                    .for_each(|line| line.0[4 * n..4 * n + 4].fill(0)),
+            }
+        }
     }
 
     /// Releases this thread's tile state when dropped (on every return and unwind of a product
@@ -485,112 +517,158 @@ mod x86 {
         }
     }
 
-    /// One step: `out[2 h + p] = A_h · B_p` over all k-steps, `A_h` being tokens `16 h .. 16 h + 16`
-    /// of `a` (rows of `stride` bytes) and `B_p` panel half `p` of `tiles`.
+    /// One step over all k-steps: `out[2 h + u] = A_h · B_u`, `A_h` being panel half `h` of
+    /// `weights` and `B_u` token tile `u` of `tokens` (`u` = 0 only, when `pair` is false; then
+    /// `out[1]` and `out[3]` are left as they are).
     ///
     /// # Safety
-    /// The tile configuration of [`tile_config`] is loaded on this thread; `a` points to 32 rows
-    /// of `stride ≥ 64 · steps` readable bytes, `tiles` to `2 · steps · 1024` and `steps > 0`.
-    unsafe fn step_tiles(
-        a: *const i8,
-        stride: usize,
-        tiles: *const u8,
+    /// [`with_tiles`]'s configuration is loaded on this thread; `weights` points to
+    /// `2 · steps · 1024` readable bytes, `tokens` to `steps · 1024` (twice that when `pair`), and
+    /// `steps > 0`.
+    pub(crate) unsafe fn step_tiles(
+        weights: *const u8,
+        tokens: *const u8,
         steps: usize,
+        pair: bool,
         out: &mut [[[i32; 16]; 16]; 4],
     ) {
-        // SAFETY: every address read lies in `a`'s 32 rows (first 64 · steps bytes of each) or in
-        // the `tiles` (contract); the stores write the four 1 KiB tiles of `out`.
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {s64}*1]",
-                "tileloadd tmm7, [{b1} + {s64}*1]",
-                "tdpbssd tmm0, tmm4, tmm6",
-                "tdpbssd tmm1, tmm4, tmm7",
-                "tdpbssd tmm2, tmm5, tmm6",
-                "tdpbssd tmm3, tmm5, tmm7",
-                "add {a0}, 64",
-                "add {a1}, 64",
-                "add {b0}, 1024",
-                "add {b1}, 1024",
-                "dec {n}",
-                "jnz 2b",
-                "tilestored [{c} + {s64}*1], tmm0",
-                "tilestored [{c} + {s64}*1 + 1024], tmm1",
-                "tilestored [{c} + {s64}*1 + 2048], tmm2",
-                "tilestored [{c} + {s64}*1 + 3072], tmm3",
-                a0 = inout(reg) a => _,
-                a1 = inout(reg) a.add(16 * stride) => _,
-                b0 = inout(reg) tiles => _,
-                b1 = inout(reg) tiles.add(steps * TILE_BYTES) => _,
-                n = inout(reg) steps => _,
-                sa = in(reg) stride,
-                s64 = in(reg) 64usize,
-                c = in(reg) out.as_mut_ptr(),
-                options(nostack),
-            );
+        let (a0, a1) = (weights, weights.wrapping_add(steps * TILE_BYTES));
+        let b0 = tokens;
+        let c = out.as_mut_ptr();
+        if pair {
+            // SAFETY: every address read lies in the two panel halves or the two token tiles'
+            // `steps` tiles (contract); the stores write the four 1 KiB tiles of `out`.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    "2:",
+                    "tileloadd tmm4, [{a0} + {s64}*1]",
+                    "tileloadd tmm5, [{a1} + {s64}*1]",
+                    "tileloadd tmm6, [{b0} + {s64}*1]",
+                    "tileloadd tmm7, [{b1} + {s64}*1]",
+                    "tdpbssd tmm0, tmm4, tmm6",
+                    "tdpbssd tmm1, tmm4, tmm7",
+                    "tdpbssd tmm2, tmm5, tmm6",
+                    "tdpbssd tmm3, tmm5, tmm7",
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, 1024",
+                    "add {b1}, 1024",
+                    "dec {n}",
+                    "jnz 2b",
+                    "tilestored [{c} + {s64}*1], tmm0",
+                    "tilestored [{c} + {s64}*1 + 1024], tmm1",
+                    "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                    "tilestored [{c} + {s64}*1 + 3072], tmm3",
+                    a0 = inout(reg) a0 => _,
+                    a1 = inout(reg) a1 => _,
+                    b0 = inout(reg) b0 => _,
+                    b1 = inout(reg) b0.wrapping_add(steps * TILE_BYTES) => _,
+                    n = inout(reg) steps => _,
+                    s64 = in(reg) 64usize,
+                    c = in(reg) c,
+                    options(nostack),
+                );
+            }
+        } else {
+            // SAFETY: as above, with one token tile; the stores write `out[0]` and `out[2]`.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm2",
+                    "2:",
+                    "tileloadd tmm4, [{a0} + {s64}*1]",
+                    "tileloadd tmm5, [{a1} + {s64}*1]",
+                    "tileloadd tmm6, [{b0} + {s64}*1]",
+                    "tdpbssd tmm0, tmm4, tmm6",
+                    "tdpbssd tmm2, tmm5, tmm6",
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, 1024",
+                    "dec {n}",
+                    "jnz 2b",
+                    "tilestored [{c} + {s64}*1], tmm0",
+                    "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                    a0 = inout(reg) a0 => _,
+                    a1 = inout(reg) a1 => _,
+                    b0 = inout(reg) b0 => _,
+                    n = inout(reg) steps => _,
+                    s64 = in(reg) 64usize,
+                    c = in(reg) c,
+                    options(nostack),
+                );
+            }
         }
     }
 
-    /// Expands a panel of 8 groups (`blocks` blocks each, codes as `digits` says) into
-    /// `2 · steps` weight tiles (see the module documentation): panel half `p`'s tile of k-step
-    /// `s` at `tiles[(p · steps + s) · 16 ..][..16]`, `steps` being `blocks` times the planes.
+    /// Expands a panel of up to 8 groups (`blocks` blocks each, codes as `digits` says; `None`
+    /// past the matrix, expanded as zeros) into `2 · steps` weight tiles (see the module
+    /// documentation): panel half `h`'s tile of k-step `s` at `tiles[(h · steps + s) · 16 ..]`,
+    /// `steps` being `blocks` times the planes, its row `r` the values of weight row `16 h + r`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F + BW; `groups` holds 8 groups of `blocks · 256` bytes and `tiles`
+    /// The CPU has AVX-512 F + BW; each group holds `blocks · 256` bytes and `tiles`
     /// `2 · steps · 16` lines.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn expand_avx512(groups: &[u8], blocks: usize, digits: Digits, tiles: &mut [Line]) {
-        let group_len = blocks * ROW_GROUP * CHUNK;
+    unsafe fn expand_avx512(
+        groups: &[Option<&[u8]>; PANEL_GROUPS],
+        blocks: usize,
+        digits: Digits,
+        tiles: &mut [Line],
+    ) {
         let planes = match digits {
             Digits::TwoBit => 4,
             Digits::Base3 => 5,
         };
         let steps = blocks * planes;
-        assert!(groups.len() >= PANEL_GROUPS * group_len && tiles.len() >= 2 * steps * 16);
-        // Offset of weight row `n`'s chunk of block 0 within its panel half.
-        let offsets: [i32; 16] =
-            std::array::from_fn(|n| ((n / ROW_GROUP) * group_len + (n % ROW_GROUP) * CHUNK) as i32);
-        // SAFETY: `offsets` is 64 readable bytes.
-        let index = unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) };
+        assert!(
+            groups
+                .iter()
+                .flatten()
+                .all(|g| g.len() >= blocks * ROW_GROUP * CHUNK)
+                && tiles.len() >= 2 * steps * 16
+        );
         let (mask, one, minus_one) = (
             _mm512_set1_epi8(3),
             _mm512_set1_epi8(1),
             _mm512_set1_epi8(-1),
         );
         let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
-        for half in 0..2 {
-            let panel = &groups[half * 4 * group_len..][..4 * group_len];
+        for (g, group) in groups.iter().enumerate() {
+            let (half, first) = (g / 4, (g % 4) * ROW_GROUP);
             for b in 0..blocks {
-                for r in 0..16 {
-                    let base = panel[b * ROW_GROUP * CHUNK + 4 * r..].as_ptr();
-                    // SAFETY: the largest offset read is 3 · group_len + 3 · 64 + b · 256 + 4 r
-                    // + 3 < 4 · group_len, inside `panel`.
-                    let mut words = unsafe { _mm512_i32gather_epi32::<1>(index, base.cast()) };
+                for r in 0..ROW_GROUP {
+                    let tile_row = |i: usize| (half * steps + planes * b + i) * 16 + first + r;
+                    let Some(group) = group else {
+                        for i in 0..planes {
+                            tiles[tile_row(i)] = Line([0; 64]);
+                        }
+                        continue;
+                    };
+                    let chunk = &group[(b * ROW_GROUP + r) * CHUNK..][..CHUNK];
+                    // SAFETY: `chunk` is 64 readable bytes.
+                    let mut codes = unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) };
                     for i in 0..planes {
                         let values = match digits {
                             Digits::TwoBit => {
-                                let v = _mm512_sub_epi8(_mm512_and_si512(words, mask), one);
-                                words = _mm512_srli_epi32::<2>(words);
+                                let v = _mm512_sub_epi8(_mm512_and_si512(codes, mask), one);
+                                codes = _mm512_srli_epi32::<2>(codes);
                                 v
                             }
                             Digits::Base3 => {
                                 // ⌊3 x / 256⌋ = (x > 85) + (x > 170), minus 1; then 3 x mod 256.
-                                let above = _mm512_cmpgt_epu8_mask(words, third);
+                                let above = _mm512_cmpgt_epu8_mask(codes, third);
                                 let v = _mm512_mask_add_epi8(minus_one, above, minus_one, one);
-                                let above = _mm512_cmpgt_epu8_mask(words, two_thirds);
+                                let above = _mm512_cmpgt_epu8_mask(codes, two_thirds);
                                 let v = _mm512_mask_add_epi8(v, above, v, one);
-                                words = _mm512_add_epi8(_mm512_add_epi8(words, words), words);
+                                codes = _mm512_add_epi8(_mm512_add_epi8(codes, codes), codes);
                                 v
                             }
                         };
-                        let line = &mut tiles[(half * steps + planes * b + i) * 16 + r];
+                        let line = &mut tiles[tile_row(i)];
                         // SAFETY: `line` is 64 writable bytes.
                         unsafe { _mm512_storeu_si512(line.0.as_mut_ptr().cast(), values) };
                     }

@@ -282,6 +282,156 @@ impl Q8Head {
     }
 }
 
+impl Q8Head {
+    /// [`logits`](Self::logits) of several prepared inputs: `parts[t]` receives the approximate
+    /// logits and bounds of rows `range` for `inputs[t]`. With `amx`, the integer products of the
+    /// range's whole panels of 32 rows (from its first multiple of 4) run on AMX-INT8 for all the
+    /// inputs at once (an error where [`amx_status`] refuses); the rest row by row and input by
+    /// input, as without. The results are the same bit for bit either way.
+    pub fn logits_tokens(
+        &self,
+        isa: Isa,
+        amx: bool,
+        range: Range<usize>,
+        inputs: &[Q8Input],
+        parts: &mut [(&mut [f32], &mut [f32])],
+    ) -> Result<(), Error> {
+        check_len("q8 head outputs", parts.len(), inputs.len())?;
+        let first = range.start.next_multiple_of(TILE).min(range.end);
+        let panels = (range.end - first) / AMX_PANEL_ROWS;
+        if !amx || panels == 0 {
+            for (input, (approx, bounds)) in inputs.iter().zip(parts.iter_mut()) {
+                self.logits(isa, range.clone(), input, approx, bounds)?;
+            }
+            return Ok(());
+        }
+        if let Err(why) = amx_status() {
+            return Err(Error::Unsupported(format!(
+                "AMX-INT8 8-bit head unavailable: {why}"
+            )));
+        }
+        self.logits_amx(
+            isa,
+            range,
+            first..first + panels * AMX_PANEL_ROWS,
+            inputs,
+            parts,
+        )
+    }
+
+    /// [`logits_tokens`](Self::logits_tokens) with AMX, `on_amx` being the rows of its panels,
+    /// once the CPU, OS and Linux support are known.
+    fn logits_amx(
+        &self,
+        isa: Isa,
+        range: Range<usize>,
+        on_amx: Range<usize>,
+        inputs: &[Q8Input],
+        parts: &mut [(&mut [f32], &mut [f32])],
+    ) -> Result<(), Error> {
+        for (input, (approx, bounds)) in inputs.iter().zip(parts.iter_mut()) {
+            check_len("q8 head input", input.cols(), self.cols)?;
+            check_len("q8 head logits", approx.len(), range.len())?;
+            check_len("q8 head bounds", bounds.len(), range.len())?;
+            for rest in [range.start..on_amx.start, on_amx.end..range.end] {
+                let at = rest.start - range.start..rest.end - range.start;
+                let (a, b) = (&mut approx[at.clone()], &mut bounds[at]);
+                self.logits(isa, rest, input, a, b)?;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        return AMX_DOTS.with_borrow_mut(|dots| {
+            dots.resize(inputs.len() * on_amx.len(), [0; 2]);
+            let codes = &self.codes[on_amx.start * self.stride..on_amx.end * self.stride];
+            x86::amx_dots(codes, self.stride, inputs, dots);
+            let stats = &self.stats[on_amx.clone()];
+            let at = on_amx.start - range.start..on_amx.end - range.start;
+            for ((input, (approx, bounds)), dots) in inputs
+                .iter()
+                .zip(parts.iter_mut())
+                .zip(dots.chunks_exact(on_amx.len()))
+            {
+                let (approx, bounds) = (&mut approx[at.clone()], &mut bounds[at.clone()]);
+                isa.vectorized(
+                    #[inline(always)]
+                    || bound_batch(input, stats, dots, approx, bounds),
+                )?;
+            }
+            Ok(())
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        Err(Error::Unsupported(
+            "AMX-INT8 kernels need x86-64".to_string(),
+        ))
+    }
+}
+
+/// Rows of the 8-bit head per AMX panel: two tiles of 16.
+const AMX_PANEL_ROWS: usize = 32;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// [`Q8Head::logits_tokens`]'s integer products on AMX, `[input][row]`.
+    static AMX_DOTS: std::cell::RefCell<Vec<[i32; 2]>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether [`Q8Head::logits_tokens`] may run on AMX in this process: `Ok`, or why not. Decided once:
+/// the ternary kernels' [`status`](crate::bitlinear::amx::status) (CPU, OS and Linux support), then
+/// a known-answer check of a small head's logits against the scalar kernel's.
+pub fn amx_status() -> &'static Result<(), String> {
+    static STATUS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    STATUS.get_or_init(|| {
+        crate::bitlinear::amx::status().clone()?;
+        // 75 rows (a panel of 32 past an unaligned start, and rows either side), 300 columns (a
+        // partial step), 19 inputs (a partial token tile), values with the extremes mixed in.
+        let (rows, cols, tokens) = (75, 300, 19);
+        let mut seed = 0x5eed_u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let head = Q8Head::quantize(Isa::Scalar, DenseView::F32(&w), rows, cols)
+            .map_err(|e| e.to_string())?;
+        let mut inputs = vec![Q8Input::default(); tokens];
+        for input in &mut inputs {
+            let x: Vec<f32> = (0..cols).map(|k| next() * (1 + k % 5) as f32).collect();
+            input.prepare(Isa::Scalar, &x).map_err(|e| e.to_string())?;
+        }
+        let range = 3..rows;
+        let mut got = vec![[0f32; 2]; tokens * range.len()];
+        let mut want = got.clone();
+        for (amx, out) in [(true, &mut got), (false, &mut want)] {
+            // The scalar kernel, and AMX for rows 4..68 (what `logits_tokens` picks).
+            let mut approx = vec![0f32; tokens * range.len()];
+            let mut bounds = approx.clone();
+            let mut parts: Vec<_> = approx
+                .chunks_exact_mut(range.len())
+                .zip(bounds.chunks_exact_mut(range.len()))
+                .collect();
+            let run = if amx {
+                head.logits_amx(Isa::Scalar, range.clone(), 4..68, &inputs, &mut parts)
+            } else {
+                head.logits_tokens(Isa::Scalar, false, range.clone(), &inputs, &mut parts)
+            };
+            run.map_err(|e| e.to_string())?;
+            for ((o, a), b) in out.iter_mut().zip(&approx).zip(&bounds) {
+                *o = [*a, *b];
+            }
+        }
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None => Ok(()),
+            Some(at) => Err(format!(
+                "the 8-bit head's start-up known-answer check differs from the scalar kernel \
+                 (logit {at}: {:?} instead of {:?})",
+                got[at], want[at]
+            )),
+        }
+    })
+}
+
 /// One batch's approximate logits and bounds (see the module documentation), in plain f32
 /// operations that give the same result at every level; the numerator `256 · high + low` is exact in
 /// f64 (at most 40 bits), so converting it rounds once, as an integer conversion would.
@@ -482,10 +632,104 @@ impl DotKernel for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{DotKernel, Inputs, TILE, offset_in_group};
+    use super::{AMX_PANEL_ROWS, DotKernel, Inputs, Q8Input, TILE, offset_in_group};
+    use crate::bitlinear::amx::x86::{Line, lay_out_tile, step_tiles, with_tiles};
     use crate::bitlinear::mad::x86::hsum_avx2;
     use crate::isa::{PREFETCH_AHEAD, prefetch};
     use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    /// Per-thread buffers of [`amx_dots`]: a panel's weight tiles and the inputs' tiles.
+    #[derive(Default)]
+    struct AmxScratch {
+        weights: Vec<Line>,
+        inputs: Vec<Line>,
+    }
+
+    thread_local! {
+        static AMX_SCRATCH: RefCell<AmxScratch> = RefCell::new(AmxScratch::default());
+    }
+
+    /// `dots[t · rows + v] = [q_v · h_t, q_v · l_t]` exactly, for the `rows` rows of `codes` (whole
+    /// groups in the interleaved layout, `rows` a multiple of 32) and each input `t`: `tdpbssd` of
+    /// weight tiles (a panel of 32 rows, copied out of the interleaved groups so that each tile row
+    /// is one weight row's 64 codes) with the inputs' tiles (16 inputs a tile, both levels), in the
+    /// layout of [`crate::bitlinear::amx`]. Signed times signed, so no offset to correct.
+    ///
+    /// The caller has seen [`super::amx_status`]'s CPU, OS and Linux support.
+    pub(super) fn amx_dots(codes: &[i8], stride: usize, inputs: &[Q8Input], dots: &mut [[i32; 2]]) {
+        let rows = codes.len() / stride;
+        let steps = stride / 64;
+        assert!(
+            rows.is_multiple_of(AMX_PANEL_ROWS)
+                && stride.is_multiple_of(64)
+                && codes.len() == rows * stride
+                && dots.len() == inputs.len() * rows
+                && inputs
+                    .iter()
+                    .all(|i| i.quantized.row(0).len() >= stride && i.low.len() >= stride),
+            "q8 head on AMX: unchecked arguments"
+        );
+        AMX_SCRATCH.with_borrow_mut(|s| {
+            let input_tiles = inputs.len().div_ceil(16);
+            s.inputs.resize(input_tiles * 2 * steps * 16, Line([0; 64]));
+            for (group, tiles) in inputs
+                .chunks(16)
+                .zip(s.inputs.chunks_exact_mut(2 * steps * 16))
+            {
+                let high: Vec<&[i8]> = group
+                    .iter()
+                    .map(|i| &i.quantized.row(0)[..stride])
+                    .collect();
+                let low: Vec<&[i8]> = group.iter().map(|i| &i.low[..stride]).collect();
+                let (h, l) = tiles.split_at_mut(steps * 16);
+                lay_out_tile(&high, h);
+                lay_out_tile(&low, l);
+            }
+            s.weights.resize(2 * steps * 16, Line([0; 64]));
+            let mut out = [[[0i32; 16]; 16]; 4];
+            let run = || {
+                for p in 0..rows / AMX_PANEL_ROWS {
+                    // Tile row `r` of half `h`, k-step `c`: row `v = 32 p + 16 h + r`'s chunk `c`,
+                    // which the interleaved layout keeps beside its group's other three rows.
+                    for (i, lines) in s.weights.chunks_exact_mut(TILE).enumerate() {
+                        let (h, c, q) = (i / (steps * 4), i / 4 % steps, i % 4);
+                        let v = AMX_PANEL_ROWS * p + 16 * h + TILE * q;
+                        let src = &codes[v * stride + c * TILE * 64..][..TILE * 64];
+                        for (line, src) in lines.iter_mut().zip(src.chunks_exact(64)) {
+                            let src: &[i8; 64] = src.try_into().expect("64-byte chunks");
+                            line.0 = src.map(|b| b as u8);
+                        }
+                    }
+                    for (u, tiles) in s.inputs.chunks_exact(2 * steps * 16).enumerate() {
+                        // SAFETY: `weights` holds two halves of `steps` tiles of 1024 bytes,
+                        // `tiles` the input tile's two levels of `steps` tiles each, `out` four
+                        // tiles of 16 × 16 i32; this runs inside `with_tiles`.
+                        unsafe {
+                            step_tiles(
+                                s.weights.as_ptr().cast(),
+                                tiles.as_ptr().cast(),
+                                steps,
+                                true,
+                                &mut out,
+                            )
+                        };
+                        // out[2 · half + level][row][input].
+                        let tile_inputs = dots.chunks_exact_mut(rows).skip(16 * u).take(16);
+                        for (n, input) in tile_inputs.enumerate() {
+                            let row = &mut input[AMX_PANEL_ROWS * p..][..AMX_PANEL_ROWS];
+                            for (r, d) in row.iter_mut().enumerate() {
+                                let (h, r) = (r / 16, r % 16);
+                                *d = [out[2 * h][r][n], out[2 * h + 1][r][n]];
+                            }
+                        }
+                    }
+                }
+            };
+            // SAFETY: the caller has seen AMX-TILE usable, with the OS's and Linux's permission.
+            unsafe { with_tiles(run) }
+        });
+    }
 
     /// AVX-512 VNNI: `vpdpbusd` of `x + 128` (unsigned) and the codes, 64 bytes per instruction.
     pub struct Avx512;
@@ -832,6 +1076,57 @@ mod tests {
             .unwrap();
             let extremes = [127 * 128 * MAX_COLS as i32, -127 * 127 * MAX_COLS as i32];
             assert_eq!(got, [extremes; 4], "{isa}");
+        }
+    }
+
+    #[test]
+    fn amx_batches_give_each_inputs_logits_bit_for_bit() {
+        // Where the ternary AMX kernels run, the head's must too: a failed known-answer check
+        // here is a failure, not a skip.
+        if let Err(why) = crate::bitlinear::amx::status() {
+            println!("skipped: AMX-INT8 kernels unavailable here: {why}");
+            return;
+        }
+        if let Err(why) = amx_status() {
+            panic!("AMX is usable here but the 8-bit head's check failed: {why}");
+        }
+        let mut seed = 21u64;
+        // (rows, cols, inputs, range): unaligned starts and ends, partial input tiles, one input.
+        for (rows, cols, tokens, range) in [
+            (75, 300, 19, 3..75),
+            (200, 2560, 16, 0..200),
+            (96, 64, 1, 5..96),
+            (130, 6912, 33, 1..129),
+            (64, 128, 2, 0..64),
+        ] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
+            let head = Q8Head::quantize(Isa::Scalar, DenseView::F32(&w), rows, cols).unwrap();
+            let mut inputs = vec![Q8Input::default(); tokens];
+            for (t, input) in inputs.iter_mut().enumerate() {
+                // One large channel per input sets its scale; the rest use both levels.
+                let x: Vec<f32> = (0..cols)
+                    .map(|k| lcg(&mut seed) * if k == t % cols { 300.0 } else { 3.0 })
+                    .collect();
+                input.prepare(Isa::best(), &x).unwrap();
+            }
+            let n = range.len();
+            let (mut approx, mut bounds) = (vec![0f32; tokens * n], vec![0f32; tokens * n]);
+            let mut parts: Vec<_> = approx
+                .chunks_exact_mut(n)
+                .zip(bounds.chunks_exact_mut(n))
+                .collect();
+            head.logits_tokens(Isa::best(), true, range.clone(), &inputs, &mut parts)
+                .unwrap();
+            for (t, input) in inputs.iter().enumerate() {
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                head.logits(Isa::Scalar, range.clone(), input, &mut a, &mut b)
+                    .unwrap();
+                let at = t * n..(t + 1) * n;
+                assert!(
+                    approx[at.clone()] == a[..] && bounds[at] == b[..],
+                    "{rows}x{cols}, {tokens} inputs, rows {range:?}: input {t}"
+                );
+            }
         }
     }
 
