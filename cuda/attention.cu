@@ -1,6 +1,8 @@
 // Attention over the device KV cache: RoPE + cache append, then split-K (flash-decoding) attention.
 //
-// KV cache: f32, one array per K and V, the trait's paged pool
+// KV cache: f32 or f16 (the kernels' suffix: rope_append_f32 / _f16, attend_partial_f32 / _f16; f16
+// rounded to nearest even when stored, widened exactly when read), one array per K and V, the
+// trait's paged pool
 // [page][layer][position in page][kv_head · head_dim]; position p of slot s is in page
 // pages[s · pages_per_slot + p / page_size] (the caller's page table, checked on the host). Row
 // metadata `rows` holds (slot, position) pairs, one per row of the batch.
@@ -28,13 +30,14 @@ struct Geometry {
     int pad;
 };
 
+// The caches' elements are float or u16 (f16), as the kernel's suffix says.
 struct RopeAppendParams {
     float* qkv;
     const int2* rows;
     const int* pages;
     const float* rope;
-    float* k_cache;
-    float* v_cache;
+    void* k_cache;
+    void* v_cache;
     Geometry g;
 };
 
@@ -42,8 +45,8 @@ struct AttendPartialParams {
     const float* qkv;
     const int2* rows;
     const int* pages;
-    const float* k_cache;
-    const float* v_cache;
+    const void* k_cache;
+    const void* v_cache;
     float* partial;
     Geometry g;
     int keys_per_split;
@@ -66,15 +69,22 @@ __device__ __forceinline__ size_t cache_offset(const Geometry& g, const int* pag
            (size_t)g.kv_heads * g.head_dim;
 }
 
+// One cache element, stored from and read as f32.
+__device__ __forceinline__ void store_kv(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_kv(u16* p, size_t i, float v) { p[i] = f32_to_f16(v); }
+__device__ __forceinline__ float load_kv(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load_kv(const u16* p, size_t i) { return f16_to_f32(p[i]); }
+
 // Grid (rows, heads + kv_heads), block head_dim / 2 threads: rotates pair (i, i + head_dim/2) of
 // each q and k head in place; kv heads also store k (rotated) and v in the cache.
-extern "C" __global__ void rope_append(const __grid_constant__ RopeAppendParams params) {
+template <typename KV>
+__device__ __forceinline__ void rope_append(const RopeAppendParams& params) {
     float* __restrict__ qkv = params.qkv;
     const int2* __restrict__ rows = params.rows;
     const int* __restrict__ pages = params.pages;
     const float* __restrict__ rope = params.rope;
-    float* __restrict__ k_cache = params.k_cache;
-    float* __restrict__ v_cache = params.v_cache;
+    KV* __restrict__ k_cache = static_cast<KV*>(params.k_cache);
+    KV* __restrict__ v_cache = static_cast<KV*>(params.v_cache);
     const Geometry g = params.g;
     const int half = g.head_dim / 2, i = threadIdx.x, h = blockIdx.y;
     const int2 rp = rows[blockIdx.x];
@@ -91,22 +101,30 @@ extern "C" __global__ void rope_append(const __grid_constant__ RopeAppendParams 
         const int kvh = h - g.heads;
         const size_t at = cache_offset(g, pages, rp.x, rp.y) + (size_t)kvh * g.head_dim;
         const float* v = row + q_dim + kv_dim + (size_t)kvh * g.head_dim;
-        k_cache[at + i] = lo;
-        k_cache[at + half + i] = hi;
-        v_cache[at + i] = v[i];
-        v_cache[at + half + i] = v[half + i];
+        store_kv(k_cache, at + i, lo);
+        store_kv(k_cache, at + half + i, hi);
+        store_kv(v_cache, at + i, v[i]);
+        store_kv(v_cache, at + half + i, v[half + i]);
     }
+}
+
+extern "C" __global__ void rope_append_f32(const __grid_constant__ RopeAppendParams params) {
+    rope_append<float>(params);
+}
+
+extern "C" __global__ void rope_append_f16(const __grid_constant__ RopeAppendParams params) {
+    rope_append<u16>(params);
 }
 
 // Grid (splits, heads, rows), block ATT_WARPS warps; partial holds head_dim + 2 floats per
 // (row, head, split).
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attend_partial(const __grid_constant__ AttendPartialParams params) {
+template <typename KV>
+__device__ __forceinline__ void attend_partial(const AttendPartialParams& params) {
     const float* __restrict__ qkv = params.qkv;
     const int2* __restrict__ rows = params.rows;
     const int* __restrict__ pages = params.pages;
-    const float* __restrict__ k_cache = params.k_cache;
-    const float* __restrict__ v_cache = params.v_cache;
+    const KV* __restrict__ k_cache = static_cast<const KV*>(params.k_cache);
+    const KV* __restrict__ v_cache = static_cast<const KV*>(params.v_cache);
     float* __restrict__ partial = params.partial;
     const Geometry g = params.g;
     const int keys_per_split = params.keys_per_split;
@@ -133,13 +151,13 @@ attend_partial(const __grid_constant__ AttendPartialParams params) {
     const int end = min(rp.y + 1, begin + keys_per_split);
     for (int j = begin + warp; j < end; j += ATT_WARPS) {
         const size_t at = cache_offset(g, pages, rp.x, j) + (size_t)kvh * d;
-        const float* k = k_cache + at;
-        const float* v = v_cache + at;
+        const KV* k = k_cache + at;
+        const KV* v = v_cache + at;
         float dot = 0.0f;
 #pragma unroll
         for (int e = 0; e < ATT_PER_LANE; ++e) {
             const int i = lane + 32 * e;
-            if (i < d) dot += qr[e] * k[i];
+            if (i < d) dot += qr[e] * load_kv(k, i);
         }
         const float score = warp_sum(dot) * inv_sqrt_d;
         const float m_new = fmaxf(m, score);
@@ -149,7 +167,7 @@ attend_partial(const __grid_constant__ AttendPartialParams params) {
 #pragma unroll
         for (int e = 0; e < ATT_PER_LANE; ++e) {
             const int i = lane + 32 * e;
-            if (i < d) acc[e] = acc[e] * correction + p * v[i];
+            if (i < d) acc[e] = acc[e] * correction + p * load_kv(v, i);
         }
         m = m_new;
     }
@@ -176,6 +194,16 @@ attend_partial(const __grid_constant__ AttendPartialParams params) {
         out[0] = mx;
         out[1] = sum;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attend_partial_f32(const __grid_constant__ AttendPartialParams params) {
+    attend_partial<float>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attend_partial_f16(const __grid_constant__ AttendPartialParams params) {
+    attend_partial<u16>(params);
 }
 
 // Grid (heads, rows), block head_dim threads: merges the splits of one (row, head) into out.

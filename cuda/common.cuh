@@ -9,12 +9,19 @@ typedef signed char i8;
 #define FULL_MASK 0xffffffffu
 
 // The only inline PTX of the kernels. The CPU emulation harness (cuda-emu/) compiles these sources
-// as C++ with TERN_CUDA_EMU defined and its own versions of both (cuda-emu/emu/emu.h).
+// as C++ with TERN_CUDA_EMU defined and its own versions of all three (cuda-emu/emu/emu.h).
 #ifndef TERN_CUDA_EMU
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+}
+
+// Rounds to the nearest f16, ties to even (overflow to infinity, NaN stays NaN).
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
 }
 
 // c += a · b on int8 tensor cores (compute capability 8.0+), fragments as bitlinear_mma.cu says.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU machine that has no Rust and no network: stripped
 # x86-64 release binaries (tern; the library's unit tests with the NVRTC compile check; the golden,
-# GGUF, CUDA op and self-test binaries), packed into one xz-compressed archive. The fixtures and
+# GGUF, CUDA op, KV-cache and self-test binaries), packed into one xz-compressed archive. The fixtures and
 # gpu-check.sh itself are not copied: the working tree that travels with the bundle has them.
 #
 #   scripts/gpu-bundle.sh [OUT_DIR]        (default: target/gpu-bundle)
@@ -30,12 +30,12 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
-        if (kind == "lib" and name == "tern") or name in ("golden", "gguf", "cuda", "selftest"):
+        if (kind == "lib" and name == "tern") or name in ("golden", "gguf", "cuda", "kv_cache", "selftest"):
             print(("unit" if kind == "lib" else name) + " " + m["executable"])
 ' | while read -r name path; do
     cp "$path" "$stage/tests/$name"
 done
-for t in unit golden gguf cuda selftest; do
+for t in unit golden gguf cuda kv_cache selftest; do
     [ -x "$stage/tests/$t" ] || { echo "test binary $t was not built" >&2; exit 1; }
 done
 cp target/release/tern "$stage/bin/tern"

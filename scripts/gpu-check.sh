@@ -203,6 +203,8 @@ tests_step cuda 90 cuda
 # tests/common's backend list by name prefix.
 export TERN_TEST_BACKENDS=cuda,wgpu
 tests_step golden 120 golden
+# The f16 KV cache's kernels (rope_append_f16, attend_partial_f16) against the f32 ones.
+tests_step kv_f16 60 kv_cache f16_cache
 # `to FILE CMD...`: CMD's stdout to FILE, its stderr to the step's log.
 to=(bash -c 'f=$1; shift; exec "$@" > "$f"' to)
 # Sets a step's status from its exit code $2 (timeouts and skips have theirs already).

@@ -1,7 +1,10 @@
 // The attention op: RoPE + KV-cache append, then causal GQA attention over the cache.
 //
 // qkv rows are q‖k‖v (heads + 2·kv_heads heads of head_dim). One layer's cache is two buffers
-// `[page][position in page][kv_heads · head_dim]` f32; position `pos` of slot `slot` is in page
+// `[page][position in page][kv_heads · head_dim]` of the element type a prelude gives
+// (attention_kv_f32.wgsl or attention_kv_f16.wgsl: the bindings k_cache_rw, v_cache_rw, k_cache,
+// v_cache and their accessors load_k, load_v, store_k_pair, store_v_pair); position `pos` of slot
+// `slot` is in page
 // `page_table[slot · pages_per_slot + pos / page_size]` (the trait's page table). `rope[position · head_dim + i]` and
 // `rope[position · head_dim + head_dim/2 + i]` hold the cos and sin of pair (i, i + head_dim/2),
 // computed on the host with the CPU's f32 formula (src/backend/gpu_upload.rs).
@@ -36,11 +39,11 @@ fn cache_row(slot: u32, pos: u32) -> u32 {
 }
 
 // ---- rope_append: one workgroup per row -----------------------------------------------------
-// Rotates q in place in qkv, writes rotated k and plain v to the row's cache position.
+// Rotates q in place in qkv, writes rotated k and plain v to the row's cache position. Each
+// invocation takes two adjacent dims (i, i + 1) of a head and their partners (i + half,
+// i + 1 + half), so each cache store writes a pair of adjacent values (a whole word in f16).
 @group(0) @binding(1) var<storage, read_write> qkv_rw: array<f32>;
 @group(0) @binding(2) var<storage, read> rope: array<f32>;
-@group(0) @binding(3) var<storage, read_write> k_cache_rw: array<f32>;
-@group(0) @binding(4) var<storage, read_write> v_cache_rw: array<f32>;
 
 @compute @workgroup_size(64)
 fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -49,32 +52,41 @@ fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let kv_heads = p.kv_heads;
     let hd = p.head_dim;
     let half = hd / 2u;
+    let pairs = (half + 1u) / 2u; // per head; the last is single when half is odd
     let slot = p.rows[row].slot;
     let pos = p.rows[row].position;
     let q_dim = heads * hd;
     let kv_dim = kv_heads * hd;
     let base = row * (q_dim + 2u * kv_dim);
     let cache_at = cache_row(slot, pos);
-    for (var idx = lid; idx < (heads + kv_heads) * half; idx += WG) {
-        let h = idx / half;
-        let i = idx % half;
-        let a = qkv_rw[base + h * hd + i];
-        let b = qkv_rw[base + h * hd + i + half];
-        let c = rope[pos * hd + i];
-        let s = rope[pos * hd + half + i];
+    for (var idx = lid; idx < (heads + kv_heads) * pairs; idx += WG) {
+        let h = idx / pairs;
+        let i = 2u * (idx % pairs);
+        let both = i + 1u < half;
+        let j = select(i, i + 1u, both); // the second dim, or the first again
+        let at = base + h * hd;
+        let a = vec2<f32>(qkv_rw[at + i], qkv_rw[at + j]);
+        let b = vec2<f32>(qkv_rw[at + half + i], qkv_rw[at + half + j]);
+        let c = vec2<f32>(rope[pos * hd + i], rope[pos * hd + j]);
+        let s = vec2<f32>(rope[pos * hd + half + i], rope[pos * hd + half + j]);
         let lo = a * c - b * s;
         let hi = b * c + a * s;
         if h < heads {
-            qkv_rw[base + h * hd + i] = lo;
-            qkv_rw[base + h * hd + i + half] = hi;
+            qkv_rw[at + i] = lo.x;
+            qkv_rw[at + half + i] = hi.x;
+            if both {
+                qkv_rw[at + j] = lo.y;
+                qkv_rw[at + half + j] = hi.y;
+            }
         } else {
-            let at = cache_at + (h - heads) * hd + i;
-            k_cache_rw[at] = lo;
-            k_cache_rw[at + half] = hi;
+            let k_at = cache_at + (h - heads) * hd + i;
+            store_k_pair(k_at, lo, both);
+            store_k_pair(k_at + half, hi, both);
         }
     }
-    for (var i = lid; i < kv_dim; i += WG) {
-        v_cache_rw[cache_at + i] = qkv_rw[base + q_dim + kv_dim + i];
+    let v_at = base + q_dim + kv_dim;
+    for (var i = 2u * lid; i < kv_dim; i += 2u * WG) {
+        store_v_pair(cache_at + i, vec2<f32>(qkv_rw[v_at + i], qkv_rw[v_at + i + 1u]));
     }
 }
 
@@ -82,8 +94,6 @@ fn rope_append(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 // Keys are visited in chunks of WG (one key per invocation) with an online softmax: a running
 // max m and sum l, rescaling the output accumulators when the max grows.
 @group(0) @binding(5) var<storage, read> qkv: array<f32>;
-@group(0) @binding(6) var<storage, read> k_cache: array<f32>;
-@group(0) @binding(7) var<storage, read> v_cache: array<f32>;
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 
 var<workgroup> q_sh: array<f32, MAX_HEAD_DIM>;
@@ -149,7 +159,7 @@ fn attend(
             let k_at = cache_row(slot, j) + kv_off;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) {
-                dot += q_sh[d] * k_cache[k_at + d];
+                dot += q_sh[d] * load_k(k_at + d);
             }
             s = dot * inv_sqrt_d;
         }
@@ -173,7 +183,7 @@ fn attend(
             for (var r = 0u; r < 4u; r++) {
                 let d = lid + r * WG;
                 if d < hd {
-                    o[r] += pv * v_cache[v_at + d];
+                    o[r] += pv * load_v(v_at + d);
                 }
             }
         }

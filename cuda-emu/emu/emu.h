@@ -102,7 +102,7 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int min(int a, int b) { return a < b ? a : b; }
 
-// ---- The two PTX sites of common.cuh ---------------------------------------------------------
+// ---- The three PTX sites of common.cuh -------------------------------------------------------
 
 // cvt.f32.f16: exact widening (subnormals, infinities; NaN keeps its payload).
 inline float f16_to_f32(unsigned short h) {
@@ -124,6 +124,43 @@ inline float f16_to_f32(unsigned short h) {
         bits = sign | ((unsigned)(112 - e) << 23) | ((m & 0x3ff) << 13);
     }
     return __uint_as_float(bits);
+}
+
+// cvt.rn.f16.f32: round to nearest, ties to even; overflow to infinity; NaN quiet, keeping the
+// top of its payload.
+inline unsigned short f32_to_f16(float f) {
+    unsigned x;
+    std::memcpy(&x, &f, 4);
+    const unsigned sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xff;
+    const unsigned man = x & 0x7fffffu;
+    if (exp == 0xff) {
+        return (unsigned short)(sign | 0x7c00u | (man != 0 ? 0x200u | (man >> 13) : 0u));
+    }
+    const int e = (int)exp - 112;  // the f16 exponent field, before range checks
+    if (e >= 0x1f) {
+        return (unsigned short)(sign | 0x7c00u);
+    }
+    // Keep the top bits of the significand and round the dropped ones: `shift` bits dropped
+    // (13 for a normal result; more below, where the result is subnormal or zero).
+    unsigned kept, dropped, shift;
+    if (e > 0) {
+        shift = 13;
+        kept = ((unsigned)e << 10) | (man >> 13);
+        dropped = man & 0x1fffu;
+    } else {
+        if (e < -10) {
+            return (unsigned short)sign;  // below half the smallest subnormal
+        }
+        const unsigned m = man | 0x800000u;
+        shift = (unsigned)(14 - e);
+        kept = m >> shift;
+        dropped = m & ((1u << shift) - 1);
+    }
+    const unsigned halfway = 1u << (shift - 1);
+    if (dropped > halfway || (dropped == halfway && (kept & 1))) {
+        ++kept;  // a carry into the exponent (or to infinity) is the right result
+    }
+    return (unsigned short)(sign | kept);
 }
 
 namespace emu {

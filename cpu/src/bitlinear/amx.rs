@@ -476,7 +476,12 @@ pub(crate) mod x86 {
                     for r in 0..n_rows {
                         let row = &mut acc[(n0 + r) * tokens + first..][..n_tokens];
                         for (h, part) in row.chunks_mut(TILE_TOKENS).enumerate() {
-                            part.copy_from_slice(&out[2 * (r / 16) + h][r % 16][..part.len()]);
+                            let tile_row = &out[2 * (r / 16) + h][r % 16];
+                            // A whole row as one array: a vector move, not a call to memmove.
+                            match <&mut [i32; TILE_TOKENS]>::try_from(&mut *part) {
+                                Ok(whole) => *whole = *tile_row,
+                                Err(_) => part.copy_from_slice(&tile_row[..part.len()]),
+                            }
                         }
                     }
                 }

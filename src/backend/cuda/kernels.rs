@@ -74,7 +74,13 @@ pub const SOURCES: [Source; 7] = [
     Source {
         file: "attention.cu",
         code: include_str!("../../../cuda/attention.cu"),
-        entries: &["rope_append", "attend_partial", "attend_combine"],
+        entries: &[
+            "rope_append_f32",
+            "rope_append_f16",
+            "attend_partial_f32",
+            "attend_partial_f16",
+            "attend_combine",
+        ],
     },
 ];
 

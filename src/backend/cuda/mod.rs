@@ -97,10 +97,12 @@ impl<G: Gpu> Table<G> {
     }
 }
 
+/// The KV cache: K and V each in 16-bit words, two per value in f32 and one in f16
+/// ([`kv_words`]); the attention kernels of the cache's type read them as such.
 struct KvStorage<G: Gpu> {
     spec: KvSpec,
-    keys: G::Buf<f32>,
-    values: G::Buf<f32>,
+    keys: G::Buf<u16>,
+    values: G::Buf<u16>,
     rope: G::Buf<f32>,
 }
 
@@ -145,6 +147,11 @@ fn grow<G: Gpu, T: Elem>(gpu: &mut G, slot: &mut G::Buf<T>, len: usize, what: &s
         *slot = gpu.alloc(len, what)?;
     }
     Ok(())
+}
+
+/// 16-bit words of K (and of V) in a pool of `pages` pages of `spec`.
+fn kv_words(spec: &KvSpec, pages: usize) -> usize {
+    pages * spec.page_values() / 2 * spec.kv_type.bytes() / 2
 }
 
 fn to_i32(v: usize, what: &str) -> Result<i32> {
@@ -340,12 +347,9 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         self.gpu.invalidate();
         self.kv = None; // release the old cache before allocating the new one
         spec.check_geometry(ATT_MAX_DIM)?;
-        ensure!(
-            spec.kv_type == KvType::F32,
-            "the CUDA backend stores the KV cache in f32 only (use --kv-type f32)"
-        );
         let len = spec.pages * spec.page_values() / 2;
         to_i32(len, "KV cache values per K or V")?;
+        let len = kv_words(spec, spec.pages);
         let rope = gpu_upload::rope_table(spec)?;
         self.kv = Some(KvStorage {
             spec: *spec,
@@ -363,11 +367,8 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             "grow_kv: {pages} pages would shrink a pool of {}",
             spec.pages
         );
-        let (old, len) = (
-            spec.pages * spec.page_values() / 2,
-            pages * spec.page_values() / 2,
-        );
-        to_i32(len, "KV cache values per K or V")?;
+        to_i32(pages * spec.page_values() / 2, "KV cache values per K or V")?;
+        let (old, len) = (kv_words(&spec, spec.pages), kv_words(&spec, pages));
         self.gpu.invalidate();
         let mut keys = self.gpu.alloc(len, "the KV cache's keys")?;
         let mut values = self.gpu.alloc(len, "the KV cache's values")?;
@@ -574,6 +575,10 @@ impl<G: Gpu> Backend for CudaBackend<G> {
             pad: 0,
         };
         let (rows, k_cache, v_cache) = (s.rows.addr(), kv.keys.addr(), kv.values.addr());
+        let (rope_append, attend_partial) = match spec.kv_type {
+            KvType::F32 => ("rope_append_f32", "attend_partial_f32"),
+            KvType::F16 => ("rope_append_f16", "attend_partial_f16"),
+        };
         let pages = s.pages.addr();
         let params = RopeAppendParams {
             qkv: src,
@@ -588,7 +593,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         // every position they reach to a page of the pool (checked above); qkv holds
         // tokens × qkv_width values; the rope table covers every position of the capacity.
         unsafe {
-            self.gpu.launch("rope_append", plan.rope_append, &params)?;
+            self.gpu.launch(rope_append, plan.rope_append, &params)?;
         }
         let params = AttendPartialParams {
             qkv: src,
@@ -605,7 +610,7 @@ impl<G: Gpu> Backend for CudaBackend<G> {
         // key read is at a position ≤ the row's own, which rope_append has already written.
         unsafe {
             self.gpu
-                .launch("attend_partial", plan.attend_partial, &params)?;
+                .launch(attend_partial, plan.attend_partial, &params)?;
         }
         let params = AttendCombineParams {
             partial: s.partial.addr(),

@@ -430,8 +430,10 @@ impl Backend for WgpuBackend {
         self.pipelines.clear_bind_groups();
         spec.check_geometry(MAX_HEAD_DIM)?;
         ensure!(
-            spec.kv_type == KvType::F32,
-            "the wgpu backend stores the KV cache in f32 only (use --kv-type f32)"
+            spec.kv_type == KvType::F32 || spec.head_dim.is_multiple_of(4),
+            "the wgpu backend's f16 KV cache needs head_dim a multiple of 4, not {} (use \
+             --kv-type f32)",
+            spec.head_dim
         );
         let (keys, values) = self.kv_buffers(spec, spec.pages)?;
         let rope = GBuf::with_data(
@@ -646,7 +648,7 @@ impl Backend for WgpuBackend {
             })
             .collect();
         self.dispatch(
-            Kernel::RopeAppend,
+            Kernel::RopeAppend(spec.kv_type),
             (&params, &rows),
             &[
                 ("qkv_rw", &src),
@@ -659,7 +661,7 @@ impl Backend for WgpuBackend {
             1,
         )?;
         self.dispatch(
-            Kernel::Attend,
+            Kernel::Attend(spec.kv_type),
             (&params, &rows),
             &[
                 ("qkv", &src),

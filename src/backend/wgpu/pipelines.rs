@@ -13,6 +13,7 @@ use super::buffers::GBuf;
 use super::device::Gpu;
 use super::params::KernelParams;
 use super::reflect::{Binding, EntryBindings, Reflected};
+use crate::backend::KvType;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use std::collections::HashMap;
 
@@ -21,6 +22,8 @@ const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/bitlinear_reduce_su
 const REDUCE_WORKGROUP: &str = include_str!("../../../shaders/bitlinear_reduce_workgroup.wgsl");
 const NORM: &str = include_str!("../../../shaders/norm.wgsl");
 const ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+const ATTENTION_KV_F32: &str = include_str!("../../../shaders/attention_kv_f32.wgsl");
+const ATTENTION_KV_F16: &str = include_str!("../../../shaders/attention_kv_f16.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../shaders/elementwise.wgsl");
 const TABLE: &str = include_str!("../../../shaders/table.wgsl");
 const TABLE_F32: &str = include_str!("../../../shaders/table_f32.wgsl");
@@ -51,8 +54,9 @@ pub enum Kernel {
     /// The ternary product for more tokens (prefill).
     Gemm,
     RmsNorm,
-    RopeAppend,
-    Attend,
+    /// RoPE and the KV-cache append, for a cache of the given element type.
+    RopeAppend(KvType),
+    Attend(KvType),
     Gated,
     Add,
     Embed(TableType),
@@ -66,8 +70,8 @@ impl Kernel {
             Kernel::Gemv => "gemv",
             Kernel::Gemm => "gemm",
             Kernel::RmsNorm => "rms_norm",
-            Kernel::RopeAppend => "rope_append",
-            Kernel::Attend => "attend",
+            Kernel::RopeAppend(_) => "rope_append",
+            Kernel::Attend(_) => "attend",
             Kernel::Gated => "gated",
             Kernel::Add => "add",
             Kernel::Embed(_) => "embed",
@@ -90,7 +94,12 @@ impl Kernel {
             }
             Kernel::Quantize | Kernel::Gemv | Kernel::Gemm => (REDUCE_WORKGROUP, BITLINEAR),
             Kernel::RmsNorm => ("", NORM),
-            Kernel::RopeAppend | Kernel::Attend => ("", ATTENTION),
+            Kernel::RopeAppend(KvType::F32) | Kernel::Attend(KvType::F32) => {
+                (ATTENTION_KV_F32, ATTENTION)
+            }
+            Kernel::RopeAppend(KvType::F16) | Kernel::Attend(KvType::F16) => {
+                (ATTENTION_KV_F16, ATTENTION)
+            }
             Kernel::Gated | Kernel::Add => ("", ELEMENTWISE),
             Kernel::Embed(t) | Kernel::Logits(t) => (table_prelude(t), TABLE),
         };
@@ -277,8 +286,10 @@ mod tests {
             Kernel::Gemv,
             Kernel::Gemm,
             Kernel::RmsNorm,
-            Kernel::RopeAppend,
-            Kernel::Attend,
+            Kernel::RopeAppend(KvType::F32),
+            Kernel::RopeAppend(KvType::F16),
+            Kernel::Attend(KvType::F32),
+            Kernel::Attend(KvType::F16),
             Kernel::Gated,
             Kernel::Add,
         ]
