@@ -402,21 +402,6 @@ pub(crate) mod x86 {
         x: &QuantizedRows,
         acc: &mut [i32],
     ) {
-        let (tokens, blocks) = (x.rows(), w.blocks());
-        let planes = C::BLOCK_COLS / CHUNK;
-        let steps = blocks * planes;
-        let pc = x.padded_cols();
-        assert!(
-            rows.start.is_multiple_of(ROW_GROUP)
-                && acc.len() == rows.len() * tokens
-                && pc >= steps * 64
-                && x.codes().len() == tokens * pc,
-            "AMX panels: unchecked arguments"
-        );
-        if steps == 0 || tokens == 0 {
-            acc.fill(0);
-            return;
-        }
         // SAFETY: the caller's contract: `enable` found AMX-TILE with the OS's and Linux's
         // permission.
         unsafe {
@@ -436,6 +421,17 @@ pub(crate) mod x86 {
         let (tokens, blocks) = (x.rows(), w.blocks());
         let steps = blocks * (C::BLOCK_COLS / CHUNK);
         let pc = x.padded_cols();
+        assert!(
+            rows.start.is_multiple_of(ROW_GROUP)
+                && acc.len() == rows.len() * tokens
+                && pc >= steps * 64
+                && x.codes().len() == tokens * pc,
+            "AMX panels: unchecked arguments"
+        );
+        if steps == 0 || tokens == 0 {
+            acc.fill(0);
+            return;
+        }
         s.weights.resize(2 * steps * 16, Line([0; 64]));
         let first_group = rows.start / ROW_GROUP;
         let last_group = rows.end.div_ceil(ROW_GROUP);

@@ -33,6 +33,9 @@
 //!   so no i16 saturation), then `vpmaddwd` by ones into i32.
 //! - NEON: widening `smull`/`smlal` (two products per i16 lane, at most 32512), `sadalp` into i32.
 //! - NEON dot product: `sdot` of `q_v` and `h_x` (signed × signed) straight into i32.
+//! - AMX-INT8, for several inputs at once ([`Q8Head::logits_tokens`]): `tdpbssd` (signed ×
+//!   signed) of 16 rows' codes against 16 inputs' codes of both levels, on the tiles of
+//!   [`crate::bitlinear::amx`]; its own start-up known-answer check ([`amx_status`]) guards it.
 //!
 //! `q_v · q_x = (256 · q_v · h_x + q_v · l_x) / 256`, the numerator exact in f64 (at most 40 bits),
 //! and `approx_v = (d_v · d_x) · numerator / 256` in f32 (the numerator rounded once, the division by
