@@ -443,12 +443,10 @@ pub(crate) mod x86 {
             let chunk = t0..tokens.min(t0 + per_chunk);
             let token_tiles = chunk.len().div_ceil(TILE_TOKENS);
             s.tokens.resize(token_tiles * steps * 16, Line([0; 64]));
-            let codes: Vec<&[i8]> = chunk.clone().map(|t| x.row(t)).collect();
-            for (rows, tiles) in codes
-                .chunks(TILE_TOKENS)
-                .zip(s.tokens.chunks_exact_mut(steps * 16))
-            {
-                lay_out_tile(rows, tiles);
+            for (u, tiles) in s.tokens.chunks_exact_mut(steps * 16).enumerate() {
+                let first = chunk.start + u * TILE_TOKENS;
+                let count = (chunk.end - first).min(TILE_TOKENS);
+                lay_out_tile(count, |n| x.row(first + n), tiles);
             }
             for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
                 let groups: [Option<&[u8]>; PANEL_GROUPS] =
@@ -485,14 +483,18 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Lays up to 16 rows of int8 codes out as one token tile's second operands (see the module
+    /// Lays `count` ≤ 16 rows of int8 codes out as one token tile's second operands (see the module
     /// documentation): the tile of k-step `s` at `tiles[16 s ..]`, its row `r` holding, for each
-    /// row `n`, codes `64 s + 4 r .. 64 s + 4 r + 4` of `rows[n]` at bytes `4 n .. 4 n + 4`; rows
-    /// past `rows.len()` are zero. Each row holds at least `4 · tiles.len()` codes.
-    pub(crate) fn lay_out_tile(rows: &[&[i8]], tiles: &mut [Line]) {
+    /// row `n`, codes `64 s + 4 r .. 64 s + 4 r + 4` of row `n` at bytes `4 n .. 4 n + 4`; rows
+    /// past `count` are zero. `row(n)` gives row `n < count`, at least `4 · tiles.len()` codes.
+    pub(crate) fn lay_out_tile<'a>(
+        count: usize,
+        row: impl Fn(usize) -> &'a [i8],
+        tiles: &mut [Line],
+    ) {
         // Line `16 s + r` is row `r` of k-step `s`: for row `n`, its 4-byte word `16 s + r`.
         for n in 0..TILE_TOKENS {
-            match rows.get(n) {
+            match (n < count).then(|| row(n)) {
                 Some(codes) => {
                     for (line, word) in tiles.iter_mut().zip(codes.chunks_exact(4)) {
                         let word = [word[0], word[1], word[2], word[3]].map(|v| v as u8);

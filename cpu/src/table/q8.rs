@@ -680,14 +680,9 @@ mod x86 {
                 .chunks(16)
                 .zip(s.inputs.chunks_exact_mut(2 * steps * 16))
             {
-                let high: Vec<&[i8]> = group
-                    .iter()
-                    .map(|i| &i.quantized.row(0)[..stride])
-                    .collect();
-                let low: Vec<&[i8]> = group.iter().map(|i| &i.low[..stride]).collect();
                 let (h, l) = tiles.split_at_mut(steps * 16);
-                lay_out_tile(&high, h);
-                lay_out_tile(&low, l);
+                lay_out_tile(group.len(), |n| &group[n].quantized.row(0)[..stride], h);
+                lay_out_tile(group.len(), |n| &group[n].low[..stride], l);
             }
             s.weights.resize(2 * steps * 16, Line([0; 64]));
             let mut out = [[[0i32; 16]; 16]; 4];
