@@ -287,9 +287,10 @@ fn main() {
     if wanted("attention") {
         // One kv head of 2B-4T (head dim 128, 4 query heads per kv head, 5 kv heads in a cached
         // row): a prefill block of 8 rows after 256 cached positions (the middle of a 512-token
-        // prompt) and a decode row over 512 positions.
+        // prompt), the same block after 2040 (the end of a 2048-token prompt) and a decode row over
+        // 512 positions.
         let (d, group, kv_stride) = (128, 4, 640);
-        for (rows, first_keys) in [(8, 256), (1, 512)] {
+        for (rows, first_keys) in [(8, 256), (8, 2040), (1, 512)] {
             let g = HeadGroup {
                 head_dim: d,
                 group,

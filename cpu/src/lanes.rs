@@ -20,6 +20,9 @@ use crate::isa::Isa;
 pub(crate) trait Lanes: Copy {
     type V: Copy;
     const LANES: usize;
+    /// Vector registers the level has (16 or 32): how many accumulators a kernel's register tile
+    /// may hold without spilling.
+    const REGISTERS: usize;
     /// Every lane `x`.
     fn splat(self, x: f32) -> Self::V;
     /// The first `LANES` values of `from` (panics if it is shorter).
@@ -38,6 +41,8 @@ pub(crate) struct Scalar;
 impl Lanes for Scalar {
     type V = f32;
     const LANES: usize = 1;
+    // x86-64's sixteen XMM registers without AVX-512 (aarch64 has 32; fewer only limits tiles).
+    const REGISTERS: usize = 16;
     #[inline(always)]
     fn splat(self, x: f32) -> f32 {
         x
@@ -64,10 +69,11 @@ impl Lanes for Scalar {
 /// only way to make one, and it checks the level, which is what makes the intrinsics sound here.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! impl_lanes {
-    ($token:ty, $vector:ty, $lanes:expr, $splat:ident, $load:ident, $store:ident, $mul:ident, $mul_add:ident) => {
+    ($token:ty, $vector:ty, $lanes:expr, $registers:expr, $splat:ident, $load:ident, $store:ident, $mul:ident, $mul_add:ident) => {
         impl Lanes for $token {
             type V = $vector;
             const LANES: usize = $lanes;
+            const REGISTERS: usize = $registers;
             #[inline(always)]
             fn splat(self, x: f32) -> $vector {
                 // SAFETY: a token exists only where the CPU has its level (`new`).
@@ -125,6 +131,7 @@ mod x86 {
         Avx2,
         __m256,
         8,
+        16,
         _mm256_set1_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
@@ -148,6 +155,7 @@ mod x86 {
         Avx512,
         __m512,
         16,
+        32,
         _mm512_set1_ps,
         _mm512_loadu_ps,
         _mm512_storeu_ps,
@@ -180,6 +188,7 @@ mod arm {
         Neon,
         float32x4_t,
         4,
+        32,
         vdupq_n_f32,
         vld1q_f32,
         vst1q_f32,

@@ -13,17 +13,22 @@
 //! block's queries rounded up to a multiple of the vector width and of [`QUERIES_AT_ONCE`]:
 //! - `transposed[i · P + q]`: dimension `i` of query `q` (0.0 for the padding queries);
 //! - `scores[j · P + q]`: query `q`'s score, then weight, for position `j` (weight exactly 0.0 for
-//!   a position the query does not see, and for the padding queries).
+//!   a position the query does not see, and for the padding queries);
+//! - a block of up to [`KEYS_AT_ONCE`] keys one after another (converted to f32 there from an f16
+//!   cache) while their scores are computed.
 //!
 //! The cache is read through [`Cache`]: keys and values stored as f32 or f16 ([`KvValue`]; f16 is
 //! converted to f32 as it is read, so the sums are the same f32 sums over the converted values),
 //! position `j`'s rows found through a page table (contiguous rows are the one-page case), once per
 //! call: a division per position and pass cost as much as the multiply-adds at 2048 positions.
 //!
-//! The products run on [`Lanes`] vectors: `q·k` with lanes across queries (each key value
-//! broadcast, [`KEYS_AT_ONCE`] keys at a time), the weighted sum with lanes across dimensions
-//! ([`QUERIES_AT_ONCE`] queries at a time, each weight broadcast). A block reads each cached key
-//! and value once for all its queries, which keeps a long prefill out of the cache bandwidth limit.
+//! The products run on [`Lanes`] vectors, in tiles whose sums stay in registers: `q·k` with lanes
+//! across queries (each key value broadcast; a block of keys against one or two query vectors),
+//! the weighted sum with lanes across dimensions (each weight broadcast; up to
+//! [`QUERIES_AT_ONCE`] queries by two vectors of dimensions), [`VALUE_BLOCK`] positions at a time
+//! so that the block's values serve every tile from the L1 cache. A block of rows reads each
+//! cached key and value once for all its queries, which keeps a long prefill out of the cache
+//! bandwidth limit.
 
 pub mod rope;
 
@@ -97,6 +102,9 @@ pub trait KvValue: Copy + Send + Sync + 'static {
 
     /// Stores `src` in `dst` (of the same length), f16 rounded to nearest.
     fn store(src: &[f32], dst: &mut [Self]);
+
+    /// `src` as f32 in `dst` (of the same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl KvValue for f32 {
@@ -106,6 +114,11 @@ impl KvValue for f32 {
     }
 
     fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn widen(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
 }
@@ -122,6 +135,12 @@ impl KvValue for half::f16 {
     fn store(src: &[f32], dst: &mut [half::f16]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
+    }
+
+    #[inline(always)]
+    fn widen(src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -170,12 +189,14 @@ impl<'a, E: KvValue> Cache<'a, E> {
 }
 
 /// What [`attend`] keeps between calls, grown as needed: the transposed queries, scores and
-/// converted keys (the layouts in the module documentation), and where each position's key and
-/// value start (found through the page table once per call, not once per pass over them).
+/// copied keys (the layouts in the module documentation), where each position's key and value
+/// start (found through the page table once per call, not once per pass over them), and where each
+/// query's output starts.
 #[derive(Debug, Default)]
 pub struct Scratch {
     values: Vec<f32>,
     starts: Vec<usize>,
+    outs: Vec<usize>,
 }
 
 /// Causal attention `softmax(q·kᵀ / √d) · V` of every query of `geometry` over its cached
@@ -189,7 +210,11 @@ pub fn attend<E: KvValue>(
     out: &mut [f32],
 ) -> Result<(), Error> {
     geometry.check(queries.len(), cache, out.len())?;
-    let Scratch { values, starts } = scratch;
+    let Scratch {
+        values,
+        starts,
+        outs,
+    } = scratch;
     starts.clear();
     let (n, page_size) = (geometry.max_keys(), cache.page_size);
     for (p, &page) in cache.pages.iter().enumerate().take(n.div_ceil(page_size)) {
@@ -197,11 +222,17 @@ pub fn attend<E: KvValue>(
         let rows = page_size.min(n - p * page_size);
         starts.extend((0..rows).map(|r| first + r * geometry.kv_stride));
     }
+    outs.clear();
+    for r in 0..geometry.rows {
+        let row = r * geometry.out_stride;
+        outs.extend((0..geometry.group).map(|h| row + h * geometry.head_dim));
+    }
     let data = Data {
         g: geometry,
         queries,
         cache: *cache,
         starts,
+        outs,
         padded: 0, // set by `run`, once the vector width is known
     };
     let scratch = values;
@@ -223,12 +254,19 @@ pub fn attend<E: KvValue>(
 }
 
 /// Cached positions whose `q·k` sums [`attend`] accumulates together (independent sums in flight,
-/// each query vector loaded once for all of them).
+/// each query vector loaded once for all of them) where the level has 32 vector registers; half
+/// as many with 16.
 const KEYS_AT_ONCE: usize = 8;
 
 /// Queries whose weighted value sums [`attend`] accumulates together (each value vector loaded once
-/// for all of them); half as many for a block of at most that many (a decode row of 4 heads).
+/// for all of them); half as many for a block of at most that many (a decode row of 4 heads) and
+/// on levels with 16 vector registers.
 const QUERIES_AT_ONCE: usize = 8;
+
+/// Cached positions whose values [`attend`] adds to every query's sums before moving on: their
+/// values (16 KiB at head dimension 128) and weights stay in the L1 cache while every tile of
+/// queries and dimensions reads them, instead of coming from further out once per tile.
+const VALUE_BLOCK: usize = 32;
 
 /// How far below a query's largest score a position's score may lie and still get a weight: the
 /// others get exactly 0. Their weights would be below `e⁻⁴⁰ ≈ 2⁻⁵⁷` of the largest, so all of them
@@ -237,10 +275,6 @@ const QUERIES_AT_ONCE: usize = 8;
 /// times the values are subnormal floats, which x86 cores multiply and add about a hundred times
 /// slower: a prompt of 2048 tokens with peaked attention spent most of its time there.
 pub const SOFTMAX_CUTOFF: f32 = -40.0;
-
-/// Queries whose softmax [`attend`] computes together, so each pass over a position's scores is
-/// one loop over contiguous lanes, which the compiler vectorizes.
-const SOFTMAX_QUERIES: usize = 32;
 
 /// The widest [`Lanes`] vector (AVX-512's 16 lanes): the buffer an f16 value vector is converted
 /// into.
@@ -254,6 +288,8 @@ struct Data<'a, E> {
     cache: Cache<'a, E>,
     /// Where position `j`'s key and value start in the cache.
     starts: &'a [usize],
+    /// Where query `q = r · group + h`'s output starts in `out`.
+    outs: &'a [usize],
     /// `P`, a multiple of the vector width and of [`QUERIES_AT_ONCE`] (set by [`run`]).
     padded: usize,
 }
@@ -263,21 +299,6 @@ impl<E: KvValue> Data<'_, E> {
     #[inline(always)]
     fn key(&self, j: usize) -> &[E] {
         &self.cache.keys[self.starts[j]..][..self.g.head_dim]
-    }
-
-    /// Position `j`'s value (its `head_dim` values).
-    #[inline(always)]
-    fn value(&self, j: usize) -> &[E] {
-        &self.cache.values[self.starts[j]..][..self.g.head_dim]
-    }
-
-    /// Where query `q = r · group + h` starts in `queries`, and its output in `out`.
-    fn query_at(&self, q: usize) -> usize {
-        (q / self.g.group) * self.g.query_stride + (q % self.g.group) * self.g.head_dim
-    }
-
-    fn out_at(&self, q: usize) -> usize {
-        (q / self.g.group) * self.g.out_stride + (q % self.g.group) * self.g.head_dim
     }
 
     /// Cached positions query `q` sees (`first_keys` for the first row's queries).
@@ -298,7 +319,7 @@ fn run<L: Lanes, E: KvValue>(
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
     let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
-    // Transposed queries, scores, and [`KEYS_AT_ONCE`] keys converted to f32 (f16 caches).
+    // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32.
     let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE * g.head_dim;
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
@@ -311,91 +332,166 @@ fn run<L: Lanes, E: KvValue>(
             transpose_queries(data, transposed);
             scores_of(lanes, data, transposed, scores, converted);
             softmax(data, scores);
-            if g.queries() <= QUERIES_AT_ONCE / 2 {
-                weighted_values::<L, E, { QUERIES_AT_ONCE / 2 }>(lanes, data, scores, out);
-            } else {
-                weighted_values::<L, E, QUERIES_AT_ONCE>(lanes, data, scores, out);
-            }
+            weighted_values(lanes, data, scores, out);
         },
     )
 }
 
 #[inline(always)]
 fn transpose_queries<E: KvValue>(data: &Data<'_, E>, transposed: &mut [f32]) {
-    let n_queries = data.g.queries();
-    for (i, dim) in transposed.chunks_exact_mut(data.padded).enumerate() {
-        for (q, t) in dim.iter_mut().enumerate() {
-            *t = if q < n_queries {
-                data.queries[data.query_at(q) + i]
-            } else {
-                0.0
-            };
+    let (g, padded) = (data.g, data.padded);
+    for r in 0..g.rows {
+        for h in 0..g.group {
+            let query = &data.queries[r * g.query_stride + h * g.head_dim..][..g.head_dim];
+            for (i, &x) in query.iter().enumerate() {
+                transposed[i * padded + r * g.group + h] = x;
+            }
         }
+    }
+    for dim in transposed.chunks_exact_mut(padded) {
+        dim[g.queries()..].fill(0.0);
     }
 }
 
 /// `scores[j · P + q] = (Σ_i q_i · k_j,i) · (1 / √d)` for every position up to the block's last.
+///
+/// `K` keys at a time (8 where the registers hold 16 sums and two query vectors, else 4), copied
+/// one after another into `block` (and converted to f32 there from an f16 cache): one pointer
+/// reaches them all, and at the head dimensions of the models users run (64, 128) the offsets are
+/// constants, so the loop holds its sums in registers instead of spilling key pointers. Each
+/// block's sums run over tiles of two query vectors (one for the rest).
 #[inline(always)]
 fn scores_of<L: Lanes, E: KvValue>(
     lanes: L,
     data: &Data<'_, E>,
     transposed: &[f32],
     scores: &mut [f32],
-    converted: &mut [f32],
+    block: &mut [f32],
 ) {
-    let (g, padded) = (data.g, data.padded);
-    let (d, n_keys) = (g.head_dim, g.max_keys());
+    if L::REGISTERS >= 32 {
+        key_blocks::<L, E, KEYS_AT_ONCE>(lanes, data, transposed, scores, block);
+    } else {
+        key_blocks::<L, E, { KEYS_AT_ONCE / 2 }>(lanes, data, transposed, scores, block);
+    }
+}
+
+/// [`scores_of`] with `K` keys a block.
+#[inline(always)]
+fn key_blocks<L: Lanes, E: KvValue, const K: usize>(
+    lanes: L,
+    data: &Data<'_, E>,
+    transposed: &[f32],
+    scores: &mut [f32],
+    block: &mut [f32],
+) {
+    match data.g.head_dim {
+        64 => key_blocks_of::<L, E, K>(lanes, data, 64, transposed, scores, block),
+        128 => key_blocks_of::<L, E, K>(lanes, data, 128, transposed, scores, block),
+        d => key_blocks_of::<L, E, K>(lanes, data, d, transposed, scores, block),
+    }
+}
+
+/// [`key_blocks`] with `d` the head dimension.
+#[inline(always)]
+fn key_blocks_of<L: Lanes, E: KvValue, const K: usize>(
+    lanes: L,
+    data: &Data<'_, E>,
+    d: usize,
+    transposed: &[f32],
+    scores: &mut [f32],
+    block: &mut [f32],
+) {
+    let (padded, n_keys) = (data.padded, data.g.max_keys());
+    let pair = 2 * L::LANES;
+    let paired = padded / pair * pair;
+    let block = &mut block[..K * d];
+    for j0 in (0..n_keys).step_by(K) {
+        // Past the last position the block repeats it; those sums are not stored.
+        for (k, key) in block.chunks_exact_mut(d).enumerate() {
+            E::widen(data.key((j0 + k).min(n_keys - 1)), key);
+        }
+        let stored = K.min(n_keys - j0);
+        let scores = &mut scores[j0 * padded..];
+        for l0 in (0..paired).step_by(pair) {
+            score_tile::<L, 2, K>(lanes, block, transposed, padded, l0, stored, scores);
+        }
+        for l0 in (paired..padded).step_by(L::LANES) {
+            score_tile::<L, 1, K>(lanes, block, transposed, padded, l0, stored, scores);
+        }
+    }
+}
+
+/// The sums of `QV` query vectors from `l0` with each of the `K` keys in `keys` (one after another),
+/// held in registers while the dimensions run, scaled into rows `0..stored` of `scores`.
+#[inline(always)]
+fn score_tile<L: Lanes, const QV: usize, const K: usize>(
+    lanes: L,
+    keys: &[f32],
+    transposed: &[f32],
+    padded: usize,
+    l0: usize,
+    stored: usize,
+    scores: &mut [f32],
+) {
+    let d = keys.len() / K;
+    let mut sums = [[lanes.splat(0.0); K]; QV];
+    for i in 0..d {
+        let row = &transposed[i * padded + l0..][..QV * L::LANES];
+        let q: [L::V; QV] = std::array::from_fn(|v| lanes.load(&row[v * L::LANES..]));
+        for k in 0..K {
+            let b = lanes.splat(keys[k * d + i]);
+            for v in 0..QV {
+                sums[v][k] = lanes.mul_add(b, q[v], sums[v][k]);
+            }
+        }
+    }
     let inv_sqrt_d = lanes.splat(1.0 / (d as f32).sqrt());
-    for j0 in (0..n_keys).step_by(KEYS_AT_ONCE) {
-        // Past the last position the batch repeats it; those sums are not stored.
-        let mut buffers = converted.chunks_exact_mut(d);
-        let batch: [&[f32]; KEYS_AT_ONCE] = std::array::from_fn(|k| {
-            let buf = buffers.next().expect("the scratch holds KEYS_AT_ONCE keys");
-            E::as_f32(data.key((j0 + k).min(n_keys - 1)), buf)
-        });
-        let stored = KEYS_AT_ONCE.min(n_keys - j0);
-        for l0 in (0..padded).step_by(L::LANES) {
-            let mut sums = [lanes.splat(0.0); KEYS_AT_ONCE];
-            for i in 0..d {
-                let q = lanes.load(&transposed[i * padded + l0..]);
-                for (sum, key) in sums.iter_mut().zip(&batch) {
-                    *sum = lanes.mul_add(lanes.splat(key[i]), q, *sum);
-                }
-            }
-            for (k, sum) in sums.iter().enumerate().take(stored) {
-                lanes.store(
-                    lanes.mul(*sum, inv_sqrt_d),
-                    &mut scores[(j0 + k) * padded + l0..],
-                );
-            }
+    for (k, row) in scores.chunks_mut(padded).take(stored).enumerate() {
+        for (v, sum) in sums.iter().enumerate() {
+            lanes.store(lanes.mul(sum[k], inv_sqrt_d), &mut row[l0 + v * L::LANES..]);
         }
     }
 }
 
 /// Scores to weights: softmax per query over the positions it sees; the rest, the positions below
-/// [`SOFTMAX_CUTOFF`] (and the padding queries) get weight exactly 0.
+/// [`SOFTMAX_CUTOFF`] (and the padding queries) get weight exactly 0. Queries a vector at a time
+/// (16 where `P` allows, else 8), so every pass over a position's scores is one loop over
+/// contiguous lanes with its maxima and sums in registers.
 #[inline(always)]
 fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
+    if data.padded.is_multiple_of(16) {
+        softmax_columns::<E, 16>(data, scores);
+    } else {
+        softmax_columns::<E, 8>(data, scores);
+    }
+}
+
+/// [`softmax`] for `C` queries at a time (`P` a multiple of `C`).
+#[inline(always)]
+fn softmax_columns<E: KvValue, const C: usize>(data: &Data<'_, E>, scores: &mut [f32]) {
     let (padded, n_queries) = (data.padded, data.g.queries());
-    for c0 in (0..padded).step_by(SOFTMAX_QUERIES) {
-        let cols = c0..padded.min(c0 + SOFTMAX_QUERIES);
-        let mut seen = [0u32; SOFTMAX_QUERIES];
-        for (q, s) in cols.clone().zip(&mut seen) {
-            if q < n_queries {
-                *s = data.keys_seen(q) as u32;
+    for c0 in (0..padded).step_by(C) {
+        let seen: [u32; C] = std::array::from_fn(|c| {
+            if c0 + c < n_queries {
+                data.keys_seen(c0 + c) as u32
+            } else {
+                0
             }
-        }
-        let seen = &seen[..cols.len()];
-        let mut max = [f32::NEG_INFINITY; SOFTMAX_QUERIES];
-        for (j, row) in scores.chunks_exact(padded).enumerate() {
-            for ((m, &s), &n) in max.iter_mut().zip(&row[cols.clone()]).zip(seen) {
+        });
+        let mut max = [f32::NEG_INFINITY; C];
+        for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
+            for ((m, &s), &n) in max.iter_mut().zip(columns::<C>(row, c0).iter()).zip(&seen) {
                 *m = if (j as u32) < n { m.max(s) } else { *m };
             }
         }
-        let mut sum = [0f64; SOFTMAX_QUERIES];
+        let mut sum = [0f64; C];
         for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
-            let row = &mut row[cols.clone()];
-            for (((s, &m), &n), total) in row.iter_mut().zip(&max).zip(seen).zip(&mut sum) {
+            for (((s, &m), &n), total) in columns::<C>(row, c0)
+                .iter_mut()
+                .zip(&max)
+                .zip(&seen)
+                .zip(&mut sum)
+            {
                 let x = *s - m;
                 // A NaN score keeps its weight (NaN), so that it reaches the output.
                 let kept = (j as u32) < n && (x >= SOFTMAX_CUTOFF || x.is_nan());
@@ -405,60 +501,99 @@ fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
         }
         let inv_sum = sum.map(|s| if s > 0.0 { (1.0 / s) as f32 } else { 0.0 });
         for row in scores.chunks_exact_mut(padded) {
-            for (s, inv) in row[cols.clone()].iter_mut().zip(&inv_sum) {
+            for (s, inv) in columns::<C>(row, c0).iter_mut().zip(&inv_sum) {
                 *s *= inv;
             }
         }
     }
 }
 
-/// `out_q = Σ_j w_q,j · v_j` for every query, `Q` queries at a time: vectors of `lanes` over the
-/// head dimension, then single lanes over the rest.
+/// The `C` scores of a row of `P` from query `c0`.
 #[inline(always)]
-fn weighted_values<L: Lanes, E: KvValue, const Q: usize>(
+fn columns<const C: usize>(row: &mut [f32], c0: usize) -> &mut [f32; C] {
+    (&mut row[c0..c0 + C])
+        .try_into()
+        .expect("P is a multiple of C")
+}
+
+/// `out_q = Σ_j w_q,j · v_j` for every query: [`VALUE_BLOCK`] positions at a time, each block's
+/// values and weights read by every tile of queries and dimensions while they sit in the L1 cache
+/// (the sums wait in `out` between blocks, so each still runs over the positions in order from
+/// 0.0). A tile is `Q` queries by two vectors of dimensions, then one vector, then single lanes
+/// over the rest; `Q` is 8 where the registers hold those 16 sums, else 4 (and 4 for a block of
+/// at most 4 queries, a decode row).
+#[inline(always)]
+fn weighted_values<L: Lanes, E: KvValue>(
     lanes: L,
     data: &Data<'_, E>,
     scores: &[f32],
     out: &mut [f32],
 ) {
-    let d = data.g.head_dim;
-    let whole = d / L::LANES * L::LANES;
-    value_passes::<L, E, Q>(lanes, data, scores, 0..whole, out);
-    value_passes::<Scalar, E, Q>(Scalar, data, scores, whole..d, out);
+    let (d, n_queries) = (data.g.head_dim, data.g.queries());
+    for q in 0..n_queries {
+        out[data.outs[q]..][..d].fill(0.0);
+    }
+    let (pairs, whole) = (d / (2 * L::LANES) * 2 * L::LANES, d / L::LANES * L::LANES);
+    for j0 in (0..data.keys_seen(n_queries - 1)).step_by(VALUE_BLOCK) {
+        let block = j0..j0 + VALUE_BLOCK;
+        if L::REGISTERS >= 32 && n_queries > QUERIES_AT_ONCE / 2 {
+            value_tiles::<L, E, QUERIES_AT_ONCE, 2>(lanes, data, scores, &block, 0..pairs, out);
+            value_tiles::<L, E, QUERIES_AT_ONCE, 1>(lanes, data, scores, &block, pairs..whole, out);
+        } else {
+            const Q: usize = QUERIES_AT_ONCE / 2;
+            value_tiles::<L, E, Q, 2>(lanes, data, scores, &block, 0..pairs, out);
+            value_tiles::<L, E, Q, 1>(lanes, data, scores, &block, pairs..whole, out);
+        }
+        value_tiles::<Scalar, E, QUERIES_AT_ONCE, 1>(Scalar, data, scores, &block, whole..d, out);
+    }
 }
 
-/// [`weighted_values`] over `dims` (a multiple of `L::LANES` long): a vector of dimensions and `Q`
-/// queries at a time, held in registers over all the positions the last of them sees (the zero
-/// weights of positions a query does not see add nothing). The query passes share a vector of
-/// dimensions, which stays in the L1 cache between them.
+/// [`weighted_values`] over the positions of `block` (those each tile's last query sees) and
+/// `dims` (a multiple of `DV · L::LANES` long), `Q` queries by `DV` vectors of dimensions a tile:
+/// the tile's sums loaded from `out`, held in registers over the positions, stored back.
 #[inline(always)]
-fn value_passes<L: Lanes, E: KvValue, const Q: usize>(
+fn value_tiles<L: Lanes, E: KvValue, const Q: usize, const DV: usize>(
     lanes: L,
     data: &Data<'_, E>,
     scores: &[f32],
+    block: &std::ops::Range<usize>,
     dims: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let (g, padded) = (data.g, data.padded);
-    let n_queries = g.queries();
-    for i0 in dims.step_by(L::LANES) {
+    let (padded, n_queries) = (data.padded, data.g.queries());
+    let width = DV * L::LANES;
+    for i0 in dims.step_by(width) {
         for q0 in (0..n_queries).step_by(Q) {
             let last = (q0 + Q).min(n_queries) - 1;
-            let weights = scores.chunks_exact(padded).map(|row| -> &[f32; Q] {
-                row[q0..][..Q]
+            let end = block.end.min(data.keys_seen(last));
+            if end <= block.start {
+                continue;
+            }
+            let mut sums = [[lanes.splat(0.0); DV]; Q];
+            for (q, sum) in (q0..=last).zip(&mut sums) {
+                let at = data.outs[q] + i0;
+                *sum = std::array::from_fn(|v| lanes.load(&out[at + v * L::LANES..]));
+            }
+            let mut buf = [0f32; 2 * MAX_LANES];
+            let weights = scores[block.start * padded..end * padded].chunks_exact(padded);
+            for (&start, weights) in data.starts[block.start..end].iter().zip(weights) {
+                let weights: &[f32; Q] = weights[q0..q0 + Q]
                     .try_into()
-                    .expect("padded rows hold whole passes")
-            });
-            let mut sums = [lanes.splat(0.0); Q];
-            let mut buf = [0f32; MAX_LANES];
-            for (j, weights) in weights.enumerate().take(data.keys_seen(last)) {
-                let v = lanes.load(E::as_f32(&data.value(j)[i0..i0 + L::LANES], &mut buf));
+                    .expect("padded rows hold whole tiles");
+                let v = E::as_f32(&data.cache.values[start + i0..][..width], &mut buf);
+                let v: [L::V; DV] = std::array::from_fn(|x| lanes.load(&v[x * L::LANES..]));
                 for (sum, &w) in sums.iter_mut().zip(weights) {
-                    *sum = lanes.mul_add(lanes.splat(w), v, *sum);
+                    let w = lanes.splat(w);
+                    for (s, &v) in sum.iter_mut().zip(&v) {
+                        *s = lanes.mul_add(w, v, *s);
+                    }
                 }
             }
-            for (q, sum) in (q0..=last).zip(sums) {
-                lanes.store(sum, &mut out[data.out_at(q) + i0..]);
+            for (q, sum) in (q0..=last).zip(&sums) {
+                let at = data.outs[q] + i0;
+                for (v, &s) in sum.iter().enumerate() {
+                    lanes.store(s, &mut out[at + v * L::LANES..]);
+                }
             }
         }
     }
