@@ -33,9 +33,9 @@ use tern_cpu::norm;
 use tern_cpu::pool::ThreadPool;
 use tern_cpu::table::q8::{self, Q8Head, Q8Input, top_candidates};
 
-/// Prompt rows per attention task: every cached key and value is read once for this many rows
-/// (times the heads sharing it).
-const ATTENTION_ROWS_PER_TASK: usize = 8;
+/// Prompt rows per attention task, at most: every cached key and value is read once for this many
+/// rows (times the heads sharing it).
+const ATTENTION_ROWS_PER_TASK: usize = 16;
 
 /// Output-head rows per parallel task, at least.
 const MIN_VOCAB_PER_TASK: usize = 256;
@@ -189,23 +189,23 @@ impl AttentionStep<'_> {
                 attention::attend(isa, &geometry, queries, &cache, scratch, out)
             })
         };
-        let one_run = tokens
-            .windows(2)
-            .all(|w| w[1].slot == w[0].slot && w[1].position == w[0].position + 1);
-        let result = if one_run && tokens.len() >= ATTENTION_ROWS_PER_TASK * self.pool.threads() {
-            // A prefill: blocks of tokens, each key and value read once per block.
-            self.pool.try_for_each(
-                dst[..tokens.len() * q_dim]
-                    .chunks_mut(ATTENTION_ROWS_PER_TASK * q_dim)
-                    .enumerate(),
-                |(block, out)| {
-                    let (t0, n) = (block * ATTENTION_ROWS_PER_TASK, out.len() / q_dim);
-                    (0..spec.kv_heads)
-                        .try_for_each(|g| attend_rows(t0, n, g, &mut out[g * group * hd..], q_dim))
-                },
-            )
+        let pieces = run_pieces(tokens, ATTENTION_ROWS_PER_TASK);
+        let result = if pieces.len() >= 2 * self.pool.threads() {
+            // Prompts (and the decode rows beside them): a task per piece, each cached key and
+            // value read once for all of its rows.
+            let mut rest = &mut dst[..tokens.len() * q_dim];
+            let mut tasks = Vec::with_capacity(pieces.len());
+            for (t0, n) in pieces {
+                let (out, tail) = rest.split_at_mut(n * q_dim);
+                tasks.push((t0, n, out));
+                rest = tail;
+            }
+            self.pool.try_for_each(tasks.into_iter(), |(t0, n, out)| {
+                (0..spec.kv_heads)
+                    .try_for_each(|g| attend_rows(t0, n, g, &mut out[g * group * hd..], q_dim))
+            })
         } else {
-            // Decode: one task per (row, kv head), so even one row spreads over the threads.
+            // A few rows: one task per (row, kv head), so even one row spreads over the threads.
             self.pool.try_for_each(
                 dst[..tokens.len() * q_dim]
                     .chunks_mut(group * hd)
@@ -218,6 +218,27 @@ impl AttentionStep<'_> {
         };
         result.map_err(Into::into)
     }
+}
+
+/// `tokens` as (first token, rows) pieces: each run of consecutive positions of one slot (a prompt,
+/// or one sequence's decode row) cut into near-equal pieces of at most `max` rows, in order.
+fn run_pieces(tokens: &[TokenPosition], max: usize) -> Vec<(usize, usize)> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for end in 1..=tokens.len() {
+        let continues = end < tokens.len()
+            && tokens[end].slot == tokens[end - 1].slot
+            && tokens[end].position == tokens[end - 1].position + 1;
+        if !continues {
+            let (len, count) = (end - start, (end - start).div_ceil(max));
+            pieces.extend((0..count).map(|p| {
+                let (a, b) = (len * p / count, len * (p + 1) / count);
+                (start + a, b - a)
+            }));
+            start = end;
+        }
+    }
+    pieces
 }
 
 pub struct CpuBackend {
@@ -843,6 +864,22 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_of_positions_are_cut_into_near_equal_pieces() {
+        let at = |slot, position| TokenPosition { slot, position };
+        // 40 rows of one prompt, a decode row, a run of 3, and a row that does not continue it.
+        let mut tokens: Vec<_> = (5..45).map(|p| at(0, p)).collect();
+        tokens.push(at(1, 9));
+        tokens.extend((0..3).map(|p| at(2, p)));
+        tokens.push(at(2, 7));
+        assert_eq!(
+            run_pieces(&tokens, 16),
+            [(0, 13), (13, 13), (26, 14), (40, 1), (41, 3), (44, 1)]
+        );
+        assert_eq!(run_pieces(&tokens[..32], 16), [(0, 16), (16, 16)]);
+        assert!(run_pieces(&[], 16).is_empty());
+    }
 
     #[test]
     fn a_base_3_linear_wider_than_a_segment_agrees_with_two_bit() {
