@@ -46,17 +46,21 @@
 //! in int32. The accumulators come out weight-row-major, as the row-major output of
 //! [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's [`gemm`] and
 //! [`gemm_base3`] share (same arguments, same errors, same row-range splitting on multiples of
-//! [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)).
+//! [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)). [`gemm_into`] and [`gemm_base3_into`]
+//! can instead dequantize each panel's products as they leave the tiles, straight into each
+//! token's outputs ([`Products::Dequantized`], what a prompt's BitLinear uses): its 32 × 32
+//! integers are dequantized a tile row (16 tokens) per vector and never travel through memory.
 //!
 //! The 8-bit output head ([`crate::table::q8`]) runs its batches on the same tiles and step.
 
-use crate::Error;
 use crate::bitlinear::Family;
 use crate::bitlinear::base3::PackedBase3;
+use crate::bitlinear::dequantize::dequantize_one;
 use crate::bitlinear::grouped::{Coding, Grouped};
 use crate::bitlinear::mad::PackedTernary;
 use crate::bitlinear::quant::QuantizedRows;
 use crate::isa::Isa;
+use crate::{Error, check_len};
 use std::ops::Range;
 
 /// When [`Linear::forward`](crate::bitlinear::Linear::forward) runs a batch's multiply-add and
@@ -156,7 +160,7 @@ pub fn gemm(
     x: &QuantizedRows,
     acc: &mut [i32],
 ) -> Result<(), Error> {
-    product(w, Digits::TwoBit, rows, x, acc)
+    product(w, Digits::TwoBit, rows, x, Products::Exact(acc))
 }
 
 /// As [`gemm`], for weights in the base-3 layout.
@@ -166,7 +170,124 @@ pub fn gemm_base3(
     x: &QuantizedRows,
     acc: &mut [i32],
 ) -> Result<(), Error> {
-    product(w, Digits::Base3, rows, x, acc)
+    product(w, Digits::Base3, rows, x, Products::Exact(acc))
+}
+
+/// As [`gemm`], the products put into `out`.
+pub fn gemm_into(
+    w: &PackedTernary,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    out: Products<'_, '_>,
+) -> Result<(), Error> {
+    product(w, Digits::TwoBit, rows, x, out)
+}
+
+/// As [`gemm_base3`], the products put into `out`.
+pub fn gemm_base3_into(
+    w: &PackedBase3,
+    rows: Range<usize>,
+    x: &QuantizedRows,
+    out: Products<'_, '_>,
+) -> Result<(), Error> {
+    product(w, Digits::Base3, rows, x, out)
+}
+
+/// Where a product's results go, for `rows` and the batch's tokens.
+pub enum Products<'a, 'b> {
+    /// `acc[(n − rows.start) · tokens + t]`, exact ([`gemm`]'s contract).
+    Exact(&'a mut [i32]),
+    /// `outs[t][n − rows.start] = dequantize_one(product, token_scales[t], row_scales[n −
+    /// rows.start])` ([`dequantize_one`]: the bits of [`crate::bitlinear::dequantize`]), computed
+    /// as the products leave the tiles, so that they never travel through memory as integers.
+    Dequantized {
+        outs: &'a mut [&'b mut [f32]],
+        token_scales: &'a [f32],
+        row_scales: &'a [f32],
+    },
+}
+
+impl Products<'_, '_> {
+    /// That the outputs fit `rows` rows of `tokens` tokens.
+    fn check(&self, rows: usize, tokens: usize) -> Result<(), Error> {
+        match self {
+            Self::Exact(acc) => check_len("ternary gemm accumulators", acc.len(), rows * tokens),
+            Self::Dequantized {
+                outs,
+                token_scales,
+                row_scales,
+            } => {
+                check_len("dequantized tokens", outs.len(), tokens)?;
+                check_len("token scales", token_scales.len(), tokens)?;
+                check_len("row scales", row_scales.len(), rows)?;
+                outs.iter()
+                    .try_for_each(|o| check_len("dequantized outputs of a token", o.len(), rows))
+            }
+        }
+    }
+
+    /// Every output of a product without columns (all sums 0).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn zero(&mut self) {
+        match self {
+            Self::Exact(acc) => acc.fill(0),
+            Self::Dequantized {
+                outs,
+                token_scales,
+                row_scales,
+            } => {
+                for (out, &s) in outs.iter_mut().zip(token_scales.iter()) {
+                    for (o, &r) in out.iter_mut().zip(row_scales.iter()) {
+                        *o = dequantize_one(0, s, r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A panel's products from the tiles: `tiles[2 · (r / 16) + h][r % 16][c]` is the sum of row
+    /// `n0 + r` (counted from the range's start) and token `first + 16 h + c`, for `r < n_rows` and
+    /// `16 h + c < n_tokens`; `tokens` is the batch's.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn put(
+        &mut self,
+        tokens: usize,
+        (n0, n_rows): (usize, usize),
+        (first, n_tokens): (usize, usize),
+        tiles: &[[[i32; 16]; 16]; 4],
+    ) {
+        match self {
+            Self::Exact(acc) => {
+                for r in 0..n_rows {
+                    let row = &mut acc[(n0 + r) * tokens + first..][..n_tokens];
+                    for (h, part) in row.chunks_mut(16).enumerate() {
+                        let tile_row = &tiles[2 * (r / 16) + h][r % 16];
+                        // A whole row as one array: a vector move, not a call to memmove.
+                        match <&mut [i32; 16]>::try_from(&mut *part) {
+                            Ok(whole) => *whole = *tile_row,
+                            Err(_) => part.copy_from_slice(&tile_row[..part.len()]),
+                        }
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Dequantized {
+                outs,
+                token_scales,
+                row_scales,
+            } => {
+                let rows = &row_scales[n0..n0 + n_rows];
+                let (outs, scales) = (&mut outs[first..first + n_tokens], &token_scales[first..]);
+                // SAFETY: products run only where `status` found the AVX-512 level.
+                unsafe { x86::dequantize_tiles(tiles, scales, rows, n0, outs) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Dequantized { .. } => {
+                let _ = (first, n_tokens, tiles);
+            }
+        }
+    }
 }
 
 /// How a layout's chunk byte holds its codes (see the module documentation).
@@ -184,22 +305,23 @@ fn product<C: Coding>(
     digits: Digits,
     rows: Range<usize>,
     x: &QuantizedRows,
-    acc: &mut [i32],
+    out: Products<'_, '_>,
 ) -> Result<(), Error> {
     check()?;
-    w.check_product(Isa::Avx512, rows.clone(), x, acc)?;
+    w.check_operands(Isa::Avx512, rows.clone(), x)?;
+    out.check(rows.len(), x.rows())?;
     if rows.is_empty() || x.rows() == 0 {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
     {
-        x86::panels(w, digits, rows, x, acc);
+        x86::panels(w, digits, rows, x, out);
         Ok(())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         // `check` has already refused (AMX exists on x86-64 only); an error, never a panic.
-        let _ = digits;
+        let _ = (digits, out);
         Err(Error::Unsupported(
             "AMX-INT8 kernels need x86-64".to_string(),
         ))
@@ -242,11 +364,23 @@ fn known_answer() -> Result<(), String> {
     #[cfg(target_arch = "x86_64")]
     {
         let two_bit = PackedTernary::from_canonical(view);
-        x86::panels(&two_bit, Digits::TwoBit, 0..rows, &q, &mut got);
+        x86::panels(
+            &two_bit,
+            Digits::TwoBit,
+            0..rows,
+            &q,
+            Products::Exact(&mut got),
+        );
         if got == want {
             let base3 = PackedBase3::from_canonical(view);
             got.fill(i32::MIN);
-            x86::panels(&base3, Digits::Base3, 0..rows, &q, &mut got);
+            x86::panels(
+                &base3,
+                Digits::Base3,
+                0..rows,
+                &q,
+                Products::Exact(&mut got),
+            );
         }
     }
     if got == want {
@@ -263,7 +397,7 @@ fn known_answer() -> Result<(), String> {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Coding, Digits, Grouped};
+    use super::{Coding, Digits, Grouped, Products, dequantize_one};
     use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
     use crate::isa::Isa;
@@ -400,12 +534,12 @@ pub(crate) mod x86 {
         digits: Digits,
         rows: Range<usize>,
         x: &QuantizedRows,
-        acc: &mut [i32],
+        out: Products<'_, '_>,
     ) {
         // SAFETY: the caller's contract: `enable` found AMX-TILE with the OS's and Linux's
         // permission.
         unsafe {
-            with_tiles(|| SCRATCH.with_borrow_mut(|s| product_tiles(s, w, digits, rows, x, acc)))
+            with_tiles(|| SCRATCH.with_borrow_mut(|s| product_tiles(s, w, digits, rows, x, out)))
         }
     }
 
@@ -416,20 +550,20 @@ pub(crate) mod x86 {
         digits: Digits,
         rows: Range<usize>,
         x: &QuantizedRows,
-        acc: &mut [i32],
+        mut products: Products<'_, '_>,
     ) {
         let (tokens, blocks) = (x.rows(), w.blocks());
         let steps = blocks * (C::BLOCK_COLS / CHUNK);
         let pc = x.padded_cols();
         assert!(
             rows.start.is_multiple_of(ROW_GROUP)
-                && acc.len() == rows.len() * tokens
+                && products.check(rows.len(), tokens).is_ok()
                 && pc >= steps * 64
                 && x.codes().len() == tokens * pc,
             "AMX panels: unchecked arguments"
         );
         if steps == 0 || tokens == 0 {
-            acc.fill(0);
+            products.zero();
             return;
         }
         s.weights.resize(2 * steps * 16, Line([0; 64]));
@@ -467,16 +601,42 @@ pub(crate) mod x86 {
                     let first = chunk.start + tt * TILE_TOKENS;
                     let n_tokens = (chunk.end - first).min(2 * TILE_TOKENS);
                     // out[2 · row half + token half][row][token].
-                    for r in 0..n_rows {
-                        let row = &mut acc[(n0 + r) * tokens + first..][..n_tokens];
-                        for (h, part) in row.chunks_mut(TILE_TOKENS).enumerate() {
-                            let tile_row = &out[2 * (r / 16) + h][r % 16];
-                            // A whole row as one array: a vector move, not a call to memmove.
-                            match <&mut [i32; TILE_TOKENS]>::try_from(&mut *part) {
-                                Ok(whole) => *whole = *tile_row,
-                                Err(_) => part.copy_from_slice(&tile_row[..part.len()]),
-                            }
-                        }
+                    products.put(tokens, (n0, n_rows), (first, n_tokens), &out);
+                }
+            }
+        }
+    }
+
+    /// [`Products::Dequantized`]'s part of [`Products::put`]: `outs[c][n0 + r] =
+    /// dequantize_one(tiles[2 · (r / 16) + c / 16][r % 16][c % 16], scales[c], rows[r])` for
+    /// `r < rows.len()` and `c < outs.len()`. Each tile row (16 tokens of one weight row) is
+    /// dequantized as one vector (a vector division by the tokens' scales, then a multiplication
+    /// by the row's: the operations and order of [`dequantize_one`]), then written to the tokens'
+    /// outputs.
+    ///
+    /// # Safety
+    /// The CPU has the AVX-512 level.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn dequantize_tiles(
+        tiles: &[[[i32; 16]; 16]; 4],
+        scales: &[f32],
+        rows: &[f32],
+        n0: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        for (h, outs) in outs.chunks_mut(16).enumerate() {
+            let mut token_scales = [1f32; 16];
+            token_scales[..outs.len()].copy_from_slice(&scales[16 * h..][..outs.len()]);
+            for (half, rows) in rows.chunks(16).enumerate() {
+                let values: [[f32; 16]; 16] = std::array::from_fn(|r| {
+                    let (tile_row, row_scale) = (&tiles[2 * half + h][r], rows.get(r).copied());
+                    let row_scale = row_scale.unwrap_or(0.0);
+                    std::array::from_fn(|c| dequantize_one(tile_row[c], token_scales[c], row_scale))
+                });
+                for (c, out) in outs.iter_mut().enumerate() {
+                    let out = &mut out[n0 + 16 * half..][..rows.len()];
+                    for (o, row) in out.iter_mut().zip(&values) {
+                        *o = row[c];
                     }
                 }
             }

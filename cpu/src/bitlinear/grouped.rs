@@ -139,6 +139,22 @@ impl<C: Coding> Grouped<C> {
         x: &QuantizedRows,
         acc: &[i32],
     ) -> Result<(), Error> {
+        self.check_operands(isa, rows.clone(), x)?;
+        check_len(
+            "ternary gemm accumulators",
+            acc.len(),
+            rows.len() * x.rows(),
+        )
+    }
+
+    /// [`Self::check_product`] without the accumulators: the level, the activations' width and
+    /// the row range.
+    pub(crate) fn check_operands(
+        &self,
+        isa: Isa,
+        rows: Range<usize>,
+        x: &QuantizedRows,
+    ) -> Result<(), Error> {
         isa.check()?;
         if x.cols() != self.cols {
             return Err(Error::Shape(format!(
@@ -156,10 +172,6 @@ impl<C: Coding> Grouped<C> {
                 self.rows
             )));
         }
-        check_len(
-            "ternary gemm accumulators",
-            acc.len(),
-            rows.len() * x.rows(),
-        )
+        Ok(())
     }
 }

@@ -265,6 +265,34 @@ impl Linear {
                 },
             );
         }
+        if on_amx && !matches!(self.packed, Packed::Lut(_)) {
+            // Each task's rows of every token's output: the AMX products are dequantized as they
+            // leave the tiles, and no accumulators travel through memory.
+            let mut parts: Vec<Vec<&mut [f32]>> = (0..n_out.div_ceil(per_task))
+                .map(|_| Vec::with_capacity(tokens))
+                .collect();
+            for row in out.chunks_mut(n_out) {
+                for (part, rows) in parts.iter_mut().zip(row.chunks_mut(per_task)) {
+                    part.push(rows);
+                }
+            }
+            return pool.try_for_each(parts.into_iter().enumerate(), |(chunk, mut outs)| {
+                let start = chunk * per_task;
+                let rows = start..(start + per_task).min(n_out);
+                let products = amx::Products::Dequantized {
+                    outs: &mut outs,
+                    token_scales: scales,
+                    row_scales: &self.row_scales[rows.clone()],
+                };
+                match &self.packed {
+                    Packed::Mad(w) => amx::gemm_into(w, rows, quantized, products),
+                    Packed::Base3(w) => amx::gemm_base3_into(w, rows, quantized, products),
+                    Packed::Lut(_) => Err(Error::Unsupported(
+                        "no AMX kernel reads the lookup-table layout".to_string(),
+                    )),
+                }
+            });
+        }
         pool.try_for_each(
             acc.chunks_mut(per_task * tokens).enumerate(),
             |(chunk, acc)| product(chunk, acc).map(drop),
@@ -309,8 +337,15 @@ mod tests {
     fn every_family_level_and_thread_count_gives_the_reference_bits() {
         let mut seed = 3u64;
         // Rows that end inside a group and a tile, columns inside a block, tokens past one
-        // dequantization block; rows enough for several tasks at 3 threads.
-        for (rows, cols, tokens) in [(37, 300, 1), (37, 300, 19), (1000, 77, 1), (1000, 77, 5)] {
+        // dequantization block and past two AMX token tiles; rows enough for several tasks at 3
+        // threads.
+        for (rows, cols, tokens) in [
+            (37, 300, 1),
+            (37, 300, 19),
+            (45, 300, 40),
+            (1000, 77, 1),
+            (1000, 77, 5),
+        ] {
             let values: Vec<i8> = (0..rows * cols)
                 .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
                 .collect();
