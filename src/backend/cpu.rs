@@ -697,7 +697,7 @@ impl Backend for CpuBackend {
             let w = &me.vectors[weight.0];
             me.pool
                 .try_for_each(src.chunks(width).zip(dst.chunks_mut(width)), |(s, d)| {
-                    norm::rms_norm(s, w, eps, d)
+                    norm::rms_norm(me.isa, s, w, eps, d)
                 })?;
             Ok(())
         })
