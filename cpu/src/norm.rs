@@ -68,12 +68,7 @@ mod tests {
         // 2²⁰, so that the f64 sum depends on the order: the plain lane-by-lane formula, bit for
         // bit.
         let mut seed = 5u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = move || crate::bitlinear::testing::lcg(&mut seed);
         let mut x = Vec::new();
         for n in 1..=64 {
             x = (0..n)

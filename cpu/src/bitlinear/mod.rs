@@ -28,6 +28,6 @@ pub mod mad;
 pub mod quant;
 pub mod reference;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use linear::{Family, Linear, LinearScratch};
