@@ -397,7 +397,7 @@ fn known_answer() -> Result<(), String> {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Coding, Digits, Grouped, Products, dequantize_one};
+    use super::{Coding, Digits, Grouped, Products};
     use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
     use crate::isa::Isa;
@@ -611,8 +611,8 @@ pub(crate) mod x86 {
     /// dequantize_one(tiles[2 · (r / 16) + c / 16][r % 16][c % 16], scales[c], rows[r])` for
     /// `r < rows.len()` and `c < outs.len()`. Each tile row (16 tokens of one weight row) is
     /// dequantized as one vector (a vector division by the tokens' scales, then a multiplication
-    /// by the row's: the operations and order of [`dequantize_one`]), then written to the tokens'
-    /// outputs.
+    /// by the row's: the operations and order of [`super::dequantize_one`]); the 16 vectors of a tile are
+    /// then transposed in registers, so that each token's 16 outputs leave as one store.
     ///
     /// # Safety
     /// The CPU has the AVX-512 level.
@@ -624,23 +624,79 @@ pub(crate) mod x86 {
         n0: usize,
         outs: &mut [&mut [f32]],
     ) {
+        debug_assert!(rows.len() <= 32 && outs.len() <= 32 && scales.len() >= outs.len());
         for (h, outs) in outs.chunks_mut(16).enumerate() {
             let mut token_scales = [1f32; 16];
             token_scales[..outs.len()].copy_from_slice(&scales[16 * h..][..outs.len()]);
+            let token_scales = f32x16(&token_scales);
             for (half, rows) in rows.chunks(16).enumerate() {
-                let values: [[f32; 16]; 16] = std::array::from_fn(|r| {
-                    let (tile_row, row_scale) = (&tiles[2 * half + h][r], rows.get(r).copied());
-                    let row_scale = row_scale.unwrap_or(0.0);
-                    std::array::from_fn(|c| dequantize_one(tile_row[c], token_scales[c], row_scale))
-                });
-                for (c, out) in outs.iter_mut().enumerate() {
+                let tile = &tiles[2 * half + h];
+                let mut v = [_mm512_setzero_ps(); 16];
+                for ((v, tile_row), &row_scale) in v.iter_mut().zip(tile).zip(rows) {
+                    // SAFETY: a tile row is 16 i32.
+                    let sums = unsafe { _mm512_loadu_si512(tile_row.as_ptr().cast()) };
+                    let divided = _mm512_div_ps(_mm512_cvtepi32_ps(sums), token_scales);
+                    *v = _mm512_mul_ps(divided, _mm512_set1_ps(row_scale));
+                }
+                let v = transpose_16x16(v);
+                let mask = (u32::MAX >> (32 - rows.len())) as u16;
+                for (out, v) in outs.iter_mut().zip(v) {
                     let out = &mut out[n0 + 16 * half..][..rows.len()];
-                    for (o, row) in out.iter_mut().zip(&values) {
-                        *o = row[c];
-                    }
+                    // SAFETY: the mask writes the first `rows.len()` lanes, all inside `out`.
+                    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v) };
                 }
             }
         }
+    }
+
+    /// 16 f32 as one vector.
+    #[target_feature(enable = "avx512f")]
+    fn f32x16(values: &[f32; 16]) -> __m512 {
+        // SAFETY: 16 f32 readable.
+        unsafe { _mm512_loadu_ps(values.as_ptr()) }
+    }
+
+    /// The 16 × 16 matrix whose row `r` is `v[r]`, transposed: lane `r` of vector `c` of the result
+    /// is lane `c` of `v[r]`. Interleaves pairs of rows, then pairs of pairs (64-bit), then
+    /// gathers each column's four 128-bit quarters in two 128-bit shuffles.
+    #[target_feature(enable = "avx512f")]
+    fn transpose_16x16(v: [__m512; 16]) -> [__m512; 16] {
+        // t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved (columns 4l + 0, 1 and 4l + 2, 3 of
+        // each 128-bit quarter l).
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (v[i & !1], v[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + c]: rows 4g .. 4g + 4 of column 4l + c in quarter l.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + c / 2]),
+                _mm512_castps_pd(t[4 * g + 2 + c / 2]),
+            );
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            // Quarters 0 and 2, then 1 and 3, of row groups 0, 1 (`low`) and 2, 3 (`high`).
+            let low_even = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let low_odd = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let high_even = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let high_odd = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(low_even, high_even);
+            out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(low_even, high_even);
+            out[c + 4] = _mm512_shuffle_f32x4::<0x88>(low_odd, high_odd);
+            out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(low_odd, high_odd);
+        }
+        out
     }
 
     /// Lays `count` ≤ 16 rows of int8 codes out as one token tile's second operands (see the module
