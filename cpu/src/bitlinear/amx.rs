@@ -580,7 +580,8 @@ pub(crate) mod x86 {
             for (u, tiles) in s.tokens.chunks_exact_mut(steps * 16).enumerate() {
                 let first = chunk.start + u * TILE_TOKENS;
                 let count = (chunk.end - first).min(TILE_TOKENS);
-                lay_out_tile(count, |n| x.row(first + n), tiles);
+                // SAFETY: AVX-512 is checked by `enable`.
+                unsafe { lay_out_tile(count, |n| x.row(first + n), tiles) };
             }
             for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
                 let groups: [Option<&[u8]>; PANEL_GROUPS] =
@@ -703,23 +704,34 @@ pub(crate) mod x86 {
     /// documentation): the tile of k-step `s` at `tiles[16 s ..]`, its row `r` holding, for each
     /// row `n`, codes `64 s + 4 r .. 64 s + 4 r + 4` of row `n` at bytes `4 n .. 4 n + 4`; rows
     /// past `count` are zero. `row(n)` gives row `n < count`, at least `4 · tiles.len()` codes.
+    /// Each k-step is a 16 × 16 transposition of 4-byte words, done in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
     pub(crate) fn lay_out_tile<'a>(
         count: usize,
         row: impl Fn(usize) -> &'a [i8],
         tiles: &mut [Line],
     ) {
-        // Line `16 s + r` is row `r` of k-step `s`: for row `n`, its 4-byte word `16 s + r`.
-        for n in 0..TILE_TOKENS {
-            match (n < count).then(|| row(n)) {
+        assert!(
+            count <= TILE_TOKENS,
+            "{count} rows for a tile of {TILE_TOKENS}"
+        );
+        let rows: [Option<&[i8]>; TILE_TOKENS] =
+            std::array::from_fn(|n| (n < count).then(|| row(n)));
+        for (s, lines) in tiles.chunks_exact_mut(16).enumerate() {
+            let words: [__m512; TILE_TOKENS] = std::array::from_fn(|n| match rows[n] {
                 Some(codes) => {
-                    for (line, word) in tiles.iter_mut().zip(codes.chunks_exact(4)) {
-                        let word = [word[0], word[1], word[2], word[3]].map(|v| v as u8);
-                        line.0[4 * n..4 * n + 4].copy_from_slice(&word);
-                    }
+                    let codes = &codes[64 * s..][..64];
+                    // SAFETY: `codes` is 64 readable bytes.
+                    unsafe { _mm512_loadu_ps(codes.as_ptr().cast()) }
                 }
-                None => tiles
-                    .iter_mut()
-                    .for_each(|line| line.0[4 * n..4 * n + 4].fill(0)),
+                None => _mm512_setzero_ps(),
+            });
+            for (line, words) in lines.iter_mut().zip(transpose_16x16(words)) {
+                // SAFETY: a line is 64 writable bytes.
+                unsafe { _mm512_storeu_ps(line.0.as_mut_ptr().cast(), words) };
             }
         }
     }

@@ -681,8 +681,11 @@ mod x86 {
                 .zip(s.inputs.chunks_exact_mut(2 * steps * 16))
             {
                 let (h, l) = tiles.split_at_mut(steps * 16);
-                lay_out_tile(group.len(), |n| &group[n].quantized.row(0)[..stride], h);
-                lay_out_tile(group.len(), |n| &group[n].low[..stride], l);
+                // SAFETY: AMX runs only where `amx_status` passed, which requires the AVX-512 level.
+                unsafe {
+                    lay_out_tile(group.len(), |n| &group[n].quantized.row(0)[..stride], h);
+                    lay_out_tile(group.len(), |n| &group[n].low[..stride], l);
+                }
             }
             s.weights.resize(2 * steps * 16, Line([0; 64]));
             let mut out = [[[0i32; 16]; 16]; 4];
