@@ -455,14 +455,17 @@ fn score_tile<L: Lanes, const QV: usize, const K: usize>(
 
 /// Scores to weights: softmax per query over the positions it sees; the rest, the positions below
 /// [`SOFTMAX_CUTOFF`] (and the padding queries) get weight exactly 0. Queries a vector at a time
-/// (16 where `P` allows, else 8), so every pass over a position's scores is one loop over
-/// contiguous lanes with its maxima and sums in registers.
+/// (64 where `P` allows, down to 8), so every pass over a position's scores is one loop over
+/// contiguous lanes with its maxima and sums in registers, and a block's passes walk the scores
+/// in order. The positions every query of a pass sees (the first row's, in a block of rows) need
+/// no mask.
 #[inline(always)]
 fn softmax<E: KvValue>(data: &Data<'_, E>, scores: &mut [f32]) {
-    if data.padded.is_multiple_of(16) {
-        softmax_columns::<E, 16>(data, scores);
-    } else {
-        softmax_columns::<E, 8>(data, scores);
+    match data.padded {
+        p if p.is_multiple_of(64) => softmax_columns::<E, 64>(data, scores),
+        p if p.is_multiple_of(32) => softmax_columns::<E, 32>(data, scores),
+        p if p.is_multiple_of(16) => softmax_columns::<E, 16>(data, scores),
+        _ => softmax_columns::<E, 8>(data, scores),
     }
 }
 
@@ -478,24 +481,46 @@ fn softmax_columns<E: KvValue, const C: usize>(data: &Data<'_, E>, scores: &mut 
                 0
             }
         });
+        // Positions below `all` are seen by every query of the pass.
+        let all = *seen.iter().min().expect("C > 0") as usize;
+        let (prefix, tail) = scores.split_at_mut(all * padded);
+        // `m` takes `s` only when `s > m`: a NaN score never becomes the maximum (as with
+        // `f32::max`), and the comparison is one vector maximum.
         let mut max = [f32::NEG_INFINITY; C];
-        for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
+        for row in prefix.chunks_exact_mut(padded) {
+            for (m, &s) in max.iter_mut().zip(columns::<C>(row, c0).iter()) {
+                *m = if s > *m { s } else { *m };
+            }
+        }
+        for (j, row) in (all..).zip(tail.chunks_exact_mut(padded)) {
             for ((m, &s), &n) in max.iter_mut().zip(columns::<C>(row, c0).iter()).zip(&seen) {
-                *m = if (j as u32) < n { m.max(s) } else { *m };
+                *m = if (j as u32) < n && s > *m { s } else { *m };
             }
         }
         let mut sum = [0f64; C];
-        for (j, row) in scores.chunks_exact_mut(padded).enumerate() {
+        // A NaN score keeps its weight (NaN), so that it reaches the output (`x < cutoff` is
+        // false).
+        for row in prefix.chunks_exact_mut(padded) {
+            for ((s, &m), total) in columns::<C>(row, c0).iter_mut().zip(&max).zip(&mut sum) {
+                // `exp` before the choice: a select the loop vectorizes, not a branch around a call.
+                let (x, e) = (*s - m, exp(*s - m));
+                *s = if x < SOFTMAX_CUTOFF { 0.0 } else { e };
+                *total += f64::from(*s);
+            }
+        }
+        for (j, row) in (all..).zip(tail.chunks_exact_mut(padded)) {
             for (((s, &m), &n), total) in columns::<C>(row, c0)
                 .iter_mut()
                 .zip(&max)
                 .zip(&seen)
                 .zip(&mut sum)
             {
-                let x = *s - m;
-                // A NaN score keeps its weight (NaN), so that it reaches the output.
-                let kept = (j as u32) < n && (x >= SOFTMAX_CUTOFF || x.is_nan());
-                *s = if kept { exp(x) } else { 0.0 };
+                let (x, e) = (*s - m, exp(*s - m));
+                *s = if (j as u32) >= n || x < SOFTMAX_CUTOFF {
+                    0.0
+                } else {
+                    e
+                };
                 *total += f64::from(*s);
             }
         }
