@@ -612,8 +612,8 @@ pub(crate) mod x86 {
     /// dequantize_one(tiles[2 · (r / 16) + c / 16][r % 16][c % 16], scales[c], rows[r])` for
     /// `r < rows.len()` and `c < outs.len()`. Each tile row (16 tokens of one weight row) is
     /// dequantized as one vector (a vector division by the tokens' scales, then a multiplication
-    /// by the row's: the operations and order of [`super::dequantize_one`]); the 16 vectors of a tile are
-    /// then transposed in registers, so that each token's 16 outputs leave as one store.
+    /// by the row's: the operations and order of [`super::dequantize_one`]); the 16 vectors of a
+    /// tile are then transposed in registers, so that each token's 16 outputs leave as one store.
     ///
     /// # Safety
     /// The CPU has the AVX-512 level.
