@@ -12,7 +12,9 @@
 //! 3. runs one forward pass holding the last sampled token of every decoding sequence (one row
 //!    each) and at most [`PREFILL_CHUNK`] prompt tokens of the sequences still in prefill, oldest
 //!    first (chunked prefill: a long prompt never stalls the running streams for more than a
-//!    chunk; the weights are read once for both kinds of rows);
+//!    chunk; the weights are read once for both kinds of rows), or, when every prompt in prefill
+//!    finishes within that chunk, those prompts alone ([`plan`]: a short request's first token
+//!    does not wait for the running streams' rows);
 //!    With the output head chosen per step, the pass takes the 8-bit copy when every row it
 //!    samples reads only its top [`Q8_EXACT_TOP_K`] logits (no log-probabilities, greedy or top-k
 //!    ≤ 64 without penalties: the same draws as the full head), the full head otherwise;
@@ -103,12 +105,6 @@ struct Running {
     finish: Option<FinishReason>,
     /// KV pages the sequence may take at most (see [`Scheduler::pages_needed`]).
     pages: usize,
-}
-
-impl Running {
-    fn in_prefill(&self) -> bool {
-        self.fed < self.job.prompt.len()
-    }
 }
 
 pub struct Scheduler {
@@ -263,23 +259,16 @@ impl Scheduler {
         }
     }
 
-    /// One forward pass for every running sequence: a decode row for each sequence with a token
-    /// to feed, and prompt chunks of the sequences in prefill (at most [`PREFILL_CHUNK`] tokens in
-    /// all, oldest prompts first). Every decode row and every prompt that completes samples its
-    /// next token from the same batch.
+    /// One forward pass over the rows [`plan`] picks from the running sequences. Every decode row
+    /// and every prompt that completes samples its next token from the same batch.
     fn step(&mut self) {
-        // (running index, tokens fed, whether it samples)
-        let mut plan: Vec<(usize, usize, bool)> = Vec::new();
-        let mut budget = PREFILL_CHUNK;
-        for (i, r) in self.running.iter().enumerate() {
-            if r.pending.is_some() {
-                plan.push((i, 1, true));
-            } else if r.in_prefill() && budget > 0 {
-                let take = budget.min(r.job.prompt.len() - r.fed);
-                budget -= take;
-                plan.push((i, take, r.fed + take == r.job.prompt.len()));
-            }
-        }
+        let ready: Vec<Ready> = (self.running.iter())
+            .map(|r| match r.pending {
+                Some(_) => Ready::Decode,
+                None => Ready::Prompt(r.job.prompt.len() - r.fed),
+            })
+            .collect();
+        let plan = plan(&ready);
         if plan.is_empty() {
             return;
         }
@@ -421,6 +410,47 @@ impl Scheduler {
     }
 }
 
+/// What a running sequence can feed in a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ready {
+    /// Its last sampled token (one decode row).
+    Decode,
+    /// This many prompt tokens still to feed (0: nothing to feed).
+    Prompt(usize),
+}
+
+/// The rows of one step, as (running index, tokens fed, whether it samples), from what each
+/// running sequence can feed: a decode row for each sequence with a token, and prompt chunks of
+/// the sequences in prefill, at most [`PREFILL_CHUNK`] tokens in all, oldest first (chunked
+/// prefill: a long prompt delays the running streams by at most a chunk per step). When every
+/// prompt in prefill finishes within that budget, the step feeds those prompts alone: a short new
+/// request's first token then waits for its own prompt only, not for a pass over every running
+/// stream's row too (the time to first token under load stays near an idle server's), and the
+/// running streams wait at most a chunk's pass, as with a chunk beside their rows.
+fn plan(ready: &[Ready]) -> Vec<(usize, usize, bool)> {
+    let waiting: usize = (ready.iter())
+        .map(|r| match r {
+            Ready::Prompt(n) => *n,
+            Ready::Decode => 0,
+        })
+        .sum();
+    let prompts_only = waiting > 0 && waiting <= PREFILL_CHUNK;
+    let mut budget = PREFILL_CHUNK;
+    let mut plan = Vec::new();
+    for (i, r) in ready.iter().enumerate() {
+        match *r {
+            Ready::Decode if !prompts_only => plan.push((i, 1, true)),
+            Ready::Prompt(left) if left > 0 && budget > 0 => {
+                let take = budget.min(left);
+                budget -= take;
+                plan.push((i, take, take == left));
+            }
+            _ => {}
+        }
+    }
+    plan
+}
+
 fn refuse(job: &Job, message: &str) {
     let _ = job.events.send(Event::Error {
         message: message.into(),
@@ -434,4 +464,42 @@ fn fail(job: &Job, e: &anyhow::Error) {
         message: format!("{e:#}"),
         retry: false,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Ready::{Decode, Prompt};
+
+    #[test]
+    fn short_prompts_get_a_step_of_their_own() {
+        // Two streams decoding, a 30-token prompt just admitted: the prompt alone.
+        assert_eq!(plan(&[Decode, Decode, Prompt(30)]), [(2, 30, true)]);
+        // Prompts that finish within one chunk together, however many.
+        assert_eq!(
+            plan(&[Decode, Prompt(60), Prompt(68)]),
+            [(1, 60, true), (2, 68, true)]
+        );
+        // Nothing in prefill: every decode row; a finished sequence feeds nothing.
+        assert_eq!(
+            plan(&[Decode, Prompt(0), Decode]),
+            [(0, 1, true), (2, 1, true)]
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_beside_the_decode_rows() {
+        // More prompt than a chunk: the decode rows run, with a chunk of prompt, oldest first.
+        assert_eq!(
+            plan(&[Decode, Prompt(100), Prompt(100)]),
+            [(0, 1, true), (1, 100, true), (2, 28, false)]
+        );
+        let long = PREFILL_CHUNK + 1;
+        assert_eq!(
+            plan(&[Prompt(long), Decode]),
+            [(0, PREFILL_CHUNK, false), (1, 1, true)]
+        );
+        // The last chunk of a long prompt runs alone, like a short prompt.
+        assert_eq!(plan(&[Prompt(1), Decode]), [(0, 1, true)]);
+    }
 }
