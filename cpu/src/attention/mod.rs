@@ -481,53 +481,68 @@ fn softmax_columns<E: KvValue, const C: usize>(data: &Data<'_, E>, scores: &mut 
                 0
             }
         });
-        // Positions below `all` are seen by every query of the pass.
+        // Positions below `all` are seen by every query of the pass: no mask there.
         let all = *seen.iter().min().expect("C > 0") as usize;
         let (prefix, tail) = scores.split_at_mut(all * padded);
-        // `m` takes `s` only when `s > m`: a NaN score never becomes the maximum (as with
-        // `f32::max`), and the comparison is one vector maximum.
+        let pass = Pass { padded, c0, seen };
         let mut max = [f32::NEG_INFINITY; C];
-        for row in prefix.chunks_exact_mut(padded) {
-            for (m, &s) in max.iter_mut().zip(columns::<C>(row, c0).iter()) {
-                *m = if s > *m { s } else { *m };
-            }
-        }
-        for (j, row) in (all..).zip(tail.chunks_exact_mut(padded)) {
-            for ((m, &s), &n) in max.iter_mut().zip(columns::<C>(row, c0).iter()).zip(&seen) {
-                *m = if (j as u32) < n && s > *m { s } else { *m };
-            }
-        }
+        pass.max::<false>(prefix, 0, &mut max);
+        pass.max::<true>(tail, all, &mut max);
         let mut sum = [0f64; C];
-        // A NaN score keeps its weight (NaN), so that it reaches the output (`x < cutoff` is
-        // false).
-        for row in prefix.chunks_exact_mut(padded) {
-            for ((s, &m), total) in columns::<C>(row, c0).iter_mut().zip(&max).zip(&mut sum) {
-                // `exp` before the choice: a select the loop vectorizes, not a branch around a call.
-                let (x, e) = (*s - m, exp(*s - m));
-                *s = if x < SOFTMAX_CUTOFF { 0.0 } else { e };
-                *total += f64::from(*s);
-            }
-        }
-        for (j, row) in (all..).zip(tail.chunks_exact_mut(padded)) {
-            for (((s, &m), &n), total) in columns::<C>(row, c0)
-                .iter_mut()
-                .zip(&max)
-                .zip(&seen)
-                .zip(&mut sum)
-            {
-                let (x, e) = (*s - m, exp(*s - m));
-                *s = if (j as u32) >= n || x < SOFTMAX_CUTOFF {
-                    0.0
-                } else {
-                    e
-                };
-                *total += f64::from(*s);
-            }
-        }
+        pass.exp::<false>(prefix, 0, &max, &mut sum);
+        pass.exp::<true>(tail, all, &max, &mut sum);
         let inv_sum = sum.map(|s| if s > 0.0 { (1.0 / s) as f32 } else { 0.0 });
         for row in scores.chunks_exact_mut(padded) {
             for (s, inv) in columns::<C>(row, c0).iter_mut().zip(&inv_sum) {
                 *s *= inv;
+            }
+        }
+    }
+}
+
+/// One [`softmax_columns`] pass's queries: `C` from `c0` in rows of `padded` scores, query `c0 + c`
+/// seeing positions below `seen[c]`. Its loops run over rows of positions from `first`; with
+/// `MASKED` they skip the positions a query does not see (without, every query sees them all).
+struct Pass<const C: usize> {
+    padded: usize,
+    c0: usize,
+    seen: [u32; C],
+}
+
+impl<const C: usize> Pass<C> {
+    /// Raises `max` to each query's largest score. `m` takes `s` only when `s > m`: a NaN score
+    /// never becomes the maximum (as with `f32::max`), and the comparison is one vector maximum.
+    #[inline(always)]
+    fn max<const MASKED: bool>(&self, rows: &mut [f32], first: usize, max: &mut [f32; C]) {
+        for (j, row) in (first..).zip(rows.chunks_exact_mut(self.padded)) {
+            let scores = columns::<C>(row, self.c0);
+            for ((m, &s), &n) in max.iter_mut().zip(scores.iter()).zip(&self.seen) {
+                let sees = !MASKED || (j as u32) < n;
+                *m = if sees && s > *m { s } else { *m };
+            }
+        }
+    }
+
+    /// Scores to `exp(score − max)` (0.0 below [`SOFTMAX_CUTOFF`] and where the query does not
+    /// see the position), added to each query's `sum`. A NaN score keeps its weight (NaN), so
+    /// that it reaches the output (`x < cutoff` is false for it).
+    #[inline(always)]
+    fn exp<const MASKED: bool>(
+        &self,
+        rows: &mut [f32],
+        first: usize,
+        max: &[f32; C],
+        sum: &mut [f64; C],
+    ) {
+        for (j, row) in (first..).zip(rows.chunks_exact_mut(self.padded)) {
+            let scores = columns::<C>(row, self.c0).iter_mut();
+            for (((s, &m), &n), total) in scores.zip(max).zip(&self.seen).zip(sum.iter_mut()) {
+                // `exp` before the choice: a select the loop vectorizes, not a branch around a
+                // call.
+                let (x, e) = (*s - m, exp(*s - m));
+                let hidden = MASKED && (j as u32) >= n;
+                *s = if hidden || x < SOFTMAX_CUTOFF { 0.0 } else { e };
+                *total += f64::from(*s);
             }
         }
     }
