@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern::gguf::{parse, quants};
+use tern_load::gguf::{parse, quants};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(header) = parse(data) else { return };
@@ -21,6 +21,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if std::fs::write(file.path(), data).is_ok() {
-        let _ = tern::loader::load_model_files(file.path());
+        let _ = tern_load::loader::load_model_files(file.path());
     }
 });

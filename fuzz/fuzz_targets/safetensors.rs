@@ -11,6 +11,6 @@ fuzz_target!(|data: &[u8]| {
     let written = std::fs::write(dir.path().join("config.json"), CONFIG)
         .and_then(|()| std::fs::write(dir.path().join("model.safetensors"), data));
     if written.is_ok() {
-        let _ = tern::loader::load_hf_dir(dir.path());
+        let _ = tern_load::loader::load_hf_dir(dir.path());
     }
 });

@@ -437,7 +437,7 @@ mod tests {
     fn fixtures_dir() -> PathBuf {
         std::env::var_os("TERN_FIXTURES")
             .map(Into::into)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
     }
 
     fn fixture_tokenizer() -> Tokenizer {

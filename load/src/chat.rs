@@ -127,7 +127,7 @@ mod tests {
         std::env::var_os("TERN_FIXTURES")
             .map(Into::into)
             .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
             })
     }
 

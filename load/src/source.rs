@@ -1,8 +1,8 @@
 //! Where a model's weights come from, one piece at a time: [`ModelSource`].
 //!
 //! The loaders (a safetensors directory, a GGUF file), the random-weight generator
-//! ([`crate::bench::RandomSource`]) and the in-memory [`HostModel`] implement it.
-//! [`crate::model::Model::upload`] asks for the tables and the final norm, then for one layer at a
+//! (`tern::bench::RandomSource`) and the in-memory [`HostModel`] implement it.
+//! `tern::model::Model::upload` asks for the tables and the final norm, then for one layer at a
 //! time: each layer is read from the memory-mapped file (or generated), converted to the canonical
 //! layout of [`crate::ternary`], handed to the backend, which repacks it into its own layout, and
 //! dropped before the next one is read. So the memory a load needs is the backend's final footprint
