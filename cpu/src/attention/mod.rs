@@ -514,13 +514,16 @@ impl<const C: usize> Pass<C> {
     /// never becomes the maximum (as with `f32::max`), and the comparison is one vector maximum.
     #[inline(always)]
     fn max<const MASKED: bool>(&self, rows: &mut [f32], first: usize, max: &mut [f32; C]) {
+        // A local copy stays in registers; through the reference it went to memory every row.
+        let mut local = *max;
         for (j, row) in (first..).zip(rows.chunks_exact_mut(self.padded)) {
             let scores = columns::<C>(row, self.c0);
-            for ((m, &s), &n) in max.iter_mut().zip(scores.iter()).zip(&self.seen) {
+            for ((m, &s), &n) in local.iter_mut().zip(scores.iter()).zip(&self.seen) {
                 let sees = !MASKED || (j as u32) < n;
                 *m = if sees && s > *m { s } else { *m };
             }
         }
+        *max = local;
     }
 
     /// Scores to `exp(score − max)` (0.0 below [`SOFTMAX_CUTOFF`] and where the query does not
@@ -535,14 +538,18 @@ impl<const C: usize> Pass<C> {
         sum: &mut [f64; C],
     ) {
         for (j, row) in (first..).zip(rows.chunks_exact_mut(self.padded)) {
-            let scores = columns::<C>(row, self.c0).iter_mut();
-            for (((s, &m), &n), total) in scores.zip(max).zip(&self.seen).zip(sum.iter_mut()) {
+            let scores = columns::<C>(row, self.c0);
+            for ((s, &m), &n) in scores.iter_mut().zip(max).zip(&self.seen) {
                 // `exp` before the choice: a select the loop vectorizes, not a branch around a
                 // call.
                 let (x, e) = (*s - m, exp(*s - m));
                 let hidden = MASKED && (j as u32) >= n;
                 *s = if hidden || x < SOFTMAX_CUTOFF { 0.0 } else { e };
-                *total += f64::from(*s);
+            }
+            // A loop of its own: in the one above, the f64 sums held the exponentials to half the
+            // vector width.
+            for (&s, total) in scores.iter().zip(sum.iter_mut()) {
+                *total += f64::from(s);
             }
         }
     }
