@@ -79,12 +79,12 @@ pub enum AmxUse {
 pub const AMX_ENV: &str = "TERN_CPU_AMX";
 
 /// Tokens a batch needs before `auto` runs the products of a `family`'s linears on AMX: where the
-/// AMX products overtake the AVX-512 kernels at the 2B-4T shapes, 4 tokens for base 3 and 8 for
-/// the 2-bit multiply-add layout (whose AVX-512 kernel is the faster of the two on few tokens); the
-/// measurements are in `scripts/benchmark-log.md`.
+/// AMX products overtake the AVX-512 kernels at the 2B-4T shapes, 5 tokens for base 3 (whose direct
+/// kernel reads up to 4 tokens at once) and 8 for the 2-bit multiply-add layout; the measurements
+/// are in `scripts/benchmark-log.md`.
 pub fn amx_min_tokens(family: Family) -> usize {
     match family {
-        Family::Base3 => 4,
+        Family::Base3 => 5,
         _ => 8,
     }
 }

@@ -28,7 +28,9 @@
 //!
 //! # Which kernel runs
 //! One token at [`Isa::Avx512`] or [`Isa::AvxVnni`]: the direct GEMV above (64 or 32 bytes per
-//! `vpdpbusd`). Otherwise (prompts, and the other levels, whose byte products are signed × signed
+//! `vpdpbusd`). Two to `DIRECT_TOKENS` tokens at [`Isa::Avx512`] (a few sequences decoding
+//! together): each plane's codes `⌊3 x / 256⌋` extracted in registers once for up to 4 tokens and
+//! multiplied with each (`x86::gemm_group`). Otherwise (prompts, and the other levels, whose byte products are signed × signed
 //! or saturate on operands up to 255) each group of 4 rows is decoded into
 //! [`crate::bitlinear::mad`]'s layout in a per-thread buffer and [`crate::bitlinear::mad`]'s
 //! micro-kernels run over it, so a prompt decodes each weight once per chunk of tokens (as many as
@@ -51,6 +53,16 @@ pub const BLOCK_COLS: usize = PLANES * CHUNK;
 const SEGMENT_BLOCKS: usize = (1 << 15) / BLOCK_COLS;
 /// Codes per byte.
 const PLANES: usize = 5;
+/// Tokens up to which a batch runs the direct GEMM ([`x86::gemm_group`]) at the AVX-512 level
+/// instead of decoding each group into the multiply-add layout: it reads each weight byte once per
+/// [`TOKENS_AT_ONCE`] tokens and extracts its codes in registers, where the decoded layout costs a
+/// write and a read of every weight and the multiply-add kernel's own unpacking.
+#[cfg(target_arch = "x86_64")]
+pub const DIRECT_TOKENS: usize = 8;
+/// Tokens [`x86::gemm_group`] multiplies with each group's codes while they sit in registers: 4
+/// rows × 4 tokens of accumulators, beside the rows' bytes and codes, fill the 32 vector registers.
+#[cfg(target_arch = "x86_64")]
+const TOKENS_AT_ONCE: usize = 4;
 
 /// One block's chunk: byte `j` holds the codes of columns `64 i + j` of `block` (values), as
 /// `⌈256 v / 243⌉` (see the module documentation), in loops over contiguous bytes that vectorize
@@ -196,6 +208,42 @@ pub fn gemm(
             Ok(())
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && x.rows() <= DIRECT_TOKENS {
+        let tokens = x.rows();
+        if let Some(short) = (0..tokens).find(|&t| x.row(t).len() < w.blocks() * BLOCK_COLS) {
+            return Err(Error::Shape(format!(
+                "base-3 gemm: {} activation codes in row {short} for {} blocks of {BLOCK_COLS}",
+                x.row(short).len(),
+                w.blocks()
+            )));
+        }
+        return w.for_each_group(isa, rows, x, acc, 1, |g, _, out| {
+            let rows_here = out.len() / tokens;
+            for t0 in (0..tokens).step_by(TOKENS_AT_ONCE) {
+                let n = TOKENS_AT_ONCE.min(tokens - t0);
+                let row = |t: usize| x.row(t0 + t.min(n - 1));
+                let x_rows = [row(0), row(1), row(2), row(3)];
+                // SAFETY: the level is AVX-512 with VNNI (checked by `for_each_group`, which also
+                // checked that the group holds `w.blocks()` blocks); every row holds at least
+                // `w.blocks() · BLOCK_COLS` codes (above).
+                let dots = unsafe {
+                    match n {
+                        1 => x86::gemm_group::<1>(w.group(g), w.blocks(), &x_rows),
+                        2 => x86::gemm_group::<2>(w.group(g), w.blocks(), &x_rows),
+                        3 => x86::gemm_group::<3>(w.group(g), w.blocks(), &x_rows),
+                        _ => x86::gemm_group::<4>(w.group(g), w.blocks(), &x_rows),
+                    }
+                };
+                for (r, dots) in dots.iter().enumerate().take(rows_here) {
+                    for (t, &dot) in dots.iter().enumerate().take(n) {
+                        out[r * tokens + t0 + t] = dot.wrapping_sub(x.sums()[t0 + t]);
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
     DECODED.with_borrow_mut(|decoded| {
         decoded.resize(mad_blocks * ROW_GROUP * CHUNK, 0);
         w.for_each_group(isa, rows, x, acc, mad::TILE_TOKENS, |g, chunk, out| {
@@ -217,7 +265,7 @@ pub fn gemm(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK_COLS, CHUNK, PLANES, ROW_GROUP};
+    use super::{BLOCK_COLS, CHUNK, PLANES, ROW_GROUP, TOKENS_AT_ONCE};
     use crate::bitlinear::mad::x86::hsum_avx2;
     use crate::isa::{PREFETCH_AHEAD, prefetch};
     use std::arch::x86_64::*;
@@ -260,6 +308,61 @@ mod x86 {
             // Exact in wrapping i32 (see the module documentation); the shift divides exactly.
             _mm512_reduce_add_epi32(sum) >> 8
         })
+    }
+
+    /// `dots[r][t] = Σ_k code[r][k] · x_t[k]` for the 4 rows of one group and the first `T` rows of
+    /// `x` (`T ≤ 4`; the other columns of `dots` are 0): each plane's codes `⌊3 x / 256⌋` extracted once (two unsigned comparisons) and
+    /// multiplied with every token's activations by `vpdpbusd` (codes 0..=2 as unsigned bytes, so
+    /// no sum can wrap: `|Σ| ≤ 2 · 128 · cols`).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 VNNI; `group` holds `blocks` blocks of 4 chunks and each of the
+    /// first `T` rows of `x` at least `blocks · BLOCK_COLS` codes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn gemm_group<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        x: &[&[i8]; 4],
+    ) -> [[i32; TOKENS_AT_ONCE]; ROW_GROUP] {
+        let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
+        let one = _mm512_set1_epi8(1);
+        let mut acc = [[_mm512_setzero_si512(); T]; ROW_GROUP];
+        for b in 0..blocks {
+            let at = |r: usize| (b * ROW_GROUP + r) * CHUNK;
+            for r in 0..ROW_GROUP {
+                prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
+            }
+            // SAFETY: the group holds `blocks` blocks of 4 chunks (contract).
+            let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
+                _mm512_loadu_si512(group.as_ptr().add(at(r)).cast())
+            });
+            for i in 0..PLANES {
+                let codes: [__m512i; ROW_GROUP] = std::array::from_fn(|r| {
+                    let c = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(w[r], third), one);
+                    _mm512_mask_add_epi8(c, _mm512_cmpgt_epu8_mask(w[r], two_thirds), c, one)
+                });
+                for t in 0..T {
+                    // SAFETY: row `t < T` holds `blocks · BLOCK_COLS` codes (contract).
+                    let a = unsafe {
+                        _mm512_loadu_si512(x[t].as_ptr().add(b * BLOCK_COLS + CHUNK * i).cast())
+                    };
+                    for r in 0..ROW_GROUP {
+                        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], codes[r], a);
+                    }
+                }
+                for w in &mut w {
+                    // 3 x mod 256, byte by byte.
+                    *w = _mm512_add_epi8(_mm512_add_epi8(*w, *w), *w);
+                }
+            }
+        }
+        let mut dots = [[0; TOKENS_AT_ONCE]; ROW_GROUP];
+        for (dots, acc) in dots.iter_mut().zip(&acc) {
+            for (dot, &acc) in dots.iter_mut().zip(acc) {
+                *dot = _mm512_reduce_add_epi32(acc);
+            }
+        }
+        dots
     }
 
     /// [`PackedBase3::decode_group`](super::PackedBase3) on 512-bit registers: each output chunk
@@ -421,6 +524,8 @@ mod tests {
             (13, 520, 17),
             (64, 768, 5),
             (5, 1000, 4),
+            (11, 640, 7),
+            (6, 330, 8),
             (9, 6912, 1),
         ] {
             let (codes, q) = case(rows, cols, tokens, (rows * cols + tokens) as u64);

@@ -94,26 +94,32 @@ pub fn check_levels(
 
 /// Checks that a kernel family (`pack` from the canonical layout, then `product(isa, w, rows, q,
 /// acc)`) stays exact where its sums are largest: 4 rows of all −1 and of all +1 over `cols`
-/// columns against activation codes of −127 everywhere.
+/// columns against activation codes of −127 everywhere, for one token and for two.
 pub fn check_extremes<P>(
     cols: usize,
     pack_matrix: impl Fn(TernaryView<'_>) -> P,
     product: impl Fn(Isa, &P, Range<usize>, &QuantizedRows, &mut [i32]) -> Result<(), Error>,
 ) {
     let mut q = QuantizedRows::default();
-    // absmax 128 → scale 127/128: every code is round(-127) = -127.
-    q.quantize(Isa::Scalar, &vec![-128f32; cols], 1, cols)
-        .unwrap();
-    for value in [-1i8, 1] {
-        let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
-        let view = TernaryView::new(&codes, 4, cols).unwrap();
-        let want = [-127 * cols as i32 * i32::from(value); 4];
-        assert_eq!(reference(view, &q), want);
-        let packed = pack_matrix(view);
-        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let mut acc = [0i32; 4];
-            product(isa, &packed, 0..4, &q, &mut acc).unwrap();
-            assert_eq!(acc, want, "{isa}: {value} over {cols} columns");
+    // One token and a batch of two (the kernels for one token and for a few differ).
+    for tokens in [1, 2] {
+        // absmax 128 → scale 127/128: every code is round(-127) = -127.
+        q.quantize(Isa::Scalar, &vec![-128f32; tokens * cols], tokens, cols)
+            .unwrap();
+        for value in [-1i8, 1] {
+            let codes = pack(&vec![value; 4 * cols], 4, cols).unwrap();
+            let view = TernaryView::new(&codes, 4, cols).unwrap();
+            let want = vec![-127 * cols as i32 * i32::from(value); 4 * tokens];
+            assert_eq!(reference(view, &q), want);
+            let packed = pack_matrix(view);
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let mut acc = vec![0i32; 4 * tokens];
+                product(isa, &packed, 0..4, &q, &mut acc).unwrap();
+                assert_eq!(
+                    acc, want,
+                    "{isa}: {value} over {cols} columns, {tokens} tokens"
+                );
+            }
         }
     }
 }
