@@ -270,6 +270,22 @@ mod x86 {
     use crate::isa::{PREFETCH_AHEAD, prefetch};
     use std::arch::x86_64::*;
 
+    /// Block `b`'s chunk of each of the group's 4 rows, the lines [`PREFETCH_AHEAD`] further on
+    /// asked for.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `group` holds more than `b` blocks of 4 chunks.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_rows(group: &[u8], b: usize) -> [__m512i; ROW_GROUP] {
+        let at = |r: usize| (b * ROW_GROUP + r) * CHUNK;
+        for r in 0..ROW_GROUP {
+            prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
+        }
+        // SAFETY: block `b` of the group is in bounds (contract).
+        std::array::from_fn(|r| unsafe { _mm512_loadu_si512(group.as_ptr().add(at(r)).cast()) })
+    }
+
     /// `Σ_k code[r][k] · x[k]` for the 4 rows of one group (see the module documentation).
     ///
     /// # Safety
@@ -281,14 +297,8 @@ mod x86 {
         let mut three = [_mm512_setzero_si512(); ROW_GROUP];
         let mut next = [_mm512_setzero_si512(); ROW_GROUP];
         for b in 0..blocks {
-            let at = |r: usize| (b * ROW_GROUP + r) * CHUNK;
-            for r in 0..ROW_GROUP {
-                prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
-            }
             // SAFETY: the group holds `blocks` blocks of 4 chunks (contract).
-            let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
-                _mm512_loadu_si512(group.as_ptr().add(at(r)).cast())
-            });
+            let mut w = unsafe { block_rows(group, b) };
             for i in 0..PLANES {
                 // SAFETY: `x` holds `blocks · BLOCK_COLS` codes (contract).
                 let a = unsafe {
@@ -328,14 +338,8 @@ mod x86 {
         let one = _mm512_set1_epi8(1);
         let mut acc = [[_mm512_setzero_si512(); T]; ROW_GROUP];
         for b in 0..blocks {
-            let at = |r: usize| (b * ROW_GROUP + r) * CHUNK;
-            for r in 0..ROW_GROUP {
-                prefetch(group.as_ptr().wrapping_add(at(r) + PREFETCH_AHEAD));
-            }
             // SAFETY: the group holds `blocks` blocks of 4 chunks (contract).
-            let mut w: [__m512i; ROW_GROUP] = std::array::from_fn(|r| unsafe {
-                _mm512_loadu_si512(group.as_ptr().add(at(r)).cast())
-            });
+            let mut w = unsafe { block_rows(group, b) };
             for i in 0..PLANES {
                 let codes: [__m512i; ROW_GROUP] = std::array::from_fn(|r| {
                     let c = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(w[r], third), one);
