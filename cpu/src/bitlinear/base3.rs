@@ -30,8 +30,8 @@
 //! One token at [`Isa::Avx512`] or [`Isa::AvxVnni`]: the direct GEMV above (64 or 32 bytes per
 //! `vpdpbusd`). Two to `DIRECT_TOKENS` tokens at [`Isa::Avx512`] (a few sequences decoding
 //! together): each plane's codes `⌊3 x / 256⌋` extracted in registers once for up to 4 tokens and
-//! multiplied with each (`x86::gemm_group`). Otherwise (prompts, and the other levels, whose byte products are signed × signed
-//! or saturate on operands up to 255) each group of 4 rows is decoded into
+//! multiplied with each (`x86::gemm_group`). Otherwise (prompts, and the other levels, whose byte
+//! products are signed × signed or saturate on operands up to 255) each group of 4 rows is decoded into
 //! [`crate::bitlinear::mad`]'s layout in a per-thread buffer and [`crate::bitlinear::mad`]'s
 //! micro-kernels run over it, so a prompt decodes each weight once per chunk of tokens (as many as
 //! fit in L2).
@@ -209,7 +209,7 @@ pub fn gemm(
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && x.rows() <= DIRECT_TOKENS {
+    if isa == Isa::Avx512 && (2..=DIRECT_TOKENS).contains(&x.rows()) {
         let tokens = x.rows();
         if let Some(short) = (0..tokens).find(|&t| x.row(t).len() < w.blocks() * BLOCK_COLS) {
             return Err(Error::Shape(format!(
@@ -321,9 +321,10 @@ mod x86 {
     }
 
     /// `dots[r][t] = Σ_k code[r][k] · x_t[k]` for the 4 rows of one group and the first `T` rows of
-    /// `x` (`T ≤ 4`; the other columns of `dots` are 0): each plane's codes `⌊3 x / 256⌋` extracted once (two unsigned comparisons) and
-    /// multiplied with every token's activations by `vpdpbusd` (codes 0..=2 as unsigned bytes, so
-    /// no sum can wrap: `|Σ| ≤ 2 · 128 · cols`).
+    /// `x` (`T ≤ 4`; the other columns of `dots` are 0): each plane's codes `⌊3 x / 256⌋`
+    /// extracted once (two unsigned comparisons) and multiplied with every token's activations by
+    /// `vpdpbusd` (codes 0..=2 as unsigned bytes: `|Σ| ≤ 2 · 128 · cols`, so no sum wraps below
+    /// 2²³ columns).
     ///
     /// # Safety
     /// The CPU supports AVX-512 VNNI; `group` holds `blocks` blocks of 4 chunks and each of the
@@ -332,7 +333,7 @@ mod x86 {
     pub unsafe fn gemm_group<const T: usize>(
         group: &[u8],
         blocks: usize,
-        x: &[&[i8]; 4],
+        x: &[&[i8]; TOKENS_AT_ONCE],
     ) -> [[i32; TOKENS_AT_ONCE]; ROW_GROUP] {
         let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
         let one = _mm512_set1_epi8(1);
