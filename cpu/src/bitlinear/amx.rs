@@ -21,7 +21,11 @@
 //! the batch's tokens (as many as fit
 //! [`L2_ACTIVATION_BYTES`](crate::bitlinear::grouped::L2_ACTIVATION_BYTES) of activations, so
 //! that they too stay in L2) before moving on: each weight is expanded once per chunk, and read
-//! from cache once per 32 tokens.
+//! from cache once per 32 tokens. A chunk of at most 32 tokens (two token tiles: a server's
+//! batched decode steps) reads each weight once, so its panels are expanded and multiplied a
+//! block at a time instead, from a buffer that stays in L1 (`32 · 320` bytes at most), the
+//! accumulators held in the tile registers across the blocks and the next panel's weights asked
+//! for ahead into L2.
 //!
 //! First-operand tile of k-step `s` (columns `64 s .. 64 s + 64`) for 16 weight rows: row `r` holds
 //! weight row `r`'s values of those columns. Both layouts store a row's block as a 64-byte chunk
@@ -41,8 +45,10 @@
 //!
 //! # Products
 //! Each step keeps 2 × 2 accumulator tiles (weight rows 0..16 and 16..32 × tokens 0..16 and
-//! 16..32; 2 × 1 for a final tile of 16 tokens or fewer), loading two weight and two token tiles
-//! per k-step for four `tdpbssd`. Values are −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact
+//! 16..32), loading two weight and two token tiles per k-step for four `tdpbssd`. With one token
+//! tile (16 tokens or fewer) the even and odd k-steps go to separate accumulators, summed on the
+//! way out: a `tdpbssd` takes several times as long to finish as to issue, so one accumulator
+//! per weight half would leave the unit waiting. Values are −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact
 //! in int32. The accumulators come out weight-row-major, as the row-major output of
 //! [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's [`gemm`] and
 //! [`gemm_base3`] share (same arguments, same errors, same row-range splitting on multiples of
@@ -299,6 +305,17 @@ enum Digits {
     Base3,
 }
 
+impl Digits {
+    /// Planes (k-steps of 64 columns) per block.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn planes(self) -> usize {
+        match self {
+            Self::TwoBit => 4,
+            Self::Base3 => 5,
+        }
+    }
+}
+
 /// Checks the arguments, then runs the panels.
 fn product<C: Coding>(
     w: &Grouped<C>,
@@ -411,6 +428,8 @@ pub(crate) mod x86 {
     const PANEL_GROUPS: usize = PANEL_ROWS / ROW_GROUP;
     /// Tokens per tile.
     const TILE_TOKENS: usize = 16;
+    /// Bytes of a group's block (4 rows' chunks).
+    const BLOCK_BYTES: usize = ROW_GROUP * CHUNK;
     /// Bytes of one tile (16 rows of 64).
     pub(crate) const TILE_BYTES: usize = 1024;
 
@@ -418,6 +437,18 @@ pub(crate) mod x86 {
     #[derive(Clone, Copy)]
     #[repr(C, align(64))]
     pub(crate) struct Line(pub(crate) [u8; 64]);
+
+    /// A vector value the optimizer cannot see through (an empty asm block that "writes" its
+    /// register), so that it keeps the instructions written around it; inside functions with the
+    /// AVX-512 F target feature only.
+    macro_rules! hidden {
+        ($v:expr) => {{
+            let mut v: __m512i = $v;
+            // SAFETY: an empty instruction sequence: reads and writes nothing but `v`'s register.
+            unsafe { asm!("/* {0} */", inout(zmm_reg) v, options(pure, nomem, nostack, preserves_flags)) };
+            v
+        }};
+    }
 
     /// Per-thread buffers: a panel's expanded weight tiles and a chunk's activation tiles.
     #[derive(Default)]
@@ -586,14 +617,31 @@ pub(crate) mod x86 {
             for p0 in (first_group..last_group).step_by(PANEL_GROUPS) {
                 let groups: [Option<&[u8]>; PANEL_GROUPS] =
                     std::array::from_fn(|i| (p0 + i < last_group).then(|| w.group(p0 + i)));
-                // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks
-                // and `weights` 2 · `steps` tiles.
-                unsafe { expand_avx512(&groups, blocks, digits, &mut s.weights) };
                 let n0 = p0 * ROW_GROUP - rows.start; // panel's first row in `acc`
                 let n_rows = (rows.len() - n0).min(PANEL_ROWS);
+                let all_tokens = s.tokens.as_ptr().cast::<u8>();
+                if token_tiles <= 2 {
+                    let next: [Option<&[u8]>; PANEL_GROUPS] = std::array::from_fn(|i| {
+                        let g = p0 + PANEL_GROUPS + i;
+                        (g < last_group).then(|| w.group(g))
+                    });
+                    let pair = token_tiles == 2;
+                    let panel = Panel {
+                        groups: &groups,
+                        next: &next,
+                        blocks,
+                        digits,
+                    };
+                    fused_panel(&mut s.weights, panel, all_tokens, pair, &mut out);
+                    products.put(tokens, (n0, n_rows), (chunk.start, chunk.len()), &out);
+                    continue;
+                }
+                // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks
+                // and `weights` 2 · `steps` tiles.
+                unsafe { expand_avx512(&groups, 0..blocks, digits, &mut s.weights) };
                 for tt in (0..token_tiles).step_by(2) {
                     let pair = token_tiles - tt >= 2;
-                    let b = s.tokens[tt * steps * 16..].as_ptr().cast::<u8>();
+                    let b = all_tokens.wrapping_add(tt * steps * TILE_BYTES);
                     // SAFETY: `weights` holds two panel halves of `steps` tiles of 1024 bytes,
                     // `tokens` from tile `tt` on `steps` tiles for each of the one or two
                     // token tiles used, `out` four tiles of 16 × 16 i32, and the caller runs
@@ -606,6 +654,66 @@ pub(crate) mod x86 {
                 }
             }
         }
+    }
+
+    /// A panel's weights: its groups (`None` past the matrix), the next panel's (to ask for
+    /// ahead), their blocks and how their bytes hold the codes.
+    struct Panel<'a> {
+        groups: &'a [Option<&'a [u8]>; PANEL_GROUPS],
+        next: &'a [Option<&'a [u8]>; PANEL_GROUPS],
+        blocks: usize,
+        digits: Digits,
+    }
+
+    /// A panel's products with one or two token tiles (`pair`) at `tokens` (`blocks · planes`
+    /// tiles each), into `out` as [`step_tiles`] puts them, in one pass over the panel: each
+    /// block is expanded into `weights` (its tiles stay in L1) and multiplied at once, the
+    /// accumulators held in the tile registers across the blocks, which spares the round trip of
+    /// the whole expanded panel through L2 when each weight meets at most 32 tokens. Called inside
+    /// [`with_tiles`] only.
+    fn fused_panel(
+        weights: &mut Vec<Line>,
+        panel: Panel<'_>,
+        tokens: *const u8,
+        pair: bool,
+        out: &mut [[[i32; 16]; 16]; 4],
+    ) {
+        let planes = panel.digits.planes();
+        let steps = panel.blocks * planes;
+        weights.resize(2 * planes * 16, Line([0; 64]));
+        // SAFETY: this runs inside `with_tiles`.
+        unsafe { zero_accumulators() };
+        for b in 0..panel.blocks {
+            // The panel's groups are eight streams read a block at a time with work between,
+            // which the hardware prefetchers alone do not keep fed (the products ran slower than
+            // expanding the whole panel first): each block asks for the same block of the next
+            // panel's groups, into L2.
+            for g in panel.next.iter().flatten() {
+                for line in g[b * BLOCK_BYTES..][..BLOCK_BYTES].chunks(64) {
+                    // SAFETY: a prefetch is a hint: it reads nothing architecturally visible
+                    // and never faults.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+                }
+            }
+            // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks and
+            // `weights` 2 · `planes` tiles.
+            unsafe { expand_avx512(panel.groups, b..b + 1, panel.digits, weights) };
+            // SAFETY: `weights` holds the block's two panel halves of `planes` tiles of 1024
+            // bytes; each token tile holds `steps` tiles, of which the block's `planes` from
+            // `b · planes` on are read; inside `with_tiles`.
+            unsafe {
+                accumulate(
+                    weights.as_ptr().cast(),
+                    planes * TILE_BYTES,
+                    tokens.wrapping_add(b * planes * TILE_BYTES),
+                    steps * TILE_BYTES,
+                    planes,
+                    pair,
+                )
+            };
+        }
+        // SAFETY: `out` is four tiles of 16 × 16 i32; inside `with_tiles`.
+        unsafe { store_accumulators(out, pair) };
     }
 
     /// [`Products::Dequantized`]'s part of [`Products::put`]: `outs[c][n0 + r] =
@@ -750,7 +858,7 @@ pub(crate) mod x86 {
 
     /// One step over all k-steps: `out[2 h + u] = A_h · B_u`, `A_h` being panel half `h` of
     /// `weights` and `B_u` token tile `u` of `tokens` (`u` = 0 only, when `pair` is false; then
-    /// `out[1]` and `out[3]` are left as they are).
+    /// `out[1]` and `out[3]` are scratch).
     ///
     /// # Safety
     /// [`with_tiles`]'s configuration is loaded on this thread; `weights` points to
@@ -763,18 +871,57 @@ pub(crate) mod x86 {
         pair: bool,
         out: &mut [[[i32; 16]; 16]; 4],
     ) {
-        let (a0, a1) = (weights, weights.wrapping_add(steps * TILE_BYTES));
-        let b0 = tokens;
-        let c = out.as_mut_ptr();
+        let stride = steps * TILE_BYTES;
+        // SAFETY: the contract, with the halves and token tiles `stride` bytes apart.
+        unsafe {
+            zero_accumulators();
+            accumulate(weights, stride, tokens, stride, steps, pair);
+            store_accumulators(out, pair);
+        }
+    }
+
+    /// Zeroes the accumulator tiles `tmm0` to `tmm3`. They keep their values from one asm block
+    /// to the next: nothing in this crate uses AMX intrinsics, and the compiler never allocates
+    /// tile registers, so only these functions touch them between `with_tiles`'s configuration
+    /// and its release (the OS saves them across context switches with the rest of the state).
+    ///
+    /// # Safety
+    /// [`with_tiles`]'s configuration is loaded on this thread.
+    unsafe fn zero_accumulators() {
+        // SAFETY: tile registers only, configured (contract).
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            )
+        };
+    }
+
+    /// `steps` k-steps added to the accumulators: `tmm(2 h + u) += A_h · B_u` for each, `A_h` at
+    /// `weights + h · half_stride` and `B_u` at `tokens + u · tile_stride` (1024 bytes a k-step;
+    /// `u` = 0 only, when `pair` is false).
+    ///
+    /// # Safety
+    /// [`with_tiles`]'s configuration is loaded on this thread; `steps · 1024` bytes are readable
+    /// at each `A_h` and each `B_u` used, and `steps > 0`.
+    unsafe fn accumulate(
+        weights: *const u8,
+        half_stride: usize,
+        tokens: *const u8,
+        tile_stride: usize,
+        steps: usize,
+        pair: bool,
+    ) {
+        let (a0, a1) = (weights, weights.wrapping_add(half_stride));
+        let (b0, b1) = (tokens, tokens.wrapping_add(tile_stride));
         if pair {
             // SAFETY: every address read lies in the two panel halves or the two token tiles'
-            // `steps` tiles (contract); the stores write the four 1 KiB tiles of `out`.
+            // `steps` tiles (contract).
             unsafe {
                 asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
                     "2:",
                     "tileloadd tmm4, [{a0} + {s64}*1]",
                     "tileloadd tmm5, [{a1} + {s64}*1]",
@@ -790,76 +937,114 @@ pub(crate) mod x86 {
                     "add {b1}, 1024",
                     "dec {n}",
                     "jnz 2b",
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    "tilestored [{c} + {s64}*1 + 1024], tmm1",
-                    "tilestored [{c} + {s64}*1 + 2048], tmm2",
-                    "tilestored [{c} + {s64}*1 + 3072], tmm3",
                     a0 = inout(reg) a0 => _,
                     a1 = inout(reg) a1 => _,
                     b0 = inout(reg) b0 => _,
-                    b1 = inout(reg) b0.wrapping_add(steps * TILE_BYTES) => _,
+                    b1 = inout(reg) b1 => _,
                     n = inout(reg) steps => _,
                     s64 = in(reg) 64usize,
-                    c = in(reg) c,
-                    options(nostack),
+                    options(nostack, readonly),
                 );
             }
         } else {
-            // SAFETY: as above, with one token tile; the stores write `out[0]` and `out[2]`.
+            // SAFETY: as above, with one token tile: two k-steps a round, the even ones into
+            // `tmm0` and `tmm2`, the odd ones into `tmm1` and `tmm3` (a product takes several
+            // times as long to finish as to issue, so two accumulators would keep the unit
+            // waiting), then the last k-step of an odd count.
             unsafe {
                 asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm2",
+                    "test {n}, {n}",
+                    "jz 3f",
                     "2:",
                     "tileloadd tmm4, [{a0} + {s64}*1]",
                     "tileloadd tmm5, [{a1} + {s64}*1]",
                     "tileloadd tmm6, [{b0} + {s64}*1]",
                     "tdpbssd tmm0, tmm4, tmm6",
                     "tdpbssd tmm2, tmm5, tmm6",
-                    "add {a0}, 1024",
-                    "add {a1}, 1024",
-                    "add {b0}, 1024",
+                    "tileloadd tmm4, [{a0} + {s64}*1 + 1024]",
+                    "tileloadd tmm5, [{a1} + {s64}*1 + 1024]",
+                    "tileloadd tmm7, [{b0} + {s64}*1 + 1024]",
+                    "tdpbssd tmm1, tmm4, tmm7",
+                    "tdpbssd tmm3, tmm5, tmm7",
+                    "add {a0}, 2048",
+                    "add {a1}, 2048",
+                    "add {b0}, 2048",
                     "dec {n}",
                     "jnz 2b",
-                    "tilestored [{c} + {s64}*1], tmm0",
-                    "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                    "3:",
+                    "test {odd}, {odd}",
+                    "jz 4f",
+                    "tileloadd tmm4, [{a0} + {s64}*1]",
+                    "tileloadd tmm5, [{a1} + {s64}*1]",
+                    "tileloadd tmm6, [{b0} + {s64}*1]",
+                    "tdpbssd tmm0, tmm4, tmm6",
+                    "tdpbssd tmm2, tmm5, tmm6",
+                    "4:",
                     a0 = inout(reg) a0 => _,
                     a1 = inout(reg) a1 => _,
                     b0 = inout(reg) b0 => _,
-                    n = inout(reg) steps => _,
+                    n = inout(reg) steps / 2 => _,
+                    odd = in(reg) steps % 2,
                     s64 = in(reg) 64usize,
-                    c = in(reg) c,
-                    options(nostack),
+                    options(nostack, readonly),
                 );
             }
         }
     }
 
-    /// Expands a panel of up to 8 groups (`blocks` blocks each, codes as `digits` says; `None`
-    /// past the matrix, expanded as zeros) into `2 · steps` weight tiles (see the module
-    /// documentation): panel half `h`'s tile of k-step `s` at `tiles[(h · steps + s) · 16 ..]`,
-    /// `steps` being `blocks` times the planes, its row `r` the values of weight row `16 h + r`.
+    /// The accumulators into `out`: `tmm(2 h + u)` to `out[2 h + u]`, or with one token tile (not
+    /// `pair`), `tmm(2 h) + tmm(2 h + 1)` (the even and odd k-steps of [`accumulate`]) to
+    /// `out[2 h]`, `out[1]` and `out[3]` then holding scratch (the odd k-steps' share).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F + BW; each group holds `blocks · 256` bytes and `tiles`
+    /// [`with_tiles`]'s configuration is loaded on this thread.
+    unsafe fn store_accumulators(out: &mut [[[i32; 16]; 16]; 4], pair: bool) {
+        let c = out.as_mut_ptr();
+        // SAFETY: the stores write inside the four 1 KiB tiles of `out`.
+        unsafe {
+            asm!(
+                "tilestored [{c} + {s64}*1], tmm0",
+                "tilestored [{c} + {s64}*1 + 1024], tmm1",
+                "tilestored [{c} + {s64}*1 + 2048], tmm2",
+                "tilestored [{c} + {s64}*1 + 3072], tmm3",
+                s64 = in(reg) 64usize,
+                c = in(reg) c,
+                options(nostack),
+            );
+        }
+        if !pair {
+            for h in 0..2 {
+                let (even, odd) = out[2 * h..].split_at_mut(1);
+                for (e, o) in even[0].iter_mut().flatten().zip(odd[0].iter().flatten()) {
+                    *e += o;
+                }
+            }
+        }
+    }
+
+    /// Expands `blocks` of a panel of up to 8 groups (codes as `digits` says; `None` past the
+    /// matrix, expanded as zeros) into `2 · steps` weight tiles (see the module documentation):
+    /// panel half `h`'s tile of k-step `s` (counted from the first block's) at
+    /// `tiles[(h · steps + s) · 16 ..]`, `steps` being `blocks.len()` times the planes, its row
+    /// `r` the values of weight row `16 h + r`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F + BW; each group holds `blocks.end · 256` bytes and `tiles`
     /// `2 · steps · 16` lines.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn expand_avx512(
         groups: &[Option<&[u8]>; PANEL_GROUPS],
-        blocks: usize,
+        blocks: Range<usize>,
         digits: Digits,
         tiles: &mut [Line],
     ) {
-        let planes = match digits {
-            Digits::TwoBit => 4,
-            Digits::Base3 => 5,
-        };
-        let steps = blocks * planes;
+        let planes = digits.planes();
+        let steps = blocks.len() * planes;
         assert!(
             groups
                 .iter()
                 .flatten()
-                .all(|g| g.len() >= blocks * ROW_GROUP * CHUNK)
+                .all(|g| g.len() >= blocks.end * ROW_GROUP * CHUNK)
                 && tiles.len() >= 2 * steps * 16
         );
         let (mask, one, minus_one) = (
@@ -870,9 +1055,9 @@ pub(crate) mod x86 {
         let (third, two_thirds) = (_mm512_set1_epi8(85), _mm512_set1_epi8(170u8 as i8));
         for (g, group) in groups.iter().enumerate() {
             let (half, first) = (g / 4, (g % 4) * ROW_GROUP);
-            for b in 0..blocks {
+            for (local, b) in blocks.clone().enumerate() {
                 for r in 0..ROW_GROUP {
-                    let tile_row = |i: usize| (half * steps + planes * b + i) * 16 + first + r;
+                    let tile_row = |i: usize| (half * steps + planes * local + i) * 16 + first + r;
                     let Some(group) = group else {
                         for i in 0..planes {
                             tiles[tile_row(i)] = Line([0; 64]);
@@ -891,11 +1076,17 @@ pub(crate) mod x86 {
                             }
                             Digits::Base3 => {
                                 // ⌊3 x / 256⌋ = (x > 85) + (x > 170), minus 1; then 3 x mod 256.
+                                // Two values hidden from the optimizer, which would otherwise
+                                // turn these two masked additions into three comparisons and
+                                // three selections, and x + x + x into a multiplication of
+                                // bytes (four instructions).
                                 let above = _mm512_cmpgt_epu8_mask(codes, third);
-                                let v = _mm512_mask_add_epi8(minus_one, above, minus_one, one);
+                                let v =
+                                    hidden!(_mm512_mask_add_epi8(minus_one, above, minus_one, one));
                                 let above = _mm512_cmpgt_epu8_mask(codes, two_thirds);
                                 let v = _mm512_mask_add_epi8(v, above, v, one);
-                                codes = _mm512_add_epi8(_mm512_add_epi8(codes, codes), codes);
+                                let twice = hidden!(_mm512_add_epi8(codes, codes));
+                                codes = _mm512_add_epi8(twice, codes);
                                 v
                             }
                         };
