@@ -1015,8 +1015,9 @@ pub(crate) mod x86 {
         if !pair {
             for h in 0..2 {
                 let (even, odd) = out[2 * h..].split_at_mut(1);
-                for (e, o) in even[0].iter_mut().flatten().zip(odd[0].iter().flatten()) {
-                    *e += o;
+                for (e, o) in even[0].iter_mut().zip(&odd[0]) {
+                    // Whole rows, so that the additions are vector ones.
+                    *e = std::array::from_fn(|c| e[c] + o[c]);
                 }
             }
         }
