@@ -28,7 +28,9 @@
 //! [`QUERIES_AT_ONCE`] queries by two vectors of dimensions), [`VALUE_BLOCK`] positions at a time
 //! so that the block's values serve every tile from the L1 cache. A block of rows reads each
 //! cached key and value once for all its queries, which keeps a long prefill out of the cache
-//! bandwidth limit.
+//! bandwidth limit. A decode row at AVX-512 (a few queries: a quarter of a vector) computes its
+//! `q·k` with lanes across 16 keys instead, transposed in registers (`across_keys`), in the same
+//! order of terms.
 
 pub mod rope;
 
@@ -320,7 +322,7 @@ fn run<L: Lanes, E: KvValue>(
     let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
     // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32.
-    let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE * g.head_dim;
+    let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE.max(MAX_LANES) * g.head_dim;
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
     }
@@ -330,6 +332,14 @@ fn run<L: Lanes, E: KvValue>(
         #[inline(always)]
         || {
             transpose_queries(data, transposed);
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 && across_keys::fits(data.g) {
+                // SAFETY: `vectorized` runs this where the CPU has the AVX-512 level.
+                unsafe { across_keys::scores(data, transposed, scores, converted) };
+            } else {
+                scores_of(lanes, data, transposed, scores, converted);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             scores_of(lanes, data, transposed, scores, converted);
             softmax(data, scores);
             weighted_values(lanes, data, scores, out);
@@ -449,6 +459,108 @@ fn score_tile<L: Lanes, const QV: usize, const K: usize>(
     for (k, row) in scores.chunks_mut(padded).take(stored).enumerate() {
         for (v, sum) in sums.iter().enumerate() {
             lanes.store(lanes.mul(sum[k], inv_sqrt_d), &mut row[l0 + v * L::LANES..]);
+        }
+    }
+}
+
+/// [`scores_of`] for a decode row at the AVX-512 level, with lanes across keys instead of queries:
+/// a row's few queries (4 heads of a kv head of 2B-4T) would fill a quarter of a 16-lane vector,
+/// and each key value would be broadcast for them. Here 16 keys at a time are transposed in
+/// registers (16 × 16 blocks of keys × dimensions), and each dimension's vector of 16 keys is
+/// multiplied by each query's value of that dimension, broadcast. Every score is still the sum
+/// over the dimensions in order from 0.0, one fused multiply-add a term, times `1 / √d`: the bits
+/// of [`scores_of`].
+#[cfg(target_arch = "x86_64")]
+mod across_keys {
+    use super::{Data, HeadGroup, KvValue, MAX_LANES};
+    use crate::bitlinear::amx::x86::transpose_16x16;
+    use std::arch::x86_64::*;
+
+    /// Whether [`scores`] takes this block: one row, a group of 1, 2, 4 or 8 heads, and a head
+    /// dimension of whole 16 × 16 blocks.
+    pub(super) fn fits(g: &HeadGroup) -> bool {
+        g.rows == 1 && matches!(g.group, 1 | 2 | 4 | 8) && g.head_dim.is_multiple_of(MAX_LANES)
+    }
+
+    /// `scores[j · P + h] = (Σ_i q_h,i · k_j,i) · (1 / √d)` for the row's heads `h` and every
+    /// position `j` (the padding queries' scores are left as they are: [`super::softmax`] gives
+    /// them weight 0); `block` holds 16 keys converted from an f16 cache.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `data.g` [`fits`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores<E: KvValue>(
+        data: &Data<'_, E>,
+        transposed: &[f32],
+        scores: &mut [f32],
+        block: &mut [f32],
+    ) {
+        match data.g.group {
+            1 => heads::<E, 1>(data, transposed, scores, block),
+            2 => heads::<E, 2>(data, transposed, scores, block),
+            4 => heads::<E, 4>(data, transposed, scores, block),
+            _ => heads::<E, 8>(data, transposed, scores, block),
+        }
+    }
+
+    /// [`scores`] for `G` heads.
+    #[target_feature(enable = "avx512f")]
+    fn heads<E: KvValue, const G: usize>(
+        data: &Data<'_, E>,
+        transposed: &[f32],
+        scores: &mut [f32],
+        block: &mut [f32],
+    ) {
+        let (padded, n_keys, d) = (data.padded, data.g.max_keys(), data.g.head_dim);
+        assert!(
+            data.g.group == G
+                && d.is_multiple_of(MAX_LANES)
+                && G <= padded
+                && transposed.len() >= d * padded
+                && scores.len() >= n_keys * padded
+                && block.len() >= MAX_LANES * d
+        );
+        let inv_sqrt_d = _mm512_set1_ps(1.0 / (d as f32).sqrt());
+        let block = &mut block[..MAX_LANES * d];
+        for j0 in (0..n_keys).step_by(MAX_LANES) {
+            // Past the last position the block repeats it; those sums are not stored. An f32
+            // cache is read in place, an f16 one converted into `block`.
+            let mut buffers = block.chunks_exact_mut(d);
+            let keys: [&[f32]; MAX_LANES] = std::array::from_fn(|k| {
+                let buffer = buffers.next().expect("16 keys' room");
+                E::as_f32(data.key((j0 + k).min(n_keys - 1)), buffer)
+            });
+            let mut sums = [_mm512_setzero_ps(); G];
+            for i0 in (0..d).step_by(MAX_LANES) {
+                let rows: [__m512; MAX_LANES] = std::array::from_fn(|k| {
+                    let key = &keys[k][i0..i0 + MAX_LANES];
+                    // SAFETY: 16 readable f32.
+                    unsafe { _mm512_loadu_ps(key.as_ptr()) }
+                });
+                // dims[c]: dimension i0 + c of the 16 keys.
+                let dims = transpose_16x16(rows);
+                for (c, keys) in dims.iter().enumerate() {
+                    let q = &transposed[(i0 + c) * padded..][..G];
+                    for (sum, &q) in sums.iter_mut().zip(q) {
+                        *sum = _mm512_fmadd_ps(_mm512_set1_ps(q), *keys, *sum);
+                    }
+                }
+            }
+            let stored = MAX_LANES.min(n_keys - j0);
+            let mut heads = [[0f32; MAX_LANES]; G];
+            for (h, sum) in heads.iter_mut().zip(sums) {
+                // SAFETY: 16 writable f32.
+                unsafe { _mm512_storeu_ps(h.as_mut_ptr(), _mm512_mul_ps(sum, inv_sqrt_d)) };
+            }
+            for (k, row) in scores[j0 * padded..]
+                .chunks_mut(padded)
+                .take(stored)
+                .enumerate()
+            {
+                for (s, h) in row.iter_mut().zip(&heads) {
+                    *s = h[k];
+                }
+            }
         }
     }
 }
@@ -847,8 +959,13 @@ mod tests {
     #[test]
     fn a_block_equals_its_queries_one_at_a_time_at_every_isa() {
         // 20 queries (16-lane vectors at AVX-512), head dimensions of whole vectors and with a
-        // remainder past them; 6 and 8 queries (the 8-lane vectors, passes of 8 queries).
-        for (d, group, rows) in [(64, 4, 5), (20, 4, 5), (64, 3, 2), (20, 4, 2)] {
+        // remainder past them; 6 and 8 queries (the 8-lane vectors, passes of 8 queries); groups
+        // of 1, 2 and 8 heads (the rows one at a time: AVX-512's lanes across keys).
+        let cases = [(64, 4, 5), (20, 4, 5), (64, 3, 2), (20, 4, 2)];
+        for (d, group, rows) in cases
+            .into_iter()
+            .chain([(32, 1, 3), (64, 2, 2), (48, 8, 2)])
+        {
             let first_keys = 40;
             let (q_stride, out_stride, kv_stride) = (group * d + 96, group * d + 32, 3 * d);
             let max_keys = first_keys + rows - 1;
@@ -898,6 +1015,21 @@ mod tests {
                     }
                     let gap = &out[r * out_stride + group * d..(r + 1) * out_stride];
                     assert!(gap.iter().all(|&v| v == 7.0));
+                    // The row alone with all its heads (a decode step).
+                    let row = HeadGroup {
+                        rows: 1,
+                        first_keys: first_keys + r,
+                        ..block
+                    };
+                    let mut alone = vec![0f32; group * d];
+                    let cache = Cache::contiguous(&keys, &values);
+                    let q = &queries[r * q_stride..][..group * d];
+                    attend(isa, &row, q, &cache, &mut scratch, &mut alone).unwrap();
+                    assert_eq!(
+                        &out[r * out_stride..][..group * d],
+                        &alone[..],
+                        "{isa} d {d} row {r} alone"
+                    );
                 }
                 assert_eq!(
                     first.get_or_insert_with(|| out.clone()),
@@ -1014,8 +1146,15 @@ mod tests {
     /// storage differs.
     #[test]
     fn f16_cache_equals_f32_cache_of_the_same_values() {
+        // A block of rows, and one row of whole 16 × 16 blocks (AVX-512's lanes across keys).
+        for (d, rows) in [(40, 3), (48, 1)] {
+            f16_cache_case(d, rows);
+        }
+    }
+
+    fn f16_cache_case(d: usize, rows: usize) {
         use half::f16;
-        let (d, group, rows, first_keys, kv_stride) = (40, 4, 3, 29, 80);
+        let (group, first_keys, kv_stride) = (4, 29, 80);
         let n = first_keys + rows - 1;
         let halves = |seed| -> Vec<f16> {
             random_values(n * kv_stride, seed)

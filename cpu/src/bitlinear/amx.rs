@@ -769,7 +769,7 @@ pub(crate) mod x86 {
     /// is lane `c` of `v[r]`. Interleaves pairs of rows, then pairs of pairs (64-bit), then
     /// gathers each column's four 128-bit quarters in two 128-bit shuffles.
     #[target_feature(enable = "avx512f")]
-    fn transpose_16x16(v: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) fn transpose_16x16(v: [__m512; 16]) -> [__m512; 16] {
         // t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved (columns 4l + 0, 1 and 4l + 2, 3 of
         // each 128-bit quarter l).
         let t: [__m512; 16] = std::array::from_fn(|i| {
