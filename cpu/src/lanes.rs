@@ -12,6 +12,9 @@
 //! instructions in the vector ones), so a kernel's lanes round exactly like the scalar code. Fused,
 //! a multiply-add issues one instruction instead of two, which is what attention's loops are made
 //! of.
+//!
+//! Also here: a 16 × 16 transposition of AVX-512 vectors in registers, which the AMX tile layouts
+//! and a decode row's attention scores share.
 
 use crate::Error;
 use crate::isa::Isa;
@@ -106,7 +109,7 @@ macro_rules! impl_lanes {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub(crate) use x86::{Avx2, Avx512, transpose_16x16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -162,6 +165,49 @@ mod x86 {
         _mm512_mul_ps,
         _mm512_fmadd_ps
     );
+
+    /// The 16 × 16 matrix whose row `r` is `v[r]`, transposed: lane `r` of vector `c` of the result
+    /// is lane `c` of `v[r]`. Interleaves pairs of rows, then pairs of pairs (64-bit), then
+    /// gathers each column's four 128-bit quarters in two 128-bit shuffles.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn transpose_16x16(v: [__m512; 16]) -> [__m512; 16] {
+        // t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved (columns 4l + 0, 1 and 4l + 2, 3 of
+        // each 128-bit quarter l).
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (v[i & !1], v[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + c]: rows 4g .. 4g + 4 of column 4l + c in quarter l.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + c / 2]),
+                _mm512_castps_pd(t[4 * g + 2 + c / 2]),
+            );
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            // Quarters 0 and 2, then 1 and 3, of row groups 0, 1 (`low`) and 2, 3 (`high`).
+            let low_even = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let low_odd = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let high_even = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let high_odd = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(low_even, high_even);
+            out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(low_even, high_even);
+            out[c + 4] = _mm512_shuffle_f32x4::<0x88>(low_odd, high_odd);
+            out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(low_odd, high_odd);
+        }
+        out
+    }
 }
 
 #[cfg(target_arch = "aarch64")]

@@ -321,7 +321,8 @@ fn run<L: Lanes, E: KvValue>(
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
     let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
-    // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32.
+    // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32 (16 for
+    // `across_keys`).
     let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE.max(MAX_LANES) * g.head_dim;
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
@@ -473,7 +474,7 @@ fn score_tile<L: Lanes, const QV: usize, const K: usize>(
 #[cfg(target_arch = "x86_64")]
 mod across_keys {
     use super::{Data, HeadGroup, KvValue, MAX_LANES};
-    use crate::bitlinear::amx::x86::transpose_16x16;
+    use crate::lanes::transpose_16x16;
     use std::arch::x86_64::*;
 
     /// Whether [`scores`] takes this block: one row, a group of 1, 2, 4 or 8 heads, and a head

@@ -48,8 +48,8 @@
 //! 16..32), loading two weight and two token tiles per k-step for four `tdpbssd`. With one token
 //! tile (16 tokens or fewer) the even and odd k-steps go to separate accumulators, summed on the
 //! way out: a `tdpbssd` takes several times as long to finish as to issue, so one accumulator
-//! per weight half would leave the unit waiting. Values are −1..1 against −128..127, so `|Σ| ≤ 128 · cols`: exact
-//! in int32. The accumulators come out weight-row-major, as the row-major output of
+//! per weight half would leave the unit waiting. Values are −1..1 against −128..127, so
+//! `|Σ| ≤ 128 · cols`: exact in int32. The accumulators come out weight-row-major, as the row-major output of
 //! [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's [`gemm`] and
 //! [`gemm_base3`] share (same arguments, same errors, same row-range splitting on multiples of
 //! [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)). [`gemm_into`] and [`gemm_base3_into`]
@@ -418,6 +418,7 @@ pub(crate) mod x86 {
     use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
     use crate::isa::Isa;
+    use crate::lanes::transpose_16x16;
     use std::arch::asm;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -632,7 +633,9 @@ pub(crate) mod x86 {
                         blocks,
                         digits,
                     };
-                    fused_panel(&mut s.weights, panel, all_tokens, pair, &mut out);
+                    // SAFETY: inside `with_tiles` (this function's contract), AVX-512 checked
+                    // by `enable`; `s.tokens` holds `token_tiles` tiles of `steps` tiles each.
+                    unsafe { fused_panel(&mut s.weights, panel, all_tokens, pair, &mut out) };
                     products.put(tokens, (n0, n_rows), (chunk.start, chunk.len()), &out);
                     continue;
                 }
@@ -669,9 +672,13 @@ pub(crate) mod x86 {
     /// tiles each), into `out` as [`step_tiles`] puts them, in one pass over the panel: each
     /// block is expanded into `weights` (its tiles stay in L1) and multiplied at once, the
     /// accumulators held in the tile registers across the blocks, which spares the round trip of
-    /// the whole expanded panel through L2 when each weight meets at most 32 tokens. Called inside
-    /// [`with_tiles`] only.
-    fn fused_panel(
+    /// the whole expanded panel through L2 when each weight meets at most 32 tokens.
+    ///
+    /// # Safety
+    /// Inside [`with_tiles`], after [`enable`] found the AVX-512 level; `tokens` points to one
+    /// token tile of `blocks · planes` tiles of 1024 bytes (two, the second right after the
+    /// first, when `pair`), as [`lay_out_tile`] lays them out.
+    unsafe fn fused_panel(
         weights: &mut Vec<Line>,
         panel: Panel<'_>,
         tokens: *const u8,
@@ -763,49 +770,6 @@ pub(crate) mod x86 {
     fn f32x16(values: &[f32; 16]) -> __m512 {
         // SAFETY: 16 f32 readable.
         unsafe { _mm512_loadu_ps(values.as_ptr()) }
-    }
-
-    /// The 16 × 16 matrix whose row `r` is `v[r]`, transposed: lane `r` of vector `c` of the result
-    /// is lane `c` of `v[r]`. Interleaves pairs of rows, then pairs of pairs (64-bit), then
-    /// gathers each column's four 128-bit quarters in two 128-bit shuffles.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) fn transpose_16x16(v: [__m512; 16]) -> [__m512; 16] {
-        // t[2p], t[2p + 1]: rows 2p and 2p + 1 interleaved (columns 4l + 0, 1 and 4l + 2, 3 of
-        // each 128-bit quarter l).
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (v[i & !1], v[i | 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
-        // u[4g + c]: rows 4g .. 4g + 4 of column 4l + c in quarter l.
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, c) = (i / 4, i % 4);
-            let (a, b) = (
-                _mm512_castps_pd(t[4 * g + c / 2]),
-                _mm512_castps_pd(t[4 * g + 2 + c / 2]),
-            );
-            _mm512_castpd_ps(if c % 2 == 0 {
-                _mm512_unpacklo_pd(a, b)
-            } else {
-                _mm512_unpackhi_pd(a, b)
-            })
-        });
-        let mut out = [_mm512_setzero_ps(); 16];
-        for c in 0..4 {
-            // Quarters 0 and 2, then 1 and 3, of row groups 0, 1 (`low`) and 2, 3 (`high`).
-            let low_even = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-            let low_odd = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-            let high_even = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-            let high_odd = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-            out[c] = _mm512_shuffle_f32x4::<0x88>(low_even, high_even);
-            out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(low_even, high_even);
-            out[c + 4] = _mm512_shuffle_f32x4::<0x88>(low_odd, high_odd);
-            out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(low_odd, high_odd);
-        }
-        out
     }
 
     /// Lays `count` ≤ 16 rows of int8 codes out as one token tile's second operands (see the module
