@@ -17,6 +17,7 @@ pub mod q8;
 
 use crate::isa::{Isa, prefetch_lines};
 use crate::{Error, check_len};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::ops::Range;
 
@@ -57,14 +58,10 @@ impl DenseView<'_> {
         let range = r * cols..(r + 1) * cols;
         match self {
             DenseView::F32(v) => out.copy_from_slice(&v[range]),
-            DenseView::F16(v) => out
-                .iter_mut()
-                .zip(&v[range])
-                .for_each(|(o, h)| *o = h.to_f32()),
-            DenseView::Bf16(v) => out
-                .iter_mut()
-                .zip(&v[range])
-                .for_each(|(o, h)| *o = h.to_f32()),
+            // The slice conversions use F16C where the CPU has it, 8 values an instruction (one
+            // call per value spent ~1 s building the 8-bit head of 2B-4T); both are exact.
+            DenseView::F16(v) => v[range].convert_to_f32_slice(out),
+            DenseView::Bf16(v) => v[range].convert_to_f32_slice(out),
         }
         Ok(())
     }
@@ -322,6 +319,23 @@ mod tests {
             assert_eq!(back, row);
             assert!(view.row_to_f32(1, 19, &mut back).is_err());
         }
+    }
+
+    #[test]
+    fn row_to_f32_is_exact_for_every_bit_pattern() {
+        let f16s: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let bf16s: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut back = vec![0f32; f16s.len()];
+        let same =
+            |got: f32, want: f32| got.to_bits() == want.to_bits() || got.is_nan() && want.is_nan();
+        DenseView::F16(&f16s)
+            .row_to_f32(0, f16s.len(), &mut back)
+            .unwrap();
+        assert!(back.iter().zip(&f16s).all(|(&g, h)| same(g, h.to_f32())));
+        DenseView::Bf16(&bf16s)
+            .row_to_f32(0, bf16s.len(), &mut back)
+            .unwrap();
+        assert!(back.iter().zip(&bf16s).all(|(&g, h)| same(g, h.to_f32())));
     }
 
     #[test]
