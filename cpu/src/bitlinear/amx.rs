@@ -598,7 +598,6 @@ pub(crate) mod x86 {
             products.zero();
             return;
         }
-        s.weights.resize(2 * steps * 16, Line([0; 64]));
         let first_group = rows.start / ROW_GROUP;
         let last_group = rows.end.div_ceil(ROW_GROUP);
         let mut out = [[[0i32; 16]; 16]; 4];
@@ -608,8 +607,8 @@ pub(crate) mod x86 {
         for t0 in (0..tokens).step_by(per_chunk) {
             let chunk = t0..tokens.min(t0 + per_chunk);
             let token_tiles = chunk.len().div_ceil(TILE_TOKENS);
-            s.tokens.resize(token_tiles * steps * 16, Line([0; 64]));
-            for (u, tiles) in s.tokens.chunks_exact_mut(steps * 16).enumerate() {
+            let token_lines = lines(&mut s.tokens, token_tiles * steps * 16);
+            for (u, tiles) in token_lines.chunks_exact_mut(steps * 16).enumerate() {
                 let first = chunk.start + u * TILE_TOKENS;
                 let count = (chunk.end - first).min(TILE_TOKENS);
                 // SAFETY: AVX-512 is checked by `enable`.
@@ -639,9 +638,10 @@ pub(crate) mod x86 {
                     products.put(tokens, (n0, n_rows), (chunk.start, chunk.len()), &out);
                     continue;
                 }
+                let weights = lines(&mut s.weights, 2 * steps * 16);
                 // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks
                 // and `weights` 2 · `steps` tiles.
-                unsafe { expand_avx512(&groups, 0..blocks, digits, &mut s.weights) };
+                unsafe { expand_avx512(&groups, 0..blocks, digits, weights) };
                 for tt in (0..token_tiles).step_by(2) {
                     let pair = token_tiles - tt >= 2;
                     let b = all_tokens.wrapping_add(tt * steps * TILE_BYTES);
@@ -649,7 +649,7 @@ pub(crate) mod x86 {
                     // `tokens` from tile `tt` on `steps` tiles for each of the one or two
                     // token tiles used, `out` four tiles of 16 × 16 i32, and the caller runs
                     // this inside `with_tiles`.
-                    unsafe { step_tiles(s.weights.as_ptr().cast(), b, steps, pair, &mut out) };
+                    unsafe { step_tiles(weights.as_ptr().cast(), b, steps, pair, &mut out) };
                     let first = chunk.start + tt * TILE_TOKENS;
                     let n_tokens = (chunk.end - first).min(2 * TILE_TOKENS);
                     // out[2 · row half + token half][row][token].
@@ -657,6 +657,16 @@ pub(crate) mod x86 {
                 }
             }
         }
+    }
+
+    /// The first `n` lines of `buffer`, grown to hold them but never shrunk: a scratch buffer's
+    /// length follows the largest product, so that calls of other shapes in turn (a step's
+    /// linears) do not fill it again each time (every line a product reads, it writes first).
+    fn lines(buffer: &mut Vec<Line>, n: usize) -> &mut [Line] {
+        if buffer.len() < n {
+            buffer.resize(n, Line([0; 64]));
+        }
+        &mut buffer[..n]
     }
 
     /// A panel's weights: its groups (`None` past the matrix), the next panel's (to ask for
@@ -687,7 +697,7 @@ pub(crate) mod x86 {
     ) {
         let planes = panel.digits.planes();
         let steps = panel.blocks * planes;
-        weights.resize(2 * planes * 16, Line([0; 64]));
+        let weights = lines(weights, 2 * planes * 16);
         // SAFETY: this runs inside `with_tiles`.
         unsafe { zero_accumulators() };
         for b in 0..panel.blocks {
