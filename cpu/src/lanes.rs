@@ -18,6 +18,7 @@
 
 use crate::Error;
 use crate::isa::Isa;
+use half::f16;
 
 /// A level's f32 vector: `LANES` independent lanes.
 pub(crate) trait Lanes: Copy {
@@ -30,6 +31,8 @@ pub(crate) trait Lanes: Copy {
     fn splat(self, x: f32) -> Self::V;
     /// The first `LANES` values of `from` (panics if it is shorter).
     fn load(self, from: &[f32]) -> Self::V;
+    /// The first `LANES` values of `from` converted to f32 (exactly; panics if it is shorter).
+    fn load_f16(self, from: &[f16]) -> Self::V;
     /// Writes the lanes to the first `LANES` places of `to` (panics if it is shorter).
     fn store(self, v: Self::V, to: &mut [f32]);
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
@@ -55,6 +58,10 @@ impl Lanes for Scalar {
         from[0]
     }
     #[inline(always)]
+    fn load_f16(self, from: &[f16]) -> f32 {
+        from[0].to_f32()
+    }
+    #[inline(always)]
     fn store(self, v: f32, to: &mut [f32]) {
         to[0] = v;
     }
@@ -72,7 +79,7 @@ impl Lanes for Scalar {
 /// only way to make one, and it checks the level, which is what makes the intrinsics sound here.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! impl_lanes {
-    ($token:ty, $vector:ty, $lanes:expr, $registers:expr, $splat:ident, $load:ident, $store:ident, $mul:ident, $mul_add:ident) => {
+    ($token:ty, $vector:ty, $lanes:expr, $registers:expr, $splat:ident, $load:ident, $load_f16:ident, $store:ident, $mul:ident, $mul_add:ident) => {
         impl Lanes for $token {
             type V = $vector;
             const LANES: usize = $lanes;
@@ -87,6 +94,12 @@ macro_rules! impl_lanes {
                 let from = &from[..Self::LANES];
                 // SAFETY: the level as above; `from` holds the `LANES` values read.
                 unsafe { $load(from.as_ptr()) }
+            }
+            #[inline(always)]
+            fn load_f16(self, from: &[f16]) -> $vector {
+                let from = &from[..Self::LANES];
+                // SAFETY: the level as above; `from` holds the `LANES` values read.
+                unsafe { $load_f16(from.as_ptr()) }
             }
             #[inline(always)]
             fn store(self, v: $vector, to: &mut [f32]) {
@@ -113,7 +126,7 @@ pub(crate) use x86::{Avx2, Avx512, transpose_16x16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Error, Isa, Lanes};
+    use super::{Error, Isa, Lanes, f16};
     use std::arch::x86_64::*;
 
     /// Eight lanes of AVX (available at the AVX2, AVX-VNNI and AVX-512 levels).
@@ -137,6 +150,7 @@ mod x86 {
         16,
         _mm256_set1_ps,
         _mm256_loadu_ps,
+        load_f16_avx2,
         _mm256_storeu_ps,
         _mm256_mul_ps,
         _mm256_fmadd_ps
@@ -161,10 +175,31 @@ mod x86 {
         32,
         _mm512_set1_ps,
         _mm512_loadu_ps,
+        load_f16_avx512,
         _mm512_storeu_ps,
         _mm512_mul_ps,
         _mm512_fmadd_ps
     );
+
+    /// Eight f16 values from `p` as f32 (`vcvtph2ps`).
+    ///
+    /// # Safety
+    /// The CPU has F16C (every level with these vectors); `p` points to 8 readable values.
+    #[inline(always)]
+    unsafe fn load_f16_avx2(p: *const f16) -> __m256 {
+        // SAFETY: as the function's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    /// Sixteen f16 values from `p` as f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `p` points to 16 readable values.
+    #[inline(always)]
+    unsafe fn load_f16_avx512(p: *const f16) -> __m512 {
+        // SAFETY: as the function's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
 
     /// The 16 × 16 matrix whose row `r` is `v[r]`, transposed: lane `r` of vector `c` of the result
     /// is lane `c` of `v[r]`. Interleaves pairs of rows, then pairs of pairs (64-bit), then
@@ -215,7 +250,7 @@ pub(crate) use arm::Neon;
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
-    use super::{Error, Isa, Lanes};
+    use super::{Error, Isa, Lanes, f16};
     use std::arch::aarch64::*;
 
     /// Four lanes of Advanced SIMD.
@@ -237,10 +272,24 @@ mod arm {
         32,
         vdupq_n_f32,
         vld1q_f32,
+        load_f16,
         vst1q_f32,
         vmulq_f32,
         fused
     );
+
+    /// Four f16 values from `p` as f32, one at a time (the f16 vector types are not stable Rust).
+    ///
+    /// # Safety
+    /// `p` points to 4 readable values.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> float32x4_t {
+        // SAFETY: as the function's contract; NEON is part of the aarch64 baseline.
+        unsafe {
+            let values: [f32; 4] = std::array::from_fn(|i| (*p.add(i)).to_f32());
+            vld1q_f32(values.as_ptr())
+        }
+    }
 
     /// `a · b + c` fused (`vfmaq_f32` takes the addend first).
     ///

@@ -18,7 +18,8 @@
 //!   cache) while their scores are computed.
 //!
 //! The cache is read through [`Cache`]: keys and values stored as f32 or f16 ([`KvValue`]; f16 is
-//! converted to f32 as it is read, so the sums are the same f32 sums over the converted values),
+//! converted to f32 as it is read, a vector at a time by the level's conversion instruction where
+//! the kernel loads lanes, so the sums are the same f32 sums over the converted values),
 //! position `j`'s rows found through a page table (contiguous rows are the one-page case), once per
 //! call: a division per position and pass cost as much as the multiply-adds at 2048 positions.
 //!
@@ -98,9 +99,8 @@ impl HeadGroup {
 
 /// A stored key or value: f32, or f16 converted as it is read.
 pub trait KvValue: Copy + Send + Sync + 'static {
-    /// `src` as f32: `src` itself, or its values converted into the start of `buf` (at least as
-    /// long as `src`).
-    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// `src` as what it is, for the kernels' loads.
+    fn stored(src: &[Self]) -> Stored<'_>;
 
     /// Stores `src` in `dst` (of the same length), f16 rounded to nearest.
     fn store(src: &[f32], dst: &mut [Self]);
@@ -109,10 +109,26 @@ pub trait KvValue: Copy + Send + Sync + 'static {
     fn widen(src: &[Self], dst: &mut [f32]);
 }
 
+/// Stored keys or values of either type.
+pub enum Stored<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+/// The first `L::LANES` values of `src` as f32 lanes (f16 converted by the level's instruction,
+/// exactly).
+#[inline(always)]
+fn load<L: Lanes, E: KvValue>(lanes: L, src: &[E]) -> L::V {
+    match E::stored(src) {
+        Stored::F32(s) => lanes.load(s),
+        Stored::F16(s) => lanes.load_f16(s),
+    }
+}
+
 impl KvValue for f32 {
     #[inline(always)]
-    fn as_f32<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
-        src
+    fn stored(src: &[f32]) -> Stored<'_> {
+        Stored::F32(src)
     }
 
     fn store(src: &[f32], dst: &mut [f32]) {
@@ -127,11 +143,8 @@ impl KvValue for f32 {
 
 impl KvValue for half::f16 {
     #[inline(always)]
-    fn as_f32<'a>(src: &'a [half::f16], buf: &'a mut [f32]) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        let buf = &mut buf[..src.len()];
-        src.convert_to_f32_slice(buf);
-        buf
+    fn stored(src: &[half::f16]) -> Stored<'_> {
+        Stored::F16(src)
     }
 
     fn store(src: &[f32], dst: &mut [half::f16]) {
@@ -278,10 +291,6 @@ const VALUE_BLOCK: usize = 32;
 /// slower: a prompt of 2048 tokens with peaked attention spent most of its time there.
 pub const SOFTMAX_CUTOFF: f32 = -40.0;
 
-/// The widest [`Lanes`] vector (AVX-512's 16 lanes): the buffer an f16 value vector is converted
-/// into.
-const MAX_LANES: usize = 16;
-
 /// The checked inputs of [`attend`], and the scratch rows' length `P`.
 #[derive(Clone, Copy)]
 struct Data<'a, E> {
@@ -321,9 +330,8 @@ fn run<L: Lanes, E: KvValue>(
     let multiple = L::LANES.max(QUERIES_AT_ONCE);
     let padded = g.queries().div_ceil(multiple) * multiple;
     let data = &Data { padded, ..*data };
-    // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32 (16 for
-    // `across_keys`).
-    let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE.max(MAX_LANES) * g.head_dim;
+    // Transposed queries, scores, and a block of [`KEYS_AT_ONCE`] keys as f32.
+    let needed = padded * (g.head_dim + g.max_keys()) + KEYS_AT_ONCE * g.head_dim;
     if scratch.len() < needed {
         scratch.resize(needed, 0.0);
     }
@@ -334,11 +342,11 @@ fn run<L: Lanes, E: KvValue>(
         || {
             transpose_queries(data, transposed);
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 && across_keys::fits(data.g) {
-                // SAFETY: `vectorized` runs this where the CPU has the AVX-512 level.
-                unsafe { across_keys::scores(data, transposed, scores, converted) };
-            } else {
-                scores_of(lanes, data, transposed, scores, converted);
+            match across_keys::lanes(isa, data.g) {
+                // SAFETY: the token exists only where the CPU has the AVX-512 level; `lanes`
+                // gives it only where the block fits.
+                Some(wide) => unsafe { across_keys::scores(wide, data, transposed, scores) },
+                None => scores_of(lanes, data, transposed, scores, converted),
             }
             #[cfg(not(target_arch = "x86_64"))]
             scores_of(lanes, data, transposed, scores, converted);
@@ -473,44 +481,55 @@ fn score_tile<L: Lanes, const QV: usize, const K: usize>(
 /// of [`scores_of`].
 #[cfg(target_arch = "x86_64")]
 mod across_keys {
-    use super::{Data, HeadGroup, KvValue, MAX_LANES};
-    use crate::lanes::transpose_16x16;
+    use super::{Data, HeadGroup, KvValue, load};
+    use crate::isa::Isa;
+    use crate::lanes::{Avx512, Lanes, transpose_16x16};
     use std::arch::x86_64::*;
+
+    /// Keys a block: AVX-512's lanes.
+    const MAX_LANES: usize = Avx512::LANES;
 
     /// Whether [`scores`] takes this block: one row, a group of 1, 2, 4 or 8 heads, and a head
     /// dimension of whole 16 × 16 blocks.
-    pub(super) fn fits(g: &HeadGroup) -> bool {
+    fn fits(g: &HeadGroup) -> bool {
         g.rows == 1 && matches!(g.group, 1 | 2 | 4 | 8) && g.head_dim.is_multiple_of(MAX_LANES)
+    }
+
+    /// The AVX-512 lanes [`scores`] runs on, where `isa` is that level and the block [`fits`].
+    pub(super) fn lanes(isa: Isa, g: &HeadGroup) -> Option<Avx512> {
+        (isa == Isa::Avx512 && fits(g))
+            .then(Avx512::new)
+            .and_then(Result::ok)
     }
 
     /// `scores[j · P + h] = (Σ_i q_h,i · k_j,i) · (1 / √d)` for the row's heads `h` and every
     /// position `j` (the padding queries' scores are left as they are: [`super::softmax`] gives
-    /// them weight 0); `block` holds 16 keys converted from an f16 cache.
+    /// them weight 0).
     ///
     /// # Safety
     /// The CPU has AVX-512 F; `data.g` [`fits`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores<E: KvValue>(
+        lanes: Avx512,
         data: &Data<'_, E>,
         transposed: &[f32],
         scores: &mut [f32],
-        block: &mut [f32],
     ) {
         match data.g.group {
-            1 => heads::<E, 1>(data, transposed, scores, block),
-            2 => heads::<E, 2>(data, transposed, scores, block),
-            4 => heads::<E, 4>(data, transposed, scores, block),
-            _ => heads::<E, 8>(data, transposed, scores, block),
+            1 => heads::<E, 1>(lanes, data, transposed, scores),
+            2 => heads::<E, 2>(lanes, data, transposed, scores),
+            4 => heads::<E, 4>(lanes, data, transposed, scores),
+            _ => heads::<E, 8>(lanes, data, transposed, scores),
         }
     }
 
     /// [`scores`] for `G` heads.
     #[target_feature(enable = "avx512f")]
     fn heads<E: KvValue, const G: usize>(
+        lanes: Avx512,
         data: &Data<'_, E>,
         transposed: &[f32],
         scores: &mut [f32],
-        block: &mut [f32],
     ) {
         let (padded, n_keys, d) = (data.padded, data.g.max_keys(), data.g.head_dim);
         assert!(
@@ -519,25 +538,16 @@ mod across_keys {
                 && G <= padded
                 && transposed.len() >= d * padded
                 && scores.len() >= n_keys * padded
-                && block.len() >= MAX_LANES * d
         );
         let inv_sqrt_d = _mm512_set1_ps(1.0 / (d as f32).sqrt());
-        let block = &mut block[..MAX_LANES * d];
         for j0 in (0..n_keys).step_by(MAX_LANES) {
-            // Past the last position the block repeats it; those sums are not stored. An f32
-            // cache is read in place, an f16 one converted into `block`.
-            let mut buffers = block.chunks_exact_mut(d);
-            let keys: [&[f32]; MAX_LANES] = std::array::from_fn(|k| {
-                let buffer = buffers.next().expect("16 keys' room");
-                E::as_f32(data.key((j0 + k).min(n_keys - 1)), buffer)
-            });
+            // Past the last position the block repeats it; those sums are not stored.
+            let keys: [&[E]; MAX_LANES] =
+                std::array::from_fn(|k| data.key((j0 + k).min(n_keys - 1)));
             let mut sums = [_mm512_setzero_ps(); G];
             for i0 in (0..d).step_by(MAX_LANES) {
-                let rows: [__m512; MAX_LANES] = std::array::from_fn(|k| {
-                    let key = &keys[k][i0..i0 + MAX_LANES];
-                    // SAFETY: 16 readable f32.
-                    unsafe { _mm512_loadu_ps(key.as_ptr()) }
-                });
+                let rows: [__m512; MAX_LANES] =
+                    std::array::from_fn(|k| load(lanes, &keys[k][i0..]));
                 // dims[c]: dimension i0 + c of the 16 keys.
                 let dims = transpose_16x16(rows);
                 for (c, keys) in dims.iter().enumerate() {
@@ -734,14 +744,13 @@ fn value_tiles<L: Lanes, E: KvValue, const Q: usize, const DV: usize>(
                 let at = data.outs[q] + i0;
                 *sum = std::array::from_fn(|v| lanes.load(&out[at + v * L::LANES..]));
             }
-            let mut buf = [0f32; 2 * MAX_LANES];
             let weights = scores[block.start * padded..end * padded].chunks_exact(padded);
             for (&start, weights) in data.starts[block.start..end].iter().zip(weights) {
                 let weights: &[f32; Q] = weights[q0..q0 + Q]
                     .try_into()
                     .expect("padded rows hold whole tiles");
-                let v = E::as_f32(&data.cache.values[start + i0..][..width], &mut buf);
-                let v: [L::V; DV] = std::array::from_fn(|x| lanes.load(&v[x * L::LANES..]));
+                let v = &data.cache.values[start + i0..][..width];
+                let v: [L::V; DV] = std::array::from_fn(|x| load(lanes, &v[x * L::LANES..]));
                 for (sum, &w) in sums.iter_mut().zip(weights) {
                     let w = lanes.splat(w);
                     for (s, &v) in sum.iter_mut().zip(&v) {
