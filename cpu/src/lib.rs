@@ -49,6 +49,17 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The first `n` values of a scratch `buffer`, grown (with `fill`) to hold them but never shrunk:
+/// its length follows the largest call, so that calls of other shapes in turn (a step's linears
+/// alternate between widths) do not fill it again each time. The caller writes every value it
+/// reads.
+pub(crate) fn grown<T: Clone>(buffer: &mut Vec<T>, n: usize, fill: T) -> &mut [T] {
+    if buffer.len() < n {
+        buffer.resize(n, fill);
+    }
+    &mut buffer[..n]
+}
+
 /// Returns an error naming `what` unless `actual == expected`.
 pub(crate) fn check_len(what: &str, actual: usize, expected: usize) -> Result<(), Error> {
     if actual == expected {

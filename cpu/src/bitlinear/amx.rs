@@ -659,14 +659,10 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The first `n` lines of `buffer`, grown to hold them but never shrunk: a scratch buffer's
-    /// length follows the largest product, so that calls of other shapes in turn (a step's
-    /// linears) do not fill it again each time (every line a product reads, it writes first).
+    /// The first `n` lines of a scratch `buffer` ([`crate::grown`]: every line a product reads, it
+    /// writes first).
     fn lines(buffer: &mut Vec<Line>, n: usize) -> &mut [Line] {
-        if buffer.len() < n {
-            buffer.resize(n, Line([0; 64]));
-        }
-        &mut buffer[..n]
+        crate::grown(buffer, n, Line([0; 64]))
     }
 
     /// A panel's weights: its groups (`None` past the matrix), the next panel's (to ask for

@@ -23,7 +23,7 @@ use crate::bitlinear::quant::QuantizedRows;
 use crate::bitlinear::reference::TernaryView;
 use crate::isa::Isa;
 use crate::pool::ThreadPool;
-use crate::{Error, check_len};
+use crate::{Error, check_len, grown};
 
 /// Output rows per parallel task, at least: a multiple of every family's row boundary.
 pub const MIN_ROWS_PER_TASK: usize = 16 * ROW_GROUP;
@@ -250,12 +250,12 @@ impl Linear {
             }
             .map(|()| start)
         };
-        acc.resize(n_out * tokens, 0);
         let scales = quantized.scales();
         if tokens == 1 {
             // Each chunk's outputs are its rows in order: dequantized by the task, while in cache.
             return pool.try_for_each(
-                acc.chunks_mut(per_task)
+                grown(acc, n_out, 0)
+                    .chunks_mut(per_task)
                     .zip(out.chunks_mut(per_task))
                     .enumerate(),
                 |(chunk, (acc, out))| {
@@ -293,6 +293,7 @@ impl Linear {
                 }
             });
         }
+        let acc = grown(acc, n_out * tokens, 0);
         pool.try_for_each(
             acc.chunks_mut(per_task * tokens).enumerate(),
             |(chunk, acc)| product(chunk, acc).map(drop),
