@@ -118,7 +118,7 @@ pub struct ModelArgs {
     pub ctx: usize,
     #[arg(long, value_enum, default_value_t = LmHeadChoice::Auto)]
     pub lm_head: LmHeadChoice,
-    /// How the KV cache stores keys and values: f32, or f16 (half the memory; CPU backend only).
+    /// How the KV cache stores keys and values: f32, or f16 (half the memory, on every backend).
     #[arg(long, value_enum, default_value_t = KvTypeChoice::F32)]
     pub kv_type: KvTypeChoice,
 }
