@@ -167,15 +167,28 @@ pub(crate) fn prefetch(p: *const u8) {
     let _ = p;
 }
 
-/// Asks for every cache line of `s`.
+/// [`prefetch`] into the L2 cache only: for data read after other work that the L1 cache holds.
 #[inline(always)]
-pub(crate) fn prefetch_lines<T>(s: &[T]) {
+pub(crate) fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `prefetch`.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Asks for every cache line of `s` with `ask` ([`prefetch`] or [`prefetch_l2`]).
+#[inline(always)]
+pub(crate) fn prefetch_lines<T>(s: &[T], ask: fn(*const u8)) {
     let (start, bytes) = (s.as_ptr().cast::<u8>(), std::mem::size_of_val(s));
     for at in (0..bytes).step_by(64) {
-        prefetch(start.wrapping_add(at));
+        ask(start.wrapping_add(at));
     }
     // The last line, when `s` does not start on a line boundary.
-    prefetch(start.wrapping_add(bytes.saturating_sub(1)));
+    ask(start.wrapping_add(bytes.saturating_sub(1)));
 }
 
 #[cfg(target_arch = "x86_64")]

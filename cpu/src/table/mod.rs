@@ -15,7 +15,7 @@
 mod avx512;
 pub mod q8;
 
-use crate::isa::{Isa, prefetch_lines};
+use crate::isa::{Isa, prefetch, prefetch_lines};
 use crate::{Error, check_len};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -182,7 +182,7 @@ fn each_listed_row<T>(
     let row = |r: usize| &matrix[r * cols..(r + 1) * cols];
     for (i, (&r, o)) in rows.iter().zip(out).enumerate() {
         if let Some(&ahead) = rows.get(i + LISTED_ROWS_AHEAD) {
-            prefetch_lines(row(ahead));
+            prefetch_lines(row(ahead), prefetch);
         }
         *o = dot(row(r));
     }
