@@ -145,13 +145,7 @@ impl Sampler {
         if k > 0 {
             top_k(logits, k, &mut self.candidates);
         } else {
-            self.candidates.clear();
-            self.candidates.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as u32, clean(l))),
-            );
+            all_pairs(logits, &mut self.candidates);
         }
         if p.temperature <= 0.0 {
             return self.candidates[0].0;
@@ -244,9 +238,20 @@ impl Sampler {
 /// The `k` best ids of `logits` ([`clean`]ed) by [`by_logit_desc`], best first, in `out`: one pass
 /// that keeps the best so far in order, so a logit enters only if it beats the worst of them (a
 /// later id never beats an equal logit). A block of logits none of which beats it is passed over
-/// after one vectorizable maximum; once the `k` are found that is nearly every block.
+/// after one vectorizable maximum; once the `k` are found that is nearly every block. A large `k`
+/// (a request may ask for any) partitions all the pairs instead, where insertions would cost more.
 fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
     const BLOCK: usize = 64;
+    const ONE_PASS_MAX_K: usize = 256;
+    if k > ONE_PASS_MAX_K {
+        all_pairs(logits, out);
+        if k < out.len() {
+            out.select_nth_unstable_by(k - 1, by_logit_desc);
+            out.truncate(k);
+        }
+        out.sort_unstable_by(by_logit_desc);
+        return;
+    }
     out.clear();
     for (b, block) in logits.chunks(BLOCK).enumerate() {
         if out.len() == k {
@@ -269,6 +274,17 @@ fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
             out.insert(at, new);
         }
     }
+}
+
+/// Every (id, logit) of `logits`, [`clean`]ed, in id order, in `out`.
+fn all_pairs(logits: &[f32], out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    out.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, clean(l))),
+    );
 }
 
 /// NaN becomes `-inf` (never chosen unless nothing else is left), `-0.0` becomes `0.0` so that
@@ -739,7 +755,8 @@ mod tests {
             .collect();
         full.sort_unstable_by(by_logit_desc);
         let mut out = Vec::new();
-        for k in [1, 2, 3, 40, 64, 65, 500, 999, 1000, 1200] {
+        // Both ways: one pass up to 256, a partition above.
+        for k in [1, 2, 3, 40, 64, 65, 256, 257, 999, 1000, 1200] {
             top_k(&logits, k, &mut out);
             let n = k.min(logits.len());
             assert_eq!(out.len(), n);

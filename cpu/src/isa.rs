@@ -157,24 +157,26 @@ pub(crate) const PREFETCH_AHEAD: usize = 8 << 10;
 /// unmeasured there). Any address will do: a prefetch never faults.
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it reads nothing architecturally visible and never faults.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    prefetch_into::<false>(p);
 }
 
 /// [`prefetch`] into the L2 cache only: for data read after other work that the L1 cache holds.
 #[inline(always)]
 pub(crate) fn prefetch_l2(p: *const u8) {
+    prefetch_into::<true>(p);
+}
+
+#[inline(always)]
+fn prefetch_into<const L2_ONLY: bool>(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `prefetch`.
+    // SAFETY: a prefetch is a hint; it reads nothing architecturally visible and never faults.
     unsafe {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T1>(p.cast())
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        if L2_ONLY {
+            _mm_prefetch::<_MM_HINT_T1>(p.cast())
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast())
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
