@@ -378,7 +378,9 @@ impl Engine {
             let end = i * MAX_BATCH + t.len();
             let want = end.saturating_sub(first_logit).min(t.len());
             let pages = self.kv.page_table();
-            let part = (self.model).forward(self.backend.as_mut(), t, r, pages, want)?;
+            let part = self
+                .model
+                .forward(self.backend.as_mut(), t, r, pages, want)?;
             // One pass (a step of at most `MAX_BATCH` rows): its logits as they are, not copied.
             if logits.is_empty() {
                 logits = part;

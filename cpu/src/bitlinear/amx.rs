@@ -49,12 +49,12 @@
 //! tile (16 tokens or fewer) the even and odd k-steps go to separate accumulators, summed on the
 //! way out: a `tdpbssd` takes several times as long to finish as to issue, so one accumulator
 //! per weight half would leave the unit waiting. Values are −1..1 against −128..127, so
-//! `|Σ| ≤ 128 · cols`: exact in int32. The accumulators come out weight-row-major, as the row-major output of
-//! [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's [`gemm`] and
-//! [`gemm_base3`] share (same arguments, same errors, same row-range splitting on multiples of
-//! [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)). [`gemm_into`] and [`gemm_base3_into`]
-//! can instead dequantize each panel's products as they leave the tiles, straight into each
-//! token's outputs ([`Products::Dequantized`], what a prompt's BitLinear uses): its 32 × 32
+//! `|Σ| ≤ 128 · cols`: exact in int32. The accumulators come out weight-row-major, as the
+//! row-major output of [`crate::bitlinear::mad::gemm`]'s contract wants, which this module's
+//! [`gemm`] and [`gemm_base3`] share (same arguments, same errors, same row-range splitting on
+//! multiples of [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)). [`gemm_into`] and
+//! [`gemm_base3_into`] can instead dequantize each panel's products as they leave the tiles,
+//! straight into each token's outputs ([`Products::Dequantized`], what a prompt's BitLinear uses): its 32 × 32
 //! integers are dequantized a tile row (16 tokens) per vector and never travel through memory.
 //!
 //! The 8-bit output head ([`crate::table::q8`]) runs its batches on the same tiles and step.

@@ -344,7 +344,7 @@ impl Q8Head {
         }
         #[cfg(target_arch = "x86_64")]
         return AMX_DOTS.with_borrow_mut(|dots| {
-            dots.resize(inputs.len() * on_amx.len(), [0; 2]);
+            let dots = crate::grown(dots, inputs.len() * on_amx.len(), [0; 2]);
             let codes = &self.codes[on_amx.start * self.stride..on_amx.end * self.stride];
             x86::amx_dots(codes, self.stride, inputs, dots);
             let stats = &self.stats[on_amx.clone()];
@@ -675,10 +675,11 @@ mod x86 {
         );
         AMX_SCRATCH.with_borrow_mut(|s| {
             let input_tiles = inputs.len().div_ceil(16);
-            s.inputs.resize(input_tiles * 2 * steps * 16, Line([0; 64]));
+            let input_lines =
+                crate::grown(&mut s.inputs, input_tiles * 2 * steps * 16, Line([0; 64]));
             for (group, tiles) in inputs
                 .chunks(16)
-                .zip(s.inputs.chunks_exact_mut(2 * steps * 16))
+                .zip(input_lines.chunks_exact_mut(2 * steps * 16))
             {
                 let (h, l) = tiles.split_at_mut(steps * 16);
                 // SAFETY: AMX runs only where `amx_status` passed, which requires the AVX-512 level.
@@ -687,13 +688,13 @@ mod x86 {
                     lay_out_tile(group.len(), |n| &group[n].low[..stride], l);
                 }
             }
-            s.weights.resize(2 * steps * 16, Line([0; 64]));
+            let weights = crate::grown(&mut s.weights, 2 * steps * 16, Line([0; 64]));
             let mut out = [[[0i32; 16]; 16]; 4];
             let run = || {
                 for p in 0..rows / AMX_PANEL_ROWS {
                     // Tile row `r` of half `h`, k-step `c`: row `v = 32 p + 16 h + r`'s chunk `c`,
                     // which the interleaved layout keeps beside its group's other three rows.
-                    for (i, lines) in s.weights.chunks_exact_mut(TILE).enumerate() {
+                    for (i, lines) in weights.chunks_exact_mut(TILE).enumerate() {
                         let (h, c, q) = (i / (steps * 4), i / 4 % steps, i % 4);
                         let v = AMX_PANEL_ROWS * p + 16 * h + TILE * q;
                         let src = &codes[v * stride + c * TILE * 64..][..TILE * 64];
@@ -705,13 +706,13 @@ mod x86 {
                             line.0 = src.map(|b| b as u8);
                         }
                     }
-                    for (u, tiles) in s.inputs.chunks_exact(2 * steps * 16).enumerate() {
+                    for (u, tiles) in input_lines.chunks_exact(2 * steps * 16).enumerate() {
                         // SAFETY: `weights` holds two halves of `steps` tiles of 1024 bytes,
                         // `tiles` the input tile's two levels of `steps` tiles each, `out` four
                         // tiles of 16 × 16 i32; this runs inside `with_tiles`.
                         unsafe {
                             step_tiles(
-                                s.weights.as_ptr().cast(),
+                                weights.as_ptr().cast(),
                                 tiles.as_ptr().cast(),
                                 steps,
                                 true,
