@@ -71,8 +71,10 @@ fn open(name: &str) -> anyhow::Result<Box<dyn Backend>> {
 /// bytes one decode step reads.
 fn setup(backend: &str) -> (Engine, tern::kv_cache::SequenceId, Vec<u32>, u64) {
     let mut backend = open(backend).unwrap();
-    let head = match backend.set_lm_head(LmHead::Q8) {
-        Ok(()) => LmHead::Q8,
+    // Greedy decoding reads only the largest logit.
+    let q8 = LmHead::Q8 { top: 1 };
+    let head = match backend.set_lm_head(q8) {
+        Ok(()) => q8,
         Err(_) => LmHead::Full,
     };
     let mut engine = Engine::new(&*MODEL, backend, PROMPT + 1, 1).unwrap();

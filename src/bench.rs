@@ -498,7 +498,7 @@ pub fn decode_weight_bytes(
     let linears = linear_bytes.unwrap_or(config.ternary_size().1);
     let head = match head {
         LmHead::Full => head_bytes,
-        LmHead::Q8 => config.vocab * (config.hidden + 8),
+        LmHead::Q8 { .. } => config.vocab * (config.hidden + 8),
     };
     (linears + head) as u64
 }

@@ -50,11 +50,23 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether sampling reads nothing but the `k` largest logits and their order: greedy, or top-k
-    /// with `top_k ≤ k` (top-p, min-p and temperature then only see those), and no penalty
-    /// (which could lift a smaller logit into the top).
+    /// How many of the largest logits (and their order) sampling reads, if not all: 1 greedy,
+    /// `top_k` with top-k on (top-p, min-p and temperature then only see those); `None` with a
+    /// penalty (which could lift a smaller logit into the top) or without top-k.
+    pub fn top_read(&self) -> Option<usize> {
+        if !self.no_penalty() {
+            None
+        } else if self.temperature <= 0.0 {
+            Some(1)
+        } else {
+            (self.top_k > 0).then_some(self.top_k)
+        }
+    }
+
+    /// Whether sampling reads nothing but the `k` largest logits and their order
+    /// ([`Self::top_read`] is at most `k`).
     pub fn reads_only_top(&self, k: usize) -> bool {
-        self.no_penalty() && (self.temperature <= 0.0 || (1..=k).contains(&self.top_k))
+        self.top_read().is_some_and(|n| n <= k)
     }
 
     fn no_penalty(&self) -> bool {
@@ -398,20 +410,23 @@ mod tests {
         probs.iter().map(|p| p.ln() as f32).collect()
     }
 
-    /// What `reads_only_top` promises: changing logits below the k-th largest (keeping them below
-    /// it) changes no draw. And where it says no, such a change can matter.
+    /// What `top_read` and `reads_only_top` promise: changing logits below the n-th largest
+    /// (keeping them below it) changes no draw. And where they say no, such a change can matter.
     #[test]
     fn reads_only_top_means_lower_logits_do_not_matter() {
         let k = 8;
         let logits: Vec<f32> = (0..200).map(|i| ((i * 37) % 101) as f32 * 0.05).collect();
         let mut sorted = logits.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[k - 1];
-        // Every logit below the k-th raised to just under it: the mass outside the top k grows.
-        let raised: Vec<f32> = logits
-            .iter()
-            .map(|&l| if l < kth { kth - 1e-3 } else { l })
-            .collect();
+        // Every logit below the n-th raised to just under it: the mass outside the top n grows.
+        let raised_below = |n: usize| -> Vec<f32> {
+            let nth = sorted[n - 1];
+            logits
+                .iter()
+                .map(|&l| if l < nth { nth - 1e-3 } else { l })
+                .collect()
+        };
+        let raised = raised_below(k);
         let history: Vec<u32> = (0..200).collect();
         let draws = |params: SamplingParams, logits: &[f32]| -> Vec<u32> {
             let mut s = Sampler::new(params);
@@ -427,9 +442,10 @@ mod tests {
             top_k: 0,
             ..defaults
         };
-        for params in [top_k, greedy] {
-            assert!(params.reads_only_top(k));
-            assert_eq!(draws(params, &logits), draws(params, &raised));
+        for (params, n) in [(top_k, k), (greedy, 1)] {
+            assert_eq!(params.top_read(), Some(n));
+            assert!(params.reads_only_top(k) && !params.reads_only_top(n - 1));
+            assert_eq!(draws(params, &logits), draws(params, &raised_below(n)));
         }
         let no_top_k = SamplingParams {
             top_k: 0,
@@ -441,6 +457,7 @@ mod tests {
             repeat_penalty: 5.0,
             ..top_k
         };
+        assert_eq!((no_top_k.top_read(), penalized.top_read()), (None, None));
         assert!(!no_top_k.reads_only_top(k) && !penalized.reads_only_top(k));
         assert!(
             !SamplingParams {

@@ -53,12 +53,11 @@ struct Scratch {
     linear: LinearScratch,
     head: Vec<f32>,
     /// `LmHead::Q8`: each row's quantized input, the error bounds of its approximate logits, and
-    /// the candidates to re-score.
+    /// each row's candidates to re-score and their exact logits.
     q8_inputs: Vec<Q8Input>,
     bounds: Vec<f32>,
-    ranked: Vec<f32>,
-    candidates: Vec<usize>,
-    exact: Vec<f32>,
+    candidates: Vec<Vec<usize>>,
+    exact: Vec<Vec<f32>>,
     /// RoPE cosines and sines of one position.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -71,6 +70,8 @@ thread_local! {
     static ATTENTION_SCRATCH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
     /// Rows of a table served from a file, read for one task (see `ternary::MappedValues::read_rows`).
     static READ_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// `top_candidates`' scratch, per pool thread.
+    static RANKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct KvStorage {
@@ -381,12 +382,13 @@ impl CpuBackend {
 
 impl CpuBackend {
     /// [`LmHead::Q8`]: approximate logits from the 8-bit copy, then the rows that could be among
-    /// the top [`Q8_EXACT_TOP_K`] re-scored with the full-precision table (see `tern_cpu::table::q8`).
+    /// the `top` largest re-scored with the full-precision table (see `tern_cpu::table::q8`).
     fn logits_q8(
         &mut self,
         x: Activations,
         table: TableId,
         tokens: usize,
+        top: usize,
         out: Activations,
     ) -> Result<()> {
         let t = &self.tables[table.0];
@@ -452,40 +454,51 @@ impl CpuBackend {
                         }
                         Ok::<_, tern_cpu::Error>(())
                     })?;
-                // Each row's candidates for its top k, re-scored with the full-precision table.
-                for ((xt, logits), bounds) in src
+                // Each row's candidates for its top k (the rows' searches spread over the pool),
+                // then every row's candidates re-scored with the full-precision table in one pass.
+                scratch.candidates.resize_with(tokens, Vec::new);
+                me.pool.for_each(
+                    dst.chunks_exact(vocab)
+                        .zip(scratch.bounds.chunks_exact(vocab))
+                        .zip(scratch.candidates.iter_mut()),
+                    |((logits, bounds), candidates)| {
+                        RANKED.with_borrow_mut(|ranked| {
+                            top_candidates(logits, bounds, top, ranked, candidates)
+                        })
+                    },
+                );
+                scratch.exact.resize_with(tokens, Vec::new);
+                for (exact, candidates) in scratch.exact.iter_mut().zip(&scratch.candidates) {
+                    exact.resize(candidates.len(), 0.0);
+                }
+                let mapped = me.tables[table.0].mapped();
+                let tasks = src
                     .chunks_exact(cols)
-                    .zip(dst.chunks_exact_mut(vocab))
-                    .zip(scratch.bounds.chunks_exact(vocab))
-                {
-                    top_candidates(
-                        logits,
-                        bounds,
-                        Q8_EXACT_TOP_K,
-                        &mut scratch.ranked,
-                        &mut scratch.candidates,
-                    );
-                    let exact = &mut scratch.exact;
-                    exact.resize(scratch.candidates.len(), 0.0);
-                    let mapped = me.tables[table.0].mapped();
-                    me.pool.try_for_each(
-                        scratch
-                            .candidates
+                    .zip(scratch.candidates.iter().zip(scratch.exact.iter_mut()))
+                    .flat_map(|(xt, (candidates, exact))| {
+                        candidates
                             .chunks(CANDIDATES_PER_TASK)
-                            .zip(exact.chunks_mut(CANDIDATES_PER_TASK)),
-                        |(candidates, exact)| -> Result<()> {
-                            let Some(mapped) = mapped else {
-                                return Ok(view.dot_listed_rows(me.isa, candidates, xt, exact)?);
-                            };
-                            // Read, not mapped: mapping a row makes the folio around it resident.
-                            READ_ROWS.with_borrow_mut(|buf| {
-                                let rows = mapped.read_rows(candidates, cols, buf)?;
-                                let n = candidates.len();
-                                Ok(rows.dot_rows(me.isa, 0..n, xt, cols, exact)?)
-                            })
-                        },
-                    )?;
-                    for (&v, &e) in scratch.candidates.iter().zip(exact.iter()) {
+                            .zip(exact.chunks_mut(CANDIDATES_PER_TASK))
+                            .map(move |task| (xt, task))
+                    });
+                me.pool
+                    .try_for_each(tasks, |(xt, (candidates, exact))| -> Result<()> {
+                        let Some(mapped) = mapped else {
+                            return Ok(view.dot_listed_rows(me.isa, candidates, xt, exact)?);
+                        };
+                        // Read, not mapped: mapping a row makes the folio around it resident.
+                        READ_ROWS.with_borrow_mut(|buf| {
+                            let rows = mapped.read_rows(candidates, cols, buf)?;
+                            let n = candidates.len();
+                            Ok(rows.dot_rows(me.isa, 0..n, xt, cols, exact)?)
+                        })
+                    })?;
+                for ((logits, candidates), exact) in dst
+                    .chunks_exact_mut(vocab)
+                    .zip(&scratch.candidates)
+                    .zip(&scratch.exact)
+                {
+                    for (&v, &e) in candidates.iter().zip(exact) {
                         logits[v] = e;
                     }
                 }
@@ -526,8 +539,10 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         let head = match self.lm_head {
             LmHead::Full => "",
-            LmHead::Q8 if self.head_amx => ", 8-bit head with exact top-k, on AMX-INT8 in batches",
-            LmHead::Q8 => ", 8-bit head with exact top-k",
+            LmHead::Q8 { .. } if self.head_amx => {
+                ", 8-bit head with exact top-k, on AMX-INT8 in batches"
+            }
+            LmHead::Q8 { .. } => ", 8-bit head with exact top-k",
         };
         format!(
             "cpu ({} {} kernels{head}{}, {} threads)",
@@ -547,6 +562,12 @@ impl Backend for CpuBackend {
     }
 
     fn set_lm_head(&mut self, head: LmHead) -> Result<()> {
+        if let LmHead::Q8 { top } = head {
+            anyhow::ensure!(
+                (1..=Q8_EXACT_TOP_K).contains(&top),
+                "8-bit output head: {top} exact logits asked for, it keeps 1 to {Q8_EXACT_TOP_K}"
+            );
+        }
         self.lm_head = head;
         Ok(())
     }
@@ -817,8 +838,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let t = uploaded(&self.tables, table.0, "table")?;
         let (vocab, cols) = (t.rows, t.cols);
-        if self.lm_head == LmHead::Q8 {
-            return self.logits_q8(x, table, tokens, out);
+        if let LmHead::Q8 { top } = self.lm_head {
+            return self.logits_q8(x, table, tokens, top, out);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.map_buffers(

@@ -230,13 +230,15 @@ pub enum LmHead {
     /// In the stored precision (f16/bf16/f32): every logit exact.
     #[default]
     Full,
-    /// An 8-bit copy with error bounds, the candidates for the top [`Q8_EXACT_TOP_K`] re-scored in
-    /// full precision: those logits (so greedy decoding and top-k sampling up to that k) are exact,
-    /// the others approximate (perplexity and deep log-probabilities are then approximate).
-    Q8,
+    /// An 8-bit copy with error bounds, the candidates for the `top` largest logits (1 to
+    /// [`Q8_EXACT_TOP_K`]) re-scored in full precision: those logits (so greedy decoding with
+    /// `top` 1, top-k sampling up to `top`) are exact, the others approximate (perplexity and
+    /// deep log-probabilities are then approximate). The fewer asked for, the fewer rows the
+    /// candidates' bounds let through to be re-scored.
+    Q8 { top: usize },
 }
 
-/// How many of the largest logits [`LmHead::Q8`] keeps exact.
+/// The most of the largest logits [`LmHead::Q8`] keeps exact.
 pub const Q8_EXACT_TOP_K: usize = 64;
 
 /// `threads`, or one per available core for 0 (the command line's `-t 0`).

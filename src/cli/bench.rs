@@ -139,7 +139,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         // Generation here is greedy: the 8-bit head (where `auto` takes it) changes no token.
-        let head = args.lm_head.apply(backend.as_mut(), true)?;
+        let head = args.lm_head.apply(backend.as_mut(), Some(1))?;
         let kv = KvOptions {
             ctx: longest,
             slots,

@@ -6,7 +6,6 @@ use super::{ModelArgs, SamplingArgs, engine_for, load_model};
 use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
-use tern::backend::Q8_EXACT_TOP_K;
 use tern::chat::ChatMessage;
 use tern::engine::{GenerateOptions, KvPool};
 use tern::sampler::Sampler;
@@ -34,13 +33,13 @@ const HELP: &str =
 pub fn run(args: ChatArgs) -> Result<()> {
     // One call: a seed drawn from the clock is drawn (and logged) once.
     let sampling = args.sampling.params();
-    let top_k_suffices = sampling.reads_only_top(Q8_EXACT_TOP_K);
+    let top_read = sampling.top_read();
     let loaded = load_model(&args.model.model)?;
     let tokenizer = loaded.tokenizer?;
     // A conversation's length is not known: the pool starts with room for CHAT_START_POSITIONS
     // and doubles as the conversation grows, up to the context.
     let pool = KvPool::Growing(CHAT_START_POSITIONS);
-    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_k_suffices, pool)?;
+    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_read, pool)?;
     drop(loaded.source);
     let mut sampler = Sampler::new(sampling);
     let seq = engine.new_sequence()?;

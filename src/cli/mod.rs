@@ -155,7 +155,8 @@ impl From<KvTypeChoice> for KvType {
 /// for the top 64 are re-scored exactly (exact greedy and top-k ≤ 64 sampling; the other logits,
 /// so perplexity and log-probabilities, approximate). `auto` (default): `q8` where it changes no
 /// output (greedy or top-k ≤ 64 sampling without penalties, no log-probabilities, on a
-/// backend that has it), `f16` otherwise. The 8-bit copy is CPU only.
+/// backend that has it), keeping exact only as many logits as the sampling reads (1 for greedy,
+/// k for top-k), `f16` otherwise. The 8-bit copy is CPU only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LmHeadChoice {
     Auto,
@@ -164,20 +165,23 @@ pub enum LmHeadChoice {
 }
 
 impl LmHeadChoice {
-    /// Sets the output head on `backend` and returns it. `top_k_suffices`: the caller reads
-    /// nothing but the [`Q8_EXACT_TOP_K`] largest logits, so `auto` may take the 8-bit head.
-    pub fn apply(self, backend: &mut dyn Backend, top_k_suffices: bool) -> Result<LmHead> {
-        let head = match self {
-            Self::F16 => LmHead::Full,
-            Self::Q8 => LmHead::Q8,
-            Self::Auto if top_k_suffices && backend.set_lm_head(LmHead::Q8).is_ok() => {
+    /// Sets the output head on `backend` and returns it. `top_read`: the caller reads nothing
+    /// but this many of the largest logits ([`SamplingParams::top_read`]), so `auto` may take the
+    /// 8-bit head, keeping that many exact, where it is at most [`Q8_EXACT_TOP_K`].
+    pub fn apply(self, backend: &mut dyn Backend, top_read: Option<usize>) -> Result<LmHead> {
+        let head = match (self, top_read.filter(|&n| n <= Q8_EXACT_TOP_K)) {
+            (Self::F16, _) => LmHead::Full,
+            (Self::Q8, _) => LmHead::Q8 {
+                top: Q8_EXACT_TOP_K,
+            },
+            (Self::Auto, Some(top)) if backend.set_lm_head(LmHead::Q8 { top }).is_ok() => {
                 tracing::info!(
-                    "output head: 8-bit copy, top {Q8_EXACT_TOP_K} re-scored exactly \
+                    "output head: 8-bit copy, top {top} re-scored exactly \
                      (the same tokens as the full head for this sampling)"
                 );
-                return Ok(LmHead::Q8);
+                return Ok(LmHead::Q8 { top });
             }
-            Self::Auto => LmHead::Full,
+            (Self::Auto, _) => LmHead::Full,
         };
         backend.set_lm_head(head)?;
         Ok(head)
@@ -315,16 +319,16 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
 }
 
 /// Builds an engine for `source` (its weights streamed to the backend as they are uploaded) with one
-/// sequence slot and a KV pool of `pool` on the chosen backend. `top_k_suffices`: see
+/// sequence slot and a KV pool of `pool` on the chosen backend. `top_read`: see
 /// [`LmHeadChoice::apply`].
 pub fn engine_for(
     args: &ModelArgs,
     source: &dyn ModelSource,
-    top_k_suffices: bool,
+    top_read: Option<usize>,
     pool: KvPool,
 ) -> Result<Engine> {
     let mut backend = select_backend(args.backend, args.threads, args.device.as_deref())?;
-    args.lm_head.apply(backend.as_mut(), top_k_suffices)?;
+    args.lm_head.apply(backend.as_mut(), top_read)?;
     let started = std::time::Instant::now();
     let engine = Engine::with_kv(source, backend, args.kv(1, pool))?;
     tracing::info!("loaded in {:.1} s", started.elapsed().as_secs_f64());

@@ -37,7 +37,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
         args.model.threads,
         args.model.device.as_deref(),
     )?;
-    args.model.lm_head.apply(backend.as_mut(), false)?;
+    args.model.lm_head.apply(backend.as_mut(), None)?;
     // The pool holds one window: exactly what each pass needs.
     let kv = KvOptions {
         ctx: window,

@@ -6,7 +6,6 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use tern::backend::Q8_EXACT_TOP_K;
 use tern::capture::DumpDir;
 use tern::chat::ChatMessage;
 use tern::engine::{Engine, GenerateOptions, GenerationStats, KvPool};
@@ -57,7 +56,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     // One call: a seed drawn from the clock is drawn (and logged) once, and is the one used.
     let sampling = args.sampling.params();
     // JSON lines carry each token's log-probability, which needs every logit.
-    let top_k_suffices = args.format == RunFormat::Text && sampling.reads_only_top(Q8_EXACT_TOP_K);
+    let top_read = sampling
+        .top_read()
+        .filter(|_| args.format == RunFormat::Text);
     let loaded = load_model(&args.model.model)?;
     let tokenizer = loaded.tokenizer?;
     let prompt = if args.chat {
@@ -73,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // The KV pool holds what this run can cache: the prompt and the tokens to generate (beyond
     // the context, generation stops at its end anyway).
     let pool = KvPool::Positions(prompt.len() + args.n_predict.max(1));
-    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_k_suffices, pool)?;
+    let mut engine = engine_for(&args.model, loaded.source.as_ref(), top_read, pool)?;
     drop(loaded.source);
     if let Some(dir) = &args.dump_dir {
         let dump = DumpDir::new(dir, &args.dump, engine.config())?;

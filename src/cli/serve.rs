@@ -67,7 +67,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 select_backend(model.backend, model.threads, model.device.as_deref())?;
             // Requests may sample any way and ask for log-probabilities: `auto` starts with the
             // full head, and the scheduler takes the 8-bit copy for the steps that allow it.
-            model.lm_head.apply(backend.as_mut(), false)?;
+            model.lm_head.apply(backend.as_mut(), None)?;
             let mut engine =
                 Engine::with_kv(loaded.source.as_ref(), backend, model.kv(parallel, pool))?;
             if prefix_cache {

@@ -17,7 +17,8 @@
 //!    does not wait for the running streams' rows);
 //!    With the output head chosen per step, the pass takes the 8-bit copy when every row it
 //!    samples reads only its top [`Q8_EXACT_TOP_K`] logits (no log-probabilities, greedy or top-k
-//!    ≤ 64 without penalties: the same draws as the full head), the full head otherwise;
+//!    ≤ 64 without penalties: the same draws as the full head), keeping exact the most any of
+//!    those rows reads (1 for greedy, k for top-k), the full head otherwise;
 //! 4. samples every decode row, and the first token of every prompt completed in that pass, with
 //!    the sequence's own sampler, so a seed gives the same text alone or batched;
 //! 5. retires finished sequences and publishes the gauges.
@@ -121,12 +122,15 @@ pub struct Scheduler {
 impl Scheduler {
     /// `head_per_step`: choose the output head per step where the backend has an 8-bit copy.
     pub fn new(mut engine: Engine, metrics: Arc<Metrics>, head_per_step: bool) -> Self {
-        let head = (head_per_step && engine.set_lm_head(LmHead::Q8).is_ok()).then(|| {
+        let q8 = LmHead::Q8 {
+            top: Q8_EXACT_TOP_K,
+        };
+        let head = (head_per_step && engine.set_lm_head(q8).is_ok()).then(|| {
             tracing::info!(
                 "output head chosen per step: the 8-bit copy when every sampled row reads only \
-                 its top {Q8_EXACT_TOP_K} logits, else the full head"
+                 its top {Q8_EXACT_TOP_K} logits (those it reads kept exact), else the full head"
             );
-            LmHead::Q8
+            q8
         });
         let s = Self {
             engine,
@@ -273,13 +277,17 @@ impl Scheduler {
             return;
         }
         if let Some(current) = self.head {
-            let top_only = plan.iter().filter(|p| p.2).all(|&(i, _, _)| {
+            // The most of the largest logits a row sampled in this pass reads (`None`: all).
+            let top = plan.iter().filter(|p| p.2).try_fold(1, |top, &(i, _, _)| {
                 let job = &self.running[i].job;
-                !job.logprobs
-                    && job.top_logprobs == 0
-                    && job.sampling.reads_only_top(Q8_EXACT_TOP_K)
+                let whole = job.logprobs || job.top_logprobs > 0;
+                let read = job.sampling.top_read().filter(|_| !whole)?;
+                Some(top.max(read))
             });
-            let wanted = if top_only { LmHead::Q8 } else { LmHead::Full };
+            let wanted = match top.filter(|&n| n <= Q8_EXACT_TOP_K) {
+                Some(top) => LmHead::Q8 { top },
+                None => LmHead::Full,
+            };
             if wanted != current && self.engine.set_lm_head(wanted).is_ok() {
                 self.head = Some(wanted);
             }
