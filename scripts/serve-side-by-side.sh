@@ -5,15 +5,17 @@
 #
 #   scripts/serve-side-by-side.sh TERN_BIN LLAMA_SERVER_BIN MODEL.gguf [THREADS] [ROUNDS]
 #
-# Both servers get 16 parallel sequences of CTX positions and the same thread count. The python
-# that runs serve-load.py needs the `openai` package (PYTHON, default python3).
+# Both servers get 16 parallel sequences of CTX positions and the same thread count. tern runs once
+# per KV type in KV_TYPES (default "f32 f16": its default, and the f16 cache llama-server keeps by
+# default). PROMPT_WORDS and TOKENS set each request's prompt and length. The python that runs
+# serve-load.py needs the `openai` package (PYTHON, default python3).
 set -euo pipefail
 tern=${1:?tern binary}; llama_server=${2:?llama-server binary}; model=${3:?GGUF model}
 threads=${4:-2}; rounds=${5:-2}
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
 ctx=256 parallel=16 port=${PORT:-8093}
-words=${PROMPT_WORDS:-24} tokens=${TOKENS:-32}
+words=${PROMPT_WORDS:-24} tokens=${TOKENS:-128} kv_types=${KV_TYPES:-f32 f16}
 
 wait_ready() {
     for _ in $(seq 600); do
@@ -42,8 +44,12 @@ echo "| server | streams | aggregate tok/s | mean TTFT (s) | max TTFT (s) |"
 echo "|---|---:|---:|---:|---:|"
 # Each server has its own port: connections of a server just stopped can hold its port a while.
 for _ in $(seq "$rounds"); do
-    run_one tern "$port" "$tern" serve -m "$model" -t "$threads" --ctx "$ctx" \
-        --parallel "$parallel" --port "$port"
+    p=$((port + 2))
+    for kv in $kv_types; do
+        run_one "tern-$kv" "$p" "$tern" serve -m "$model" -t "$threads" --ctx "$ctx" \
+            --parallel "$parallel" --kv-type "$kv" --port "$p"
+        p=$((p + 1))
+    done
     run_one bitnet.cpp "$((port + 1))" "$llama_server" -m "$model" -t "$threads" \
         -c $((ctx * parallel)) -np "$parallel" -cb --port "$((port + 1))"
 done
