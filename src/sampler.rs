@@ -63,12 +63,6 @@ impl SamplingParams {
         }
     }
 
-    /// Whether sampling reads nothing but the `k` largest logits and their order
-    /// ([`Self::top_read`] is at most `k`).
-    pub fn reads_only_top(&self, k: usize) -> bool {
-        self.top_read().is_some_and(|n| n <= k)
-    }
-
     fn no_penalty(&self) -> bool {
         let none = self.repeat_penalty == 1.0
             && self.frequency_penalty == 0.0
@@ -410,10 +404,10 @@ mod tests {
         probs.iter().map(|p| p.ln() as f32).collect()
     }
 
-    /// What `top_read` and `reads_only_top` promise: changing logits below the n-th largest
-    /// (keeping them below it) changes no draw. And where they say no, such a change can matter.
+    /// What `top_read` promises: changing logits below the n-th largest (keeping them below it)
+    /// changes no draw. And where it says `None`, such a change can matter.
     #[test]
-    fn reads_only_top_means_lower_logits_do_not_matter() {
+    fn top_read_means_lower_logits_do_not_matter() {
         let k = 8;
         let logits: Vec<f32> = (0..200).map(|i| ((i * 37) % 101) as f32 * 0.05).collect();
         let mut sorted = logits.clone();
@@ -444,7 +438,6 @@ mod tests {
         };
         for (params, n) in [(top_k, k), (greedy, 1)] {
             assert_eq!(params.top_read(), Some(n));
-            assert!(params.reads_only_top(k) && !params.reads_only_top(n - 1));
             assert_eq!(draws(params, &logits), draws(params, &raised_below(n)));
         }
         let no_top_k = SamplingParams {
@@ -458,14 +451,6 @@ mod tests {
             ..top_k
         };
         assert_eq!((no_top_k.top_read(), penalized.top_read()), (None, None));
-        assert!(!no_top_k.reads_only_top(k) && !penalized.reads_only_top(k));
-        assert!(
-            !SamplingParams {
-                top_k: k + 1,
-                ..defaults
-            }
-            .reads_only_top(k)
-        );
         assert_ne!(draws(no_top_k, &logits), draws(no_top_k, &raised));
         assert_ne!(draws(penalized, &logits), draws(penalized, &raised));
     }
@@ -650,9 +635,9 @@ mod tests {
         assert_eq!(s.sample(&[3.0, 0.2], &[0, 0]), 0);
         // Negative penalties favour what was seen: 1 + 1 = 2 > 1.5.
         assert_eq!(with(-1.0, 0.0, 1.0).sample(&[1.0, 1.5], &[0]), 0);
-        assert!(!with(0.1, 0.0, 1.0).params().reads_only_top(64));
-        assert!(!with(0.0, 0.1, 1.0).params().reads_only_top(64));
-        assert!(with(0.0, 0.0, 1.0).params().reads_only_top(64));
+        assert_eq!(with(0.1, 0.0, 1.0).params().top_read(), None);
+        assert_eq!(with(0.0, 0.1, 1.0).params().top_read(), None);
+        assert!(with(0.0, 0.0, 1.0).params().top_read().is_some());
     }
 
     #[test]

@@ -54,8 +54,9 @@
 //! [`gemm`] and [`gemm_base3`] share (same arguments, same errors, same row-range splitting on
 //! multiples of [`ROW_GROUP`](crate::bitlinear::grouped::ROW_GROUP)). [`gemm_into`] and
 //! [`gemm_base3_into`] can instead dequantize each panel's products as they leave the tiles,
-//! straight into each token's outputs ([`Products::Dequantized`], what a prompt's BitLinear uses): its 32 × 32
-//! integers are dequantized a tile row (16 tokens) per vector and never travel through memory.
+//! straight into each token's outputs ([`Products::Dequantized`], what a prompt's BitLinear
+//! uses): its 32 × 32 integers are dequantized a tile row (16 tokens) per vector and never travel
+//! through memory.
 //!
 //! The 8-bit output head ([`crate::table::q8`]) runs its batches on the same tiles and step.
 
